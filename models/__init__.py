@@ -1,0 +1,71 @@
+"""Model registry: every network is built by name through `create_model`.
+
+Contract (tested for every registered name in tests/test_models.py):
+    create_model(name, *, num_classes, img_size, in_chans, **kwargs) -> nn.Module
+    forward(x: (B, in_chans, img_size, img_size)) -> logits (B, num_classes), train and eval mode.
+Geometry (strides, patch grid) is derived from img_size; a size a model cannot take raises
+ValueError with a readable message.
+"""
+from .ceit import ceit_base, ceit_small, ceit_tiny
+from .inception import inception_v1
+from .mobilenet import mobilenet_v1, mobilenet_v2
+from .resnet import resnet20, resnet32, resnet44, resnet56, resnet110, resnet1202
+from .vit import vit_base, vit_small, vit_tiny
+from .wideresnet import wrn_16_8, wrn_28_10, wrn_40_2
+
+MODELS = {
+    "resnet20": resnet20,
+    "resnet32": resnet32,
+    "resnet44": resnet44,
+    "resnet56": resnet56,
+    "resnet110": resnet110,
+    "resnet1202": resnet1202,
+    "wrn_16_8": wrn_16_8,
+    "wrn_28_10": wrn_28_10,
+    "wrn_40_2": wrn_40_2,
+    "mobilenet_v1": mobilenet_v1,
+    "mobilenet_v2": mobilenet_v2,
+    "inception_v1": inception_v1,
+    "vit_tiny": vit_tiny,
+    "vit_small": vit_small,
+    "vit_base": vit_base,
+    "ceit_tiny": ceit_tiny,
+    "ceit_small": ceit_small,
+    "ceit_base": ceit_base,
+}
+
+# Short names used by the authors' README commands (`--model resnet`, `--student vit`, ...).
+ALIASES = {
+    "resnet": "resnet32",
+    "wideresnet": "wrn_28_10",
+    "mobilenet": "mobilenet_v1",
+    "inception": "inception_v1",
+    "googlenet": "inception_v1",
+    "vit": "vit_tiny",
+    "ceit": "ceit_tiny",
+}
+
+TRANSFORMERS = {"vit_tiny", "vit_small", "vit_base", "ceit_tiny", "ceit_small", "ceit_base"}
+
+
+def list_models(aliases=False):
+    """Sorted registered model names (with the short aliases when `aliases` is true)."""
+    names = set(MODELS) | (set(ALIASES) if aliases else set())
+    return sorted(names)
+
+
+def resolve_name(name):
+    """Canonical registry name for `name` or an alias; ValueError listing valid names otherwise."""
+    key = name.lower().replace("-", "_")
+    key = ALIASES.get(key, key)
+    if key not in MODELS:
+        raise ValueError(f"unknown model '{name}'; choose from: {', '.join(list_models(aliases=True))}")
+    return key
+
+
+def create_model(name, *, num_classes, img_size, in_chans, **kwargs):
+    """Build model `name` (or an alias) for the given class count and input geometry."""
+    key = resolve_name(name)
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    return MODELS[key](num_classes=num_classes, img_size=img_size, in_chans=in_chans, **kwargs)

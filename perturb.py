@@ -1,0 +1,160 @@
+"""Stochastic perturbation ("mutation") of one network's batch: SPEC section 3.2.
+
+Every `--perturb-every` steps one network, drawn at random, trains on a perturbed copy of the batch.
+The operations act in [0,1] pixel space (the authors jittered and clamped normalised tensors, which
+destroyed half the signal), run batched on the batch's device, and take all their randomness from a
+seeded torch.Generator so that a run, and a resumed run, is reproducible.
+"""
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
+
+PERTURBATIONS = ("mixup", "gaussian_noise", "color_jitter_blur", "hflip", "vflip", "rotation")
+
+# Values of the authors' code (SPEC 3.2).
+NOISE_STD = 0.25                  # in [0,1] pixel units
+BRIGHTNESS = (0.75, 1.25)         # ColorJitter(brightness=0.25)
+CONTRAST = (0.85, 1.15)           # ColorJitter(contrast=0.15)
+SATURATION = (0.85, 1.15)         # ColorJitter(saturation=0.15)
+HUE = (-0.15, 0.15)               # ColorJitter(hue=0.15)
+BLUR_KERNEL = (7, 9)              # GaussianBlur(kernel_size=(7, 9)): (width, height) in torchvision
+BLUR_SIGMA = (0.1, 2.0)
+MAX_ROTATION = 30.0               # degrees, either way
+
+# On a CPU run both generators are mt19937; different seeds keep their streams unrelated.
+_DEVICE_SEED_OFFSET = 0x5EED
+
+
+def _check_op(op):
+    if op not in PERTURBATIONS:
+        raise ValueError(f"unknown perturbation {op!r}; choose from {', '.join(PERTURBATIONS)}")
+
+
+def _uniform(generator, ranges, device):
+    """One uniform draw per (low, high) pair, returned as Python floats (torchvision takes floats)."""
+    u = torch.rand(len(ranges), generator=generator, device=device).tolist()
+    return [low + (high - low) * x for (low, high), x in zip(ranges, u)]
+
+
+def perturb(images, labels, op, *, mean, std, generator):
+    """Apply perturbation `op` to a normalised batch; return (images, labels_perm, lam)."""
+    _check_op(op)
+    if not images.is_floating_point():
+        raise ValueError(f"perturb expects normalised float images, got dtype {images.dtype}")
+    device, channels = images.device, images.shape[-3]
+    if len(mean) != channels or len(std) != channels:
+        raise ValueError(f"mean/std have {len(mean)}/{len(std)} entries but the images have {channels} channels")
+    lam = torch.ones((), dtype=torch.float32, device=device)
+
+    # Flips commute with per-channel normalisation: flip the normalised batch, exactly.
+    if op == "hflip":
+        return TF.horizontal_flip(images), labels, lam
+    if op == "vflip":
+        return TF.vertical_flip(images), labels, lam
+
+    # torchvision's colour and geometry kernels want float32; half precision would also round
+    # the noise and the mixing weights.
+    work_dtype = torch.float32 if images.dtype in (torch.float16, torch.bfloat16) else images.dtype
+    mean_t = torch.as_tensor(mean, dtype=work_dtype, device=device).view(-1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=work_dtype, device=device).view(-1, 1, 1)
+    x = images.to(work_dtype) * std_t + mean_t
+
+    if op == "mixup":
+        # lam ~ Beta(1, 1) = U(0, 1); one lam and one partner permutation for the whole batch.
+        lam = torch.rand((), generator=generator, device=device, dtype=torch.float32)
+        perm = torch.randperm(images.shape[0], generator=generator, device=device)
+        lam_w = lam.to(work_dtype)
+        x = lam_w * x + (1 - lam_w) * x[perm]
+        labels = labels[perm]
+    elif op == "gaussian_noise":
+        x = x + NOISE_STD * torch.randn(x.shape, generator=generator, device=device, dtype=work_dtype)
+    elif op == "color_jitter_blur":
+        brightness, contrast, saturation, hue, sigma = _uniform(
+            generator, (BRIGHTNESS, CONTRAST, SATURATION, HUE, BLUR_SIGMA), device)
+        x = TF.adjust_brightness(x, brightness)
+        x = TF.adjust_contrast(x, contrast)
+        if channels == 3:  # saturation and hue do not exist for grey images
+            x = TF.adjust_saturation(x, saturation)
+            x = TF.adjust_hue(x, hue)
+        # A kernel wider than 2*size-1 cannot be reflect-padded; only tiny test images need this.
+        height, width = x.shape[-2:]
+        kernel = [min(BLUR_KERNEL[0], 2 * width - 1), min(BLUR_KERNEL[1], 2 * height - 1)]
+        x = TF.gaussian_blur(x, kernel, [sigma, sigma])
+    elif op == "rotation":
+        (angle,) = _uniform(generator, [(-MAX_ROTATION, MAX_ROTATION)], device)
+        # Corners that rotate in from outside get the dataset's mean colour, i.e. 0 once normalised.
+        x = TF.rotate(x, angle, interpolation=TF.InterpolationMode.BILINEAR,
+                      fill=[float(m) for m in mean])
+
+    x = ((x.clamp(0, 1) - mean_t) / std_t).to(images.dtype)
+    return x, labels, lam
+
+
+def mixed_cross_entropy(logits, labels, labels_perm, lam, label_smoothing=0.0):
+    """lam * CE(logits, labels) + (1 - lam) * CE(logits, labels_perm), each a batch mean."""
+    return (lam * F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+            + (1 - lam) * F.cross_entropy(logits, labels_perm, label_smoothing=label_smoothing))
+
+
+class Perturber:
+    """Choose the perturbed step and network and perturb that network's batch (SPEC 3.2).
+
+    At step indices `step` (counted within the epoch) with `step % every == 0`, one network index
+    is drawn uniformly from range(num_nets) and one operation uniformly from `ops`; on every other
+    step, and always when `every == 0`, nothing is perturbed and the network index is -1.
+
+    Two generators, both seeded from `seed`:
+    - a host (CPU) generator draws the network and the operation. Those draws never depend on
+      tensor values and cost no device synchronisation, and with the same seed every data-parallel
+      rank perturbs the same network with the same operation;
+    - a generator on `device` supplies the operation's own randomness (mixup lambda and
+      permutation, noise, jitter factors, angle).
+    `state_dict()` holds both generator states as tensors, so a resumed run continues exactly.
+
+    Calling it returns (net, images_p, labels_perm, lam); feed images_p to network `net` and use
+    mixed_cross_entropy(logits, labels, labels_perm, lam) as its loss, which is plain CE unless the
+    operation was mixup. Unperturbed steps return the inputs themselves and lam = 1.
+    """
+
+    def __init__(self, *, every, ops, num_nets, seed, mean, std, device):
+        if every < 0:
+            raise ValueError(f"--perturb-every must be >= 0 (0 disables perturbation), got {every}")
+        if num_nets < 1:
+            raise ValueError(f"perturbation needs at least one network, got {num_nets}")
+        ops = tuple(ops)
+        for op in ops:
+            _check_op(op)
+        if every > 0 and not ops:
+            raise ValueError("--perturbations is empty; name at least one operation or use --perturb-every 0")
+        self.every, self.ops, self.num_nets = every, ops, num_nets
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.host_generator = torch.Generator().manual_seed(seed)
+        self.device_generator = torch.Generator(device=device).manual_seed(seed + _DEVICE_SEED_OFFSET)
+
+    def choose(self, step):
+        """Return (net, op) to perturb at `step`, or (-1, None) when this step is not perturbed."""
+        if self.every == 0 or step % self.every != 0:
+            return -1, None
+        net = int(torch.randint(self.num_nets, (), generator=self.host_generator))
+        op = self.ops[int(torch.randint(len(self.ops), (), generator=self.host_generator))]
+        return net, op
+
+    def __call__(self, step, images, labels):
+        """Return (net, images_p, labels_perm, lam) for step `step`; net is -1 when nothing is perturbed."""
+        net, op = self.choose(step)
+        if op is None:
+            return -1, images, labels, torch.ones((), dtype=torch.float32, device=images.device)
+        images_p, labels_perm, lam = perturb(images, labels, op, mean=self.mean, std=self.std,
+                                             generator=self.device_generator)
+        return net, images_p, labels_perm, lam
+
+    def state_dict(self):
+        """Both generator states, as CPU uint8 tensors."""
+        return {"host_generator": self.host_generator.get_state(),
+                "device_generator": self.device_generator.get_state()}
+
+    def load_state_dict(self, state):
+        """Restore the generator states saved by state_dict()."""
+        # A checkpoint may have been loaded with map_location onto the device; set_state wants CPU.
+        self.host_generator.set_state(state["host_generator"].cpu())
+        self.device_generator.set_state(state["device_generator"].cpu())

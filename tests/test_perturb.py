@@ -1,0 +1,310 @@
+"""Tests for perturb.py: the stochastic perturbation of SPEC 3.2 (CPU, a few seconds)."""
+import io
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
+
+from perturb import PERTURBATIONS, Perturber, mixed_cross_entropy, perturb
+
+RANDOM_OPS = ("mixup", "gaussian_noise", "color_jitter_blur", "rotation")
+STATS = {1: ((0.2860,), (0.3530,)),                                  # Fashion-MNIST
+         3: ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))}    # CIFAR-10
+# Rounding of a normalised bf16 value (|x| < 3, 8-bit mantissa) seen in pixel units (std < 0.36).
+PIXEL_ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+def normalise(pixels, channels, dtype=torch.float32):
+    """Pixel-space float32 batch -> normalised batch in `dtype`."""
+    mean, std = (torch.tensor(s).view(-1, 1, 1) for s in STATS[channels])
+    return ((pixels - mean) / std).to(dtype)
+
+
+def to_pixels(images, channels):
+    """Normalised batch -> float32 pixel space."""
+    mean, std = (torch.tensor(s).view(-1, 1, 1) for s in STATS[channels])
+    return images.float() * std + mean
+
+
+def run(op, images, labels, channels, seed=0):
+    mean, std = STATS[channels]
+    return perturb(images, labels, op, mean=mean, std=std, generator=torch.Generator().manual_seed(seed))
+
+
+def batch(channels, dtype=torch.float32, size=(8, 12, 11), seed=0):
+    """A random normalised batch (odd sizes catch height/width mix-ups) and distinct labels."""
+    b, h, w = size
+    pixels = torch.rand(b, channels, h, w, generator=torch.Generator().manual_seed(seed))
+    return normalise(pixels, channels, dtype), torch.arange(b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("op", PERTURBATIONS)
+def test_contract(op, channels, dtype):
+    images, labels = batch(channels, dtype)
+    out, labels_perm, lam = run(op, images, labels, channels)
+    assert out.shape == images.shape and out.dtype == dtype and out.device == images.device
+    assert torch.isfinite(out).all()
+    pixels = to_pixels(out, channels)
+    tol = PIXEL_ATOL[dtype]
+    assert pixels.min() >= -tol and pixels.max() <= 1 + tol
+    assert labels_perm.dtype == torch.int64 and labels_perm.shape == labels.shape
+    assert lam.dtype == torch.float32 and lam.dim() == 0 and lam.device == images.device
+    assert 0 <= lam.item() <= 1
+    if op != "mixup":
+        assert lam.item() == 1.0
+        assert torch.equal(labels_perm, labels)
+    else:
+        assert torch.equal(labels_perm.sort().values, labels)
+    # Every operation changes a random batch (a flip of random content is not symmetric).
+    assert not torch.equal(out, images)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("op", PERTURBATIONS)
+def test_deterministic_under_seed(op, dtype):
+    images, labels = batch(3, dtype)
+    first, second = run(op, images, labels, 3, seed=1), run(op, images, labels, 3, seed=1)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    if op in RANDOM_OPS:
+        other = run(op, images, labels, 3, seed=2)
+        assert not torch.equal(first[0], other[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_mixup_mixes_with_the_partner_of_the_returned_labels(channels, dtype):
+    images, labels = batch(channels, dtype)  # labels = arange(B), so labels_perm is the permutation
+    for seed in range(5):
+        out, perm, lam = run("mixup", images, labels, channels, seed=seed)
+        x = to_pixels(images, channels)
+        expected = lam * x + (1 - lam) * x[perm]
+        torch.testing.assert_close(to_pixels(out, channels), expected, atol=PIXEL_ATOL[dtype], rtol=0)
+
+
+def test_mixup_lambda_covers_unit_interval():
+    images, labels = batch(1, size=(4, 5, 5))
+    lams = torch.stack([run("mixup", images, labels, 1, seed=s)[2] for s in range(200)])
+    assert lams.min() >= 0 and lams.max() <= 1
+    assert lams.min() < 0.1 and lams.max() > 0.9 and abs(lams.mean().item() - 0.5) < 0.07
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_flips_are_exact(channels, dtype):
+    images, labels = batch(channels, dtype)
+    assert torch.equal(run("hflip", images, labels, channels)[0], images.flip(-1))
+    assert torch.equal(run("vflip", images, labels, channels)[0], images.flip(-2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gaussian_noise_std(dtype):
+    channels = 3
+    grey = normalise(torch.full((4, channels, 32, 32), 0.5), channels, dtype)
+    out, _, _ = run("gaussian_noise", grey, torch.arange(4), channels)
+    deviation = to_pixels(out, channels) - to_pixels(grey, channels)
+    # Clipping at 0 and 1 (2 sigma away) touches ~5 % of pixels; the median absolute deviation,
+    # 0.6745 sigma for a normal, does not see them.
+    sigma = deviation.abs().median().item() / 0.6745
+    assert abs(sigma - 0.25) < 0.01
+    assert abs(deviation.mean().item()) < 0.01
+    assert (deviation.abs() < 0.03).float().mean() < 0.2  # noise, not a small shift
+
+
+def test_noise_is_in_pixel_units_not_normalised_units():
+    # With std = 0.5 a normalised-space N(0, 0.25^2) would be only 0.125 in pixels.
+    mean, std = (0.5,), (0.5,)
+    grey = torch.zeros(4, 1, 32, 32)  # pixel value 0.5
+    out, _, _ = perturb(grey, torch.arange(4), "gaussian_noise", mean=mean, std=std,
+                        generator=torch.Generator().manual_seed(0))
+    deviation = out * 0.5  # back to pixel units
+    assert abs(deviation.abs().median().item() / 0.6745 - 0.25) < 0.01
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_rotation_keeps_centre_and_fills_corners_with_mean(channels, dtype):
+    size = 15  # odd, so one pixel sits exactly on the rotation centre
+    images, labels = batch(channels, dtype, size=(4, size, size))
+    centre = size // 2
+    rotated_corners = 0
+    for seed in range(12):
+        out, _, _ = run("rotation", images, labels, channels, seed=seed)
+        # The draw perturb makes: one uniform in [-30, 30] degrees from the generator.
+        angle = torch.rand((), generator=torch.Generator().manual_seed(seed)).item() * 60 - 30
+        mean = STATS[channels][0]
+        expected = TF.rotate(to_pixels(images, channels), angle, interpolation=TF.InterpolationMode.BILINEAR,
+                             fill=list(mean)).clamp(0, 1)
+        pixels = to_pixels(out, channels)
+        torch.testing.assert_close(pixels, expected, atol=PIXEL_ATOL[dtype], rtol=0)
+        torch.testing.assert_close(pixels[..., centre, centre], to_pixels(images, channels)[..., centre, centre],
+                                   atol=PIXEL_ATOL[dtype], rtol=1e-4)
+        # A corner of a 15x15 image moves > 1.5 px once |angle| > 9 degrees: wholly filled.
+        if abs(angle) > 9:
+            rotated_corners += 1
+            corners = pixels[..., [0, 0, -1, -1], [0, -1, 0, -1]]  # (B, C, 4)
+            torch.testing.assert_close(corners, torch.tensor(mean).view(1, -1, 1).expand_as(corners),
+                                       atol=PIXEL_ATOL[dtype], rtol=0)
+    assert rotated_corners >= 3  # the corner check above really ran
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_color_jitter_blur_matches_torchvision(channels):
+    images, labels = batch(channels, size=(4, 16, 16))
+    for seed in range(3):
+        out, _, _ = run("color_jitter_blur", images, labels, channels, seed=seed)
+        # The draws perturb makes: five uniforms, in this order, from the generator.
+        u = torch.rand(5, generator=torch.Generator().manual_seed(seed)).tolist()
+        brightness, contrast, saturation = 0.75 + 0.5 * u[0], 0.85 + 0.3 * u[1], 0.85 + 0.3 * u[2]
+        hue, sigma = -0.15 + 0.3 * u[3], 0.1 + 1.9 * u[4]
+        expected = TF.adjust_contrast(TF.adjust_brightness(to_pixels(images, channels), brightness), contrast)
+        if channels == 3:
+            expected = TF.adjust_hue(TF.adjust_saturation(expected, saturation), hue)
+        expected = TF.gaussian_blur(expected, [7, 9], [sigma, sigma])
+        torch.testing.assert_close(to_pixels(out, channels), expected, atol=1e-5, rtol=0)
+
+
+def test_color_jitter_blur_smooths():
+    images, labels = batch(3, size=(4, 32, 32))
+    ratios = []
+    for seed in range(6):
+        out, _, _ = run("color_jitter_blur", images, labels, 3, seed=seed)
+        ratios.append(to_pixels(out, 3).diff(dim=-2).abs().mean() / to_pixels(images, 3).diff(dim=-2).abs().mean())
+    # Contrast alone (factor >= 0.85) keeps neighbour differences of white noise above ~0.85; a blur
+    # with sigma > 0.5 (drawn ~80 % of the time) cuts them far more.
+    assert sum(ratio < 0.7 for ratio in ratios) >= 3, ratios
+
+
+def test_color_jitter_blur_on_tiny_images():
+    images, labels = batch(3, size=(2, 3, 3))  # smaller than the 7x9 kernel
+    out, _, _ = run("color_jitter_blur", images, labels, 3)
+    assert out.shape == images.shape and torch.isfinite(out).all()
+
+
+def test_unknown_op_lists_the_choices():
+    images, labels = batch(1)
+    with pytest.raises(ValueError, match="mixup, gaussian_noise"):
+        run("cutout", images, labels, 1)
+
+
+def test_mean_std_length_must_match_channels():
+    images, labels = batch(3)
+    with pytest.raises(ValueError, match="channels"):
+        run("mixup", images, labels, 1)
+
+
+def test_mixed_cross_entropy_by_hand():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 1.5]])
+    labels, labels_perm = torch.tensor([0, 2]), torch.tensor([1, 0])
+    lam = torch.tensor(0.3)
+
+    def ce(row, k):
+        return -logits[row, k].item() + math.log(sum(math.exp(v) for v in logits[row].tolist()))
+
+    by_hand = sum(0.3 * ce(i, labels[i]) + 0.7 * ce(i, labels_perm[i]) for i in range(2)) / 2
+    torch.testing.assert_close(mixed_cross_entropy(logits, labels, labels_perm, lam), torch.tensor(by_hand))
+    assert torch.equal(mixed_cross_entropy(logits, labels, labels_perm, torch.tensor(1.0)),
+                       F.cross_entropy(logits, labels))
+    torch.testing.assert_close(mixed_cross_entropy(logits, labels, labels, lam), F.cross_entropy(logits, labels))
+
+
+def make_perturber(**overrides):
+    kwargs = dict(every=10, ops=PERTURBATIONS, num_nets=3, seed=0, mean=STATS[3][0], std=STATS[3][1],
+                  device="cpu")
+    kwargs.update(overrides)
+    return Perturber(**kwargs)
+
+
+def test_perturber_only_on_multiples_of_every():
+    perturber = make_perturber(every=4)
+    images, labels = batch(3, size=(2, 8, 8))
+    for step in range(13):
+        net, images_p, labels_perm, lam = perturber(step, images, labels)
+        if step % 4:
+            assert net == -1 and images_p is images and labels_perm is labels and lam.item() == 1.0
+        else:
+            assert 0 <= net < 3 and images_p.shape == images.shape
+    disabled = make_perturber(every=0)
+    for step in range(5):
+        net, images_p, labels_perm, lam = disabled(step, images, labels)
+        assert net == -1 and images_p is images and labels_perm is labels
+        assert lam.dtype == torch.float32 and lam.item() == 1.0
+
+
+def test_perturber_choices_are_uniform():
+    perturber = make_perturber(every=1)
+    draws = 3000
+    nets, ops = torch.zeros(3), {op: 0 for op in PERTURBATIONS}
+    for step in range(draws):
+        net, op = perturber.choose(step)
+        nets[net] += 1
+        ops[op] += 1
+    assert ((nets - draws / 3).abs() < 0.1 * draws / 3).all(), nets
+    assert all(abs(n - draws / 6) < 0.2 * draws / 6 for n in ops.values()), ops
+
+
+def test_perturber_draws_only_from_given_ops():
+    perturber = make_perturber(every=1, ops=("hflip", "vflip"), num_nets=1)
+    assert {perturber.choose(step)[1] for step in range(50)} == {"hflip", "vflip"}
+    assert {perturber.choose(step)[0] for step in range(50)} == {0}
+
+
+def sequence(perturber, steps, images, labels):
+    return [perturber(step, images, labels) for step in steps]
+
+
+def assert_same(first, second):
+    assert len(first) == len(second)
+    for (net_a, *tensors_a), (net_b, *tensors_b) in zip(first, second):
+        assert net_a == net_b
+        for a, b in zip(tensors_a, tensors_b):
+            assert torch.equal(a, b)
+
+
+def test_perturber_same_seed_same_sequence():
+    images, labels = batch(3, size=(4, 8, 8))
+    steps = range(0, 40)
+    first = sequence(make_perturber(every=2, seed=5), steps, images, labels)
+    second = sequence(make_perturber(every=2, seed=5), steps, images, labels)
+    assert_same(first, second)
+    other = sequence(make_perturber(every=2, seed=6), steps, images, labels)
+    assert [n for n, *_ in first] != [n for n, *_ in other]
+    # __call__ perturbs the network that choose() would pick.
+    chooser = make_perturber(every=2, seed=5)
+    assert [chooser.choose(s)[0] for s in steps] == [n for n, *_ in first]
+
+
+def test_perturber_state_dict_resumes_exactly():
+    images, labels = batch(3, size=(4, 8, 8))
+    straight = make_perturber(every=1, seed=3)
+    sequence(straight, range(10), images, labels)
+    buffer = io.BytesIO()
+    torch.save(straight.state_dict(), buffer)  # a checkpoint holds tensors only
+    expected = sequence(straight, range(10, 30), images, labels)
+
+    buffer.seek(0)
+    resumed = make_perturber(every=1, seed=99)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    assert_same(sequence(resumed, range(10, 30), images, labels), expected)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(every=-1), "--perturb-every"),
+    (dict(num_nets=0), "at least one network"),
+    (dict(ops=("mixup", "cutmix")), "choose from mixup, gaussian_noise"),
+    (dict(ops=()), "--perturbations is empty"),
+])
+def test_perturber_rejects_bad_arguments(overrides, message):
+    with pytest.raises(ValueError, match=message) as error:
+        make_perturber(**overrides)
+    assert "\n" not in str(error.value)
+
+
+def test_perturber_with_no_ops_is_fine_when_disabled():
+    perturber = make_perturber(every=0, ops=())
+    images, labels = batch(1, size=(2, 8, 8))
+    assert perturber(0, images, labels)[0] == -1
