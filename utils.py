@@ -3,6 +3,7 @@ optimizers and schedules, losses shared by the collaborative paradigms, evaluati
 checkpoints and interruption. What makes a paradigm itself stays in its script."""
 import argparse
 import csv
+import dataclasses
 import datetime
 import json
 import math
@@ -11,6 +12,7 @@ import random
 import signal
 import sys
 import time
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 
 import models
 from datasets import DatasetError, build_data, make_loaders
+from datasets.dataset import data_from_arrays
 
 CHECKPOINT_FORMAT = 1
 
@@ -66,6 +69,7 @@ def get_args_parser(description, *, group=False, epochs=200, batch_size=128, opt
     add("--img-size", type=int, default=None, help="input size fed to the networks (default: the dataset's native size; the authors used 224 for CIFAR-100)")
     add("--val-size", type=int, default=None, help="images held out from the training set to select the best checkpoint (default: 5000 for CIFAR/MNIST-like sets, 0 otherwise)")
     add("--split-seed", type=int, default=0, help="seed of the train/validation split (fixed across runs so runs compare)")
+    add("--train-subset", type=int, default=None, help="train on only the first N images of the training split (quick experiments; validation and test sets stay whole)")
     add("--num-classes", type=int, default=None, help="class count of the synthetic 'fake' dataset (other datasets set their own)")
     add("--epochs", type=int, default=epochs, help="training epochs")
     add("--batch-size", type=int, default=batch_size, help="training batch size (per process)")
@@ -242,6 +246,8 @@ def setup_data(args, rt):
     """Build the dataset and its train/val/test loaders from the flags."""
     data = build_data(args.dataset, args.data_dir, img_size=args.img_size, val_size=args.val_size,
                       split_seed=args.split_seed, download=args.download, num_classes=args.num_classes)
+    if args.train_subset is not None:
+        data = train_subset(data, args.train_subset)
     if args.loader == "gpu" and not data.info.in_memory:
         raise UsageError(f"--loader gpu needs an in-memory dataset; {args.dataset} streams from disk: use --loader torch")
     loaders = make_loaders(data, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
@@ -251,6 +257,17 @@ def setup_data(args, rt):
         raise UsageError(f"--batch-size {args.batch_size} is larger than this process's share of the "
                          f"{data.info.train_size} training images")
     return data, loaders
+
+
+def train_subset(data, size):
+    """Keep only the first `size` images of the training split (quick experiments, smoke tests)."""
+    if not 0 < size <= data.info.train_size:
+        raise UsageError(f"--train-subset must be in 1..{data.info.train_size} (the training split's size), got {size}")
+    info = dataclasses.replace(data.info, train_size=size)
+    if data.arrays is not None:
+        images, labels = data.arrays["train"]
+        return data_from_arrays(info, {**data.arrays, "train": (images[:size], labels[:size])})
+    return dataclasses.replace(data, info=info, train=torch.utils.data.Subset(data.train, range(size)))
 
 
 def build_nets(names, info, rt, **kwargs):
@@ -380,6 +397,7 @@ def topk_correct(logits, labels, ks=(1, 5)):
 @torch.no_grad()
 def evaluate(nets, loader, rt):
     """Loss, top-1 and top-5 (%) of each network and of the group's averaged softmax (ensemble)."""
+    modes = [net.training for net in nets]
     for net in nets:
         net.eval()
     n = len(nets)
@@ -397,8 +415,8 @@ def evaluate(nets, loader, rt):
         sums[:, 3] += labels.numel()
     all_reduce_sum(sums, rt)
     sums = sums.tolist()
-    for net in nets:
-        net.train()
+    for net, mode in zip(nets, modes):
+        net.train(mode)
     return [{"loss": s[0] / max(s[3], 1), "acc": 100 * s[1] / max(s[3], 1), "top5": 100 * s[2] / max(s[3], 1)}
             for s in sums]
 
@@ -576,6 +594,8 @@ def load_checkpoint(path):
     """Load one of our checkpoints (weights only); UsageError when missing, corrupt or foreign."""
     if not os.path.isfile(path):
         raise UsageError(f"checkpoint '{path}' does not exist")
+    if not zipfile.is_zipfile(path):
+        raise UsageError(f"'{path}' is not a PyTorch checkpoint file (expected a .pt written by this repository's scripts)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for truncated or foreign files

@@ -1,0 +1,512 @@
+"""Tests for datasets/: every source in its real on-disk format, the split, and both loader paths (CPU, seconds)."""
+import gzip
+import importlib.util
+import os
+import pickle
+import struct
+import sys
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import datasets.dataset as dataset_module  # noqa: E402
+from datasets import (  # noqa: E402
+    DATASETS, DataInfo, DatasetError, GpuLoader, TorchLoader, build_data, data_from_arrays, make_loaders)
+
+HAS_SCIPY = importlib.util.find_spec("scipy") is not None
+IDX_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+@pytest.fixture(autouse=True)
+def no_debian_fashion_mnist(monkeypatch, tmp_path):
+    """Hide Debian's Fashion-MNIST so that lookups only see tmp_path (the Debian test restores it)."""
+    monkeypatch.setattr(dataset_module, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian-package")
+
+
+# ---------------------------------------------------------------------------------------------
+# Writers for the real on-disk formats
+# ---------------------------------------------------------------------------------------------
+
+def coded_cifar_images(count, start):
+    """Random CIFAR rows (N, 3072) whose first byte is the image's index, so splits can be traced."""
+    rows = np.random.default_rng(start).integers(0, 256, (count, 3072), dtype=np.uint8)
+    rows[:, 0] = np.arange(start, start + count)
+    return rows
+
+
+def write_cifar10(root, per_file=10):
+    """cifar-10-batches-py: data_batch_1..5, test_batch, batches.meta (Python pickles of dicts)."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for number, name in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]):
+        rows = coded_cifar_images(per_file, number * per_file)
+        batch = {"batch_label": name, "labels": [int(r[0]) % 10 for r in rows], "data": rows,
+                 "filenames": [f"{i}.png" for i in range(per_file)]}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": names, "num_vis": 3072}))
+
+
+def write_cifar100(root, train=20, test=10):
+    """cifar-100-python: train, test, meta; labels under fine_labels (keys as bytes, like a Python 2 pickle)."""
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    for name, count, start in (("train", train, 0), ("test", test, train)):
+        rows = coded_cifar_images(count, start)
+        batch = {b"data": rows, b"fine_labels": [(int(r[0]) * 7) % 100 for r in rows],
+                 b"coarse_labels": [0] * count}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    meta = {b"fine_label_names": [f"class{i}" for i in range(100)], b"coarse_label_names": ["x"] * 20}
+    (folder / "meta").write_bytes(pickle.dumps(meta))
+
+
+def write_idx(path, array, compress):
+    """An IDX file: 0, 0, 0x08 (unsigned byte), ndim, big-endian sizes, then the bytes."""
+    content = bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+    if compress:
+        with gzip.open(f"{path}.gz", "wb") as f:
+            f.write(content)
+    else:
+        path.write_bytes(content)
+
+
+def write_mnist_like(folder, train=30, test=10, compress=True):
+    """The four MNIST-format files; returns the train images and labels written."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, count in (("train", train), ("t10k", test)):
+        images = rng.integers(0, 256, (count, 28, 28), dtype=np.uint8)
+        labels = (np.arange(count) % 10).astype(np.uint8)
+        write_idx(folder / f"{split}-images-idx3-ubyte", images, compress)
+        write_idx(folder / f"{split}-labels-idx1-ubyte", labels, compress)
+        arrays[split] = (images, labels)
+    return arrays
+
+
+def write_svhn(root, train=12, test=6):
+    """train_32x32.mat / test_32x32.mat as torchvision downloads them: X (32, 32, 3, N), y (N, 1) in 1..10."""
+    import scipy.io
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for split, count in (("train", train), ("test", test)):
+        scipy.io.savemat(root / f"{split}_32x32.mat", {
+            "X": rng.integers(0, 256, (32, 32, 3, count), dtype=np.uint8),
+            "y": (np.arange(count) % 10 + 1).astype(np.uint8).reshape(-1, 1)})
+
+
+def write_image_tree(root, splits, classes=("cat", "dog"), per_class=3):
+    """root/<split>/<class>/<i>.png, images of assorted sizes (the loader must resize them)."""
+    for split in splits:
+        for label, name in enumerate(classes):
+            (root / split / name).mkdir(parents=True)
+            for i in range(per_class):
+                pixels = np.full((20 + 3 * i, 26, 3), 40 * (label + 1) + i, dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+
+
+# ---------------------------------------------------------------------------------------------
+# Building each dataset
+# ---------------------------------------------------------------------------------------------
+
+def expected_normalised(images_uint8, info):
+    mean = torch.tensor(info.mean).view(-1, 1, 1)
+    std = torch.tensor(info.std).view(-1, 1, 1)
+    return (images_uint8.float() / 255 - mean) / std
+
+
+def test_unknown_name_lists_valid_names(tmp_path):
+    with pytest.raises(DatasetError) as error:
+        build_data("cifar1000", tmp_path)
+    assert all(name in str(error.value) for name in DATASETS)
+
+
+def test_cifar10_from_python_batches(tmp_path):
+    write_cifar10(tmp_path)
+    data = build_data("cifar10", tmp_path, val_size=10, download=False)
+    info = data.info
+    assert (info.num_classes, info.in_chans, info.img_size, info.in_memory, info.synthetic) == (10, 3, 32, True, False)
+    assert info.classes[0] == "airplane" and len(info.classes) == 10
+    assert (info.train_size, info.val_size, info.test_size) == (40, 10, 10)
+    assert info.mean == (0.4914, 0.4822, 0.4465) and info.std == (0.2470, 0.2435, 0.2616)
+    images, labels = data.arrays["test"]
+    assert images.shape == (10, 3, 32, 32) and images.dtype == torch.uint8 and labels.dtype == torch.int64
+    # The pickle's 3072 bytes are channel-major rows: byte 0 is the red value of pixel (0, 0).
+    assert images[:, 0, 0, 0].tolist() == list(range(50, 60))
+    assert labels.tolist() == [i % 10 for i in range(50, 60)]
+    image, label = data.test[3]
+    assert image.dtype == torch.float32 and isinstance(label, int) and label == int(labels[3])
+    torch.testing.assert_close(image, expected_normalised(images[3], info), atol=1e-6, rtol=0)
+    assert data.train[0][0].shape == (3, 32, 32) and len(data.train) == 40 and len(data.val) == 10
+
+
+def test_cifar100_fine_labels_and_resize(tmp_path):
+    write_cifar100(tmp_path)
+    data = build_data("cifar100", tmp_path, val_size=5, img_size=48, download=False)
+    info = data.info
+    assert (info.num_classes, info.img_size, info.native_size) == (100, 48, 32)
+    assert info.mean == (0.5071, 0.4865, 0.4409)
+    assert data.arrays["train"][0].shape == (15, 3, 32, 32)  # arrays stay at native size
+    images, labels = data.arrays["test"]
+    assert labels.tolist() == [(int(i) * 7) % 100 for i in images[:, 0, 0, 0]]
+    assert data.test[0][0].shape == (3, 48, 48) and data.train[0][0].shape == (3, 48, 48)
+    batch, _ = next(iter(make_loaders(data, batch_size=4, loader="gpu", device="cpu")[0]))
+    assert batch.shape == (4, 3, 48, 48)
+
+
+@pytest.mark.parametrize("name, layout, compress", [
+    ("fashion-mnist", "FashionMNIST/raw", True),   # where torchvision downloads to
+    ("fashion-mnist", "fashion-mnist", False),     # plain IDX files
+    ("mnist", "MNIST/raw", False),
+    ("mnist", "mnist", True),
+])
+def test_mnist_likes_from_idx_files(tmp_path, name, layout, compress):
+    written = write_mnist_like(tmp_path / layout, compress=compress)
+    data = build_data(name, tmp_path, val_size=6, download=False)
+    info = data.info
+    assert (info.in_chans, info.img_size, info.num_classes) == (1, 28, 10)
+    assert (info.train_size, info.val_size, info.test_size) == (24, 6, 10)
+    assert info.hflip == (name == "fashion-mnist") and info.crop_padding == 2
+    assert info.mean == ((0.2860,) if name == "fashion-mnist" else (0.1307,))
+    images, labels = data.arrays["test"]
+    assert images.shape == (10, 1, 28, 28) and images.dtype == torch.uint8
+    assert torch.equal(images[:, 0], torch.from_numpy(written["t10k"][0]))
+    assert labels.tolist() == written["t10k"][1].tolist()
+    torch.testing.assert_close(data.test[2][0], expected_normalised(images[2], info), atol=1e-6, rtol=0)
+    with pytest.raises(DatasetError, match="--val-size"):  # the default 5000 does not fit 30 images
+        build_data(name, tmp_path, download=False)
+
+
+@pytest.mark.skipif(not HAS_SCIPY, reason="SVHN's .mat files need scipy")
+def test_svhn_from_mat_files(tmp_path):
+    write_svhn(tmp_path)
+    data = build_data("svhn", tmp_path, val_size=2, download=False)
+    info = data.info
+    assert (info.in_chans, info.num_classes, info.hflip, info.train_size, info.test_size) == (3, 10, False, 10, 6)
+    images, labels = data.arrays["test"]
+    assert images.shape == (6, 3, 32, 32) and labels.tolist() == [1, 2, 3, 4, 5, 6]
+    assert data.arrays["train"][1].max() == 9 and 0 in data.arrays["train"][1].tolist() + labels.tolist() + \
+        data.arrays["val"][1].tolist()  # label 10 means the digit 0
+
+
+def test_svhn_without_scipy_says_pip_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "scipy", None)
+    monkeypatch.setitem(sys.modules, "scipy.io", None)
+    with pytest.raises(DatasetError, match="pip install scipy"):
+        build_data("svhn", tmp_path, download=False)
+
+
+@pytest.mark.parametrize("name, test_split", [("imagefolder", "test"), ("imagefolder", "val"), ("imagenet", "val")])
+def test_image_folders(tmp_path, name, test_split):
+    write_image_tree(tmp_path, ("train", test_split))
+    data = build_data(name, tmp_path, img_size=16, val_size=2, download=False)
+    info = data.info
+    assert (info.num_classes, info.classes, info.in_memory, info.img_size) == (2, ("cat", "dog"), False, 16)
+    assert (info.train_size, info.val_size, info.test_size) == (4, 2, 6) and data.arrays is None
+    for split in (data.train, data.val, data.test):
+        image, label = split[0]
+        assert image.shape == (3, 16, 16) and image.dtype == torch.float32 and label in (0, 1)
+    # Eval images are uniform colour, so normalisation is checkable exactly (up to PIL's resize rounding).
+    expected = (40 / 255 - torch.tensor(info.mean)) / torch.tensor(info.std)
+    torch.testing.assert_close(data.test[0][0][:, 8, 8], expected, atol=1e-5, rtol=0)
+    train, val, test = make_loaders(data, batch_size=2, device="cpu", workers=0)
+    assert isinstance(train, TorchLoader) and len(train) == 2 and len(test) == 2
+    assert sum(len(labels) for _, labels in val) == 2
+    with pytest.raises(DatasetError, match="--loader gpu"):
+        make_loaders(data, batch_size=2, loader="gpu", device="cpu")
+
+
+def test_fake_is_synthetic_seeded_and_sized(tmp_path):
+    data = build_data("fake", tmp_path, num_classes=7)
+    again = build_data("fake", tmp_path, num_classes=7)
+    info = data.info
+    assert info.synthetic and info.in_memory and (info.num_classes, info.in_chans, info.img_size) == (7, 3, 32)
+    assert (info.train_size, info.val_size, info.test_size) == (2048, 0, 512) and data.val is None
+    assert torch.equal(data.arrays["train"][0], again.arrays["train"][0])
+    assert data.arrays["train"][1].max() == 6 and len(info.classes) == 7
+    # The statistics are measured, so normalised training pixels are roughly standard.
+    batch, _ = next(iter(make_loaders(data, batch_size=256, device="cpu")[2]))
+    assert abs(batch.mean()) < 0.1 and abs(batch.std() - 1) < 0.1
+    big = build_data("fake", tmp_path, img_size=40)  # stored at 32 px and resized, like CIFAR
+    assert big.arrays["test"][0].shape == (512, 3, 32, 32) and big.info.native_size == 32
+    assert big.info.img_size == 40 and big.test[0][0].shape == (3, 40, 40)
+    assert next(iter(make_loaders(big, batch_size=8, device="cpu")[0]))[0].shape == (8, 3, 40, 40)
+    assert not any(tmp_path.iterdir())  # fake never touches data_dir
+
+
+DEBIAN_DIR = dataset_module.Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.skipif(not DEBIAN_DIR.is_dir(), reason="Debian package dataset-fashion-mnist not installed")
+def test_debian_fashion_mnist(tmp_path, monkeypatch):
+    monkeypatch.setattr(dataset_module, "DEBIAN_FASHION_MNIST", DEBIAN_DIR)
+    data = build_data("fashion-mnist", tmp_path / "empty", download=False)
+    info = data.info
+    assert (info.train_size, info.val_size, info.test_size) == (55000, 5000, 10000)
+    assert data.arrays["train"][0].shape == (55000, 1, 28, 28) and info.in_chans == 1
+    assert torch.bincount(data.arrays["test"][1]).tolist() == [1000] * 10  # the real test set is balanced
+    # The published statistics describe these files.
+    pixels = torch.cat([data.arrays["train"][0], data.arrays["val"][0]]).float() / 255
+    assert abs(pixels.mean().item() - 0.2860) < 1e-3 and abs(pixels.std().item() - 0.3530) < 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation split
+# ---------------------------------------------------------------------------------------------
+
+def test_val_split_disjoint_complete_and_fixed_by_split_seed(tmp_path):
+    write_cifar10(tmp_path)
+
+    def split(split_seed):
+        data = build_data("cifar10", tmp_path, val_size=10, split_seed=split_seed, download=False)
+        return [set(data.arrays[s][0][:, 0, 0, 0].tolist()) for s in ("train", "val")]
+
+    train, val = split(0)
+    assert len(train) == 40 and len(val) == 10 and not train & val and train | val == set(range(50))
+    assert split(0) == [train, val]
+    assert split(1)[1] != val
+    for bad in (50, 60, -1):
+        with pytest.raises(DatasetError, match="--val-size"):
+            build_data("cifar10", tmp_path, val_size=bad, download=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loaders: the gpu path against the torchvision pipeline
+# ---------------------------------------------------------------------------------------------
+
+def coded_data(count, *, img_size=32, hflip=True, with_val=False):
+    """Images whose pixels name their own coordinates: channel 0 = 100 + 4 * column, channel 1 = 100 + 4 * row,
+    channel 2 = 50 + index % 200; labels = index. Any crop/flip can be read back from the output."""
+    rows, cols = torch.meshgrid(torch.arange(32), torch.arange(32), indexing="ij")
+    index = torch.arange(count)
+    images = torch.stack([
+        (100 + 4 * cols).expand(count, 32, 32),
+        (100 + 4 * rows).expand(count, 32, 32),
+        (50 + index % 200)[:, None, None].expand(count, 32, 32),
+    ], 1).to(torch.uint8)
+    arrays = {"train": (images, index.clone()), "test": (images.clone(), index.clone())}
+    if with_val:
+        arrays["val"] = (images.clone(), index.clone())
+    info = DataInfo(name="coded", num_classes=count, in_chans=3, img_size=img_size, mean=(0.5, 0.4, 0.3),
+                    std=(0.2, 0.25, 0.3), classes=tuple(map(str, range(count))), synthetic=True, in_memory=True,
+                    train_size=count, val_size=count if with_val else 0, test_size=count, native_size=32,
+                    crop_padding=4, hflip=hflip)
+    return data_from_arrays(info, arrays)
+
+
+def to_pixels(batch, info):
+    """Undo normalisation: normalised float (B, C, H, W) -> integer pixel values."""
+    mean = torch.tensor(info.mean).view(1, -1, 1, 1)
+    std = torch.tensor(info.std).view(1, -1, 1, 1)
+    return ((batch * std + mean) * 255).round().long()
+
+
+def reference_crop_flip(image, offset_y, offset_x, flip, pad=4):
+    """The torchvision definition, by hand: crop the zero-padded image at (offset_y, offset_x), then mirror."""
+    padded = np.pad(image, ((0, 0), (pad, pad), (pad, pad)))
+    crop = padded[:, offset_y:offset_y + 32, offset_x:offset_x + 32]
+    return crop[:, :, ::-1] if flip else crop
+
+
+def decode_and_check(batch, labels, data):
+    """Recover each sample's (offset_y, offset_x, flip) from its pixels and check the whole image against them."""
+    pixels = to_pixels(batch, data.info)
+    source_row = (pixels[:, 1, 16, 16] - 100) // 4  # output (16, 16) is never padding at pad 4
+    col_here, col_right = (pixels[:, 0, 16, 16] - 100) // 4, (pixels[:, 0, 16, 17] - 100) // 4
+    flips = col_right < col_here
+    offset_y = source_row - 16 + 4
+    offset_x = torch.where(flips, col_here + 4 - 15, col_here + 4 - 16)
+    images = data.arrays["train"][0]
+    for i in range(0, len(labels), 17):  # a spread of samples, full images
+        expected = reference_crop_flip(images[labels[i]].numpy(), int(offset_y[i]), int(offset_x[i]), bool(flips[i]))
+        assert np.array_equal(pixels[i].numpy(), expected)
+    return offset_y, offset_x, flips
+
+
+@pytest.mark.parametrize("path", ["gpu", "torch"])
+def test_augmentation_distribution(path):
+    """Both paths: crops from the zero-padded image with offsets uniform on 0..8 per axis, flips at rate 0.5."""
+    data = coded_data(512)
+    train, _, _ = make_loaders(data, batch_size=128, loader=path, device="cpu", workers=0, seed=3)
+    offsets_y, offsets_x, flips = [], [], []
+    for epoch in range(8):  # 4096 draws
+        train.set_epoch(epoch)
+        for batch, labels in train:
+            y, x, f = decode_and_check(batch, labels, data)
+            offsets_y.append(y), offsets_x.append(x), flips.append(f)
+    draws = 8 * 512
+    # Each offset count is Binomial(4096, 1/9): mean 455, sd 20; +-100 is 5 sd.
+    for offsets in (torch.cat(offsets_y), torch.cat(offsets_x)):
+        counts = torch.bincount(offsets, minlength=9)
+        assert len(counts) == 9 and (counts - draws / 9).abs().max() < 100, counts.tolist()
+    # Flip rate: sd 0.0078 over 4096 draws; 0.04 is 5 sd.
+    assert abs(torch.cat(flips).float().mean().item() - 0.5) < 0.04
+
+
+def test_no_flip_datasets_never_flip():
+    data = coded_data(256, hflip=False)
+    for path in ("gpu", "torch"):
+        train, _, _ = make_loaders(data, batch_size=128, loader=path, device="cpu", workers=0)
+        for batch, labels in train:
+            assert not decode_and_check(batch, labels, data)[2].any()
+
+
+@pytest.mark.parametrize("img_size, atol", [(32, 1e-5), (48, 0.02)])  # 0.02: one grey level at std 0.2
+def test_eval_batches_match_torchvision(img_size, atol):
+    """Un-augmented data: the gpu path normalises (and resizes) like ToTensor + Normalize (+ PIL Resize)."""
+    data = coded_data(40, img_size=img_size, with_val=True)
+    gpu = make_loaders(data, batch_size=8, loader="gpu", device="cpu")
+    torch_path = make_loaders(data, batch_size=8, loader="torch", device="cpu", workers=0)
+    for gpu_loader, torch_loader in zip(gpu[1:], torch_path[1:], strict=True):
+        assert isinstance(gpu_loader, GpuLoader) and len(gpu_loader) == len(torch_loader) == 3  # 40 / 16
+        for (gpu_images, gpu_labels), (ref_images, ref_labels) in zip(gpu_loader, torch_loader, strict=True):
+            assert gpu_images.shape == ref_images.shape == (len(ref_labels), 3, img_size, img_size)
+            assert gpu_images.dtype == torch.float32 and torch.equal(gpu_labels, ref_labels)
+            torch.testing.assert_close(gpu_images, ref_images, atol=atol, rtol=0)
+            # PIL rounds its resize to uint8; the gpu path does not. Means agree much closer than pixels.
+            assert abs(gpu_images.mean() - ref_images.mean()) < 0.01
+
+
+# ---------------------------------------------------------------------------------------------
+# Loaders: determinism and sharding
+# ---------------------------------------------------------------------------------------------
+
+def epoch_batches(loader, epoch):
+    loader.set_epoch(epoch)
+    batches = [(images.clone(), labels.clone()) for images, labels in loader]
+    assert len(batches) == len(loader)
+    return batches
+
+
+def same(batches_a, batches_b):
+    return len(batches_a) == len(batches_b) and all(
+        torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(batches_a, batches_b, strict=True))
+
+
+@pytest.mark.parametrize("path", ["gpu", "torch"])
+def test_set_epoch_is_a_pure_function_of_seed_and_epoch(path):
+    data = coded_data(64)
+    make = lambda **kw: make_loaders(data, batch_size=16, loader=path, device="cpu", workers=0, **kw)[0]  # noqa: E731
+    train = make(seed=5)
+    torch.manual_seed(1)
+    epoch_1 = epoch_batches(train, 1)
+    epoch_2 = epoch_batches(train, 2)
+    torch.manual_seed(2)  # the training loop's own RNG use must not leak into the data
+    assert same(epoch_batches(train, 1), epoch_1)
+    assert same(epoch_batches(make(seed=5), 1), epoch_1)  # a fresh loader, as after a resume
+    assert [y.tolist() for _, y in epoch_2] != [y.tolist() for _, y in epoch_1]
+    assert [y.tolist() for _, y in epoch_batches(make(seed=6), 1)] != [y.tolist() for _, y in epoch_1]
+    assert len(epoch_1) == 4 and sorted(torch.cat([y for _, y in epoch_1]).tolist()) == list(range(64))
+
+
+def test_torch_path_does_not_depend_on_worker_count():
+    """Per-item seeds: the same batches from the main process and from two worker processes."""
+    data = coded_data(48)
+    in_process = make_loaders(data, batch_size=16, loader="torch", device="cpu", workers=0, seed=9)[0]
+    with_workers = make_loaders(data, batch_size=16, loader="torch", device="cpu", workers=2, seed=9)[0]
+    for epoch in (0, 1):
+        assert same(epoch_batches(in_process, epoch), epoch_batches(with_workers, epoch))
+
+
+def test_train_drop_last_and_eval_keeps_everything():
+    data = coded_data(50, with_val=True)
+    for path in ("gpu", "torch"):
+        train, val, test = make_loaders(data, batch_size=16, loader=path, device="cpu", workers=0)
+        assert len(train) == 3 and all(len(y) == 16 for _, y in train)
+        assert len(test) == 2 and [len(y) for _, y in test] == [32, 18] and len(val) == 2
+        assert torch.cat([y for _, y in test]).tolist() == list(range(50))  # eval order is the dataset's
+        train, _, _ = make_loaders(data, batch_size=16, loader=path, device="cpu", workers=0, drop_last=False)
+        assert [len(y) for _, y in train] == [16, 16, 16, 2]
+
+
+@pytest.mark.parametrize("path", ["gpu", "torch"])
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_rank_sharding(path, world_size):
+    data = coded_data(50, with_val=True)
+    train_shards, test_shards = [], []
+    for rank in range(world_size):
+        train, _, test = make_loaders(data, batch_size=4, loader=path, device="cpu", workers=0, seed=1,
+                                      drop_last=False, rank=rank, world_size=world_size)
+        train_shards.append(torch.cat([y for _, y in epoch_batches(train, 3)]).tolist())
+        test_shards.append(torch.cat([y for _, y in test]).tolist())
+    # Train: equal, disjoint slices of one permutation (a few tail samples dropped to keep ranks in step).
+    assert all(len(shard) == 50 // world_size for shard in train_shards)
+    assert len(set().union(*train_shards)) == 50 // world_size * world_size
+    # Eval: summing over ranks counts every sample exactly once.
+    assert sorted(sum(test_shards, [])) == list(range(50))
+    with pytest.raises(DatasetError):
+        make_loaders(data, batch_size=4, loader=path, device="cpu", rank=world_size, world_size=world_size)
+
+
+def test_loader_choice():
+    data = coded_data(32)
+    assert isinstance(make_loaders(data, batch_size=8, device="cpu")[0], GpuLoader)  # auto: in memory -> gpu
+    train, val, test = make_loaders(data, batch_size=8, loader="torch", device="cpu", workers=0)
+    assert isinstance(train, TorchLoader) and val is None and len(test) == 2  # eval batch = 2 x 8
+    with pytest.raises(DatasetError, match="unknown loader"):
+        make_loaders(data, batch_size=8, loader="dali", device="cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# Missing data
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", [n for n in DATASETS if n != "fake"])
+def test_missing_data_is_one_line_that_says_where_and_how(tmp_path, name):
+    if name == "svhn" and not HAS_SCIPY:
+        pytest.skip("without scipy SVHN stops earlier, at `pip install scipy`")
+    root = tmp_path / "data"
+    with pytest.raises(DatasetError) as error:
+        build_data(name, root, download=False)
+    message = str(error.value)
+    assert "\n" not in message and str(root) in message and "--dataset fake" in message
+    hint = {"cifar10": "cifar-10-python.tar.gz", "cifar100": "cifar-100-python.tar.gz",
+            "fashion-mnist": "apt-get install dataset-fashion-mnist", "mnist": "train-images-idx3-ubyte",
+            "svhn": "train_32x32.mat", "imagenet": "val", "imagefolder": "test"}[name]
+    assert hint in message
+    assert not root.exists()
+
+
+class FailingResponse:
+    """Stands in for urlopen's response: sends a few bytes, then the connection drops."""
+
+    def __init__(self, request):
+        self.url = request.full_url if hasattr(request, "full_url") else request
+        self.length = 10**6
+        self.sent = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def read(self, size=-1):
+        if self.sent:
+            raise ConnectionResetError("connection reset by peer")
+        self.sent = True
+        return b"\x1f\x8b partial archive"
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100", "fashion-mnist", "mnist", "svhn"])
+@pytest.mark.parametrize("dir_exists", [True, False])
+def test_failed_download_leaves_no_partial_files(tmp_path, monkeypatch, name, dir_exists):
+    if name == "svhn" and not HAS_SCIPY:
+        pytest.skip("needs scipy")
+    monkeypatch.setattr(urllib.request, "urlopen", lambda request, *args, **kwargs: FailingResponse(request))
+    root = tmp_path / "data"
+    if dir_exists:
+        (root / "MNIST").mkdir(parents=True)
+        (root / "notes.txt").write_text("mine")
+    with pytest.raises(DatasetError, match="download failed .*connection reset") as error:
+        build_data(name, root, download=True)
+    assert "\n" not in str(error.value)
+    if dir_exists:
+        assert sorted(p.name for p in root.rglob("*")) == ["MNIST", "notes.txt"]
+    else:
+        assert not root.exists()

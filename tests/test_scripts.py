@@ -1,0 +1,240 @@
+"""The training scripts end to end on tiny synthetic data: runs, resume, interruption, bad input."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train
+import train_ceit
+import train_competitive_distillation as competitive
+import train_mutual_learning as mutual
+import utils
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = ["train.py", "train_mutual_learning.py", "train_competitive_distillation.py", "train_ceit.py", "demo.py"]
+# 128 synthetic 16-px images, 4 steps of 32: seconds per epoch on two CPU cores.
+TINY = ["--dataset", "fake", "--img-size", "16", "--train-subset", "128", "--val-size", "64",
+        "--batch-size", "32", "--eval-batch-size", "256", "--device", "cpu", "--workers", "0", "--no-progress"]
+
+
+def cpu_env():
+    """Environment of a subprocess that must not see any GPU."""
+    return dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=ROOT)
+
+
+def run_script(script, args, **kwargs):
+    """Run a script in a subprocess with CUDA hidden; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
+                          env=cpu_env(), cwd=ROOT, timeout=600, **kwargs)
+
+
+def run_main(module, args):
+    """Run a script's main() in this process with the given argv."""
+    return module.main(module.get_args_parser().parse_args(args))
+
+
+def read_rows(run_dir):
+    with open(os.path.join(run_dir, "metrics.csv"), newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def weights(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["nets"]
+
+
+def assert_same_weights(a, b):
+    assert len(a) == len(b)
+    for state_a, state_b in zip(a, b):
+        assert state_a.keys() == state_b.keys()
+        for key in state_a:
+            assert torch.equal(state_a[key], state_b[key]), key
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help(script):
+    result = run_script(script, ["--help"])
+    assert result.returncode == 0, result.stderr
+    assert "usage:" in result.stdout and "--dataset" in result.stdout or script == "demo.py"
+
+
+def test_train_end_to_end_cuda_hidden(tmp_path):
+    out = tmp_path / "run"
+    result = run_script("train.py", [*TINY, "--model", "resnet20", "--epochs", "2", "--out-dir", str(out)])
+    assert result.returncode == 0, result.stderr
+    assert "device cpu" in result.stdout and "SYNTHETIC" in result.stdout
+    for name in ("args.json", "metrics.csv", "last.pt", "best.pt", "results.json"):
+        assert (out / name).exists(), name
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(out))
+    rows = read_rows(out)
+    assert [(r["epoch"], r["net"]) for r in rows] == [("1", "net0_resnet20"), ("2", "net0_resnet20")]
+    results = json.loads((out / "results.json").read_text())
+    assert results["networks"][0]["final_test_acc"] == pytest.approx(float(rows[-1]["test_acc"]), abs=1e-3)
+    ckpt = utils.load_checkpoint(str(out / "last.pt"))
+    assert ckpt["models"] == ["resnet20"] and ckpt["epoch"] == 2 and ckpt["num_classes"] == 10
+
+
+def test_competitive_heterogeneous_group_cuda_hidden(tmp_path):
+    out = tmp_path / "run"
+    args = [*TINY, "--models", "resnet20", "vit_tiny", "--optimizer", "sgd", "adamw", "--lr", "0.05", "1e-3",
+            "--epochs", "2", "--perturb-every", "2", "--out-dir", str(out)]
+    result = run_script("train_competitive_distillation.py", args)
+    assert result.returncode == 0, result.stderr
+    rows = read_rows(out)
+    assert [(r["epoch"], r["net"], r["model"]) for r in rows] == [
+        (e, n, m) for e in ("1", "2") for n, m in
+        [("net0_resnet20", "resnet20"), ("net1_vit_tiny", "vit_tiny"), ("ensemble", "resnet20+vit_tiny")]]
+    for epoch in ("1", "2"):
+        nets = [r for r in rows if r["epoch"] == epoch and r["net"] != "ensemble"]
+        assert sum(float(r["leader_share"]) for r in nets) == pytest.approx(1.0)
+        # with two networks exactly one learns each step: the mean teacher counts add up to 1
+        assert sum(float(r["teachers"]) for r in nets) == pytest.approx(1.0)
+        # the learning rates are each network's own
+        assert float(nets[0]["lr"]) > 10 * float(nets[1]["lr"])
+
+
+def test_mutual_learning_three_networks(tmp_path):
+    results = run_main(mutual, [*TINY, "--models", "resnet20", "resnet20", "mobilenet_v2", "--epochs", "1",
+                                "--perturb-every", "2", "--out-dir", str(tmp_path)])
+    assert [n["net"] for n in results["networks"]] == ["net0_resnet20", "net1_resnet20", "net2_mobilenet_v2", "ensemble"]
+    rows = read_rows(tmp_path)
+    assert all(float(r["train_kd"]) > 0 for r in rows if r["net"] != "ensemble")
+    assert all(r["leader_share"] == "" for r in rows)
+
+
+def test_authors_pair_flags():
+    args = mutual.get_args_parser().parse_args(["--model1", "resnet", "--model2", "mobilenet", "--dataset", "cifar10"])
+    assert utils.model_names(args) == ["resnet32", "mobilenet_v1"]
+    args = competitive.get_args_parser().parse_args(["--teacher", "resnet", "--student", "vit", "--dataset", "cifar10"])
+    assert utils.model_names(args) == ["resnet32", "vit_tiny"]
+    args = train.get_args_parser().parse_args(["--model", "resnet", "--dataset", "cifar10"])
+    assert utils.model_names(args) == ["resnet32"]
+
+
+def test_ceit_end_to_end(tmp_path):
+    results = run_main(train_ceit, [*TINY, "--model", "ceit", "--epochs", "1", "--warmup-epochs", "0.5",
+                                    "--out-dir", str(tmp_path)])
+    assert results["networks"][0]["model"] == "ceit_tiny"
+    args = json.loads((tmp_path / "args.json").read_text())
+    assert args["optimizer"] == ["adamw"] and args["drop_path"] == 0.1 and args["label_smoothing"] == 0.1
+
+
+@pytest.mark.parametrize("module,extra", [
+    (train, ["--model", "resnet20"]),
+    (competitive, ["--models", "resnet20", "resnet20", "--perturb-every", "2"]),
+])
+def test_exact_resume(tmp_path, module, extra):
+    args = [*TINY, *extra, "--epochs", "2", "--deterministic"]
+    run_main(module, [*args, "--out-dir", str(tmp_path / "straight")])
+    run_main(module, [*args, "--out-dir", str(tmp_path / "split"), "--stop-after", "1"])
+    assert torch.load(tmp_path / "split" / "last.pt", weights_only=True)["epoch"] == 1
+    run_main(module, [*args, "--out-dir", str(tmp_path / "split"), "--resume", "auto"])
+    assert_same_weights(weights(tmp_path / "straight" / "last.pt"), weights(tmp_path / "split" / "last.pt"))
+    straight, split = read_rows(tmp_path / "straight"), read_rows(tmp_path / "split")
+    assert [r["epoch"] for r in split] == [r["epoch"] for r in straight]  # no epoch missing or repeated
+    for a, b in zip(straight, split):
+        assert (a["train_loss"], a["test_acc"]) == (b["train_loss"], b["test_acc"])
+
+
+INTERRUPTIBLE = ["--dataset", "fake", "--img-size", "16", "--train-subset", "1024", "--val-size", "64",
+                 "--batch-size", "4", "--device", "cpu", "--workers", "0", "--no-progress",
+                 "--models", "resnet20", "resnet20", "--perturb-every", "2", "--epochs", "2", "--deterministic"]
+
+
+def interrupt_during_epoch_two(out, sig):
+    """Start a competitive run, signal it shortly after epoch 1's checkpoint; returns (process, stdout, stderr)."""
+    process = subprocess.Popen([sys.executable, "-u", os.path.join(ROOT, "train_competitive_distillation.py"),
+                                *INTERRUPTIBLE, "--out-dir", str(out)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=cpu_env(), cwd=ROOT)
+    while not (out / "last.pt").exists() and process.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.5)  # epoch 2 has 256 steps: the signal lands among them
+    process.send_signal(sig)
+    stdout, stderr = process.communicate(timeout=600)
+    return process, stdout, stderr
+
+
+def test_sigterm_saves_a_loadable_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    process, stdout, stderr = interrupt_during_epoch_two(out, signal.SIGTERM)
+    assert process.returncode == 143, stdout + stderr
+    assert "SIGTERM: stopped at epoch 2" in stdout
+    ckpt = utils.load_checkpoint(str(out / "last.pt"))
+    assert ckpt["epoch"] == 1 and ckpt["step"] >= 1
+    assert [r["epoch"] for r in read_rows(out)] == ["1", "1", "1"]   # epoch 1's rows kept, whole
+    assert not [name for name in os.listdir(out) if ".tmp" in name]
+
+
+def test_ctrl_c_mid_epoch_then_resume_equals_straight_run(tmp_path):
+    out = tmp_path / "interrupted"
+    process, stdout, stderr = interrupt_during_epoch_two(out, signal.SIGINT)
+    assert process.returncode == 130, stdout + stderr
+    last = [line for line in stdout.splitlines() if "state saved to" in line]
+    assert len(last) == 1 and "--resume" in last[0], stdout
+    assert utils.load_checkpoint(str(out / "last.pt"))["step"] >= 1
+    # continue with the printed command, then compare with an uninterrupted run
+    command = last[0].split("continue with: ", 1)[1].split()
+    assert command[:2] == ["python", "train_competitive_distillation.py"]
+    result = subprocess.run([sys.executable, *command[1:]], capture_output=True, text=True, env=cpu_env(), cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "resuming" in result.stdout
+    run_main(competitive, [*INTERRUPTIBLE, "--out-dir", str(tmp_path / "straight")])
+    assert_same_weights(weights(tmp_path / "straight" / "last.pt"), weights(out / "last.pt"))
+    straight, resumed = read_rows(tmp_path / "straight"), read_rows(out)
+    assert [(r["epoch"], r["net"]) for r in resumed] == [(r["epoch"], r["net"]) for r in straight]
+    for a, b in zip(straight, resumed):  # the epoch's statistics survive the interruption too
+        assert (a["train_loss"], a["leader_share"], a["test_acc"]) == (b["train_loss"], b["leader_share"], b["test_acc"])
+
+
+def expect_usage_error(capsys, module, args, *fragments):
+    """The script exits with code 2 and one stderr line containing every fragment."""
+    with pytest.raises(SystemExit) as exit_info:
+        utils.run(module.main, module.get_args_parser(), args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["--model", "resnet999"], ["unknown model 'resnet999'", "resnet32"]),
+    (["--dataset", "cifar11"], ["unknown dataset", "cifar10"]),
+    (["--epochs", "0"], ["--epochs must be a positive integer"]),
+    (["--batch-size", "0"], ["--batch-size must be a positive integer"]),
+    (["--lr", "-1"], ["--lr must be positive"]),
+    (["--model", "vit_tiny", "--img-size", "18"], ["img_size 18", "patch"]),
+    (["--resume", "no/such/file.pt"], ["does not exist"]),
+    (["--train-subset", "100000"], ["--train-subset"]),
+])
+def test_bad_input(capsys, tmp_path, args, fragments):
+    expect_usage_error(capsys, train, [*TINY, "--out-dir", str(tmp_path), *args], *fragments)
+
+
+def test_missing_dataset_offline(capsys, tmp_path):
+    expect_usage_error(capsys, train, ["--dataset", "cifar10", "--data-dir", str(tmp_path), "--no-download"], "CIFAR")
+
+
+def test_group_needs_two_networks(capsys):
+    expect_usage_error(capsys, competitive, [*TINY, "--models", "resnet20"], "at least 2 networks")
+    expect_usage_error(capsys, mutual, [*TINY, "--models", "resnet20", "resnet20", "--lr", "0.1", "0.1", "0.1"],
+                       "--lr takes one value or one per network")
+
+
+def test_bad_resume_files(capsys, tmp_path):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    expect_usage_error(capsys, train, [*TINY, "--model", "resnet20", "--resume", str(garbage)], "not a PyTorch checkpoint file")
+    run_dir = tmp_path / "run"
+    run_main(train, [*TINY, "--model", "resnet20", "--epochs", "1", "--out-dir", str(run_dir)])
+    last = str(run_dir / "last.pt")
+    expect_usage_error(capsys, train, [*TINY, "--model", "resnet32", "--epochs", "2", "--resume", last], "holds models ['resnet20']")
+    expect_usage_error(capsys, train, [*TINY, "--model", "resnet20", "--epochs", "2", "--num-classes", "7", "--resume", last],
+                       "10 classes")
+    expect_usage_error(capsys, train, [*TINY, "--model", "resnet20", "--epochs", "1", "--resume", last], "raise --epochs")

@@ -1,0 +1,373 @@
+"""Tests specific to the transformers (ViT, CeiT): geometry, chaining, separate q/k/v, LeFF, LCA, drop path.
+
+Kept light for a 2-core CPU: batch 1-2, base variants only at 32 px, parameter counts on the meta device.
+"""
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import models.ceit as ceit_module
+from models import create_model
+from models.vit import Attention, DropPath
+
+NUM_CLASSES = 7  # odd, so a wrong class dimension cannot pass by accident
+VITS = ["vit_tiny", "vit_small", "vit_base"]
+CEITS = ["ceit_tiny", "ceit_small", "ceit_base"]
+TINY = ["vit_tiny", "ceit_tiny"]
+
+
+def build(name, img_size=32, in_chans=3, num_classes=NUM_CLASSES, **kwargs):
+    """A freshly initialised model, seeded so that failures reproduce."""
+    torch.manual_seed(0)
+    return create_model(name, num_classes=num_classes, img_size=img_size, in_chans=in_chans, **kwargs)
+
+
+def images(batch, in_chans, img_size, seed=1):
+    """A reproducible random batch."""
+    return torch.randn(batch, in_chans, img_size, img_size, generator=torch.Generator().manual_seed(seed))
+
+
+def count(model):
+    """Number of parameter values in a model."""
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------- output contract
+
+# Every variant at 32 px; 28 px / 1 channel only for the tiny ones (same geometry code, cheaper to build).
+SHAPE_CASES = [(name, 32, 3) for name in VITS + CEITS] + [(name, 28, 1) for name in TINY]
+
+
+@pytest.mark.parametrize("name,img_size,in_chans", SHAPE_CASES)
+def test_logits_shape_train_and_eval(name, img_size, in_chans):
+    model = build(name, img_size, in_chans)
+    x = images(2, in_chans, img_size)
+    for training in (True, False):
+        model.train(training)
+        with torch.no_grad():
+            logits = model(x)
+        assert isinstance(logits, torch.Tensor)  # logits only: the authors' CeiT returned a tuple
+        assert logits.shape == (2, NUM_CLASSES)
+        assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_logits_shape_at_224(name):
+    model = build(name, 224, 3)
+    x = images(1, 3, 224)
+    for training in (True, False):
+        model.train(training)
+        with torch.no_grad():
+            logits = model(x)
+        assert logits.shape == (1, NUM_CLASSES)
+        assert torch.isfinite(logits).all()
+
+
+# ---------------------------------------------------------------- geometry
+
+
+@pytest.mark.parametrize("img_size,in_chans,patch_size,patches", [
+    (32, 3, 4, 64), (28, 1, 4, 49), (96, 3, 8, 144), (224, 3, 16, 196),
+])
+def test_vit_patch_grid(img_size, in_chans, patch_size, patches):
+    model = build("vit_tiny", img_size, in_chans)
+    assert model.patch_size == patch_size
+    assert model.num_patches == patches
+    assert model.pos_embed.shape == (1, 1 + patches, 192)  # one position per patch plus the class token
+    with torch.no_grad():
+        tokens = model.patch_embed(images(1, in_chans, img_size))
+    assert tokens.shape == (1, patches, 192)
+
+
+def test_vit_patch_size_override():
+    model = build("vit_tiny", 32, 3, patch_size=8)
+    assert model.num_patches == 16
+    assert model(images(1, 3, 32)).shape == (1, NUM_CLASSES)
+
+
+@pytest.mark.parametrize("img_size,in_chans,stem_size,grid", [
+    (32, 3, 32, 8),  # small images: conv stride 1, no pool, then 4x4 patches
+    (28, 1, 28, 7),
+    (96, 3, 24, 6),  # large images: the paper's stem, conv stride 2 + max-pool, then 4x4 patches
+    (224, 3, 56, 14),
+])
+def test_ceit_token_grid(img_size, in_chans, stem_size, grid):
+    model = build("ceit_tiny", img_size, in_chans).eval()
+    stem = model.i2t
+    x = images(1, in_chans, img_size)
+    with torch.no_grad():
+        features = stem.pool(stem.bn(stem.conv(x)))
+        tokens = stem(x)
+    assert features.shape == (1, ceit_module.STEM_CHANNELS, stem_size, stem_size)
+    assert model.grid_size == grid
+    assert tokens.shape == (1, grid * grid, 192)
+    assert model.pos_embed.shape == (1, 1 + grid * grid, 192)
+    assert all(block.leff is None or block.leff.grid_size == grid for block in model.blocks)
+
+
+def test_ceit_tokens_are_row_major_and_leff_is_local():
+    """I2T lays tokens out row by row, and LeFF's depthwise conv sees each token's 3x3 grid neighbours."""
+    model = build("ceit_tiny", 32, 3).eval()
+    grid = model.grid_size
+    x = images(1, 3, 32)
+    nudged = x.clone()
+    nudged[0, :, 2, 29] += 5.0  # pixel at row 2, col 29: the 7x7 conv spreads it to tokens (0..1, 6..7)
+    with torch.no_grad():
+        changed = (model.i2t(nudged) - model.i2t(x)).abs().sum(-1).reshape(grid, grid) > 0
+    expected = torch.zeros(grid, grid, dtype=torch.bool)
+    expected[0:2, 6:8] = True
+    assert torch.equal(changed, expected)
+
+    leff = model.blocks[0].leff
+    patches = torch.randn(1, grid * grid, 192, generator=torch.Generator().manual_seed(2))
+    nudged_patches = patches.clone()
+    nudged_patches[0, 2 * grid + 5] += 1.0  # token at row 2, col 5 (a transposed layout would move it)
+    with torch.no_grad():
+        changed = (leff(nudged_patches) - leff(patches)).abs().sum(-1).reshape(grid, grid) > 0
+    expected = torch.zeros(grid, grid, dtype=torch.bool)
+    expected[1:4, 4:7] = True
+    assert torch.equal(changed, expected)
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("vit_tiny", {"img_size": 30}),  # patch 4 does not divide 30
+    ("vit_tiny", {"img_size": 100}),  # patch 8 does not divide 100
+    ("vit_tiny", {"img_size": 224, "patch_size": 15}),
+    ("ceit_tiny", {"img_size": 30}),  # not a multiple of 4
+    ("ceit_tiny", {"img_size": 72}),  # the full stem needs a multiple of 16
+    ("ceit_tiny", {"img_size": 100}),
+])
+def test_impossible_image_size_raises_value_error(name, kwargs):
+    img_size = kwargs.pop("img_size")
+    with pytest.raises(ValueError, match=f"img_size.*{img_size}|{img_size}.*img_size"):
+        build(name, img_size, 3, **kwargs)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_wrong_input_geometry_raises_value_error(name):
+    model = build(name, 32, 3)
+    with pytest.raises(ValueError, match="built for input"):
+        model(images(1, 3, 28))
+    with pytest.raises(ValueError, match="built for input"):
+        model(images(1, 1, 32))
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("vit_tiny", {"depth": 6}),
+    ("vit_tiny", {"drop_path": 0.1}),  # a typo of drop_path_rate must not pass silently
+    ("ceit_tiny", {"patch_size": 4}),
+    ("ceit_small", {"foo": 1}),
+])
+def test_unknown_kwargs_raise_type_error(name, kwargs):
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        build(name, 32, 3, **kwargs)
+
+
+# ---------------------------------------------------------------- the authors' bugs: chaining and q/k/v
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_blocks_are_chained(name):
+    """Each block's output is the next block's input, and the last one reaches the logits."""
+    model = build(name, 28, 1).eval()
+    inputs, outputs = [], []
+
+    def record(module, args, out):
+        inputs.append(args[0])
+        outputs.append(out)
+
+    hooks = [block.register_forward_hook(record) for block in model.blocks]
+    with torch.no_grad():
+        logits = model(images(2, 1, 28))
+        for hook in hooks:
+            hook.remove()
+        assert len(outputs) == 12
+        for index in range(11):
+            assert torch.equal(inputs[index + 1], outputs[index])
+        if name.startswith("vit"):
+            expected = model.head(model.norm(outputs[-1][:, 0]))
+        else:
+            class_tokens = torch.stack([out[:, 0] for out in outputs], dim=1)
+            expected = model.head(model.norm(model.lca(class_tokens)))
+    torch.testing.assert_close(logits, expected)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_first_block_affects_the_output(name):
+    """Unchained blocks (the authors' bug) would make every block but the last irrelevant."""
+    model = build(name, 28, 1).eval()
+    x = images(2, 1, 28)
+    with torch.no_grad():
+        before = model(x)
+        model.blocks[0].attn.q.weight.add_(0.5 * torch.randn_like(model.blocks[0].attn.q.weight))
+        after_q = model(x)
+        feed_forward = model.blocks[0].mlp if name.startswith("vit") else model.blocks[0].leff
+        for param in feed_forward.parameters():
+            param.add_(0.5 * torch.randn_like(param))
+        after_feed_forward = model(x)
+    assert (before - after_q).abs().max() > 1e-4
+    assert (after_q - after_feed_forward).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_q_k_v_are_separate_parameters(name):
+    model = build(name, 32, 3)
+    attentions = [m for m in model.modules() if isinstance(m, Attention)]
+    assert len(attentions) == (12 if name.startswith("vit") else 13)  # CeiT: 12 layers + LCA
+    for attention in attentions:
+        weights = [attention.q.weight, attention.k.weight, attention.v.weight]
+        assert all(w.shape == (192, 192) for w in weights)
+        assert len({w.data_ptr() for w in weights}) == 3
+        assert not torch.equal(weights[0], weights[1]) and not torch.equal(weights[1], weights[2])
+    assert not any(p.shape[0] == 3 * 192 for p in model.parameters() if p.ndim == 2)
+
+
+def test_attention_matches_hand_computation():
+    """softmax(q k^T / sqrt(d)) v per head, with q from the queries and k, v from the context."""
+    torch.manual_seed(0)
+    attention = Attention(dim=8, num_heads=2).eval()
+    x, context = torch.randn(2, 3, 8), torch.randn(2, 5, 8)
+    q, k, v = attention.q(x), attention.k(context), attention.v(context)
+    heads = []
+    for h in range(2):
+        part = slice(4 * h, 4 * h + 4)
+        scores = q[..., part] @ k[..., part].transpose(1, 2) / math.sqrt(4)
+        heads.append(scores.softmax(-1) @ v[..., part])
+    expected = attention.proj(torch.cat(heads, dim=-1))
+    torch.testing.assert_close(attention(x, context), expected)
+    torch.testing.assert_close(attention(x), attention(x, x))
+
+
+# ---------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_every_parameter_receives_a_gradient(name):
+    model = build(name, 28, 1).train()
+    logits = model(images(2, 1, 28))
+    F.cross_entropy(logits, torch.tensor([0, 5])).backward()
+    names = [n for n, _ in model.named_parameters()]
+    if name.startswith("ceit"):
+        assert any(n.startswith("lca.attn.") for n in names) and any(n.startswith("lca.mlp.") for n in names)
+        assert "lca.layer_embed" in names
+    for param_name, param in model.named_parameters():
+        assert param.grad is not None, f"{param_name} got no gradient"
+        assert torch.isfinite(param.grad).all(), f"{param_name} has a non-finite gradient"
+        assert param.grad.abs().sum() > 0, f"{param_name} has an all-zero gradient"
+
+
+# ---------------------------------------------------------------- CeiT specifics
+
+
+def test_ceit_class_token_bypasses_leff():
+    model = build("ceit_tiny", 32, 3).eval()
+    block = model.blocks[0]
+    x = torch.randn(2, 1 + 64, 192, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out = block(x)
+        after_attention = x + block.attn(block.norm1(x))
+        torch.testing.assert_close(out[:, 0], after_attention[:, 0])  # LeFF adds nothing to the class token
+        for param in list(block.leff.parameters()) + list(block.norm2.parameters()):
+            param.add_(torch.randn_like(param))
+        changed = block(x)
+    assert torch.equal(changed[:, 0], out[:, 0])
+    assert (changed[:, 1:] - out[:, 1:]).abs().max() > 1e-3
+
+
+def test_ceit_last_layer_has_no_dead_leff():
+    """The last layer's patch tokens are read by nothing, so it carries no LeFF (whose gradient would be 0)."""
+    model = build("ceit_tiny", 32, 3)
+    assert all(block.leff is not None for block in model.blocks[:-1])
+    assert model.blocks[-1].leff is None
+
+
+def test_ceit_lca_uses_every_layers_class_token():
+    """The output depends on each layer's class token, and only the last one is the query."""
+    model = build("ceit_tiny", 32, 3).eval()
+    tokens = torch.randn(2, 12, 192, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    out = model.lca(tokens)
+    assert out.shape == (2, 192)
+    out.sum().backward()
+    assert (tokens.grad.abs().sum(-1) > 0).all()  # every layer's class token influences the result
+    with torch.no_grad():
+        # The residual stream is the last class token: zero attention/MLP output leaves it (plus its
+        # layer embedding) unchanged.
+        for param in [model.lca.attn.proj.weight, model.lca.attn.proj.bias, model.lca.mlp.fc2.weight,
+                      model.lca.mlp.fc2.bias]:
+            param.zero_()
+        torch.testing.assert_close(model.lca(tokens), tokens[:, -1] + model.lca.layer_embed[:, -1])
+
+
+# ---------------------------------------------------------------- stochastic depth and dropout
+
+
+def test_drop_path_module():
+    drop = DropPath(0.5).train()
+    x = torch.ones(1000, 3, 2)
+    torch.manual_seed(0)
+    out = drop(x)
+    per_sample = out.reshape(1000, -1)
+    kept = per_sample[:, 0] > 0
+    assert torch.all((per_sample == 0).all(1) | (per_sample == 2).all(1))  # whole samples, rescaled by 1/0.5
+    assert 400 < kept.sum() < 600
+    assert drop.eval()(x) is x
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_drop_path_schedule_is_linear(name):
+    model = build(name, 32, 3, drop_path_rate=0.22)
+    rates = [block.drop_path.rate for block in model.blocks]
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.22)
+    assert all(later - earlier == pytest.approx(0.02) for earlier, later in itertools.pairwise(rates))
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_drop_path_identity_in_eval_active_in_train(name):
+    x = images(2, 3, 32)
+    model = build(name, 32, 3, drop_path_rate=0.5, drop_rate=0.3)
+    with torch.no_grad():
+        model.eval()
+        torch.manual_seed(1)
+        first = model(x)
+        torch.manual_seed(2)
+        assert torch.equal(model(x), first)
+
+        model.train()
+        torch.manual_seed(1)
+        first = model(x)
+        torch.manual_seed(2)
+        assert not torch.allclose(model(x), first)
+
+        # Without drop path or dropout, training mode is deterministic too: the randomness above is theirs.
+        plain = build(name, 32, 3).train()
+        torch.manual_seed(1)
+        first = plain(x)
+        torch.manual_seed(2)
+        assert torch.equal(plain(x), first)
+
+
+# ---------------------------------------------------------------- parameter counts
+
+# DeiT's published counts at 224 px and 1000 classes (timm's deit_*_patch16_224): exact.
+DEIT_PARAMS = {"vit_tiny": 5_717_416, "vit_small": 22_050_664, "vit_base": 86_567_656}
+# CeiT paper, Table 2 (millions, one decimal).
+CEIT_PAPER_MILLIONS = {"ceit_tiny": 6.4, "ceit_small": 24.2, "ceit_base": 94.4}
+
+
+@pytest.mark.parametrize("name", VITS)
+def test_vit_parameter_count_matches_deit(name):
+    with torch.device("meta"):  # counting needs no memory or initialisation time
+        model = build(name, 224, 3, num_classes=1000)
+    assert count(model) == DEIT_PARAMS[name]
+
+
+@pytest.mark.parametrize("name", CEITS)
+def test_ceit_parameter_count_matches_paper(name):
+    """Matches the paper once the last layer's LeFF (which cannot reach the logits) is counted back in."""
+    with torch.device("meta"):
+        model = build(name, 224, 3, num_classes=1000)
+    dead_leff = count(model.blocks[0].leff) + count(model.blocks[0].norm2)  # omitted from the last layer
+    assert round((count(model) + dead_leff) / 1e6, 1) == CEIT_PAPER_MILLIONS[name]
