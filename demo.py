@@ -20,6 +20,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torchvision import transforms
 
+import engine
 import models
 import utils
 from datasets import build_data, data_from_arrays, make_loaders
@@ -31,7 +32,7 @@ TILE_SIDE = 128  # displayed image size in the grid: 32-px images become visible
 def get_args_parser():
     """Flags: what to load, what to show and where to write it."""
     parser = argparse.ArgumentParser(description="Load trained networks, show and save their predictions.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=utils.HelpFormatter)
     add = parser.add_argument
     add("checkpoints", nargs="+", metavar="RUN_DIR_OR_CHECKPOINT",
         help="a run directory (its checkpoint chosen by --which) or checkpoint files; all their networks form one group")
@@ -376,12 +377,12 @@ def main(args):
     device = pick_device(args.device)
     sources = [resolve_checkpoint(path, args.which) for path in args.checkpoints]
     paths = [path for path, _ in sources]
-    ckpts = [utils.load_checkpoint(path) for path in paths]
+    ckpts = [engine.load_checkpoint(path) for path in paths]
     check_group(paths, ckpts)
     ckpt = ckpts[0]
     batch, shown = load_images(args.images, ckpt) if args.images else (None, None)  # fail before heavy work
     names = [name for c in ckpts for name in c["models"]]
-    labels = utils.net_labels(names)  # numbered across checkpoints, so two runs' net0 stay apart
+    labels = engine.net_labels(names)  # numbered across checkpoints, so two runs' net0 stay apart
     epochs = [epoch for c in ckpts for epoch in net_epochs(c)]
     start = 0
     for path, c in zip(paths, ckpts):

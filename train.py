@@ -6,6 +6,7 @@ comparison, with the same data, schedule, logging and checkpoints as the collabo
 import torch
 import torch.nn.functional as F
 
+import engine
 import utils
 
 
@@ -21,11 +22,11 @@ def main(args):
     rt = utils.setup_runtime(args)
     data, (train_loader, val_loader, test_loader) = utils.setup_data(args, rt)
     nets = utils.build_nets(names, data.info, rt)
-    optimizers, peak_lrs = utils.build_optimizers(args, nets)
+    optimizers, peak_lrs = utils.build_optimizers(args, nets, rt)
     schedule = utils.Schedule(args, optimizers, peak_lrs, len(train_loader))
-    run = utils.Run(args, "train", names, rt, data, nets, optimizers, val_loader, test_loader, len(train_loader))
+    run = engine.Run(args, "train", names, rt, data, nets, optimizers, val_loader, test_loader, len(train_loader))
     net, optimizer = nets[0], optimizers[0]
-    scaler = utils.make_scaler(rt, run)
+    scaler = engine.make_scaler(rt, run)
 
     def train_step(step, images, labels):
         with utils.autocast(rt):
@@ -41,7 +42,7 @@ def main(args):
     def state():
         return {"scaler": scaler.state_dict()}
 
-    return utils.train_loop(args, rt, run, train_loader, schedule, ("loss", "correct", "seen"), train_step, state)
+    return engine.train_loop(args, rt, run, train_loader, schedule, ("loss", "correct", "seen"), train_step, state)
 
 
 if __name__ == "__main__":

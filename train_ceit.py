@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import models
+import engine
 import utils
 
 
@@ -38,7 +39,8 @@ def mix_batch(images, labels, num_classes, args, rng):
     area. Targets carry label smoothing, so the loss is a plain soft-target cross-entropy.
     """
     smooth = args.label_smoothing
-    targets = F.one_hot(labels, num_classes).float() * (1 - smooth) + smooth / num_classes
+    one_hot = torch.zeros(len(labels), num_classes, device=labels.device).scatter_(1, labels[:, None], 1.0)
+    targets = one_hot * (1 - smooth) + smooth / num_classes
     use_mixup, use_cutmix = args.mixup > 0, args.cutmix > 0
     if not (use_mixup or use_cutmix) or rng.random() >= args.mix_prob:
         return images, targets
@@ -72,11 +74,11 @@ def main(args):
     rt = utils.setup_runtime(args)
     data, (train_loader, val_loader, test_loader) = utils.setup_data(args, rt)
     nets = utils.build_nets(names, data.info, rt, drop_path_rate=args.drop_path)
-    optimizers, peak_lrs = utils.build_optimizers(args, nets)
+    optimizers, peak_lrs = utils.build_optimizers(args, nets, rt)
     schedule = utils.Schedule(args, optimizers, peak_lrs, len(train_loader))
-    run = utils.Run(args, "ceit", names, rt, data, nets, optimizers, val_loader, test_loader, len(train_loader))
+    run = engine.Run(args, "ceit", names, rt, data, nets, optimizers, val_loader, test_loader, len(train_loader))
     net, optimizer = nets[0], optimizers[0]
-    scaler = utils.make_scaler(rt, run)
+    scaler = engine.make_scaler(rt, run)
     rng = random.Random(args.seed)  # host-side draws of lam and boxes: no device synchronisation
     if run.resume_extra("mix_rng"):
         rng.setstate((3, tuple(run.resume_extra("mix_rng")), None))
@@ -96,7 +98,7 @@ def main(args):
     def state():
         return {"scaler": scaler.state_dict(), "mix_rng": list(rng.getstate()[1])}
 
-    return utils.train_loop(args, rt, run, train_loader, schedule, ("loss", "correct", "seen"), train_step, state)
+    return engine.train_loop(args, rt, run, train_loader, schedule, ("loss", "correct", "seen"), train_step, state)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ steps one random network sees a perturbed copy of the batch (stochastic perturba
     python train_competitive_distillation.py --teacher resnet --student vit --dataset cifar10
 """
 import torch
-import torch.nn.functional as F
 
+import engine
 import utils
 from perturb import PERTURBATIONS, Perturber, mixed_cross_entropy
 
@@ -43,7 +43,7 @@ def select_teachers(ranking_ce, rule):
     """
     teacher_mask = ranking_ce[None, :] < ranking_ce[:, None]
     if rule == "best":
-        leader = F.one_hot(ranking_ce.argmin(), ranking_ce.numel()).bool()
+        leader = torch.arange(ranking_ce.numel(), device=ranking_ce.device) == ranking_ce.argmin()
         teacher_mask = teacher_mask & leader[None, :]
     return teacher_mask
 
@@ -71,7 +71,8 @@ def competitive_step(nets, optimizers, scaler, inputs, labels, labels_perm, lams
     for optimizer in optimizers:
         scaler.step(optimizer)
     scaler.update()
-    leader = F.one_hot(ranking_ce.argmin(), len(nets)).float()
+    # one_hot would check its input on the host; a comparison keeps the step free of syncs
+    leader = (torch.arange(len(nets), device=ce.device) == ranking_ce.argmin()).float()
     correct = (logits.argmax(-1) == labels).sum(-1).float()
     seen = torch.full_like(correct, labels.numel())
     return torch.stack([loss.detach(), ce.detach(), kd.detach(), correct, seen, leader, teachers], dim=1)
@@ -84,15 +85,15 @@ def main(args):
     rt = utils.setup_runtime(args)
     data, (train_loader, val_loader, test_loader) = utils.setup_data(args, rt)
     nets = utils.build_nets(names, data.info, rt)
-    optimizers, peak_lrs = utils.build_optimizers(args, nets)
+    optimizers, peak_lrs = utils.build_optimizers(args, nets, rt)
     schedule = utils.Schedule(args, optimizers, peak_lrs, len(train_loader))
     try:
         perturber = Perturber(every=args.perturb_every, ops=args.perturbations, num_nets=len(nets),
                               seed=args.seed, mean=data.info.mean, std=data.info.std, device=rt.device)
     except ValueError as error:
         raise utils.UsageError(str(error)) from None
-    run = utils.Run(args, "competitive", names, rt, data, nets, optimizers, val_loader, test_loader, len(train_loader))
-    scaler = utils.make_scaler(rt, run)
+    run = engine.Run(args, "competitive", names, rt, data, nets, optimizers, val_loader, test_loader, len(train_loader))
+    scaler = engine.make_scaler(rt, run)
     if run.resume_extra("perturber"):
         perturber.load_state_dict(run.resume_extra("perturber"))
 
@@ -107,7 +108,7 @@ def main(args):
     def state():
         return {"scaler": scaler.state_dict(), "perturber": perturber.state_dict()}
 
-    return utils.train_loop(args, rt, run, train_loader, schedule, KEYS, train_step, state)
+    return engine.train_loop(args, rt, run, train_loader, schedule, KEYS, train_step, state)
 
 
 if __name__ == "__main__":

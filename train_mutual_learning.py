@@ -9,6 +9,7 @@ DML baseline also perturbed one random network every 10 steps: off here unless -
 """
 import torch
 
+import engine
 import utils
 from perturb import PERTURBATIONS, Perturber, mixed_cross_entropy
 
@@ -59,15 +60,15 @@ def main(args):
     rt = utils.setup_runtime(args)
     data, (train_loader, val_loader, test_loader) = utils.setup_data(args, rt)
     nets = utils.build_nets(names, data.info, rt)
-    optimizers, peak_lrs = utils.build_optimizers(args, nets)
+    optimizers, peak_lrs = utils.build_optimizers(args, nets, rt)
     schedule = utils.Schedule(args, optimizers, peak_lrs, len(train_loader))
     try:
         perturber = Perturber(every=args.perturb_every, ops=args.perturbations, num_nets=len(nets),
                               seed=args.seed, mean=data.info.mean, std=data.info.std, device=rt.device)
     except ValueError as error:
         raise utils.UsageError(str(error)) from None
-    run = utils.Run(args, "mutual", names, rt, data, nets, optimizers, val_loader, test_loader, len(train_loader))
-    scaler = utils.make_scaler(rt, run)
+    run = engine.Run(args, "mutual", names, rt, data, nets, optimizers, val_loader, test_loader, len(train_loader))
+    scaler = engine.make_scaler(rt, run)
     if run.resume_extra("perturber"):
         perturber.load_state_dict(run.resume_extra("perturber"))
 
@@ -82,7 +83,7 @@ def main(args):
     def state():
         return {"scaler": scaler.state_dict(), "perturber": perturber.state_dict()}
 
-    return utils.train_loop(args, rt, run, train_loader, schedule, KEYS, train_step, state)
+    return engine.train_loop(args, rt, run, train_loader, schedule, KEYS, train_step, state)
 
 
 if __name__ == "__main__":

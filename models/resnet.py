@@ -28,13 +28,19 @@ def check_cnn_args(model_name, *, img_size, in_chans, min_size, drop_path_rate, 
 
 
 def kaiming_init(model):
-    """He-normal conv/linear weights (fan-in, ReLU gain), zero biases, BN as identity."""
+    """He-normal conv weights (fan-in, ReLU gain), BN as identity, zero biases; the classifier keeps
+    PyTorch's default (small) initialisation."""
     for module in model.modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
+        if isinstance(module, nn.Conv2d):
             # fan-in also suits depthwise convs, whose fan-out would count all channels.
             nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            # He-normal on the classifier (no ReLU follows it) starts with logits of several units
+            # and an initial loss far above ln(C); a network that distils from a peer in its first
+            # steps then receives very large gradients. The default init starts near ln(C).
+            nn.init.zeros_(module.bias)
         elif isinstance(module, nn.BatchNorm2d):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)

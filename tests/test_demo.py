@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import demo
+import engine
 import train
 import train_competitive_distillation as cd
 import utils
@@ -126,7 +127,7 @@ def test_user_images_give_topk(loose, tmp_path, capsys):
     run_demo([loose[0], "--images", colour, grey, "--topk", 2, "--out", out_png])
     out = capsys.readouterr().out
     assert "test set" not in out  # user images replace the test-set evaluation
-    classes = utils.load_checkpoint(loose[0])["classes"]
+    classes = engine.load_checkpoint(loose[0])["classes"]
     lines = out.splitlines()
     for path in (colour, grey):
         start = lines.index(str(path))
@@ -153,7 +154,7 @@ def test_two_checkpoints_form_one_group(runs, loose, tmp_path, capsys):
 
 
 def test_mismatched_checkpoints_are_refused(runs, tmp_path, capsys):
-    ckpt = utils.load_checkpoint(runs[1] / "last.pt")
+    ckpt = engine.load_checkpoint(runs[1] / "last.pt")
     ckpt["img_size"] = 16
     other = tmp_path / "other.pt"
     torch.save(ckpt, other)
@@ -183,7 +184,7 @@ def test_run_directory_without_matplotlib(runs, tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "c.png").exists()
     # everything else still works: a run directory means its best.pt, each network at its best epoch
     assert f"{runs[0] / 'best.pt'}:" in out
-    best = utils.load_checkpoint(runs[0] / "best.pt")["extra"]["best"]
+    best = engine.load_checkpoint(runs[0] / "best.pt")["extra"]["best"]
     rows = table(out)
     for i, net in enumerate(["net0_resnet20", "net1_resnet20"]):
         assert rows[net][1] == str(best["epoch"][i])

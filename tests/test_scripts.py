@@ -10,8 +10,9 @@ import time
 import pytest
 import torch
 
+import engine
+import models
 import train
-import train_ceit
 import train_competitive_distillation as competitive
 import train_mutual_learning as mutual
 import utils
@@ -75,7 +76,7 @@ def test_train_end_to_end_cuda_hidden(tmp_path):
     assert [(r["epoch"], r["net"]) for r in rows] == [("1", "net0_resnet20"), ("2", "net0_resnet20")]
     results = json.loads((out / "results.json").read_text())
     assert results["networks"][0]["final_test_acc"] == pytest.approx(float(rows[-1]["test_acc"]), abs=1e-3)
-    ckpt = utils.load_checkpoint(str(out / "last.pt"))
+    ckpt = engine.load_checkpoint(str(out / "last.pt"))
     assert ckpt["models"] == ["resnet20"] and ckpt["epoch"] == 2 and ckpt["num_classes"] == 10
 
 
@@ -98,9 +99,11 @@ def test_competitive_heterogeneous_group_cuda_hidden(tmp_path):
         assert float(nets[0]["lr"]) > 10 * float(nets[1]["lr"])
 
 
-def test_mutual_learning_three_networks(tmp_path):
-    results = run_main(mutual, [*TINY, "--models", "resnet20", "resnet20", "mobilenet_v2", "--epochs", "1",
-                                "--perturb-every", "2", "--out-dir", str(tmp_path)])
+def test_mutual_learning_three_networks_cuda_hidden(tmp_path):
+    result = run_script("train_mutual_learning.py", [*TINY, "--models", "resnet20", "resnet20", "mobilenet_v2",
+                                                     "--epochs", "1", "--perturb-every", "2", "--out-dir", str(tmp_path)])
+    assert result.returncode == 0, result.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
     assert [n["net"] for n in results["networks"]] == ["net0_resnet20", "net1_resnet20", "net2_mobilenet_v2", "ensemble"]
     rows = read_rows(tmp_path)
     assert all(float(r["train_kd"]) > 0 for r in rows if r["net"] != "ensemble")
@@ -116,12 +119,31 @@ def test_authors_pair_flags():
     assert utils.model_names(args) == ["resnet32"]
 
 
-def test_ceit_end_to_end(tmp_path):
-    results = run_main(train_ceit, [*TINY, "--model", "ceit", "--epochs", "1", "--warmup-epochs", "0.5",
-                                    "--out-dir", str(tmp_path)])
+def test_ceit_end_to_end_cuda_hidden(tmp_path):
+    result = run_script("train_ceit.py", [*TINY, "--model", "ceit", "--epochs", "1", "--warmup-epochs", "0.5",
+                                          "--out-dir", str(tmp_path)])
+    assert result.returncode == 0, result.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
     assert results["networks"][0]["model"] == "ceit_tiny"
     args = json.loads((tmp_path / "args.json").read_text())
     assert args["optimizer"] == ["adamw"] and args["drop_path"] == 0.1 and args["label_smoothing"] == 0.1
+
+
+def test_ceit_vit_pair_at_224_px():
+    """A heterogeneous transformer pair at the authors' 224-px setting takes a competitive step."""
+    torch.manual_seed(0)
+    nets = [models.create_model(name, num_classes=5, img_size=224, in_chans=3) for name in ("ceit", "vit")]
+    optimizers = [torch.optim.AdamW(net.parameters(), lr=1e-4) for net in nets]
+    images, labels = torch.randn(2, 3, 224, 224), torch.tensor([1, 3])
+    args = competitive.get_args_parser().parse_args(["--models", "ceit", "vit"])
+    rt = utils.Runtime(torch.device("cpu"), None, False)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    before = [p.detach().clone() for net in nets for p in net.parameters()]
+    stats = competitive.competitive_step(nets, optimizers, scaler, [images, images], labels, labels, torch.ones(2), args, rt)
+    assert stats.shape == (2, len(competitive.KEYS)) and torch.isfinite(stats).all()
+    assert stats[:, 5].sum() == 1 and stats[:, 6].sum() == 1          # one leader, one learner
+    after = [p.detach() for net in nets for p in net.parameters()]
+    assert all(not torch.equal(a, b) for a, b in zip(before, after) if a.ndim > 1)
 
 
 @pytest.mark.parametrize("module,extra", [
@@ -164,7 +186,7 @@ def test_sigterm_saves_a_loadable_checkpoint(tmp_path):
     process, stdout, stderr = interrupt_during_epoch_two(out, signal.SIGTERM)
     assert process.returncode == 143, stdout + stderr
     assert "SIGTERM: stopped at epoch 2" in stdout
-    ckpt = utils.load_checkpoint(str(out / "last.pt"))
+    ckpt = engine.load_checkpoint(str(out / "last.pt"))
     assert ckpt["epoch"] == 1 and ckpt["step"] >= 1
     assert [r["epoch"] for r in read_rows(out)] == ["1", "1", "1"]   # epoch 1's rows kept, whole
     assert not [name for name in os.listdir(out) if ".tmp" in name]
@@ -176,7 +198,7 @@ def test_ctrl_c_mid_epoch_then_resume_equals_straight_run(tmp_path):
     assert process.returncode == 130, stdout + stderr
     last = [line for line in stdout.splitlines() if "state saved to" in line]
     assert len(last) == 1 and "--resume" in last[0], stdout
-    assert utils.load_checkpoint(str(out / "last.pt"))["step"] >= 1
+    assert engine.load_checkpoint(str(out / "last.pt"))["step"] >= 1
     # continue with the printed command, then compare with an uninterrupted run
     command = last[0].split("continue with: ", 1)[1].split()
     assert command[:2] == ["python", "train_competitive_distillation.py"]

@@ -1,0 +1,232 @@
+"""Training speed of a group of networks: images per second of whole group steps.
+
+Variants, all on synthetic data of a chosen shape (the numbers describe speed, never accuracy):
+  reference  the authors' per-step behaviour: torchvision DataLoader with PIL transforms, fp32,
+             losses read back with .item() every step, teachers chosen in Python, each network's
+             backward and optimizer step in sequence, perturbation noise built in float64 NumPy.
+  default    this repository's scripts as they run by default on the device (batched loader on
+             the device, autocast as --amp auto picks, channels_last, one backward, device-side
+             statistics, no per-step synchronisation).
+  fast       default plus torch.compile of the networks.
+
+    python benchmarks/bench.py --models resnet32 resnet32 --batch-size 128 --device cuda
+    python benchmarks/bench.py --suite --device cuda --json bench.json
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run as `python benchmarks/bench.py` from anywhere
+    sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import models  # noqa: E402
+import train_competitive_distillation as competitive  # noqa: E402
+import train_mutual_learning as mutual  # noqa: E402
+import utils  # noqa: E402
+from datasets import build_data, make_loaders  # noqa: E402
+from perturb import Perturber  # noqa: E402
+
+PARADIGMS = {"competitive": competitive, "mutual": mutual}
+
+
+def get_args_parser():
+    """Benchmark flags."""
+    parser = argparse.ArgumentParser(description="Images/s of group training steps.",
+                                     formatter_class=utils.HelpFormatter)
+    add = parser.add_argument
+    add("--paradigm", default="competitive", choices=sorted(PARADIGMS), help="which group step to time")
+    add("--models", nargs="+", default=["resnet32", "resnet32"], help="the group")
+    add("--batch-size", type=int, default=128, help="images per step (each network sees all of them)")
+    add("--img-size", type=int, default=32, help="input size (224 = the authors' CIFAR-100 setting)")
+    add("--num-classes", type=int, default=100, help="classes of the synthetic data (CIFAR-100 shaped)")
+    add("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add("--variants", nargs="+", default=["reference", "default", "fast"], choices=["reference", "default", "fast"])
+    add("--steps", type=int, default=50, help="timed steps per repeat")
+    add("--warmup", type=int, default=10, help="untimed steps first (compilation, cuDNN autotuning)")
+    add("--repeats", type=int, default=3, help="timed repeats; the median is reported")
+    add("--workers", type=int, default=8, help="DataLoader workers of the reference loop (the authors used 8)")
+    add("--perturb-every", type=int, default=10, help="perturbation period (authors: 10)")
+    add("--suite", action="store_true", help="time the standard set: the pair, a 4-network group, the pair at 224 px")
+    add("--json", default=None, help="write the results here as JSON")
+    return parser
+
+
+def synthetic_data(args):
+    """CIFAR-shaped uint8 images and labels (from the `fake` dataset), resized to --img-size."""
+    return build_data("fake", img_size=args.img_size, val_size=0, num_classes=args.num_classes)
+
+
+def build_group(args, device, channels_last):
+    """The group's networks on the device."""
+    nets = []
+    for name in args.models:
+        net = models.create_model(name, num_classes=args.num_classes, img_size=args.img_size, in_chans=3)
+        nets.append(net.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format))
+    return nets
+
+
+def endless(loader):
+    """Batches forever, re-shuffling each pass."""
+    epoch = 0
+    while True:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def reference_steps(args, device):
+    """A step function reproducing the authors' per-step behaviour (see the module docstring)."""
+    data = synthetic_data(args)
+    loader = torch.utils.data.DataLoader(data.train, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                                         num_workers=args.workers, pin_memory=device.type == "cuda",
+                                         persistent_workers=args.workers > 0)
+    batches = endless(loader)
+    nets = build_group(args, device, channels_last=False)
+    optimizers = [torch.optim.AdamW(net.parameters(), lr=1e-3) for net in nets]
+    rng = np.random.default_rng(0)
+    history = []
+    state = {"step": 0}
+
+    def step():
+        images, labels = next(batches)
+        images, labels = images.to(device), labels.to(device)
+        inputs = [images] * len(nets)
+        if args.perturb_every and state["step"] % args.perturb_every == 0:
+            r = int(rng.integers(len(nets)))  # float64 noise made on the CPU, as the authors did
+            noise = torch.from_numpy(rng.normal(0, 0.25, images.shape)).to(device).float()
+            inputs = [(images + noise).clamp(0, 1) if i == r else images for i in range(len(nets))]
+        state["step"] += 1
+        logits = [net(x) for net, x in zip(nets, inputs)]
+        losses = [F.cross_entropy(z, labels) for z in logits]
+        values = [loss.item() for loss in losses]                      # host synchronisation
+        for i, (net, optimizer) in enumerate(zip(nets, optimizers)):
+            teachers = [j for j in range(len(nets)) if values[j] < values[i]]
+            loss = losses[i]
+            if teachers and args.paradigm == "competitive":
+                loss = loss + sum(utils.kd_loss(logits[i], logits[j]) for j in teachers) / len(teachers)
+            elif args.paradigm == "mutual":
+                loss = loss + sum(utils.kd_loss(logits[i], logits[j]) for j in range(len(nets)) if j != i) / (len(nets) - 1)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        history.append([(z.argmax(1) == labels).float().mean().item() for z in logits])  # per-step logging
+
+    return step
+
+
+def repository_steps(args, device, compile_nets):
+    """A step function running the scripts' own code path (loader, perturbation, group step)."""
+    module = PARADIGMS[args.paradigm]
+    flags = ["--models", *args.models, "--batch-size", str(args.batch_size), "--device", str(device),
+             "--perturb-every", str(args.perturb_every)]
+    script_args = module.get_args_parser().parse_args(flags)
+    rt = utils.setup_runtime(script_args)
+    data = synthetic_data(args)
+    train_loader, _, _ = make_loaders(data, batch_size=args.batch_size, loader="gpu", device=device, seed=0)
+    batches = endless(train_loader)
+    nets = build_group(args, device, channels_last=True)
+    if compile_nets:
+        nets = [torch.compile(net) for net in nets]
+    optimizers, _ = utils.build_optimizers(script_args, nets)
+    scaler = torch.amp.GradScaler(device.type, enabled=rt.amp_dtype == torch.float16)
+    perturber = Perturber(every=args.perturb_every, ops=script_args.perturbations, num_nets=len(nets), seed=0,
+                          mean=data.info.mean, std=data.info.std, device=device)
+    group_step = module.competitive_step if args.paradigm == "competitive" else module.mutual_step
+    stats = utils.StepStats(module.KEYS, len(nets), device)
+    state = {"step": 0}
+
+    def step():
+        images, labels = next(batches)
+        perturbed, images_p, labels_perm, lam = perturber(state["step"], images, labels)
+        state["step"] += 1
+        inputs = [utils.to_input(images_p if i == perturbed else images, rt) for i in range(len(nets))]
+        lams = torch.ones(len(nets), device=device)
+        if perturbed >= 0:
+            lams[perturbed] = lam
+        stats.add(group_step(nets, optimizers, scaler, inputs, labels, labels_perm, lams, script_args, rt))
+
+    return step
+
+
+def synchronize(device):
+    """Wait for queued device work, so wall-clock time covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_variant(name, args, device):
+    """Images/s (median over repeats), warm-up time and peak memory of one variant."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    torch.manual_seed(0)
+    step = reference_steps(args, device) if name == "reference" else repository_steps(args, device, name == "fast")
+    start = time.perf_counter()
+    for _ in range(args.warmup):
+        step()
+    synchronize(device)
+    warmup_s = time.perf_counter() - start
+    rates = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        synchronize(device)
+        rates.append(args.steps * args.batch_size / (time.perf_counter() - start))
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return {"variant": name, "images_per_s": statistics.median(rates), "repeats": rates,
+            "warmup_s": warmup_s, "peak_mem_mib": peak}
+
+
+def run_config(args, device):
+    """Time every requested variant of one configuration; returns its results."""
+    results = [time_variant(name, args, device) for name in args.variants]
+    base = next((r["images_per_s"] for r in results if r["variant"] == "reference"), None)
+    for r in results:
+        r["vs_reference"] = r["images_per_s"] / base if base else None
+    return {"paradigm": args.paradigm, "models": list(args.models), "batch_size": args.batch_size,
+            "img_size": args.img_size, "num_classes": args.num_classes, "results": results}
+
+
+def describe(device):
+    """The device, torch version and host, for every reported figure."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    return {"device": name, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def main(args):
+    """Run the benchmark(s), print a table and optionally write JSON."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    configs = [args]
+    if args.suite:
+        pair = list(args.models[:2]) if len(args.models) >= 2 else ["resnet32", "resnet32"]
+        configs = [argparse.Namespace(**{**vars(args), "models": pair}),
+                   argparse.Namespace(**{**vars(args), "models": [pair[0]] * 4}),
+                   argparse.Namespace(**{**vars(args), "models": pair, "img_size": 224})]
+    info = describe(device)
+    runs = [run_config(config, device) for config in configs]
+    print(f"{info['device']}, torch {info['torch']}; synthetic data; group images/s (each network sees every image)")
+    print(f"{'paradigm':<12} {'group':<28} {'batch':>5} {'px':>4} {'variant':<10} {'images/s':>10} {'x ref':>6} {'warm-up s':>9} {'peak MiB':>9}")
+    for run in runs:
+        for r in run["results"]:
+            ratio = f"{r['vs_reference']:.1f}" if r["vs_reference"] else "-"
+            peak = f"{r['peak_mem_mib']:.0f}" if r["peak_mem_mib"] else "-"
+            print(f"{run['paradigm']:<12} {' '.join(run['models']):<28} {run['batch_size']:>5} {run['img_size']:>4} "
+                  f"{r['variant']:<10} {r['images_per_s']:>10.0f} {ratio:>6} {r['warmup_s']:>9.1f} {peak:>9}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({**info, "runs": runs}, f, indent=2)
+    return runs
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

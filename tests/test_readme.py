@@ -1,0 +1,48 @@
+"""Every command in the README parses with its script's parser, so the README cannot drift."""
+import importlib
+import os
+import re
+import shlex
+
+import pytest
+
+import utils
+from datasets import DATASETS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = {"train.py", "train_mutual_learning.py", "train_competitive_distillation.py", "train_ceit.py",
+           "demo.py", "benchmarks/bench.py"}
+
+
+def readme_commands():
+    """(script, argv) for every invocation of one of our scripts in the README's code blocks."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    blocks = re.findall(r"```(?:bash|sh|shell)\n(.*?)```", text, flags=re.S)
+    commands = []
+    for block in blocks:
+        for line in block.replace("\\\n", " ").splitlines():
+            for part in re.split(r"&&|;|\|", line.split(" #")[0]):
+                words = shlex.split(part)
+                for i, word in enumerate(words):
+                    if word in SCRIPTS:
+                        commands.append((word, words[i + 1:]))
+                        break
+    return commands
+
+
+COMMANDS = readme_commands()
+
+
+def test_readme_has_a_command_per_script():
+    assert {script for script, _ in COMMANDS} >= SCRIPTS
+
+
+@pytest.mark.parametrize("script,argv", COMMANDS, ids=[" ".join([s, *a])[:90] for s, a in COMMANDS])
+def test_readme_command_parses(script, argv):
+    module = importlib.import_module(script[:-3].replace("/", "."))
+    args = module.get_args_parser().parse_args(argv)  # argparse exits (fails the test) on a bad flag
+    if hasattr(args, "dataset") and script != "benchmarks/bench.py":
+        assert args.dataset in DATASETS
+    if script.startswith("train"):
+        utils.check_args(args)
+        assert utils.model_names(args)  # every model name resolves
