@@ -9,8 +9,8 @@ python=${PYTHON:-python3}
 echo "setup: installing requirements.txt into $($python -c 'import sys; print(sys.executable)')"
 $python -m pip install --quiet --disable-pip-version-check -r requirements.txt
 if [ "${1:-}" = "--test" ]; then
-    echo "setup: installing pytest and matplotlib (the test suite also checks demo.py's plots)"
-    $python -m pip install --quiet --disable-pip-version-check pytest matplotlib
+    echo "setup: installing pytest, matplotlib and scipy (the tests also check demo.py's plots and SVHN files)"
+    $python -m pip install --quiet --disable-pip-version-check pytest matplotlib scipy
 fi
 
 fmnist=/usr/share/datasets/fashion-mnist
