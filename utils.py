@@ -104,6 +104,7 @@ def get_args_parser(description, *, group=False, epochs=200, batch_size=128, opt
     add("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     add("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"], help="autocast precision (auto: bf16 on CUDA, none on CPU)")
     add("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="channels_last memory format (faster convolutions on CPU and GPU)")
+    add("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile every network for training (costs a compilation of a minute or more; not yet measured on a GPU, so off by default)")
     add("--sync-bn", action=argparse.BooleanOptionalAction, default=False,
         help="under torchrun, normalise BatchNorm with statistics of the global batch (SyncBatchNorm, GPUs only); "
              "off: each process uses its own batch's statistics, running statistics follow rank 0 (DDP's default)")
@@ -190,6 +191,7 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     sync_bn: bool = False
+    compile: bool = False
 
     @property
     def is_main(self):
@@ -247,7 +249,7 @@ def setup_runtime(args):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     seed_everything(args.seed)
-    return Runtime(device, amp_dtype, args.channels_last, rank, world_size, sync_bn)
+    return Runtime(device, amp_dtype, args.channels_last, rank, world_size, sync_bn, args.compile)
 
 
 def seed_everything(seed):
@@ -349,6 +351,10 @@ def build_nets(names, info, rt, **kwargs):
             net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
         memory_format = torch.channels_last if rt.channels_last else torch.preserve_format
         net = net.to(rt.device, memory_format=memory_format)
+        if rt.compile:
+            # The compiled module shares the parameters; checkpoints and evaluation use the plain
+            # module (unwrap strips `_orig_mod`), so checkpoints do not depend on this flag.
+            net = torch.compile(net)
         if rt.distributed:
             # One DDP per network: each averages its own gradients over the processes during the
             # group's single backward. Every registered model uses all its parameters in forward

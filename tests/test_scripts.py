@@ -1,4 +1,5 @@
 """The training scripts end to end on tiny synthetic data: runs, resume, interruption, bad input."""
+import argparse
 import csv
 import json
 import os
@@ -260,3 +261,15 @@ def test_bad_resume_files(capsys, tmp_path):
     expect_usage_error(capsys, train, [*TINY, "--model", "resnet20", "--epochs", "2", "--num-classes", "7", "--resume", last],
                        "10 classes")
     expect_usage_error(capsys, train, [*TINY, "--model", "resnet20", "--epochs", "1", "--resume", last], "raise --epochs")
+
+
+def test_compile_flag_wraps_networks_but_not_checkpoints():
+    """--compile wraps each network; checkpoints and evaluation see the plain module's names."""
+    rt = utils.Runtime(torch.device("cpu"), None, False, compile=True)
+    info = argparse.Namespace(num_classes=3, img_size=16, in_chans=3)
+    net = utils.build_nets(["resnet20"], info, rt)[0]
+    assert hasattr(net, "_orig_mod")  # compiled lazily: nothing is compiled until the first forward
+    keys = list(utils.unwrap(net).state_dict())
+    assert keys and not any("_orig_mod" in key for key in keys)
+    parser = train.get_args_parser()
+    assert parser.parse_args([]).compile is False and parser.parse_args(["--compile"]).compile is True
