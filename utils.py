@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import models
 from datasets import DatasetError, build_data, make_loaders
@@ -359,7 +359,7 @@ def build_nets(names, info, rt, **kwargs):
             # One DDP per network: each averages its own gradients over the processes during the
             # group's single backward. Every registered model uses all its parameters in forward
             # (tests/test_models.py), so no unused-parameter search is needed.
-            net = DistributedDataParallel(net, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+            net = DDP(net, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
         nets.append(net)
     return nets
 
