@@ -468,6 +468,45 @@ class Run:
         return results
 
 
+class CapturedStep:
+    """Runs a training step eagerly or, with CUDA graphs, captures it once and replays it.
+
+    `core(*tensors)` is one whole optimisation step of the group (every forward, the losses and
+    the competitive selection, one backward, every optimizer step, the statistics) written without
+    host synchronisation: fixed shapes, no `.item()`, no Python branch on tensor values, learning
+    rates held in device tensors (fused optimizers read them on the device). The first `warmup`
+    calls run eagerly on a side stream (cuDNN autotuning, optimizer state allocation); the next
+    call records the graph, and every later call copies its tensors into the graph's static
+    inputs and replays it: one launch instead of thousands, no Python in the loop.
+    """
+
+    def __init__(self, core, *, enabled, warmup=3):
+        self.core, self.enabled, self.warmup = core, enabled, warmup
+        self.calls, self.graph, self.static_inputs, self.static_output = 0, None, None, None
+
+    def __call__(self, *tensors):
+        if not self.enabled:
+            return self.core(*tensors)
+        if self.graph is None and self.calls < self.warmup:
+            self.calls += 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                output = self.core(*tensors)
+            torch.cuda.current_stream().wait_stream(side)
+            return output
+        if self.graph is None:
+            self.static_inputs = [t.clone() for t in tensors]
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.static_output = self.core(*self.static_inputs)
+        else:
+            for static, tensor in zip(self.static_inputs, tensors):
+                static.copy_(tensor, non_blocking=True)
+        self.graph.replay()
+        return self.static_output
+
+
 def make_scaler(rt, run):
     """Gradient scaler for fp16 autocast (a pass-through otherwise), restored on resume."""
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)

@@ -28,7 +28,7 @@ def main(args):
     net, optimizer = nets[0], optimizers[0]
     scaler = engine.make_scaler(rt, run)
 
-    def train_step(step, images, labels):
+    def vanilla_step(images, labels):  # the whole step: capturable in a CUDA graph
         with utils.autocast(rt):
             logits = net(utils.to_input(images, rt)).float()
         loss = F.cross_entropy(logits, labels, label_smoothing=args.label_smoothing)
@@ -38,6 +38,11 @@ def main(args):
         scaler.update()
         correct = (logits.argmax(-1) == labels).sum()
         return torch.stack([loss.detach(), correct, torch.full_like(loss, labels.numel())])[None]
+
+    captured = engine.CapturedStep(vanilla_step, enabled=rt.cuda_graphs)
+
+    def train_step(step, images, labels):
+        return captured(images, labels)
 
     def state():
         return {"scaler": scaler.state_dict()}

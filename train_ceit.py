@@ -83,8 +83,7 @@ def main(args):
     if run.resume_extra("mix_rng"):
         rng.setstate((3, tuple(run.resume_extra("mix_rng")), None))
 
-    def train_step(step, images, labels):
-        images, targets = mix_batch(images, labels, data.info.num_classes, args, rng)
+    def transformer_step(images, targets, labels):  # the whole step: capturable in a CUDA graph
         with utils.autocast(rt):
             logits = net(utils.to_input(images, rt)).float()
         loss = torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
@@ -94,6 +93,13 @@ def main(args):
         scaler.update()
         correct = (logits.argmax(-1) == labels).sum()
         return torch.stack([loss.detach(), correct, torch.full_like(loss, labels.numel())])[None]
+
+    captured = engine.CapturedStep(transformer_step, enabled=rt.cuda_graphs)
+
+    def train_step(step, images, labels):
+        # Mixup/cutmix draws happen on the host, outside the captured step.
+        images, targets = mix_batch(images, labels, data.info.num_classes, args, rng)
+        return captured(images, targets, labels)
 
     def state():
         return {"scaler": scaler.state_dict(), "mix_rng": list(rng.getstate()[1])}

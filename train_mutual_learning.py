@@ -72,13 +72,19 @@ def main(args):
     if run.resume_extra("perturber"):
         perturber.load_state_dict(run.resume_extra("perturber"))
 
+    def group_step(labels, labels_perm, lams, *inputs):  # the whole step: capturable in a CUDA graph
+        inputs = [utils.to_input(x, rt) for x in inputs]
+        return mutual_step(nets, optimizers, scaler, inputs, labels, labels_perm, lams, args, rt)
+
+    captured = engine.CapturedStep(group_step, enabled=rt.cuda_graphs)
+
     def train_step(step, images, labels):
+        # Host-side decisions (which network, which operation) stay outside the captured step.
         perturbed, images_p, labels_perm, lam = perturber(step, images, labels)
-        inputs = [utils.to_input(images_p if i == perturbed else images, rt) for i in range(len(nets))]
         lams = torch.ones(len(nets), device=rt.device)
         if perturbed >= 0:
             lams[perturbed] = lam
-        return mutual_step(nets, optimizers, scaler, inputs, labels, labels_perm, lams, args, rt)
+        return captured(labels, labels_perm, lams, *[images_p if i == perturbed else images for i in range(len(nets))])
 
     def state():
         return {"scaler": scaler.state_dict(), "perturber": perturber.state_dict()}

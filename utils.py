@@ -104,6 +104,7 @@ def get_args_parser(description, *, group=False, epochs=200, batch_size=128, opt
     add("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     add("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"], help="autocast precision (auto: bf16 on CUDA, none on CPU)")
     add("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="channels_last memory format (faster convolutions on CPU and GPU)")
+    add("--cuda-graphs", action=argparse.BooleanOptionalAction, default=False, help="capture each whole training step in one CUDA graph and replay it (CUDA, one process, fp32/bf16; not yet run on a GPU, so off by default)")
     add("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile every network for training (costs a compilation of a minute or more; not yet measured on a GPU, so off by default)")
     add("--sync-bn", action=argparse.BooleanOptionalAction, default=False,
         help="under torchrun, normalise BatchNorm with statistics of the global batch (SyncBatchNorm, GPUs only); "
@@ -192,6 +193,7 @@ class Runtime:
     world_size: int = 1
     sync_bn: bool = False
     compile: bool = False
+    cuda_graphs: bool = False
 
     @property
     def is_main(self):
@@ -249,7 +251,10 @@ def setup_runtime(args):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     seed_everything(args.seed)
-    return Runtime(device, amp_dtype, args.channels_last, rank, world_size, sync_bn, args.compile)
+    cuda_graphs = getattr(args, "cuda_graphs", False)
+    if cuda_graphs and (device.type != "cuda" or world_size > 1 or amp_dtype == torch.float16):
+        raise UsageError("--cuda-graphs needs one CUDA process and --amp bf16 or none (no fp16 loss scaling)")
+    return Runtime(device, amp_dtype, args.channels_last, rank, world_size, sync_bn, args.compile, cuda_graphs)
 
 
 def seed_everything(seed):
@@ -372,8 +377,13 @@ def to_input(images, rt):
 # ----------------------------------------------------------------------------------------------
 # Optimizers and learning-rate schedules
 # ----------------------------------------------------------------------------------------------
-def build_optimizer(net, name, lr, weight_decay, *, momentum=0.9, nesterov=True, decay_norm_and_bias=True):
-    """SGD (momentum, Nesterov), AdamW (decoupled decay) or Adam over one network's parameters."""
+def build_optimizer(net, name, lr, weight_decay, *, momentum=0.9, nesterov=True, decay_norm_and_bias=True,
+                    fused=False):
+    """SGD (momentum, Nesterov), AdamW (decoupled decay) or Adam over one network's parameters.
+
+    fused=True builds the fused kernels with the learning rate held in a device tensor: a step
+    captured in a CUDA graph then reads the rate the schedule wrote, instead of a baked-in number.
+    """
     params = [p for p in net.parameters() if p.requires_grad]
     if decay_norm_and_bias:
         groups = [{"params": params, "weight_decay": weight_decay}]
@@ -381,6 +391,9 @@ def build_optimizer(net, name, lr, weight_decay, *, momentum=0.9, nesterov=True,
         groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
                   {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
     foreach = {"foreach": True}
+    if fused:
+        lr = torch.tensor(float(lr), device=params[0].device)
+        foreach = {"fused": True}
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0, **foreach)
     if name == "adamw":
@@ -404,9 +417,12 @@ def lr_factor(step, *, total_steps, warmup_steps, schedule, milestones=(), gamma
 
 
 def set_lr(optimizer, lr):
-    """Write the learning rate into every parameter group."""
+    """Write the learning rate into every parameter group (in place when it is a device tensor)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
 
 
 def build_optimizers(args, nets, rt=None):
@@ -418,8 +434,9 @@ def build_optimizers(args, nets, rt=None):
         lrs = [lr * rt.world_size for lr in lrs]
     decays = per_net(args.weight_decay, n, "--weight-decay")
     decay_norm_and_bias = getattr(args, "decay_norm_and_bias", True)
+    fused = rt is not None and rt.cuda_graphs
     optimizers = [build_optimizer(net, name, lr, wd, momentum=args.momentum, nesterov=args.nesterov,
-                                  decay_norm_and_bias=decay_norm_and_bias)
+                                  decay_norm_and_bias=decay_norm_and_bias, fused=fused)
                   for net, name, lr, wd in zip(nets, names, lrs, decays)]
     return optimizers, lrs
 
@@ -429,6 +446,10 @@ class Schedule:
 
     def __init__(self, args, optimizers, peak_lrs, steps_per_epoch):
         self.optimizers, self.peak_lrs = optimizers, peak_lrs
+        # Device-tensor rates (fused optimizers for CUDA graphs) must stay the same tensors that a
+        # captured step reads, even after load_state_dict replaced the groups' values on resume.
+        self.lr_tensors = [[g["lr"] if isinstance(g["lr"], torch.Tensor) else None for g in opt.param_groups]
+                           for opt in optimizers]
         self.kwargs = dict(total_steps=args.epochs * steps_per_epoch,
                            warmup_steps=round(args.warmup_epochs * steps_per_epoch),
                            schedule=args.schedule, milestones=args.milestones, gamma=args.gamma,
@@ -438,7 +459,10 @@ class Schedule:
         """Set every optimizer's rate for iteration `global_step`; returns the rates."""
         factor = lr_factor(global_step, **self.kwargs)
         lrs = [peak * factor for peak in self.peak_lrs]
-        for optimizer, lr in zip(self.optimizers, lrs):
+        for optimizer, tensors, lr in zip(self.optimizers, self.lr_tensors, lrs):
+            for group, tensor in zip(optimizer.param_groups, tensors):
+                if tensor is not None and group["lr"] is not tensor:
+                    group["lr"] = tensor
             set_lr(optimizer, lr)
         return lrs
 

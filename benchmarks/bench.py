@@ -7,7 +7,8 @@ Variants, all on synthetic data of a chosen shape (the numbers describe speed, n
   default    this repository's scripts as they run by default on the device (batched loader on
              the device, autocast as --amp auto picks, channels_last, one backward, device-side
              statistics, no per-step synchronisation).
-  fast       default plus torch.compile of the networks.
+  fast       default plus torch.compile of the networks and, on CUDA, the whole step captured
+             in one CUDA graph (--cuda-graphs).
 
     python benchmarks/bench.py --models resnet32 resnet32 --batch-size 128 --device cuda
     python benchmarks/bench.py --suite --device cuda --json bench.json
@@ -28,6 +29,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import engine  # noqa: E402
 import models  # noqa: E402
 import train_competitive_distillation as competitive  # noqa: E402
 import train_mutual_learning as mutual  # noqa: E402
@@ -129,6 +131,8 @@ def repository_steps(args, device, compile_nets):
     module = PARADIGMS[args.paradigm]
     flags = ["--models", *args.models, "--batch-size", str(args.batch_size), "--device", str(device),
              "--perturb-every", str(args.perturb_every)]
+    if compile_nets and device.type == "cuda":
+        flags.append("--cuda-graphs")
     script_args = module.get_args_parser().parse_args(flags)
     rt = utils.setup_runtime(script_args)
     data = synthetic_data(args)
@@ -137,7 +141,7 @@ def repository_steps(args, device, compile_nets):
     nets = build_group(args, device, channels_last=True)
     if compile_nets:
         nets = [torch.compile(net) for net in nets]
-    optimizers, _ = utils.build_optimizers(script_args, nets)
+    optimizers, _ = utils.build_optimizers(script_args, nets, rt)
     scaler = torch.amp.GradScaler(device.type, enabled=rt.amp_dtype == torch.float16)
     perturber = Perturber(every=args.perturb_every, ops=script_args.perturbations, num_nets=len(nets), seed=0,
                           mean=data.info.mean, std=data.info.std, device=device)
@@ -145,15 +149,20 @@ def repository_steps(args, device, compile_nets):
     stats = utils.StepStats(module.KEYS, len(nets), device)
     state = {"step": 0}
 
+    def core(labels, labels_perm, lams, *inputs):
+        inputs = [utils.to_input(x, rt) for x in inputs]
+        return group_step(nets, optimizers, scaler, inputs, labels, labels_perm, lams, script_args, rt)
+
+    captured = engine.CapturedStep(core, enabled=rt.cuda_graphs)
+
     def step():
         images, labels = next(batches)
         perturbed, images_p, labels_perm, lam = perturber(state["step"], images, labels)
         state["step"] += 1
-        inputs = [utils.to_input(images_p if i == perturbed else images, rt) for i in range(len(nets))]
         lams = torch.ones(len(nets), device=device)
         if perturbed >= 0:
             lams[perturbed] = lam
-        stats.add(group_step(nets, optimizers, scaler, inputs, labels, labels_perm, lams, script_args, rt))
+        stats.add(captured(labels, labels_perm, lams, *[images_p if i == perturbed else images for i in range(len(nets))]))
 
     return step
 

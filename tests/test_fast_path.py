@@ -1,0 +1,121 @@
+"""The pieces of the CUDA-graph fast path: device-tensor learning rates (tested on the CPU) and
+the captured group step against the eager one (needs a GPU; skipped without one)."""
+import argparse
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import engine
+import models
+import train_competitive_distillation as competitive
+import utils
+
+
+def schedule_args(**kwargs):
+    values = dict(epochs=2, warmup_epochs=0.5, schedule="cosine", milestones=[0.5], gamma=0.1, min_lr=0.0)
+    values.update(kwargs)
+    return argparse.Namespace(**values)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_fused_tensor_lr_optimizer_matches_plain(name):
+    torch.manual_seed(0)
+    plain_net = torch.nn.Linear(5, 3)
+    fused_net = torch.nn.Linear(5, 3)
+    fused_net.load_state_dict(plain_net.state_dict())
+    plain = utils.build_optimizer(plain_net, name, 0.1, 1e-4)
+    fused = utils.build_optimizer(fused_net, name, 0.1, 1e-4, fused=True)
+    assert isinstance(fused.param_groups[0]["lr"], torch.Tensor)
+    schedules = [utils.Schedule(schedule_args(), opt, [0.1], steps_per_epoch=4) for opt in ([plain], [fused])]
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    lr_tensor = fused.param_groups[0]["lr"]
+    for step in range(6):
+        for schedule, net, opt in zip(schedules, (plain_net, fused_net), (plain, fused)):
+            schedule.step(step)
+            opt.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            opt.step()
+        assert fused.param_groups[0]["lr"] is lr_tensor          # written in place, never replaced
+        assert lr_tensor.item() == pytest.approx(plain.param_groups[0]["lr"])
+    for a, b in zip(plain_net.parameters(), fused_net.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_schedule_reinstalls_the_lr_tensor_after_resume():
+    net = torch.nn.Linear(3, 2)
+    optimizer = utils.build_optimizer(net, "sgd", 0.1, 0.0, fused=True)
+    lr_tensor = optimizer.param_groups[0]["lr"]
+    schedule = utils.Schedule(schedule_args(), [optimizer], [0.1], steps_per_epoch=4)
+    plain = utils.build_optimizer(torch.nn.Linear(3, 2), "sgd", 0.1, 0.0)
+    state = plain.state_dict()
+    state["param_groups"][0]["params"] = [0, 1]
+    optimizer.load_state_dict(state)  # a checkpoint written without --cuda-graphs: a float rate
+    schedule.step(5)
+    assert optimizer.param_groups[0]["lr"] is lr_tensor
+    assert lr_tensor.item() == pytest.approx(0.1 * utils.lr_factor(5, **schedule.kwargs))
+
+
+def test_cuda_graphs_refused_on_the_cpu(capsys):
+    import train
+    with pytest.raises(SystemExit) as exit_info:
+        utils.run(train.main, train.get_args_parser(), ["--dataset", "fake", "--device", "cpu", "--cuda-graphs"])
+    assert exit_info.value.code == 2
+    assert "--cuda-graphs needs one CUDA process" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_captured_competitive_step_matches_eager_on_gpu():
+    """Same weights, same batches: replays (a perturbed one and lr changes included) track eager."""
+    device = torch.device("cuda")
+    args = competitive.get_args_parser().parse_args(["--models", "resnet20", "resnet20", "--amp", "none"])
+    rt = utils.Runtime(device, None, True, cuda_graphs=True)
+
+    def group():
+        torch.manual_seed(0)
+        nets = [models.create_model("resnet20", num_classes=10, img_size=32, in_chans=3).to(device, memory_format=torch.channels_last)
+                for _ in range(2)]
+        optimizers = [utils.build_optimizer(net, "sgd", 0.1, 5e-4, fused=True) for net in nets]
+        return nets, optimizers
+
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    (eager_nets, eager_opts), (graph_nets, graph_opts) = group(), group()
+
+    def core(nets, optimizers):
+        def step(labels, labels_perm, lams, *inputs):
+            return competitive.competitive_step(nets, optimizers, scaler, [utils.to_input(x, rt) for x in inputs],
+                                                labels, labels_perm, lams, args, rt)
+        return step
+
+    captured = engine.CapturedStep(core(graph_nets, graph_opts), enabled=True, warmup=2)
+    eager = core(eager_nets, eager_opts)
+    generator = torch.Generator(device).manual_seed(0)
+    for step in range(8):
+        for opt in eager_opts + graph_opts:
+            utils.set_lr(opt, 0.1 / (1 + step))
+        images = torch.randn(16, 3, 32, 32, device=device, generator=generator)
+        labels = torch.randint(0, 10, (16,), device=device, generator=generator)
+        perm = torch.randperm(16, device=device, generator=generator)
+        lams = torch.tensor([1.0, 0.3 if step == 5 else 1.0], device=device)
+        mixed = 0.3 * images + 0.7 * images[perm] if step == 5 else images
+        expected = eager(labels, labels[perm], lams, images, mixed)
+        got = captured(labels, labels[perm], lams, images, mixed)
+        assert torch.allclose(got, expected, rtol=1e-3, atol=1e-3), (step, got, expected)
+        assert torch.equal(got[:, 5], expected[:, 5])  # the same leader every step
+    for a, b in zip(eager_nets, graph_nets):
+        for p, q in zip(a.parameters(), b.parameters()):
+            assert torch.allclose(p, q, rtol=1e-3, atol=1e-4)
+
+
+def test_benchmark_runs_on_the_cpu(tmp_path):
+    from benchmarks import bench
+    args = bench.get_args_parser().parse_args(
+        ["--models", "resnet20", "resnet20", "--batch-size", "8", "--img-size", "16", "--device", "cpu",
+         "--variants", "reference", "default", "--steps", "2", "--warmup", "1", "--repeats", "1", "--workers", "0",
+         "--json", str(tmp_path / "bench.json")])
+    runs = bench.main(args)
+    results = {r["variant"]: r for r in runs[0]["results"]}
+    assert set(results) == {"reference", "default"}
+    assert all(r["images_per_s"] > 0 for r in results.values())
+    assert results["reference"]["vs_reference"] == 1.0
+    assert (tmp_path / "bench.json").exists()
