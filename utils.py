@@ -384,12 +384,15 @@ def build_optimizer(net, name, lr, weight_decay, *, momentum=0.9, nesterov=True,
     fused=True builds the fused kernels with the learning rate held in a device tensor: a step
     captured in a CUDA graph then reads the rate the schedule wrote, instead of a baked-in number.
     """
-    params = [p for p in net.parameters() if p.requires_grad]
+    named = [(name, p) for name, p in unwrap(net).named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     if decay_norm_and_bias:
         groups = [{"params": params, "weight_decay": weight_decay}]
-    else:  # the transformer recipe exempts norms, biases and embeddings (1-d tensors) from decay
-        groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
-                  {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    else:  # the transformer recipe exempts norms, biases (1-d tensors) and the models' embeddings
+        skip = set(getattr(unwrap(net), "no_weight_decay", set)())
+        exempt = [p.ndim <= 1 or name in skip for name, p in named]
+        groups = [{"params": [p for p, e in zip(params, exempt) if not e], "weight_decay": weight_decay},
+                  {"params": [p for p, e in zip(params, exempt) if e], "weight_decay": 0.0}]
     foreach = {"foreach": True}
     if fused:
         lr = torch.tensor(float(lr), device=params[0].device)

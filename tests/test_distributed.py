@@ -1,7 +1,6 @@
 """Data parallelism on the CPU: gloo, two processes, torchrun for whole runs and
 torch.multiprocessing for the step-level checks (teacher choice, perturbation draws, evaluation
 counts, the replica guard, and the first losses of a 2-process run against a 1-process run)."""
-import csv
 import os
 import signal
 import subprocess
@@ -16,12 +15,13 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 import engine
+import helpers
 import train_competitive_distillation as competitive
 import utils
+from helpers import ROOT, assert_same_weights, read_rows, weights
 from perturb import PERTURBATIONS, Perturber
 from utils import unwrap
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORLD_SIZE = 2
 TINY = ["--dataset", "fake", "--img-size", "16", "--train-subset", "128", "--val-size", "64", "--batch-size", "16",
         "--device", "cpu", "--workers", "0", "--no-progress"]
@@ -44,7 +44,7 @@ def one_thread():
 
 def cpu_env():
     """A subprocess environment without GPUs, one thread per process (torchrun's default too)."""
-    return dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    return helpers.cpu_env(OMP_NUM_THREADS="1")
 
 
 def torchrun_command(script, args, launcher=()):
@@ -57,17 +57,6 @@ def torchrun(script, args, launcher=()):
     """Run a script under torchrun with 2 CPU processes; returns the CompletedProcess."""
     return subprocess.run(torchrun_command(script, args, launcher), capture_output=True, text=True, env=cpu_env(),
                           cwd=ROOT, timeout=600)
-
-
-def read_rows(run_dir):
-    """metrics.csv of a run as dicts."""
-    with open(os.path.join(run_dir, "metrics.csv"), newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def weights(path):
-    """The networks' state dicts in a checkpoint."""
-    return torch.load(path, map_location="cpu", weights_only=True)["nets"]
 
 
 def single_process_evaluation(run_dir, args):
@@ -190,8 +179,7 @@ def test_killed_rank_ends_the_job_then_resume_auto_finishes(tmp_path, straight_r
     assert "resuming" in result.stdout and "from epoch 2:" in result.stdout
     assert [r["epoch"] for r in read_rows(out)] == ["1"] * 3 + ["2"] * 3   # none missing, none repeated
     straight, _ = straight_run
-    for a, b in zip(weights(straight / "last.pt"), weights(out / "last.pt")):
-        assert all(torch.equal(a[k], b[k]) for k in a)  # resume at an epoch boundary is exact
+    assert_same_weights(weights(straight / "last.pt"), weights(out / "last.pt"))  # resume at an epoch boundary is exact
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="finds torchrun's workers through /proc")
@@ -208,8 +196,7 @@ def test_sigterm_to_one_rank_saves_mid_epoch_and_max_restarts_continues(tmp_path
     for a, b in zip(rows, straight_rows):
         assert float(a["train_loss"] or 0) == pytest.approx(float(b["train_loss"] or 0), rel=1e-5)
         assert (a["leader_share"], a["test_acc"]) == (b["leader_share"], b["test_acc"])
-    for a, b in zip(weights(straight / "last.pt"), weights(out / "last.pt")):
-        assert all(torch.equal(a[k], b[k]) for k in a)  # mid-epoch resume under torchrun is exact too
+    assert_same_weights(weights(straight / "last.pt"), weights(out / "last.pt"))  # mid-epoch resume is exact too
 
 
 # ----------------------------------------------------------------------------------------------

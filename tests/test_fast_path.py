@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import engine
 import models
+import train
 import train_competitive_distillation as competitive
 import utils
 
@@ -57,7 +58,6 @@ def test_schedule_reinstalls_the_lr_tensor_after_resume():
 
 
 def test_cuda_graphs_refused_on_the_cpu(capsys):
-    import train
     with pytest.raises(SystemExit) as exit_info:
         utils.run(train.main, train.get_args_parser(), ["--dataset", "fake", "--device", "cpu", "--cuda-graphs"])
     assert exit_info.value.code == 2
@@ -119,3 +119,15 @@ def test_benchmark_runs_on_the_cpu(tmp_path):
     assert all(r["images_per_s"] > 0 for r in results.values())
     assert results["reference"]["vs_reference"] == 1.0
     assert (tmp_path / "bench.json").exists()
+
+
+def test_transformer_recipe_exempts_embeddings_from_weight_decay():
+    net = models.create_model("vit_tiny", num_classes=3, img_size=16, in_chans=3)
+    optimizer = utils.build_optimizer(net, "adamw", 1e-3, 0.05, decay_norm_and_bias=False)
+    decayed, exempt = optimizer.param_groups
+    names = {id(p): name for name, p in net.named_parameters()}
+    exempt_names = {names[id(p)] for p in exempt["params"]}
+    assert decayed["weight_decay"] == 0.05 and exempt["weight_decay"] == 0.0
+    assert {"pos_embed", "cls_token"} <= exempt_names
+    assert all(p.ndim > 1 for p in decayed["params"]) and "patch_embed.proj.weight" not in exempt_names
+    assert len(decayed["params"]) + len(exempt["params"]) == len(list(net.parameters()))

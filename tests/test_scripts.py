@@ -1,6 +1,5 @@
 """The training scripts end to end on tiny synthetic data: runs, resume, interruption, bad input."""
 import argparse
-import csv
 import json
 import os
 import signal
@@ -17,17 +16,12 @@ import train
 import train_competitive_distillation as competitive
 import train_mutual_learning as mutual
 import utils
+from helpers import ROOT, assert_same_weights, cpu_env, read_rows, weights
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["train.py", "train_mutual_learning.py", "train_competitive_distillation.py", "train_ceit.py", "demo.py"]
 # 128 synthetic 16-px images, 4 steps of 32: seconds per epoch on two CPU cores.
 TINY = ["--dataset", "fake", "--img-size", "16", "--train-subset", "128", "--val-size", "64",
         "--batch-size", "32", "--eval-batch-size", "256", "--device", "cpu", "--workers", "0", "--no-progress"]
-
-
-def cpu_env():
-    """Environment of a subprocess that must not see any GPU."""
-    return dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=ROOT)
 
 
 def run_script(script, args, **kwargs):
@@ -39,23 +33,6 @@ def run_script(script, args, **kwargs):
 def run_main(module, args):
     """Run a script's main() in this process with the given argv."""
     return module.main(module.get_args_parser().parse_args(args))
-
-
-def read_rows(run_dir):
-    with open(os.path.join(run_dir, "metrics.csv"), newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def weights(path):
-    return torch.load(path, map_location="cpu", weights_only=True)["nets"]
-
-
-def assert_same_weights(a, b):
-    assert len(a) == len(b)
-    for state_a, state_b in zip(a, b):
-        assert state_a.keys() == state_b.keys()
-        for key in state_a:
-            assert torch.equal(state_a[key], state_b[key]), key
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
