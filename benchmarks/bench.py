@@ -14,7 +14,6 @@ Variants, all on synthetic data of a chosen shape (the numbers describe speed, n
     python benchmarks/bench.py --suite --device cuda --json bench.json
 """
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -178,6 +177,10 @@ def time_variant(name, args, device):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(0)
+    # The reference runs under PyTorch's defaults (no cuDNN autotuning, no TF32 matmuls), as the
+    # authors' code did; the repository's variants set their own through utils.setup_runtime.
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cuda.matmul.allow_tf32 = False
     step = reference_steps(args, device) if name == "reference" else repository_steps(args, device, name == "fast")
     start = time.perf_counter()
     for _ in range(args.warmup):
@@ -196,14 +199,26 @@ def time_variant(name, args, device):
             "warmup_s": warmup_s, "peak_mem_mib": peak}
 
 
-def run_config(args, device):
-    """Time every requested variant of one configuration; returns its results."""
-    results = [time_variant(name, args, device) for name in args.variants]
-    base = next((r["images_per_s"] for r in results if r["variant"] == "reference"), None)
-    for r in results:
-        r["vs_reference"] = r["images_per_s"] / base if base else None
-    return {"paradigm": args.paradigm, "models": list(args.models), "batch_size": args.batch_size,
-            "img_size": args.img_size, "num_classes": args.num_classes, "results": results}
+def run_config(args, device, report):
+    """Time every requested variant of one configuration, reporting each as it finishes.
+
+    A variant that fails (say, a compiler error on an untried card) is recorded with its error and
+    the others still run, so one device call always brings back every figure it could measure.
+    """
+    run = {"paradigm": args.paradigm, "models": list(args.models), "batch_size": args.batch_size,
+           "img_size": args.img_size, "num_classes": args.num_classes, "results": []}
+    for name in args.variants:
+        try:
+            result = time_variant(name, args, device)
+        except Exception as error:  # noqa: BLE001 -- reported in the table and the JSON, not hidden
+            result = {"variant": name, "error": f"{type(error).__name__}: {error}".splitlines()[0]}
+        base = next((r["images_per_s"] for r in run["results"] + [result]
+                     if r["variant"] == "reference" and "error" not in r), None)
+        if "error" not in result:
+            result["vs_reference"] = result["images_per_s"] / base if base else None
+        run["results"].append(result)
+        report(run, result)
+    return run
 
 
 def describe(device):
@@ -214,7 +229,14 @@ def describe(device):
 
 def main(args):
     """Run the benchmark(s), print a table and optionally write JSON."""
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise utils.UsageError(f"--device must be auto, cpu, cuda or cuda:N, got '{args.device}'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise utils.UsageError("--device cuda was asked for but no CUDA device is available; use --device cpu")
     configs = [args]
     if args.suite:
         pair = list(args.models[:2]) if len(args.models) >= 2 else ["resnet32", "resnet32"]
@@ -222,20 +244,26 @@ def main(args):
                    argparse.Namespace(**{**vars(args), "models": [pair[0]] * 4}),
                    argparse.Namespace(**{**vars(args), "models": pair, "img_size": 224})]
     info = describe(device)
-    runs = [run_config(config, device) for config in configs]
     print(f"{info['device']}, torch {info['torch']}; synthetic data; group images/s (each network sees every image)")
     print(f"{'paradigm':<12} {'group':<28} {'batch':>5} {'px':>4} {'variant':<10} {'images/s':>10} {'x ref':>6} {'warm-up s':>9} {'peak MiB':>9}")
-    for run in runs:
-        for r in run["results"]:
+    runs = []
+
+    def report(run, r):
+        """Print one result row now and rewrite the JSON, so a run cut short keeps what it measured."""
+        head = f"{run['paradigm']:<12} {' '.join(run['models']):<28} {run['batch_size']:>5} {run['img_size']:>4} {r['variant']:<10}"
+        if "error" in r:
+            print(f"{head} failed: {r['error']}", flush=True)
+        else:
             ratio = f"{r['vs_reference']:.1f}" if r["vs_reference"] else "-"
             peak = f"{r['peak_mem_mib']:.0f}" if r["peak_mem_mib"] else "-"
-            print(f"{run['paradigm']:<12} {' '.join(run['models']):<28} {run['batch_size']:>5} {run['img_size']:>4} "
-                  f"{r['variant']:<10} {r['images_per_s']:>10.0f} {ratio:>6} {r['warmup_s']:>9.1f} {peak:>9}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({**info, "runs": runs}, f, indent=2)
+            print(f"{head} {r['images_per_s']:>10.0f} {ratio:>6} {r['warmup_s']:>9.1f} {peak:>9}", flush=True)
+        if args.json:
+            engine.save_json({**info, "runs": runs + [run]}, args.json)
+
+    for config in configs:
+        runs.append(run_config(config, device, report))
     return runs
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    utils.run(main, get_args_parser())

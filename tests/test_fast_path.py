@@ -121,6 +121,36 @@ def test_benchmark_runs_on_the_cpu(tmp_path):
     assert (tmp_path / "bench.json").exists()
 
 
+def test_benchmark_keeps_going_past_a_failing_variant(tmp_path, monkeypatch, capsys):
+    """A variant that raises is reported with its error; the others' figures still reach the JSON."""
+    import json
+
+    from benchmarks import bench
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("capture failed\nsecond line")
+
+    monkeypatch.setattr(bench, "repository_steps", broken)
+    args = bench.get_args_parser().parse_args(
+        ["--models", "resnet20", "resnet20", "--batch-size", "4", "--img-size", "8", "--device", "cpu",
+         "--variants", "reference", "default", "--steps", "1", "--warmup", "0", "--repeats", "1", "--workers", "0",
+         "--json", str(tmp_path / "bench.json")])
+    bench.main(args)
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    reference, default = saved["runs"][0]["results"]
+    assert reference["images_per_s"] > 0
+    assert default == {"variant": "default", "error": "RuntimeError: capture failed"}
+    assert "default    failed: RuntimeError: capture failed" in capsys.readouterr().out
+
+
+def test_benchmark_refuses_a_missing_device(capsys):
+    from benchmarks import bench
+    with pytest.raises(SystemExit) as exit_info:
+        utils.run(bench.main, bench.get_args_parser(), ["--device", "cuda:0" if not torch.cuda.is_available() else "tpu"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith("error: --device")
+
+
 def test_transformer_recipe_exempts_embeddings_from_weight_decay():
     net = models.create_model("vit_tiny", num_classes=3, img_size=16, in_chans=3)
     optimizer = utils.build_optimizer(net, "adamw", 1e-3, 0.05, decay_norm_and_bias=False)
