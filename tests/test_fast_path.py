@@ -64,6 +64,64 @@ def test_cuda_graphs_refused_on_the_cpu(capsys):
     assert "--cuda-graphs needs one CUDA process" in capsys.readouterr().err
 
 
+def eager_fp32_step(nets, optimizers, images, labels):
+    """The authors' way, spelled out: fp32, losses read back, teachers chosen in Python, each
+    network's backward and step in turn. Returns the per-network CE and teacher lists."""
+    logits = [net(images) for net in nets]
+    ce = [F.cross_entropy(z, labels) for z in logits]
+    values = [c.item() for c in ce]
+    teachers = [[j for j in range(len(nets)) if values[j] < values[i]] for i in range(len(nets))]
+    for i, (optimizer, chosen) in enumerate(zip(optimizers, teachers)):
+        kd = sum(utils.kd_loss(logits[i], logits[j]) for j in chosen) / max(len(chosen), 1)
+        optimizer.zero_grad()
+        (ce[i] + kd).backward(retain_graph=True)
+        optimizer.step()
+    return values, teachers
+
+
+@pytest.mark.parametrize("amp_dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_default_step_matches_the_eager_fp32_step(amp_dtype):
+    """Same weights and batches: the repository's step (channels_last, one backward, fused optimizers
+    with device-tensor rates, masks instead of Python branches; bf16 autocast when asked) gives the
+    eager fp32 loop's losses, teachers and updates: tightly in fp32, loosely in bf16."""
+    args = competitive.get_args_parser().parse_args(["--models", "resnet20", "resnet20", "resnet20"])
+    rt = utils.Runtime(torch.device("cpu"), amp_dtype, True)
+
+    def group():
+        torch.manual_seed(5)
+        nets = [models.create_model("resnet20", num_classes=10, img_size=16, in_chans=3) for _ in range(3)]
+        return nets, [utils.build_optimizer(net, "sgd", 0.1, 5e-4) for net in nets]
+
+    (eager_nets, eager_opts), (fast_nets, _) = group(), group()
+    fast_nets = [net.to(memory_format=torch.channels_last) for net in fast_nets]
+    fast_opts = [utils.build_optimizer(net, "sgd", 0.1, 5e-4, fused=True) for net in fast_nets]
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    generator = torch.Generator().manual_seed(0)
+    # Update direction vs fp32: bf16 rounding alone gives cosines of 0.977-0.994 here, while dropping
+    # the distillation term from a student's loss gives 0.92-0.95, so 0.97 still tells them apart.
+    ce_tol, update_cos = (1e-5, 0.9999) if amp_dtype is None else (1e-2, 0.97)
+    for step in range(3):
+        before = [torch.cat([p.detach().flatten() for p in net.parameters()]) for net in eager_nets]
+        images = torch.randn(16, 3, 16, 16, generator=generator)
+        labels = torch.randint(0, 10, (16,), generator=generator)
+        ce, teachers = eager_fp32_step(eager_nets, eager_opts, images, labels)
+        gaps = sorted(abs(a - b) for a in ce for b in ce if a != b)
+        assert gaps[0] > 2 * ce_tol  # the three losses are far enough apart for the ranking to be stable
+        stats = competitive.competitive_step(fast_nets, fast_opts, scaler, [utils.to_input(images, rt)] * 3,
+                                             labels, labels, torch.ones(3), args, rt)
+        assert torch.allclose(stats[:, 1], torch.tensor(ce), atol=ce_tol, rtol=0), (step, stats[:, 1], ce)
+        assert stats[:, 6].tolist() == [float(len(t)) for t in teachers]
+        assert stats[:, 5].argmax().item() == min(range(3), key=ce.__getitem__)
+        for net_e, net_f, old in zip(eager_nets, fast_nets, before):
+            new_e = torch.cat([p.detach().flatten() for p in net_e.parameters()])
+            new_f = torch.cat([p.detach().flatten() for p in net_f.parameters()])
+            cos = F.cosine_similarity(new_e - old, new_f - old, dim=0).item()
+            assert cos > update_cos, (step, cos)
+            with torch.no_grad():  # realign, so each step compares one update from identical weights
+                for p_e, p_f in zip(net_e.parameters(), net_f.parameters()):
+                    p_f.copy_(p_e)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_captured_competitive_step_matches_eager_on_gpu():
     """Same weights, same batches: replays (a perturbed one and lr changes included) track eager."""
