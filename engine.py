@@ -9,6 +9,7 @@ import random
 import signal
 import sys
 import time
+import warnings
 import zipfile
 
 import numpy as np
@@ -491,7 +492,9 @@ class CapturedStep:
             self.calls += 1
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
+            with torch.cuda.stream(side), warnings.catch_warnings():
+                # capturable optimizers (Adam, AdamW) warn when stepped outside a capture: expected here
+                warnings.filterwarnings("ignore", message="This instance was constructed with capturable=True")
                 output = self.core(*tensors)
             torch.cuda.current_stream().wait_stream(side)
             return output

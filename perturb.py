@@ -30,14 +30,21 @@ def _check_op(op):
         raise ValueError(f"unknown perturbation {op!r}; choose from {', '.join(PERTURBATIONS)}")
 
 
-def _uniform(generator, ranges, device):
+def _uniform(generator, ranges):
     """One uniform draw per (low, high) pair, returned as Python floats (torchvision takes floats)."""
-    u = torch.rand(len(ranges), generator=generator, device=device).tolist()
+    u = torch.rand(len(ranges), generator=generator, device=generator.device).tolist()
     return [low + (high - low) * x for (low, high), x in zip(ranges, u)]
 
 
-def perturb(images, labels, op, *, mean, std, generator):
-    """Apply perturbation `op` to a normalised batch; return (images, labels_perm, lam)."""
+def perturb(images, labels, op, *, mean, std, generator, param_generator=None):
+    """Apply perturbation `op` to a normalised batch; return (images, labels_perm, lam).
+
+    generator (on the images' device) draws the per-pixel randomness: noise, the mixup weight and
+    partner permutation. param_generator (default: generator) draws the few scalars torchvision
+    takes as Python floats (jitter factors, blur sigma, rotation angle); a CPU generator there
+    keeps a GPU step free of host synchronisation.
+    """
+    param_generator = generator if param_generator is None else param_generator
     _check_op(op)
     if not images.is_floating_point():
         raise ValueError(f"perturb expects normalised float images, got dtype {images.dtype}")
@@ -70,7 +77,7 @@ def perturb(images, labels, op, *, mean, std, generator):
         x = x + NOISE_STD * torch.randn(x.shape, generator=generator, device=device, dtype=work_dtype)
     elif op == "color_jitter_blur":
         brightness, contrast, saturation, hue, sigma = _uniform(
-            generator, (BRIGHTNESS, CONTRAST, SATURATION, HUE, BLUR_SIGMA), device)
+            param_generator, (BRIGHTNESS, CONTRAST, SATURATION, HUE, BLUR_SIGMA))
         x = TF.adjust_brightness(x, brightness)
         x = TF.adjust_contrast(x, contrast)
         if channels == 3:  # saturation and hue do not exist for grey images
@@ -81,7 +88,7 @@ def perturb(images, labels, op, *, mean, std, generator):
         kernel = [min(BLUR_KERNEL[0], 2 * width - 1), min(BLUR_KERNEL[1], 2 * height - 1)]
         x = TF.gaussian_blur(x, kernel, [sigma, sigma])
     elif op == "rotation":
-        (angle,) = _uniform(generator, [(-MAX_ROTATION, MAX_ROTATION)], device)
+        (angle,) = _uniform(param_generator, [(-MAX_ROTATION, MAX_ROTATION)])
         # Corners that rotate in from outside get the dataset's mean colour, i.e. 0 once normalised.
         x = TF.rotate(x, angle, interpolation=TF.InterpolationMode.BILINEAR,
                       fill=[float(m) for m in mean])
@@ -103,13 +110,15 @@ class Perturber:
     is drawn uniformly from range(num_nets) and one operation uniformly from `ops`; on every other
     step, and always when `every == 0`, nothing is perturbed and the network index is -1.
 
-    Two generators, both seeded from `seed`:
+    Three generators, all seeded from `seed`:
     - a host (CPU) generator draws the network and the operation. Those draws never depend on
       tensor values and cost no device synchronisation, and with the same seed every data-parallel
       rank perturbs the same network with the same operation;
-    - a generator on `device` supplies the operation's own randomness (mixup lambda and
-      permutation, noise, jitter factors, angle).
-    `state_dict()` holds both generator states as tensors, so a resumed run continues exactly.
+    - a second host generator draws the operation's scalar parameters (jitter factors, blur
+      sigma, angle), which torchvision takes as Python floats: no device read-back for them;
+    - a generator on `device` supplies the per-pixel randomness (mixup lambda and permutation,
+      noise).
+    `state_dict()` holds every generator state as tensors, so a resumed run continues exactly.
 
     Calling it returns (net, images_p, labels_perm, lam); feed images_p to network `net` and use
     mixed_cross_entropy(logits, labels, labels_perm, lam) as its loss, which is plain CE unless the
@@ -129,6 +138,7 @@ class Perturber:
         self.every, self.ops, self.num_nets = every, ops, num_nets
         self.mean, self.std = tuple(mean), tuple(std)
         self.host_generator = torch.Generator().manual_seed(seed)
+        self.param_generator = torch.Generator().manual_seed(seed + 2 * _DEVICE_SEED_OFFSET)
         self.device_generator = torch.Generator(device=device).manual_seed(seed + _DEVICE_SEED_OFFSET)
 
     def choose(self, step):
@@ -145,16 +155,18 @@ class Perturber:
         if op is None:
             return -1, images, labels, torch.ones((), dtype=torch.float32, device=images.device)
         images_p, labels_perm, lam = perturb(images, labels, op, mean=self.mean, std=self.std,
-                                             generator=self.device_generator)
+                                             generator=self.device_generator, param_generator=self.param_generator)
         return net, images_p, labels_perm, lam
 
     def state_dict(self):
-        """Both generator states, as CPU uint8 tensors."""
+        """The three generator states, as CPU uint8 tensors."""
         return {"host_generator": self.host_generator.get_state(),
+                "param_generator": self.param_generator.get_state(),
                 "device_generator": self.device_generator.get_state()}
 
     def load_state_dict(self, state):
         """Restore the generator states saved by state_dict()."""
         # A checkpoint may have been loaded with map_location onto the device; set_state wants CPU.
         self.host_generator.set_state(state["host_generator"].cpu())
+        self.param_generator.set_state(state["param_generator"].cpu())
         self.device_generator.set_state(state["device_generator"].cpu())

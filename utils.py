@@ -397,6 +397,8 @@ def build_optimizer(net, name, lr, weight_decay, *, momentum=0.9, nesterov=True,
     if fused:
         lr = torch.tensor(float(lr), device=params[0].device)
         foreach = {"fused": True}
+        if name != "sgd":  # Adam's step() refuses graph capture unless its groups are capturable
+            foreach["capturable"] = True
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0, **foreach)
     if name == "adamw":

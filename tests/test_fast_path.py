@@ -28,6 +28,8 @@ def test_fused_tensor_lr_optimizer_matches_plain(name):
     plain = utils.build_optimizer(plain_net, name, 0.1, 1e-4)
     fused = utils.build_optimizer(fused_net, name, 0.1, 1e-4, fused=True)
     assert isinstance(fused.param_groups[0]["lr"], torch.Tensor)
+    # Adam-type step() refuses CUDA graph capture unless the groups are capturable; SGD has no such flag
+    assert fused.param_groups[0].get("capturable", False) == (name == "adamw")
     schedules = [utils.Schedule(schedule_args(), opt, [0.1], steps_per_epoch=4) for opt in ([plain], [fused])]
     x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
     lr_tensor = fused.param_groups[0]["lr"]
@@ -123,7 +125,8 @@ def test_default_step_matches_the_eager_fp32_step(amp_dtype):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_captured_competitive_step_matches_eager_on_gpu():
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_captured_competitive_step_matches_eager_on_gpu(optimizer):
     """Same weights, same batches: replays (a perturbed one and lr changes included) track eager."""
     device = torch.device("cuda")
     args = competitive.get_args_parser().parse_args(["--models", "resnet20", "resnet20", "--amp", "none"])
@@ -133,7 +136,8 @@ def test_captured_competitive_step_matches_eager_on_gpu():
         torch.manual_seed(0)
         nets = [models.create_model("resnet20", num_classes=10, img_size=32, in_chans=3).to(device, memory_format=torch.channels_last)
                 for _ in range(2)]
-        optimizers = [utils.build_optimizer(net, "sgd", 0.1, 5e-4, fused=True) for net in nets]
+        optimizers = [utils.build_optimizer(net, optimizer, 0.1 if optimizer == "sgd" else 1e-3, 5e-4, fused=True)
+                      for net in nets]
         return nets, optimizers
 
     scaler = torch.amp.GradScaler("cuda", enabled=False)
@@ -150,7 +154,7 @@ def test_captured_competitive_step_matches_eager_on_gpu():
     generator = torch.Generator(device).manual_seed(0)
     for step in range(8):
         for opt in eager_opts + graph_opts:
-            utils.set_lr(opt, 0.1 / (1 + step))
+            utils.set_lr(opt, (0.1 if optimizer == "sgd" else 1e-3) / (1 + step))
         images = torch.randn(16, 3, 32, 32, device=device, generator=generator)
         labels = torch.randint(0, 10, (16,), device=device, generator=generator)
         perm = torch.randperm(16, device=device, generator=generator)

@@ -308,3 +308,17 @@ def test_perturber_with_no_ops_is_fine_when_disabled():
     perturber = make_perturber(every=0, ops=())
     images, labels = batch(1, size=(2, 8, 8))
     assert perturber(0, images, labels)[0] == -1
+
+
+@pytest.mark.parametrize("op", ["rotation", "color_jitter_blur"])
+def test_scalar_parameters_come_from_the_param_generator(op):
+    """Angles and jitter factors are drawn on the host generator (no device read-back on a GPU):
+    the device generator's seed does not change them."""
+    images, labels = batch(3, size=(4, 16, 16))
+    mean, std = STATS[3]
+    outs = [perturb(images, labels, op, mean=mean, std=std, generator=torch.Generator().manual_seed(device_seed),
+                    param_generator=torch.Generator().manual_seed(7))[0] for device_seed in (0, 1)]
+    torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
+    other = perturb(images, labels, op, mean=mean, std=std, generator=torch.Generator().manual_seed(0),
+                    param_generator=torch.Generator().manual_seed(8))[0]
+    assert not torch.equal(outs[0], other)
