@@ -15,9 +15,11 @@ SCRIPTS = {"train.py", "train_mutual_learning.py", "train_competitive_distillati
 
 
 def readme_commands():
-    """(script, argv) for every invocation of one of our scripts in the README's code blocks."""
+    """(script, argv) for every invocation of one of our scripts in the README's code (blocks and inline)."""
     text = open(os.path.join(ROOT, "README.md")).read()
     blocks = re.findall(r"```(?:bash|sh|shell)\n(.*?)```", text, flags=re.S)
+    # and the inline ones, such as the commands of the results table
+    blocks += re.findall(r"(?<!`)`(python3? [^`]+)`(?!`)", text)
     commands = []
     for block in blocks:
         for line in block.replace("\\\n", " ").splitlines():
