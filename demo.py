@@ -51,7 +51,7 @@ def get_args_parser():
         help="download a missing dataset (default: as the training run did)")
     add("--batch-size", type=int, default=256, help="evaluation batch size")
     add("--workers", type=int, default=2, help="DataLoader worker processes (image-folder datasets)")
-    add("--device", default="cpu", help="cpu, cuda or cuda:N")
+    add("--device", default="cpu", help="auto, cpu, cuda or cuda:N")
     return parser
 
 
@@ -62,19 +62,6 @@ def check_args(args):
             raise utils.UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     if args.workers < 0:
         raise utils.UsageError(f"--workers must be >= 0, got {args.workers}")
-
-
-def pick_device(name):
-    """The torch.device for --device; UsageError when it is malformed or absent."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise utils.UsageError(f"--device must be cpu, cuda or cuda:N, got '{name}'") from None
-    if device.type not in ("cpu", "cuda"):
-        raise utils.UsageError(f"--device must be cpu, cuda or cuda:N, got '{name}'")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise utils.UsageError("--device cuda was asked for but no CUDA device is available; use --device cpu")
-    return device
 
 
 # ----------------------------------------------------------------------------------------------
@@ -374,7 +361,7 @@ def show_user_images(nets, labels, ckpt, args, rt, out, batch, shown):
 def main(args):
     """Load the group, show its test-set results (or classify --images), save the grid and curves."""
     check_args(args)
-    device = pick_device(args.device)
+    device = utils.resolve_device(args.device)
     sources = [resolve_checkpoint(path, args.which) for path in args.checkpoints]
     paths = [path for path, _ in sources]
     ckpts = [engine.load_checkpoint(path) for path in paths]

@@ -21,8 +21,9 @@ BLUR_KERNEL = (7, 9)              # GaussianBlur(kernel_size=(7, 9)): (width, he
 BLUR_SIGMA = (0.1, 2.0)
 MAX_ROTATION = 30.0               # degrees, either way
 
-# On a CPU run both generators are mt19937; different seeds keep their streams unrelated.
+# On a CPU run all three generators are mt19937; different seeds keep their streams unrelated.
 _DEVICE_SEED_OFFSET = 0x5EED
+_PARAM_SEED_OFFSET = 2 * 0x5EED
 
 
 def _check_op(op):
@@ -138,7 +139,7 @@ class Perturber:
         self.every, self.ops, self.num_nets = every, ops, num_nets
         self.mean, self.std = tuple(mean), tuple(std)
         self.host_generator = torch.Generator().manual_seed(seed)
-        self.param_generator = torch.Generator().manual_seed(seed + 2 * _DEVICE_SEED_OFFSET)
+        self.param_generator = torch.Generator().manual_seed(seed + _PARAM_SEED_OFFSET)
         self.device_generator = torch.Generator(device=device).manual_seed(seed + _DEVICE_SEED_OFFSET)
 
     def choose(self, step):

@@ -206,22 +206,31 @@ class Runtime:
         return self.world_size > 1
 
 
+def resolve_device(name, local_rank=None):
+    """--device (auto, cpu, cuda, cuda:N) as a torch.device; a CUDA device always gets an index
+    (torch.cuda.set_device refuses a bare 'cuda'), under torchrun this process's GPU (local_rank).
+    A device that is not there is a UsageError."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got '{name}'")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    if device.type == "cuda" and (local_rank is not None or device.index is None):
+        device = torch.device("cuda", torch.cuda.current_device() if local_rank is None else local_rank)
+    return device
+
+
 def setup_runtime(args):
     """Pick the device and precision, seed everything and join the process group under torchrun."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if args.device == "auto":
-        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    else:
-        try:
-            device = torch.device(args.device)
-        except RuntimeError:
-            raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got '{args.device}'") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UsageError("--device cuda was asked for but no CUDA device is available; use --device cpu")
-        if device.type == "cuda" and world_size > 1:
-            device = torch.device(f"cuda:{local_rank}")
+    device = resolve_device(args.device, local_rank if world_size > 1 else None)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     amp = args.amp
@@ -393,19 +402,19 @@ def build_optimizer(net, name, lr, weight_decay, *, momentum=0.9, nesterov=True,
         exempt = [p.ndim <= 1 or name in skip for name, p in named]
         groups = [{"params": [p for p, e in zip(params, exempt) if not e], "weight_decay": weight_decay},
                   {"params": [p for p, e in zip(params, exempt) if e], "weight_decay": 0.0}]
-    foreach = {"foreach": True}
+    kernels = {"foreach": True}
     if fused:
         lr = torch.tensor(float(lr), device=params[0].device)
-        foreach = {"fused": True}
+        kernels = {"fused": True}
         if name != "sgd":  # Adam's step() refuses graph capture unless its groups are capturable
-            foreach["capturable"] = True
+            kernels["capturable"] = True
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0, **foreach)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0, **kernels)
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, **foreach)
+        return torch.optim.AdamW(groups, lr=lr, **kernels)
     if name == "adam":
         # Adam's decay is the L2 kind (added to the gradient); AdamW's is decoupled.
-        return torch.optim.Adam(groups, lr=lr, **foreach)
+        return torch.optim.Adam(groups, lr=lr, **kernels)
     raise UsageError(f"unknown optimizer '{name}'; choose from: sgd, adamw, adam")
 
 

@@ -229,14 +229,7 @@ def describe(device):
 
 def main(args):
     """Run the benchmark(s), print a table and optionally write JSON."""
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise utils.UsageError(f"--device must be auto, cpu, cuda or cuda:N, got '{args.device}'") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise utils.UsageError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    device = utils.resolve_device(args.device)
     configs = [args]
     if args.suite:
         pair = list(args.models[:2]) if len(args.models) >= 2 else ["resnet32", "resnet32"]

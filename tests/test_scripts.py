@@ -250,3 +250,22 @@ def test_compile_flag_wraps_networks_but_not_checkpoints():
     assert keys and not any("_orig_mod" in key for key in keys)
     parser = train.get_args_parser()
     assert parser.parse_args([]).compile is False and parser.parse_args(["--compile"]).compile is True
+
+
+def test_resolve_device(monkeypatch):
+    """CUDA devices always carry an index (torch.cuda.set_device refuses a bare 'cuda'); under
+    torchrun it is the process's local rank; anything else is a one-line usage error."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert utils.resolve_device("cuda") == torch.device("cuda:0")
+    assert utils.resolve_device("auto") == torch.device("cuda:0")
+    assert utils.resolve_device("cuda:1") == torch.device("cuda:1")
+    assert utils.resolve_device("cuda", local_rank=3) == torch.device("cuda:3")
+    assert utils.resolve_device("cpu", local_rank=3) == torch.device("cpu")
+    for bad in ("gpu", "meta", "mps"):
+        with pytest.raises(utils.UsageError, match="--device must be auto, cpu, cuda or cuda:N"):
+            utils.resolve_device(bad)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert utils.resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(utils.UsageError, match="no CUDA device is available"):
+        utils.resolve_device("cuda")
