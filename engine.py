@@ -216,8 +216,28 @@ def restore_checkpoint(ckpt, path, info, names, nets, optimizers, rt):
     for net, state in zip(nets, ckpt["nets"]):
         unwrap(net).load_state_dict(state)
     for optimizer, state in zip(optimizers, ckpt["optimizers"]):
-        optimizer.load_state_dict(state)
+        load_optimizer_state(optimizer, state)
     set_rng_state(ckpt["rng"], rt)
+
+
+# The group settings that belong to this run, not to the run that wrote the checkpoint: the kernels
+# (--cuda-graphs builds fused, capturable optimizers) and the rate holder (a device tensor that a
+# captured step reads must stay the same tensor; the schedule rewrites its value every step).
+RUN_OWNED_GROUP_KEYS = ("lr", "fused", "capturable", "foreach")
+
+
+def load_optimizer_state(optimizer, state):
+    """Load a checkpoint's optimizer state (moments, step counts, hyper-parameters) while keeping
+    this run's kernels and learning-rate tensors, so a run resumes with or without --cuda-graphs
+    whatever wrote the file."""
+    owned = [{k: group[k] for k in RUN_OWNED_GROUP_KEYS if k in group} for group in optimizer.param_groups]
+    # torch casts saved Adam step counts by the *loaded* groups' fused/capturable flags (to the
+    # device for those kernels), so the flags go in before loading ...
+    groups = [{**saved, **{k: v for k, v in keep.items() if k != "lr"}}
+              for saved, keep in zip(state["param_groups"], owned)]
+    optimizer.load_state_dict({**state, "param_groups": groups})
+    for group, keep in zip(optimizer.param_groups, owned):
+        group.update(keep)  # ... and the rate holder after (loading deep-copies the groups)
 
 
 def resolve_resume(args):
@@ -501,7 +521,9 @@ class CapturedStep:
         if self.graph is None:
             self.static_inputs = [t.clone() for t in tensors]
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            # thread_local: CUDA calls of other threads (the torch loader's pin-memory thread) may
+            # go on during the capture; the default global mode would abort it.
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
                 self.static_output = self.core(*self.static_inputs)
         else:
             for static, tensor in zip(self.static_inputs, tensors):

@@ -81,7 +81,7 @@ def get_args_parser(description, *, group=False, epochs=200, batch_size=128, opt
     add("--data-dir", default="./data", help="where datasets are looked for and downloaded")
     add("--download", action=argparse.BooleanOptionalAction, default=True, help="download missing datasets when the network allows")
     add("--img-size", type=int, default=None, help="input size fed to the networks (default: the dataset's native size; the authors used 224 for CIFAR-100)")
-    add("--val-size", type=int, default=None, help="images held out from the training set to select the best checkpoint (default: 5000 for CIFAR/MNIST-like sets, 0 otherwise)")
+    add("--val-size", type=int, default=None, help="images held out from the training set to select the best checkpoint (default: 5000 for CIFAR, MNIST-likes and SVHN, 0 otherwise)")
     add("--split-seed", type=int, default=0, help="seed of the train/validation split (fixed across runs so runs compare)")
     add("--train-subset", type=int, default=None, help="train on only the first N images of the training split (quick experiments; validation and test sets stay whole)")
     add("--num-classes", type=int, default=None, help="class count of the synthetic 'fake' dataset (other datasets set their own)")
@@ -326,8 +326,23 @@ def sync_replicas(nets, rt, epoch):
 # ----------------------------------------------------------------------------------------------
 def setup_data(args, rt):
     """Build the dataset and its train/val/test loaders from the flags."""
-    data = build_data(args.dataset, args.data_dir, img_size=args.img_size, val_size=args.val_size,
-                      split_seed=args.split_seed, download=args.download, num_classes=args.num_classes)
+    def build(download):
+        return build_data(args.dataset, args.data_dir, img_size=args.img_size, val_size=args.val_size,
+                          split_seed=args.split_seed, download=download, num_classes=args.num_classes)
+
+    if rt.distributed and args.download:
+        # One download per file system, never several processes writing one archive: rank 0
+        # first, then the first process of every other node (whose disk may be its own), then
+        # everyone else reads the files they left.
+        first_on_node = int(os.environ.get("LOCAL_RANK", "0")) == 0
+        data = None
+        for my_turn in (rt.rank == 0, rt.rank != 0 and first_on_node):
+            if my_turn:
+                data = build(download=True)
+            dist.barrier()
+        data = data or build(download=False)
+    else:
+        data = build(args.download)
     if args.train_subset is not None:
         data = train_subset(data, args.train_subset)
     if args.loader == "gpu" and not data.info.in_memory:
@@ -460,10 +475,6 @@ class Schedule:
 
     def __init__(self, args, optimizers, peak_lrs, steps_per_epoch):
         self.optimizers, self.peak_lrs = optimizers, peak_lrs
-        # Device-tensor rates (fused optimizers for CUDA graphs) must stay the same tensors that a
-        # captured step reads, even after load_state_dict replaced the groups' values on resume.
-        self.lr_tensors = [[g["lr"] if isinstance(g["lr"], torch.Tensor) else None for g in opt.param_groups]
-                           for opt in optimizers]
         self.kwargs = dict(total_steps=args.epochs * steps_per_epoch,
                            warmup_steps=round(args.warmup_epochs * steps_per_epoch),
                            schedule=args.schedule, milestones=args.milestones, gamma=args.gamma,
@@ -473,10 +484,7 @@ class Schedule:
         """Set every optimizer's rate for iteration `global_step`; returns the rates."""
         factor = lr_factor(global_step, **self.kwargs)
         lrs = [peak * factor for peak in self.peak_lrs]
-        for optimizer, tensors, lr in zip(self.optimizers, self.lr_tensors, lrs):
-            for group, tensor in zip(optimizer.param_groups, tensors):
-                if tensor is not None and group["lr"] is not tensor:
-                    group["lr"] = tensor
+        for optimizer, lr in zip(self.optimizers, lrs):
             set_lr(optimizer, lr)
         return lrs
 

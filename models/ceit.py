@@ -26,7 +26,7 @@ from .vit import (
     check_rate,
     drop_path_schedule,
     init_transformer_weights,
-    trunc_normal_init,
+    normal_init,
 )
 
 # Output channels of the I2T convolution: 64 as in the authors' CeiT release; with it the model
@@ -180,9 +180,9 @@ class CeiT(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.head = nn.Linear(dim, num_classes)
 
-        trunc_normal_init(self.pos_embed)
-        trunc_normal_init(self.cls_token)
-        trunc_normal_init(self.lca.layer_embed)
+        normal_init(self.pos_embed)
+        normal_init(self.cls_token)
+        normal_init(self.lca.layer_embed)
         self.apply(init_transformer_weights)
 
     def no_weight_decay(self):

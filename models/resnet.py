@@ -14,8 +14,8 @@ from torch import nn
 
 def check_cnn_args(model_name, *, img_size, in_chans, min_size, drop_path_rate, drop_rate=0.0):
     """Raise a readable ValueError for a CNN argument the model cannot honour."""
-    # Scripts pass drop_path_rate to every model, but only the transformers implement drop path:
-    # here a non-zero rate would silently do nothing, so it is refused.
+    # Every model accepts drop_path_rate (one create_model interface; train_ceit.py passes it), but
+    # only the transformers implement drop path: here a non-zero rate would do nothing, so it is refused.
     if drop_path_rate:
         raise ValueError(f"{model_name}: drop_path_rate={drop_path_rate} given, but drop path "
                          f"(stochastic depth) is for the transformer models; CNNs take only 0.0")
@@ -28,8 +28,8 @@ def check_cnn_args(model_name, *, img_size, in_chans, min_size, drop_path_rate, 
 
 
 def kaiming_init(model):
-    """He-normal conv weights (fan-in, ReLU gain), BN as identity, zero biases; the classifier keeps
-    PyTorch's default (small) initialisation."""
+    """He-normal conv weights (fan-in, ReLU gain), BN as identity, zero biases; the classifier's
+    weight keeps PyTorch's default (small) initialisation."""
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
             # fan-in also suits depthwise convs, whose fan-out would count all channels.

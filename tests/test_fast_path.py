@@ -45,18 +45,35 @@ def test_fused_tensor_lr_optimizer_matches_plain(name):
         assert torch.allclose(a, b, atol=1e-6)
 
 
-def test_schedule_reinstalls_the_lr_tensor_after_resume():
-    net = torch.nn.Linear(3, 2)
-    optimizer = utils.build_optimizer(net, "sgd", 0.1, 0.0, fused=True)
-    lr_tensor = optimizer.param_groups[0]["lr"]
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+@pytest.mark.parametrize("written_fused", [False, True], ids=["plain-ckpt", "graphs-ckpt"])
+@pytest.mark.parametrize("resumed_fused", [False, True], ids=["plain-run", "graphs-run"])
+def test_resume_keeps_this_runs_kernels_and_rate_tensor(name, written_fused, resumed_fused):
+    """A checkpoint carries the writing run's kernels; resuming with or without --cuda-graphs keeps
+    the resuming run's (fused, capturable, the very lr tensor a graph reads) and its moments load."""
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    writer_net = torch.nn.Linear(5, 3)
+    writer = utils.build_optimizer(writer_net, name, 0.1, 1e-4, fused=written_fused)
+    F.cross_entropy(writer_net(x), y).backward()
+    writer.step()
+    net = torch.nn.Linear(5, 3)
+    net.load_state_dict(writer_net.state_dict())
+    optimizer = utils.build_optimizer(net, name, 0.1, 1e-4, fused=resumed_fused)
+    built = [dict(group) for group in optimizer.param_groups]
+    engine.load_optimizer_state(optimizer, writer.state_dict())
+    for group, before in zip(optimizer.param_groups, built):
+        for key in engine.RUN_OWNED_GROUP_KEYS:
+            assert group.get(key) is before.get(key), key  # the same objects, the lr tensor included
+    moment = "momentum_buffer" if name == "sgd" else "exp_avg"
+    written = next(iter(writer.state.values()))[moment]
+    assert torch.equal(next(iter(optimizer.state.values()))[moment], written)
     schedule = utils.Schedule(schedule_args(), [optimizer], [0.1], steps_per_epoch=4)
-    plain = utils.build_optimizer(torch.nn.Linear(3, 2), "sgd", 0.1, 0.0)
-    state = plain.state_dict()
-    state["param_groups"][0]["params"] = [0, 1]
-    optimizer.load_state_dict(state)  # a checkpoint written without --cuda-graphs: a float rate
     schedule.step(5)
-    assert optimizer.param_groups[0]["lr"] is lr_tensor
-    assert lr_tensor.item() == pytest.approx(0.1 * utils.lr_factor(5, **schedule.kwargs))
+    F.cross_entropy(net(x), y).backward()
+    optimizer.step()  # the loaded state works with this run's kernels
+    rate = optimizer.param_groups[0]["lr"]
+    assert float(rate) == pytest.approx(0.1 * utils.lr_factor(5, **schedule.kwargs))
 
 
 def test_cuda_graphs_refused_on_the_cpu(capsys):

@@ -269,3 +269,20 @@ def test_resolve_device(monkeypatch):
     assert utils.resolve_device("auto") == torch.device("cpu")
     with pytest.raises(utils.UsageError, match="no CUDA device is available"):
         utils.resolve_device("cuda")
+
+
+@pytest.mark.parametrize("rank,local_rank,downloads", [(0, 0, "first"), (1, 1, "never"), (4, 0, "second")])
+def test_one_download_per_file_system_under_torchrun(monkeypatch, rank, local_rank, downloads):
+    """Rank 0 downloads first, then the first process of each other node; the rest only read."""
+    events = []
+    monkeypatch.setattr(utils, "build_data", lambda *a, download, **k: events.append(("build", download)) or "data")
+    monkeypatch.setattr(utils.dist, "barrier", lambda: events.append("barrier"))
+    monkeypatch.setattr(utils, "make_loaders", lambda *a, **k: ([0], None, None))
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    args = train.get_args_parser().parse_args(["--dataset", "cifar10", "--download"])
+    rt = utils.Runtime(torch.device("cpu"), None, False, rank=rank, world_size=8)
+    assert utils.setup_data(args, rt)[0] == "data"
+    expected = {"first": [("build", True), "barrier", "barrier"],
+                "second": ["barrier", ("build", True), "barrier"],
+                "never": ["barrier", "barrier", ("build", False)]}[downloads]
+    assert events == expected
