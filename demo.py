@@ -126,7 +126,7 @@ def build_group(paths, ckpts, device):
 def predict(nets, images, batch_size):
     """Softmax probabilities (n, B, C) of each network, plus the ensemble's when n >= 2."""
     for net in nets:
-        net.eval()  # utils.evaluate leaves networks in training mode
+        net.eval()  # predictions use the running BatchNorm statistics, whatever mode a caller left
     probs = torch.cat([torch.stack([net(batch).float().softmax(-1) for net in nets])
                        for batch in images.split(batch_size)], dim=1)
     return torch.cat([probs, probs.mean(0, keepdim=True)]) if len(nets) > 1 else probs

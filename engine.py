@@ -59,12 +59,12 @@ class RunLogger:
             return
         with open(self.csv_path, newline="") as f:
             rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= epoch]
-        tmp = self.csv_path + ".tmp"
-        with open(tmp, "w", newline="") as f:
+        def write(f):
             writer = csv.DictWriter(f, self.COLUMNS)
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(tmp, self.csv_path)
+
+        atomic_write(self.csv_path, write, mode="w")
 
     def log_epoch(self, epoch, rows):
         """Append this epoch's rows (dicts keyed by COLUMNS) and mirror them to TensorBoard."""
@@ -143,15 +143,24 @@ def progress_enabled(args, rt):
 # ----------------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------------
-def atomic_save(obj, path):
-    """torch.save to a temporary file, then rename: a crash never leaves a truncated checkpoint."""
+def atomic_write(path, write, mode="wb"):
+    """write(f) into a temporary file, flush it to disk, then rename it over `path`: a crash (or a
+    node that dies, on shared storage) leaves the old file or the new one, never a truncated one."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        torch.save(obj, tmp)
+        with open(tmp, mode, **({} if "b" in mode else {"newline": ""})) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def atomic_save(obj, path):
+    """torch.save, atomically (see atomic_write)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path):
@@ -202,7 +211,11 @@ def make_checkpoint(args, info, names, nets, optimizers, rt, *, epoch, step, ext
             "rng": rng_state(rt), "extra": extra or {}}
 
 
-def restore_checkpoint(ckpt, path, info, names, nets, optimizers, rt):
+# Flags that fix which images each step sees: a resumed run (mid-epoch ones above all) needs them unchanged.
+RESUME_MUST_MATCH = ("dataset", "batch_size", "train_subset", "split_seed")
+
+
+def restore_checkpoint(ckpt, path, args, info, names, nets, optimizers, rt):
     """Load a training checkpoint into the group after checking it is the same group and task."""
     if list(ckpt["models"]) != list(names):
         raise UsageError(f"--resume '{path}' holds models {ckpt['models']}, this run builds {list(names)}")
@@ -210,6 +223,10 @@ def restore_checkpoint(ckpt, path, info, names, nets, optimizers, rt):
         raise UsageError(f"--resume '{path}' was trained for {ckpt['num_classes']} classes at "
                          f"{ckpt['in_chans']}x{ckpt['img_size']}px; this run has {info.num_classes} classes at "
                          f"{info.in_chans}x{info.img_size}px")
+    for flag in RESUME_MUST_MATCH:
+        if flag in ckpt["args"] and ckpt["args"][flag] != getattr(args, flag, None):
+            raise UsageError(f"--resume '{path}' was written with --{flag.replace('_', '-')} {ckpt['args'][flag]}; "
+                             f"this run has {getattr(args, flag, None)} (a resumed run must see the same data in the same batches)")
     if ckpt["args"].get("world_size", 1) != rt.world_size:
         raise UsageError(f"--resume '{path}' was written by {ckpt['args'].get('world_size', 1)} processes; "
                          f"resume it with the same number (this run has {rt.world_size})")
@@ -307,11 +324,8 @@ class StopRequest:
 
 
 def save_json(obj, path):
-    """Write JSON atomically."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)
+    """Write JSON atomically (see atomic_write)."""
+    atomic_write(path, lambda f: json.dump(obj, f, indent=2, default=str), mode="w")
 
 
 def now():
@@ -350,16 +364,21 @@ class Run:
         self.best = {"val_acc": [-1.0] * n, "epoch": [0] * n, "test_acc": [None] * n}
         self.best_states = [None] * n
         self.start_epoch, self.start_step, self.extra = 0, 0, {}
+        best_ckpt = None
         if resume:
             ckpt = load_checkpoint(resume)
-            restore_checkpoint(ckpt, resume, self.info, self.names, nets, optimizers, rt)
+            restore_checkpoint(ckpt, resume, args, self.info, self.names, nets, optimizers, rt)
             self.start_epoch, self.start_step, self.extra = ckpt["epoch"], ckpt["step"], ckpt["extra"]
-            self.best = self.extra.get("best", self.best)
-            best_path = os.path.join(self.run_dir, "best.pt")
-            if os.path.exists(best_path):
-                self.best_states = load_checkpoint(best_path)["nets"]
             if self.start_epoch >= args.epochs:
-                raise UsageError(f"--resume '{resume}' has already trained {self.start_epoch} of {args.epochs} epochs; raise --epochs to continue")
+                raise UsageError(f"--resume '{resume}' has already trained {self.start_epoch} of {args.epochs} epochs; "
+                                 f"to train on, raise --epochs (the learning-rate schedule then spans the new total)")
+            # The best weights so far sit next to the checkpoint (--out-dir may name a new directory).
+            best_path = os.path.join(os.path.dirname(os.path.abspath(resume)), "best.pt")
+            if os.path.exists(best_path):
+                best_ckpt = load_checkpoint(best_path)
+                self.best, self.best_states = self.extra.get("best", self.best), best_ckpt["nets"]
+            elif max(self.extra.get("best", self.best)["val_acc"]) >= 0:
+                print(f"note: no best.pt next to '{resume}': best-checkpoint selection restarts from this run", flush=True)
         if rt.distributed:
             # Every rank reads the checkpoint itself: one that finds none, or another one, would
             # train a different model in lockstep with the others.
@@ -371,6 +390,8 @@ class Run:
                 raise UsageError(f"the processes found different checkpoints to resume from (epoch {self.start_epoch} "
                                  f"step {self.start_step} on rank {rt.rank}); the run directory must be on storage that every node reads")
         self.logger = RunLogger(self.run_dir, rt, self.start_epoch)
+        if best_ckpt is not None and rt.is_main and not os.path.exists(os.path.join(self.run_dir, "best.pt")):
+            atomic_save(best_ckpt, os.path.join(self.run_dir, "best.pt"))  # the new run directory is complete
         if rt.is_main:
             save_json(vars(args), os.path.join(self.run_dir, "args.json"))
         what = "resuming" if resume else "training"
@@ -402,14 +423,14 @@ class Run:
         sync_replicas(self.nets, self.rt, epoch)
         val = evaluate(self.nets, self.val_loader, self.rt) if self.val_loader is not None else None
         test = evaluate(self.nets, self.test_loader, self.rt)
-        images = self.steps_per_epoch * self.args.batch_size * self.rt.world_size
+        # Only the steps this invocation ran (a resumed epoch replays the others without training).
+        images = (self.steps_per_epoch - self.skip_steps(epoch)) * self.args.batch_size * self.rt.world_size
         rows = []
         for i, label in enumerate(self.labels + (["ensemble"] if len(self.nets) > 1 else [])):
             row = {"epoch": epoch + 1, "net": label, "model": self.names[i] if i < len(self.names) else "+".join(self.names)}
             if i < len(self.nets):
                 row["lr"] = lrs[i]
                 row.update({f"train_{k}": v for k, v in train_rows[i].items()})
-                row["train_loss"] = train_rows[i].get("loss")
                 row.pop("train_leader", None), row.pop("train_teachers", None)
                 if "leader" in train_rows[i]:
                     row["leader_share"], row["teachers"] = train_rows[i]["leader"], train_rows[i]["teachers"]

@@ -159,6 +159,20 @@ class Perturber:
                                              generator=self.device_generator, param_generator=self.param_generator)
         return net, images_p, labels_perm, lam
 
+    def group_batch(self, step, images, labels):
+        """One step's inputs for the whole group: (inputs, labels_perm, lams).
+
+        inputs[i] is network i's batch (the perturbed network's differs); lams (num_nets,) on the
+        device holds the mixup weight of each network's loss, 1 for a clean batch, so every loss is
+        mixed_cross_entropy(logits_i, labels, labels_perm, lams[i]). No host synchronisation.
+        """
+        net, images_p, labels_perm, lam = self(step, images, labels)
+        lams = torch.ones(self.num_nets, device=images.device)
+        if net >= 0:
+            lams[net] = lam
+        inputs = [images_p if i == net else images for i in range(self.num_nets)]
+        return inputs, labels_perm, lams
+
     def state_dict(self):
         """The three generator states, as CPU uint8 tensors."""
         return {"host_generator": self.host_generator.get_state(),

@@ -104,12 +104,9 @@ def main(args):
     captured = engine.CapturedStep(group_step, enabled=rt.cuda_graphs)
 
     def train_step(step, images, labels):
-        # Host-side decisions (which network, which operation) stay outside the captured step.
-        perturbed, images_p, labels_perm, lam = perturber(step, images, labels)
-        lams = torch.ones(len(nets), device=rt.device)
-        if perturbed >= 0:
-            lams[perturbed] = lam
-        return captured(labels, labels_perm, lams, *[images_p if i == perturbed else images for i in range(len(nets))])
+        # The perturbation runs before the captured step and writes its inputs.
+        inputs, labels_perm, lams = perturber.group_batch(step, images, labels)
+        return captured(labels, labels_perm, lams, *inputs)
 
     def state():
         return {"scaler": scaler.state_dict(), "perturber": perturber.state_dict()}

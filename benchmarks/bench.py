@@ -156,12 +156,9 @@ def repository_steps(args, device, compile_nets):
 
     def step():
         images, labels = next(batches)
-        perturbed, images_p, labels_perm, lam = perturber(state["step"], images, labels)
+        inputs, labels_perm, lams = perturber.group_batch(state["step"], images, labels)
         state["step"] += 1
-        lams = torch.ones(len(nets), device=device)
-        if perturbed >= 0:
-            lams[perturbed] = lam
-        stats.add(captured(labels, labels_perm, lams, *[images_p if i == perturbed else images for i in range(len(nets))]))
+        stats.add(captured(labels, labels_perm, lams, *inputs))
 
     return step
 

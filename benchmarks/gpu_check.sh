@@ -26,12 +26,12 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log to OUT/NA
 }
 python3 -c "import torch; print('torch', torch.__version__, '|', torch.cuda.get_device_name(), '| CUDA', torch.version.cuda)"
 
-stage tests 90 python3 -m pytest -q -x tests/test_fast_path.py tests/test_losses.py
+stage tests 80 python3 -m pytest -q -x tests/test_fast_path.py tests/test_losses.py
 stage bench_pair 120 python3 benchmarks/bench.py --device cuda --models resnet32 resnet32 --json "$out/bench_pair.json"
-stage script_fast 75 bash -c "python3 train_competitive_distillation.py --dataset fake --models resnet20 vit_tiny --epochs 2 \
-    --compile --cuda-graphs --out-dir '$out/runs/cd-fake-fast' --no-progress \
- && python3 train_mutual_learning.py --dataset fake --models resnet20 resnet20 --epochs 1 --cuda-graphs \
-    --out-dir '$out/runs/dml-fake-graphs' --no-progress"
+stage script_competitive_fast 60 python3 train_competitive_distillation.py --dataset fake --models resnet20 vit_tiny \
+    --epochs 2 --compile --cuda-graphs --out-dir "$out/runs/cd-fake-fast" --no-progress
+stage script_mutual_graphs 40 python3 train_mutual_learning.py --dataset fake --models resnet20 resnet20 --epochs 1 \
+    --cuda-graphs --out-dir "$out/runs/dml-fake-graphs" --no-progress
 for variant in default fast; do
     extra=(); [ "$variant" = fast ] && extra=(--compile --cuda-graphs)
     stage "fmnist_$variant" $([ "$variant" = fast ] && echo 100 || echo 60) python3 train_competitive_distillation.py --dataset fashion-mnist \
@@ -39,6 +39,6 @@ for variant in default fast; do
 done
 stage bench_group4 60 python3 benchmarks/bench.py --device cuda --models resnet32 resnet32 resnet32 resnet32 \
     --json "$out/bench_group4.json"
-stage bench_224 60 python3 benchmarks/bench.py --device cuda --models resnet32 resnet32 --img-size 224 \
+stage bench_224 50 python3 benchmarks/bench.py --device cuda --models resnet32 resnet32 --img-size 224 \
     --steps 20 --warmup 5 --json "$out/bench_224.json"
 rm -rf "$out"/runs/*/last.pt "$out"/runs/*/best.pt  # the weights are not needed back

@@ -394,10 +394,12 @@ def test_sync_bn_is_refused_on_the_cpu(monkeypatch):
 
 
 def test_sync_bn_checkpoints_load_into_plain_networks():
-    plain = utils.build_nets(["resnet20"], types.SimpleNamespace(num_classes=10, img_size=16, in_chans=3),
-                             utils.Runtime(CPU, None, False))[0]
-    synced = nn.SyncBatchNorm.convert_sync_batchnorm(plain)
+    info, rt = types.SimpleNamespace(num_classes=10, img_size=16, in_chans=3), utils.Runtime(CPU, None, False)
+    # convert_sync_batchnorm converts in place: the plain network must be a separate one
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(utils.build_nets(["resnet20"], info, rt)[0])
+    plain = utils.build_nets(["resnet20"], info, rt)[0]
     assert any(isinstance(m, nn.SyncBatchNorm) for m in synced.modules())
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in plain.modules())
     plain.load_state_dict(synced.state_dict())  # same keys and shapes: demo.py can rebuild the group
 
 

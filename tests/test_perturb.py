@@ -322,3 +322,17 @@ def test_scalar_parameters_come_from_the_param_generator(op):
     other = perturb(images, labels, op, mean=mean, std=std, generator=torch.Generator().manual_seed(0),
                     param_generator=torch.Generator().manual_seed(8))[0]
     assert not torch.equal(outs[0], other)
+
+
+def test_group_batch_feeds_the_perturbed_network_only():
+    images, labels = batch(3, size=(6, 8, 8))
+    perturber = make_perturber(every=1, seed=1, ops=["mixup"], num_nets=3)
+    reference = make_perturber(every=1, seed=1, ops=["mixup"], num_nets=3)
+    for step in range(4):
+        net, images_p, labels_perm, lam = reference(step, images, labels)
+        inputs, perm, lams = perturber.group_batch(step, images, labels)
+        assert len(inputs) == 3 and all(inputs[i] is images for i in range(3) if i != net)
+        assert torch.equal(inputs[net], images_p) and torch.equal(perm, labels_perm)
+        assert lams.tolist() == [lam.item() if i == net else 1.0 for i in range(3)]
+    clean_inputs, _, clean_lams = make_perturber(every=0, seed=1, num_nets=3).group_batch(0, images, labels)
+    assert all(x is images for x in clean_inputs) and clean_lams.tolist() == [1.0, 1.0, 1.0]
