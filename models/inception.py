@@ -11,19 +11,7 @@ the linear layer is `drop_rate` (the paper used 0.4), off by default.
 import torch
 from torch import nn
 
-from .resnet import check_cnn_args, kaiming_init
-
-# From this size on the ImageNet stem leaves at least a 4x4 map before the head.
-IMAGENET_STEM_MIN_SIZE = 128
-
-
-def conv_bn_relu(in_channels, out_channels, kernel_size, stride=1):
-    """Conv (no bias, 'same' padding) + BN + ReLU."""
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, bias=False),
-        nn.BatchNorm2d(out_channels),
-        nn.ReLU(inplace=True),
-    )
+from .layers import IMAGENET_STEM_MIN_SIZE, check_cnn_args, conv_bn_act, kaiming_init
 
 
 def max_pool():
@@ -38,13 +26,13 @@ class InceptionModule(nn.Module):
 
     def __init__(self, in_channels, ch1x1, ch3x3_reduce, ch3x3, ch5x5_reduce, ch5x5, pool_proj):
         super().__init__()
-        self.branch1 = conv_bn_relu(in_channels, ch1x1, 1)
-        self.branch2 = nn.Sequential(conv_bn_relu(in_channels, ch3x3_reduce, 1),
-                                     conv_bn_relu(ch3x3_reduce, ch3x3, 3))
-        self.branch3 = nn.Sequential(conv_bn_relu(in_channels, ch5x5_reduce, 1),
-                                     conv_bn_relu(ch5x5_reduce, ch5x5, 5))
+        self.branch1 = conv_bn_act(in_channels, ch1x1, 1)
+        self.branch2 = nn.Sequential(conv_bn_act(in_channels, ch3x3_reduce, 1),
+                                     conv_bn_act(ch3x3_reduce, ch3x3, 3))
+        self.branch3 = nn.Sequential(conv_bn_act(in_channels, ch5x5_reduce, 1),
+                                     conv_bn_act(ch5x5_reduce, ch5x5, 5))
         self.branch4 = nn.Sequential(nn.MaxPool2d(3, stride=1, padding=1),
-                                     conv_bn_relu(in_channels, pool_proj, 1))
+                                     conv_bn_act(in_channels, pool_proj, 1))
         self.out_channels = ch1x1 + ch3x3 + ch5x5 + pool_proj
 
     def forward(self, x):
@@ -65,10 +53,10 @@ class InceptionV1(nn.Module):
     def __init__(self, *, num_classes, in_chans, imagenet_stem, drop_rate):
         super().__init__()
         if imagenet_stem:
-            layers = [conv_bn_relu(in_chans, 64, 7, stride=2), max_pool(),
-                      conv_bn_relu(64, 64, 1), conv_bn_relu(64, 192, 3), max_pool()]
+            layers = [conv_bn_act(in_chans, 64, 7, stride=2), max_pool(),
+                      conv_bn_act(64, 64, 1), conv_bn_act(64, 192, 3), max_pool()]
         else:
-            layers = [conv_bn_relu(in_chans, 192, 3)]
+            layers = [conv_bn_act(in_chans, 192, 3)]
         in_channels = 192
         for stage_index, stage in enumerate((STAGE3, STAGE4, STAGE5)):
             if stage_index > 0:

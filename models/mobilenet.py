@@ -10,20 +10,7 @@ linear layer.
 """
 from torch import nn
 
-from .resnet import check_cnn_args, kaiming_init
-
-# From this size on the ImageNet stem leaves at least a 4x4 map before the head.
-IMAGENET_STEM_MIN_SIZE = 128
-
-
-def conv_bn_act(in_channels, out_channels, kernel_size, stride, activation, groups=1):
-    """Conv (no bias, 'same' padding) + BN + activation."""
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2,
-                  groups=groups, bias=False),
-        nn.BatchNorm2d(out_channels),
-        activation(inplace=True),
-    )
+from .layers import IMAGENET_STEM_MIN_SIZE, check_cnn_args, conv_bn_act, kaiming_init
 
 
 class ClassifierHead(nn.Module):

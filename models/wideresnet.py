@@ -9,7 +9,7 @@ WRN-28-10 has 36.5 M parameters at 10 classes.
 import torch.nn.functional as F
 from torch import nn
 
-from .resnet import check_cnn_args, kaiming_init
+from .layers import check_cnn_args, kaiming_init
 
 
 class PreActBlock(nn.Module):
