@@ -345,8 +345,6 @@ def setup_data(args, rt):
         data = build(args.download)
     if args.train_subset is not None:
         data = train_subset(data, args.train_subset)
-    if args.loader == "gpu" and not data.info.in_memory:
-        raise UsageError(f"--loader gpu needs an in-memory dataset; {args.dataset} streams from disk: use --loader torch")
     loaders = make_loaders(data, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
                            loader=args.loader, device=rt.device, workers=args.workers, seed=args.seed,
                            drop_last=True, rank=rt.rank, world_size=rt.world_size)
