@@ -2,6 +2,7 @@
 torch.multiprocessing for the step-level checks (teacher choice, perturbation draws, evaluation
 counts, the replica guard, and the first losses of a 2-process run against a 1-process run)."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -168,9 +169,11 @@ def test_killed_rank_ends_the_job_then_resume_auto_finishes(tmp_path, straight_r
     out = tmp_path / "run"
     returncode, stdout, stderr = signal_rank_one_during_epoch_two(out, signal.SIGKILL)
     assert returncode != 0, stdout
-    # torchrun's summary names the process that failed first and why
-    root_cause = stderr[stderr.index("Root Cause"):]
-    assert "rank      : 1" in root_cause and "Signal 9 (SIGKILL)" in root_cause, stderr
+    # torchrun's failure summary names the killed process and why. It is not always the "Root
+    # Cause" entry: that is the earliest timestamp, and rank 0's own error (its peer vanished) can
+    # be stamped before the launcher notices the kill. One summary entry ("[k]:" blocks) must say it.
+    summary = stderr[stderr.index("Root Cause") if "Failures:" not in stderr else stderr.index("Failures:"):]
+    assert re.search(r"rank\s+:\s+1 [^\[]*Signal 9 \(SIGKILL\)", summary), stderr
     ckpt = engine.load_checkpoint(str(out / "last.pt"))  # the last complete checkpoint: epoch 1's
     assert (ckpt["epoch"], ckpt["step"]) == (1, 0)
     assert [r["epoch"] for r in read_rows(out)] == ["1"] * 3
