@@ -166,7 +166,7 @@ def atomic_save(obj, path):
 def load_checkpoint(path):
     """Load one of our checkpoints (weights only); UsageError when missing, corrupt or foreign."""
     if not os.path.isfile(path):
-        raise UsageError(f"checkpoint '{path}' does not exist")
+        raise UsageError(f"checkpoint '{path}' " + ("is a directory, not a checkpoint file" if os.path.isdir(path) else "does not exist"))
     if not zipfile.is_zipfile(path):
         raise UsageError(f"'{path}' is not a PyTorch checkpoint file (expected a .pt written by this repository's scripts)")
     try:

@@ -1,7 +1,6 @@
 """Tests for datasets/: every source in its real on-disk format, the split, and both loader paths (CPU, seconds)."""
 import gzip
 import importlib.util
-import os
 import pickle
 import struct
 import sys
@@ -12,9 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import datasets.dataset as dataset_module  # noqa: E402
-from datasets import (  # noqa: E402
+import datasets.dataset as dataset_module
+from datasets import (
     DATASETS, DataInfo, DatasetError, GpuLoader, TorchLoader, build_data, data_from_arrays, make_loaders)
 
 HAS_SCIPY = importlib.util.find_spec("scipy") is not None
@@ -229,7 +227,7 @@ def test_fake_is_synthetic_seeded_and_sized(tmp_path):
     assert (info.train_size, info.val_size, info.test_size) == (2048, 0, 512) and data.val is None
     assert torch.equal(data.arrays["train"][0], again.arrays["train"][0])
     assert data.arrays["train"][1].max() == 6 and len(info.classes) == 7
-    # The statistics are measured, so normalised training pixels are roughly standard.
+    # The statistics are measured on the training images; normalised test pixels come out roughly standard.
     batch, _ = next(iter(make_loaders(data, batch_size=256, device="cpu")[2]))
     assert abs(batch.mean()) < 0.1 and abs(batch.std() - 1) < 0.1
     big = build_data("fake", tmp_path, img_size=40)  # stored at 32 px and resized, like CIFAR
