@@ -256,7 +256,7 @@ def read_metrics(run_dir):
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
             columns = series.setdefault(row["net"], {})
-            for key in ("val_acc", "test_acc", "leader_share"):
+            for key in ("val_acc", "test_acc", "train_leader_share"):
                 if row.get(key):
                     columns.setdefault(key, []).append((int(row["epoch"]), float(row[key])))
     return {net: {k: sorted(v) for k, v in columns.items()} for net, columns in series.items()}
@@ -272,7 +272,7 @@ def plot_curves(runs, path):
         from matplotlib.figure import Figure  # needs no GUI backend, unlike pyplot
     except ImportError:
         return False
-    leaders = any("leader_share" in columns for series in runs.values() for columns in series.values())
+    leaders = any("train_leader_share" in columns for series in runs.values() for columns in series.values())
     fig = Figure(figsize=(6.5 * (1 + leaders), 4.5), layout="constrained")
     axes = fig.subplots(1, 1 + leaders, squeeze=False)[0]
     only_val = True
@@ -287,8 +287,8 @@ def plot_curves(runs, path):
             if metric in columns:
                 epochs, values = zip(*columns[metric])
                 axes[0].plot(epochs, values, style, marker=".", label=prefix + net + suffix)
-            if leaders and "leader_share" in columns:
-                epochs, values = zip(*columns["leader_share"])
+            if leaders and "train_leader_share" in columns:
+                epochs, values = zip(*columns["train_leader_share"])
                 axes[1].plot(epochs, values, style, marker=".", label=prefix + net)
     axes[0].set(xlabel="epoch", ylabel="validation accuracy (%)" if only_val else "accuracy (%)",
                 title="accuracy over training")
@@ -399,4 +399,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    utils.run(main, get_args_parser())
+    utils.launch(main, get_args_parser())

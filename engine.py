@@ -1,6 +1,9 @@
-"""The run around a script's training step: the shared epoch loop, per-epoch evaluation, the run
-directory (metrics.csv, TensorBoard, console), checkpoints, exact resume and interruption.
-The paradigm itself (which networks learn from which) stays in each training script."""
+"""Plain helpers that the training scripts' loops call: the epoch's remaining batches (resume
+position, stop requests), evaluation, logging an epoch, saving and restoring checkpoints.
+
+engine.py knows no paradigm: a training step returns a dict of named statistics, and the names
+become metrics.csv columns (`train_<name>`), TensorBoard tags and the epoch line.
+"""
 import csv
 import datetime
 import json
@@ -11,87 +14,347 @@ import sys
 import time
 import warnings
 import zipfile
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from utils import StepStats, UsageError, evaluate, sync_replicas, unwrap
+from utils import UsageError, all_reduce_sum, evaluate, sync_replicas, unwrap
 
 CHECKPOINT_FORMAT = 1
 
 
 # ----------------------------------------------------------------------------------------------
-# Run directory, metrics CSV, TensorBoard, console
+# The run: its directory, what it resumed from, the best epoch so far
 # ----------------------------------------------------------------------------------------------
+@dataclass
+class RunState:
+    """What one invocation of a training script carries from epoch to epoch (plain data).
+
+    `resumable` maps names to the script's objects with state_dict()/load_state_dict() (the
+    gradient scaler, the perturbation's generators, ...): they go into every checkpoint.
+    """
+    args: object
+    rt: object
+    names: list
+    info: object
+    nets: list
+    optimizers: list
+    resumable: dict
+    steps_per_epoch: int
+    run_dir: str
+    labels: list = field(default_factory=list)
+    start_epoch: int = 0        # epochs completed before this invocation
+    start_step: int = 0         # steps of epoch `start_epoch` completed before it (mid-epoch resume)
+    resumed: dict = field(default_factory=dict)    # the checkpoint's "extra" entry (fresh run: empty)
+    best: dict = field(default_factory=dict)
+    best_states: list = field(default_factory=list)
+    metrics: object = None
+    last_rows: list = field(default_factory=list)
+
+
 def net_labels(names):
     """Unique display labels: net0_resnet32, net1_vit_tiny, ..."""
     return [f"net{i}_{name}" for i, name in enumerate(names)]
 
 
-def default_run_dir(script, args, names):
-    """runs/<script>-<dataset>-<models>-<time>."""
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return os.path.join("runs", f"{script}-{args.dataset}-{'-'.join(names)}-{stamp}")
+def start_run(args, script, names, rt, info, nets, optimizers, *, steps_per_epoch, resumable):
+    """Open the run directory and, with --resume, restore the group, its optimizers and `resumable`
+    from the checkpoint; returns the RunState the loop's helpers take."""
+    args.world_size = rt.world_size
+    resume = resolve_resume(args)
+    run_dir = args.out_dir or (os.path.dirname(os.path.abspath(resume)) if resume else
+                               os.path.join("runs", f"{script}-{args.dataset}-{'-'.join(names)}-"
+                                                    f"{datetime.datetime.now():%Y%m%d-%H%M%S}"))
+    n = len(nets)
+    run = RunState(args, rt, list(names), info, nets, optimizers, resumable, steps_per_epoch, run_dir,
+                   labels=net_labels(names), best={"val_acc": [-1.0] * n, "epoch": [0] * n, "test_acc": [None] * n},
+                   best_states=[None] * n)
+    best_ckpt = restore_run(run, resume) if resume else None
+    if rt.distributed:
+        check_same_resume_point(run)
+    run.metrics = MetricsLog(run_dir, rt, run.start_epoch, resumed=resume is not None)
+    if best_ckpt is not None and rt.is_main and not os.path.exists(os.path.join(run_dir, "best.pt")):
+        atomic_save(best_ckpt, os.path.join(run_dir, "best.pt"))  # the new run directory is complete
+    if rt.is_main:
+        save_json(vars(args), os.path.join(run_dir, "args.json"))
+    print_main(rt, describe_run(run, resume))
+    return run
 
 
-class RunLogger:
-    """metrics.csv (one row per epoch per network, plus the ensemble), TensorBoard and the console."""
+def restore_run(run, path):
+    """Load checkpoint `path` into the run; returns the best.pt beside it (or None)."""
+    ckpt = load_checkpoint(path)
+    restore_checkpoint(ckpt, path, run.args, run.info, run.names, run.nets, run.optimizers, run.rt)
+    run.start_epoch, run.start_step, run.resumed = ckpt["epoch"], ckpt["step"], ckpt["extra"]
+    if run.start_epoch >= run.args.epochs:
+        raise UsageError(f"--resume '{path}' has already trained {run.start_epoch} of {run.args.epochs} epochs; "
+                         f"to train on, raise --epochs (the learning-rate schedule then spans the new total)")
+    for key, obj in run.resumable.items():
+        if run.resumed.get(key):  # a disabled GradScaler saves {}: nothing to restore
+            obj.load_state_dict(run.resumed[key])
+    # The best weights so far sit next to the checkpoint (--out-dir may name a new directory).
+    best_path = os.path.join(os.path.dirname(os.path.abspath(path)), "best.pt")
+    if os.path.exists(best_path):
+        best_ckpt = load_checkpoint(best_path)
+        run.best, run.best_states = run.resumed.get("best", run.best), best_ckpt["nets"]
+        return best_ckpt
+    if max(run.resumed.get("best", run.best)["val_acc"]) >= 0:
+        print(f"note: no best.pt next to '{path}': best-checkpoint selection restarts from this run", flush=True)
+    return None
 
-    COLUMNS = ["epoch", "net", "model", "lr", "train_loss", "train_ce", "train_kd", "train_acc",
-               "leader_share", "teachers", "val_loss", "val_acc", "val_top5", "test_loss", "test_acc",
-               "test_top5", "epoch_time_s", "images_per_s"]
 
-    def __init__(self, run_dir, rt, start_epoch):
-        self.run_dir, self.enabled = run_dir, rt.is_main
+def check_same_resume_point(run):
+    """Under torchrun every rank reads the checkpoint itself: one that finds none, or another one,
+    would train a different model in lockstep with the others."""
+    where = torch.tensor([run.start_epoch, run.start_step], device=run.rt.device)
+    lowest, highest = where.clone(), where.clone()
+    dist.all_reduce(lowest, op=dist.ReduceOp.MIN)
+    dist.all_reduce(highest, op=dist.ReduceOp.MAX)
+    if not torch.equal(lowest, highest):
+        raise UsageError(f"the processes found different checkpoints to resume from (epoch {run.start_epoch} "
+                         f"step {run.start_step} on rank {run.rt.rank}); the run directory must be on storage that every node reads")
+
+
+def describe_run(run, resume):
+    """The one startup line: what trains on what, where, how, and the run directory."""
+    args, rt, info = run.args, run.rt, run.info
+    where = (f" from epoch {run.start_epoch + 1}" + (f" step {run.start_step}" if run.start_step else "")) if resume else ""
+    synthetic = " (SYNTHETIC data: numbers mean nothing)" if info.synthetic else ""
+    scaling = ", lr x{} (--lr-scaling linear)".format(rt.world_size) if rt.distributed and args.lr_scaling == "linear" else ""
+    return (f"{'resuming' if resume else 'training'} {', '.join(run.labels)} on {info.name}{synthetic}{where}: "
+            f"{info.train_size} train / {info.val_size} val / {info.test_size} test images, "
+            f"{info.in_chans}x{info.img_size}px, {info.num_classes} classes, device {rt.device}, amp {rt.amp_dtype}, "
+            f"{rt.world_size} process(es) x batch {args.batch_size} (global {args.batch_size * rt.world_size})"
+            f"{scaling}{', SyncBatchNorm' if rt.sync_bn else ''}; run dir {run.run_dir}")
+
+
+def print_main(rt, *lines):
+    """Print on the main process only."""
+    if rt.is_main:
+        for line in lines:
+            print(line, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# One epoch: its batches, its statistics, evaluation, logging, checkpoints
+# ----------------------------------------------------------------------------------------------
+class EpochStats:
+    """Sums of each named per-network statistic over an epoch's steps, kept on the device (read
+    once per epoch: no host synchronisation per step). A step returns {name: tensor of shape (n,)}
+    (or a scalar for one network); the epoch's value of a statistic is its mean over steps."""
+
+    def __init__(self, rt):
+        self.rt, self.sums, self.steps, self.seconds = rt, {}, 0, None
+
+    def add(self, stats):
+        """Add one step's statistics (a dict of device tensors)."""
+        for name, value in stats.items():
+            value = value.detach().to(torch.float64).reshape(-1)
+            self.sums[name] = self.sums[name] + value if name in self.sums else value.clone()
+        self.steps += 1
+
+    def _reduced(self):
+        """{name: per-network sums over every process} on the host (a collective under torchrun)."""
+        if not self.sums:
+            return {}
+        stacked = all_reduce_sum(torch.stack(list(self.sums.values())), self.rt).cpu()
+        return dict(zip(self.sums, stacked))
+
+    def means(self):
+        """Per-network dicts {name: mean over every process's steps}."""
+        steps = max(self.steps * self.rt.world_size, 1)
+        columns = {name: (sums / steps).tolist() for name, sums in self._reduced().items()}
+        n = len(next(iter(columns.values()))) if columns else 0
+        return [{name: values[i] for name, values in columns.items()} for i in range(n)]
+
+    def state_dict(self):
+        """Sums over all processes and the step count, for a mid-epoch checkpoint (a collective)."""
+        return {"sums": self._reduced(), "steps": self.steps}
+
+    def load_state_dict(self, state):
+        """Restore the step count, and the sums on rank 0 only: they already cover every process."""
+        keep = 1.0 if self.rt.is_main else 0.0
+        self.sums = {name: (sums * keep).to(self.rt.device) for name, sums in state["sums"].items()}
+        self.steps = int(state["steps"])
+
+
+def remaining_batches(run, loader, epoch, stop, stats):
+    """Yield (step, batch) for the steps of `epoch` this invocation still has to train.
+
+    On a mid-epoch resume the already-trained steps are drawn from the loader and dropped (so its
+    random stream stays exact) and `stats` gets their sums back. After each step a SIGINT/SIGTERM
+    is honoured: the state is saved as last.pt and the process exits. `stats.seconds` ends up as
+    the wall time of the steps trained here.
+    """
+    loader.set_epoch(epoch)
+    skip = run.start_step if epoch == run.start_epoch else 0
+    if skip:
+        stats.load_state_dict(run.resumed["stats"])
+    start = now()
+    for step, batch in enumerate(progress(loader, progress_enabled(run.args, run.rt), desc=f"epoch {epoch + 1}")):
+        if step < skip:
+            continue
+        yield step, batch
+        if stop.requested(step):
+            interrupt(run, stop, epoch, step + 1, stats)
+    stats.seconds = now() - start
+
+
+def evaluate_epoch(run, val_loader, test_loader, epoch):
+    """{"val": ..., "test": ...}: per-network (and ensemble) loss/acc/top5 after `epoch`."""
+    sync_replicas(run.nets, run.rt, epoch)
+    val = evaluate(run.nets, val_loader, run.rt) if val_loader is not None else None
+    return {"val": val, "test": evaluate(run.nets, test_loader, run.rt)}
+
+
+def log_epoch(run, epoch, stats, evals, schedule):
+    """Write epoch `epoch`'s rows (one per network, plus the ensemble) to metrics.csv, TensorBoard
+    and the console; returns them."""
+    # Only the steps this invocation ran (a resumed epoch replays the others without training).
+    steps = run.steps_per_epoch - (run.start_step if epoch == run.start_epoch else 0)
+    seconds = stats.seconds or float("nan")
+    lrs = schedule.rates((epoch + 1) * run.steps_per_epoch - 1)   # the rate of the epoch's last step
+    train = stats.means()
+    rows = []
+    for i, label in enumerate(run.labels + (["ensemble"] if len(run.nets) > 1 else [])):
+        row = {"epoch": epoch + 1, "net": label, "model": run.names[i] if i < len(run.names) else "+".join(run.names)}
+        if i < len(run.nets):
+            row["lr"] = lrs[i]
+            row.update({f"train_{name}": value for name, value in train[i].items()})
+        for split, result in evals.items():
+            if result is not None:
+                row.update({f"{split}_{name}": value for name, value in result[i].items()})
+        if i < len(run.nets):
+            row["epoch_time_s"] = seconds
+            row["images_per_s"] = steps * run.args.batch_size * run.rt.world_size / seconds
+        rows.append(row)
+    run.metrics.write(epoch + 1, rows)
+    print_main(run.rt, *(epoch_line(epoch + 1, run.args.epochs, row) for row in rows))
+    run.last_rows = rows
+    return rows
+
+
+def epoch_line(epoch, epochs, row):
+    """One console summary line for one network (or the ensemble) after an epoch."""
+    parts = [f"epoch {epoch:>3}/{epochs}", f"{row['net']:<18}"]
+    if "lr" in row:
+        parts.append(f"lr {row['lr']:.4g}")
+    train = [f"{key[6:]} {value:.2f}%" if key.endswith("acc") else f"{key[6:]} {value:.4f}"
+             for key, value in row.items() if key.startswith("train_")]
+    if train:
+        parts.append("train " + " ".join(train))
+    parts += [f"{split} {row[f'{split}_acc']:.2f}%" for split in ("val", "test") if f"{split}_acc" in row]
+    if "epoch_time_s" in row:
+        parts.append(f"{row['epoch_time_s']:.1f}s {row['images_per_s']:.0f} img/s")
+    return " | ".join(parts)
+
+
+def save_checkpoints(run, epoch, evals):
+    """After epoch `epoch`: last.pt always; best.pt when a network's validation accuracy improved
+    (each network's weights of its best epoch; the test set never selects)."""
+    val, test = evals["val"], evals["test"]
+    improved = False
+    for i in range(len(run.nets) if val is not None else 0):
+        if val[i]["acc"] > run.best["val_acc"][i]:
+            run.best["val_acc"][i], run.best["epoch"][i], run.best["test_acc"][i] = val[i]["acc"], epoch + 1, test[i]["acc"]
+            run.best_states[i] = {k: v.detach().cpu().clone() for k, v in unwrap(run.nets[i]).state_dict().items()}
+            improved = True
+    if not run.rt.is_main:
+        return
+    if improved:
+        best = make_run_checkpoint(run, epoch + 1, 0)
+        best["nets"], best["optimizers"] = run.best_states, []
+        atomic_save(best, os.path.join(run.run_dir, "best.pt"))
+    atomic_save(make_run_checkpoint(run, epoch + 1, 0), os.path.join(run.run_dir, "last.pt"))
+
+
+def stop_after_epoch(run, epoch, stop):
+    """True when this invocation ends after `epoch` (--stop-after); a SIGINT/SIGTERM received during
+    the epoch saves the state and exits here (after the last epoch, finishing is quicker)."""
+    if epoch + 1 < run.args.epochs and stop.requested():
+        interrupt(run, stop, epoch + 1, 0)
+    return run.args.stop_after is not None and epoch + 1 - run.start_epoch >= run.args.stop_after
+
+
+def finish(run):
+    """Print and save (results.json) the last epoch's and the best-validation numbers."""
+    run.metrics.close()
+    if not run.last_rows:
+        return None
+    results = {"run_dir": run.run_dir, "dataset": run.info.name, "synthetic": run.info.synthetic,
+               "epochs": run.last_rows[0]["epoch"], "networks": []}
+    for i, row in enumerate(run.last_rows):
+        entry = {"net": row["net"], "model": row["model"], "final_test_acc": row["test_acc"],
+                 "final_val_acc": row.get("val_acc")}
+        if i < len(run.nets) and row.get("val_acc") is not None:
+            entry.update(best_val_acc=run.best["val_acc"][i], best_epoch=run.best["epoch"][i],
+                         test_acc_at_best_val=run.best["test_acc"][i])
+        results["networks"].append(entry)
+    if run.rt.is_main:
+        save_json(results, os.path.join(run.run_dir, "results.json"))
+        print_main(run.rt, "final test accuracy (last epoch): " + ", ".join(
+            f"{e['net']} {e['final_test_acc']:.2f}%" for e in results["networks"]))
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# metrics.csv and TensorBoard
+# ----------------------------------------------------------------------------------------------
+class MetricsLog:
+    """metrics.csv (one row per epoch per network, plus the ensemble; its columns are the names the
+    rows carry) and TensorBoard scalars, written by the main process."""
+
+    def __init__(self, run_dir, rt, start_epoch, *, resumed):
+        self.enabled, self.writer = rt.is_main, None
         self.csv_path = os.path.join(run_dir, "metrics.csv")
-        self.writer = None
         if not self.enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
-        self._drop_rows_from(start_epoch)
-        from torch.utils.tensorboard import SummaryWriter  # imported here: slow, and only rank 0 needs it
-        self.writer = SummaryWriter(run_dir, purge_step=start_epoch + 1 if start_epoch else None)
-
-    def _drop_rows_from(self, epoch):
-        """On resume, forget rows of epochs that will be trained again (no duplicates)."""
-        if not os.path.exists(self.csv_path):
+        self._rewrite(keep_through=start_epoch)  # a resumed run trains the later epochs again
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # slow to import, and only rank 0 needs it
+        except ImportError as error:
+            print(f"warning: TensorBoard unavailable ({error}); metrics.csv is still written", flush=True)
             return
-        with open(self.csv_path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= epoch]
+        # A restarted run would otherwise leave a second event file repeating the redone steps.
+        self.writer = SummaryWriter(run_dir, purge_step=start_epoch + 1 if resumed else None)
+
+    def _rewrite(self, keep_through, new_rows=()):
+        """Rewrite the CSV atomically with its rows of epochs <= keep_through, then `new_rows`."""
+        rows, columns = [], []
+        if os.path.exists(self.csv_path):
+            with open(self.csv_path, newline="") as f:
+                reader = csv.DictReader(f)
+                columns = list(reader.fieldnames or [])
+                rows = [r for r in reader if int(r["epoch"]) <= keep_through]
+        if not (rows or new_rows) and not os.path.exists(self.csv_path):
+            return
+        for row in new_rows:
+            columns += [key for key in row if key not in columns]
+
         def write(f):
-            writer = csv.DictWriter(f, self.COLUMNS)
+            writer = csv.DictWriter(f, columns, restval="")
             writer.writeheader()
             writer.writerows(rows)
+            writer.writerows({k: _fmt(v) for k, v in row.items()} for row in new_rows)
 
         atomic_write(self.csv_path, write, mode="w")
 
-    def log_epoch(self, epoch, rows):
-        """Append this epoch's rows (dicts keyed by COLUMNS) and mirror them to TensorBoard."""
+    def write(self, epoch, rows):
+        """Record epoch `epoch`'s rows (dicts of column name -> value)."""
         if not self.enabled:
             return
-        new = not os.path.exists(self.csv_path)
-        with open(self.csv_path, "a", newline="") as f:
-            writer = csv.DictWriter(f, self.COLUMNS)
-            if new:
-                writer.writeheader()
-            for row in rows:
-                writer.writerow({k: _fmt(row.get(k)) for k in self.COLUMNS})
-            f.flush()
-            os.fsync(f.fileno())
+        self._rewrite(keep_through=epoch - 1, new_rows=rows)
+        if self.writer is None:
+            return
         for row in rows:
             for key, value in row.items():
                 if key not in ("epoch", "net", "model") and isinstance(value, (int, float)):
                     split, _, metric = key.partition("_")
-                    tag = f"{split}/{metric}/{row['net']}" if metric else f"{key}/{row['net']}"
-                    self.writer.add_scalar(tag, value, epoch)
+                    self.writer.add_scalar(f"{split}/{metric}/{row['net']}" if metric else f"{key}/{row['net']}", value, epoch)
         self.writer.flush()
-
-    def print(self, *lines):
-        """Print on the main process only."""
-        if self.enabled:
-            for line in lines:
-                print(line, flush=True)
 
     def close(self):
         """Close the TensorBoard writer."""
@@ -104,26 +367,6 @@ def _fmt(value):
     if value is None:
         return ""
     return f"{value:.6g}" if isinstance(value, float) else value
-
-
-def epoch_line(epoch, epochs, row):
-    """One console summary line for one network (or the ensemble) after an epoch."""
-    parts = [f"epoch {epoch:>3}/{epochs}", f"{row['net']:<18}"]
-    if row.get("lr") is not None:
-        parts.append(f"lr {row['lr']:.4g}")
-    if row.get("train_loss") is not None:
-        train = f"train loss {row['train_loss']:.4f}"
-        if row.get("train_kd") is not None:
-            train += f" (ce {row['train_ce']:.4f} kd {row['train_kd']:.4f})"
-        parts.append(train + f" acc {row['train_acc']:.2f}%")
-    if row.get("leader_share") is not None:
-        parts.append(f"lead {row['leader_share']:.2f} teachers {row['teachers']:.2f}")
-    for split in ("val", "test"):
-        if row.get(f"{split}_acc") is not None:
-            parts.append(f"{split} {row[f'{split}_acc']:.2f}%")
-    if row.get("epoch_time_s") is not None:
-        parts.append(f"{row['epoch_time_s']:.1f}s {row['images_per_s']:.0f} img/s")
-    return " | ".join(parts)
 
 
 def progress(iterable, enabled, **kwargs):
@@ -161,6 +404,11 @@ def atomic_write(path, write, mode="wb"):
 def atomic_save(obj, path):
     """torch.save, atomically (see atomic_write)."""
     atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def save_json(obj, path):
+    """Write JSON atomically (see atomic_write)."""
+    atomic_write(path, lambda f: json.dump(obj, f, indent=2, default=str), mode="w")
 
 
 def load_checkpoint(path):
@@ -209,6 +457,17 @@ def make_checkpoint(args, info, names, nets, optimizers, rt, *, epoch, step, ext
             "nets": [{k: v.detach().cpu() for k, v in unwrap(net).state_dict().items()} for net in nets],
             "optimizers": [opt.state_dict() for opt in optimizers],
             "rng": rng_state(rt), "extra": extra or {}}
+
+
+def make_run_checkpoint(run, epoch, step, stats=None):
+    """make_checkpoint for the run, with the script's resumable state, the best-so-far record and,
+    mid-epoch, the epoch's statistics so far."""
+    extra = {key: obj.state_dict() for key, obj in run.resumable.items()}
+    extra["best"] = run.best
+    if stats is not None:
+        extra["stats"] = stats.state_dict()
+    return make_checkpoint(run.args, run.info, run.names, run.nets, run.optimizers, run.rt,
+                           epoch=epoch, step=step, extra=extra)
 
 
 # Flags that fix which images each step sees: a resumed run (mid-epoch ones above all) needs them unchanged.
@@ -269,6 +528,9 @@ def resolve_resume(args):
     return args.resume
 
 
+# ----------------------------------------------------------------------------------------------
+# Stopping on SIGINT/SIGTERM
+# ----------------------------------------------------------------------------------------------
 # Under torchrun a signal can reach the processes at different steps, or only one of them; they
 # compare flags every STOP_CHECK_STEPS steps (one small all-reduce and host synchronisation) and
 # at every epoch end, and stop together, so a checkpoint only holds a step that every process ran.
@@ -323,9 +585,38 @@ class StopRequest:
         return 128 + self.signal
 
 
-def save_json(obj, path):
-    """Write JSON atomically (see atomic_write)."""
-    atomic_write(path, lambda f: json.dump(obj, f, indent=2, default=str), mode="w")
+def interrupt(run, stop, epoch, step, stats=None):
+    """Save the state after `step` iterations of `epoch` as last.pt, say how to resume, exit 130/143."""
+    path = os.path.join(run.run_dir, "last.pt")
+    # Under torchrun every process reached this step (StopRequest.requested agreed on it): rank
+    # 0's weights are everyone's, and its buffers are the ones DDP broadcasts at the next step.
+    checkpoint = make_run_checkpoint(run, epoch, step, stats)  # a collective (the statistics' sums)
+    if run.rt.is_main:
+        atomic_save(checkpoint, path)
+    if run.rt.distributed:
+        dist.barrier()  # nobody exits (which makes torchrun stop the others) before the save is done
+    name = signal.Signals(stop.signal).name
+    print_main(run.rt, f"{name}: stopped at epoch {epoch + 1} step {step}; state saved to {path}; "
+                       f"continue with: {resume_command(run.rt, path)}")
+    run.metrics.close()
+    sys.exit(stop.exit_code)
+
+
+def resume_command(rt, path):
+    """The command line that continues this run from `path`."""
+    argv, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip or arg == "--resume":
+            skip = not skip and arg == "--resume"
+            continue
+        if not arg.startswith("--resume="):
+            argv.append(arg)
+    launcher = ["python"]
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        local = os.environ.get("LOCAL_WORLD_SIZE", rt.world_size)
+        nodes = rt.world_size // int(local)
+        launcher = ["torchrun", f"--nproc_per_node={local}"] + ([f"--nnodes={nodes} <rendezvous flags>"] if nodes > 1 else [])
+    return " ".join([*launcher, os.path.basename(sys.argv[0]), *argv, "--resume", path])
 
 
 def now():
@@ -336,180 +627,8 @@ def now():
 
 
 # ----------------------------------------------------------------------------------------------
-# One run's bookkeeping: resume, per-epoch evaluation/logging/checkpoints, interruption, summary
+# CUDA-graph capture of a whole step
 # ----------------------------------------------------------------------------------------------
-class Run:
-    """Bookkeeping of one training run around a loop that the script owns.
-
-    Resumes from a checkpoint when asked, and after each epoch evaluates every network on the
-    validation and test sets, writes metrics.csv/TensorBoard/console, `last.pt` (every epoch) and
-    `best.pt` (each network at its best validation accuracy; the test set never selects).
-    """
-
-    def __init__(self, args, script, names, rt, data, nets, optimizers, val_loader, test_loader, steps_per_epoch):
-        self.args, self.script, self.names, self.rt = args, script, list(names), rt
-        self.info, self.nets, self.optimizers = data.info, nets, optimizers
-        self.val_loader, self.test_loader = val_loader, test_loader
-        self.steps_per_epoch = steps_per_epoch
-        self.labels = net_labels(self.names)
-        args.world_size = rt.world_size
-        resume = resolve_resume(args)
-        if args.out_dir:
-            self.run_dir = args.out_dir
-        elif resume:
-            self.run_dir = os.path.dirname(os.path.abspath(resume))
-        else:
-            self.run_dir = default_run_dir(script, args, self.names)
-        n = len(nets)
-        self.best = {"val_acc": [-1.0] * n, "epoch": [0] * n, "test_acc": [None] * n}
-        self.best_states = [None] * n
-        self.start_epoch, self.start_step, self.extra = 0, 0, {}
-        best_ckpt = None
-        if resume:
-            ckpt = load_checkpoint(resume)
-            restore_checkpoint(ckpt, resume, args, self.info, self.names, nets, optimizers, rt)
-            self.start_epoch, self.start_step, self.extra = ckpt["epoch"], ckpt["step"], ckpt["extra"]
-            if self.start_epoch >= args.epochs:
-                raise UsageError(f"--resume '{resume}' has already trained {self.start_epoch} of {args.epochs} epochs; "
-                                 f"to train on, raise --epochs (the learning-rate schedule then spans the new total)")
-            # The best weights so far sit next to the checkpoint (--out-dir may name a new directory).
-            best_path = os.path.join(os.path.dirname(os.path.abspath(resume)), "best.pt")
-            if os.path.exists(best_path):
-                best_ckpt = load_checkpoint(best_path)
-                self.best, self.best_states = self.extra.get("best", self.best), best_ckpt["nets"]
-            elif max(self.extra.get("best", self.best)["val_acc"]) >= 0:
-                print(f"note: no best.pt next to '{resume}': best-checkpoint selection restarts from this run", flush=True)
-        if rt.distributed:
-            # Every rank reads the checkpoint itself: one that finds none, or another one, would
-            # train a different model in lockstep with the others.
-            where = torch.tensor([self.start_epoch, self.start_step], device=rt.device)
-            lowest, highest = where.clone(), where.clone()
-            dist.all_reduce(lowest, op=dist.ReduceOp.MIN)
-            dist.all_reduce(highest, op=dist.ReduceOp.MAX)
-            if not torch.equal(lowest, highest):
-                raise UsageError(f"the processes found different checkpoints to resume from (epoch {self.start_epoch} "
-                                 f"step {self.start_step} on rank {rt.rank}); the run directory must be on storage that every node reads")
-        self.logger = RunLogger(self.run_dir, rt, self.start_epoch)
-        if best_ckpt is not None and rt.is_main and not os.path.exists(os.path.join(self.run_dir, "best.pt")):
-            atomic_save(best_ckpt, os.path.join(self.run_dir, "best.pt"))  # the new run directory is complete
-        if rt.is_main:
-            save_json(vars(args), os.path.join(self.run_dir, "args.json"))
-        what = "resuming" if resume else "training"
-        where = f" from epoch {self.start_epoch + 1}" + (f" step {self.start_step}" if self.start_step else "") if resume else ""
-        synthetic = " (SYNTHETIC data: numbers mean nothing)" if self.info.synthetic else ""
-        self.logger.print(f"{what} {', '.join(self.labels)} on {self.info.name}{synthetic}{where}: "
-                          f"{self.info.train_size} train / {self.info.val_size} val / {self.info.test_size} test images, "
-                          f"{self.info.in_chans}x{self.info.img_size}px, {self.info.num_classes} classes, device {rt.device}, "
-                          f"amp {rt.amp_dtype}, {rt.world_size} process(es) x batch {args.batch_size} "
-                          f"(global {args.batch_size * rt.world_size})"
-                          + (f", lr x{rt.world_size} (--lr-scaling linear)" if rt.distributed and args.lr_scaling == "linear" else "")
-                          + (", SyncBatchNorm" if rt.sync_bn else "") + f"; run dir {self.run_dir}")
-
-    def resume_extra(self, key, default=None):
-        """A piece of script state stored by a previous invocation (None on a fresh run)."""
-        return self.extra.get(key, default)
-
-    def skip_steps(self, epoch):
-        """Iterations of `epoch` already done before an interrupted run was resumed."""
-        return self.start_step if epoch == self.start_epoch else 0
-
-    def _checkpoint(self, epoch, step, extra):
-        extra = dict(extra or {}, best=self.best)
-        return make_checkpoint(self.args, self.info, self.names, self.nets, self.optimizers, self.rt,
-                               epoch=epoch, step=step, extra=extra)
-
-    def end_epoch(self, epoch, train_rows, lrs, seconds, extra=None):
-        """Evaluate, log and checkpoint after epoch `epoch` (0-based); returns the logged rows."""
-        sync_replicas(self.nets, self.rt, epoch)
-        val = evaluate(self.nets, self.val_loader, self.rt) if self.val_loader is not None else None
-        test = evaluate(self.nets, self.test_loader, self.rt)
-        # Only the steps this invocation ran (a resumed epoch replays the others without training).
-        images = (self.steps_per_epoch - self.skip_steps(epoch)) * self.args.batch_size * self.rt.world_size
-        rows = []
-        for i, label in enumerate(self.labels + (["ensemble"] if len(self.nets) > 1 else [])):
-            row = {"epoch": epoch + 1, "net": label, "model": self.names[i] if i < len(self.names) else "+".join(self.names)}
-            if i < len(self.nets):
-                row["lr"] = lrs[i]
-                row.update({f"train_{k}": v for k, v in train_rows[i].items()})
-                row.pop("train_leader", None), row.pop("train_teachers", None)
-                if "leader" in train_rows[i]:
-                    row["leader_share"], row["teachers"] = train_rows[i]["leader"], train_rows[i]["teachers"]
-                row["epoch_time_s"], row["images_per_s"] = seconds, images / seconds
-            for split, result in (("val", val), ("test", test)):
-                if result is not None:
-                    row.update({f"{split}_{k}": v for k, v in result[i].items()})
-            rows.append(row)
-        self.logger.log_epoch(epoch + 1, rows)
-        self.logger.print(*(epoch_line(epoch + 1, self.args.epochs, row) for row in rows))
-        if val is not None:
-            improved = False
-            for i in range(len(self.nets)):
-                if val[i]["acc"] > self.best["val_acc"][i]:
-                    self.best["val_acc"][i], self.best["epoch"][i] = val[i]["acc"], epoch + 1
-                    self.best["test_acc"][i] = test[i]["acc"]
-                    self.best_states[i] = {k: v.detach().cpu().clone() for k, v in unwrap(self.nets[i]).state_dict().items()}
-                    improved = True
-            if improved and self.rt.is_main:
-                best = self._checkpoint(epoch + 1, 0, extra)
-                best["nets"], best["optimizers"] = self.best_states, []
-                atomic_save(best, os.path.join(self.run_dir, "best.pt"))
-        self.final = rows
-        if self.rt.is_main:
-            atomic_save(self._checkpoint(epoch + 1, 0, extra), os.path.join(self.run_dir, "last.pt"))
-        return rows
-
-    def should_stop_after(self, epoch):
-        """True when --stop-after epochs have run in this invocation."""
-        return self.args.stop_after is not None and epoch + 1 - self.start_epoch >= self.args.stop_after
-
-    def interrupt(self, stop, epoch, step, extra=None):
-        """Save the state after `step` iterations of `epoch` as last.pt, say how to resume, exit 130/143."""
-        path = os.path.join(self.run_dir, "last.pt")
-        # Under torchrun every process reached this step (StopRequest.requested agreed on it): rank
-        # 0's weights are everyone's, and its buffers are the ones DDP broadcasts at the next step.
-        if self.rt.is_main:
-            atomic_save(self._checkpoint(epoch, step, extra), path)
-        if self.rt.distributed:
-            dist.barrier()  # nobody exits (which makes torchrun stop the others) before the save is done
-        argv, skip = [], False
-        for arg in sys.argv[1:]:
-            if skip or arg == "--resume":
-                skip = not skip and arg == "--resume"
-                continue
-            if not arg.startswith("--resume="):
-                argv.append(arg)
-        launcher = ["python"]
-        if "TORCHELASTIC_RUN_ID" in os.environ:
-            nodes = self.rt.world_size // int(os.environ.get("LOCAL_WORLD_SIZE", self.rt.world_size))
-            launcher = ["torchrun", f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', self.rt.world_size)}"]
-            launcher += [f"--nnodes={nodes} <rendezvous flags>"] if nodes > 1 else []
-        command = " ".join([*launcher, os.path.basename(sys.argv[0]), *argv, "--resume", path])
-        name = signal.Signals(stop.signal).name
-        self.logger.print(f"{name}: stopped at epoch {epoch + 1} step {step}; state saved to {path}; continue with: {command}")
-        self.logger.close()
-        sys.exit(stop.exit_code)
-
-    def finish(self):
-        """Print and save (results.json) the last epoch's and the best-validation numbers."""
-        self.logger.close()
-        if not getattr(self, "final", None):
-            return None
-        results = {"run_dir": self.run_dir, "dataset": self.info.name, "synthetic": self.info.synthetic,
-                   "epochs": self.final[0]["epoch"], "networks": []}
-        for i, row in enumerate(self.final):
-            entry = {"net": row["net"], "model": row["model"], "final_test_acc": row["test_acc"],
-                     "final_val_acc": row.get("val_acc")}
-            if i < len(self.nets) and self.val_loader is not None:
-                entry.update(best_val_acc=self.best["val_acc"][i], best_epoch=self.best["epoch"][i],
-                             test_acc_at_best_val=self.best["test_acc"][i])
-            results["networks"].append(entry)
-        if self.rt.is_main:
-            save_json(results, os.path.join(self.run_dir, "results.json"))
-            self.logger.print("final test accuracy (last epoch): " + ", ".join(
-                f"{e['net']} {e['final_test_acc']:.2f}%" for e in results["networks"]))
-        return results
-
-
 class CapturedStep:
     """Runs a training step eagerly or, with CUDA graphs, captures it once and replays it.
 
@@ -551,43 +670,3 @@ class CapturedStep:
                 static.copy_(tensor, non_blocking=True)
         self.graph.replay()
         return self.static_output
-
-
-def make_scaler(rt, run):
-    """Gradient scaler for fp16 autocast (a pass-through otherwise), restored on resume."""
-    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
-    if run.resume_extra("scaler"):
-        scaler.load_state_dict(run.resume_extra("scaler"))
-    return scaler
-
-
-def train_loop(args, rt, run, train_loader, schedule, keys, train_step, state=dict):
-    """The epoch skeleton every script shares; the script's `train_step` is its paradigm.
-
-    train_step(step, images, labels) runs one optimisation step of the whole group and returns
-    its (n, len(keys)) tensor of statistics, which stays on the device until the epoch ends.
-    state() returns the script's extra resumable state (scaler, perturbation generators).
-    A SIGINT/SIGTERM is honoured between steps: the state is saved and the process exits.
-    """
-    show = progress_enabled(args, rt)
-    with StopRequest(rt) as stop:
-        for epoch in range(run.start_epoch, args.epochs):
-            train_loader.set_epoch(epoch)
-            stats = StepStats(keys, len(run.nets), rt.device)
-            skip = run.skip_steps(epoch)
-            if skip:
-                stats.load_state_dict(run.resume_extra("stats"), rt)
-            start = now()
-            for step, (images, labels) in enumerate(progress(train_loader, show, desc=f"epoch {epoch + 1}")):
-                lrs = schedule.step(epoch * len(train_loader) + step)
-                if step < skip:  # replaying the loader keeps its random stream exact on resume
-                    continue
-                stats.add(train_step(step, images, labels))
-                if stop.requested(step):
-                    run.interrupt(stop, epoch, step + 1, {"stats": stats.state_dict(rt), **state()})
-            run.end_epoch(epoch, stats.means(rt), lrs, now() - start, state())
-            if epoch + 1 < args.epochs and stop.requested():  # after the last epoch, finishing is quicker
-                run.interrupt(stop, epoch + 1, 0, state())
-            if run.should_stop_after(epoch):
-                break
-    return run.finish()

@@ -1,4 +1,4 @@
-"""Stochastic perturbation ("mutation") of one network's batch: SPEC section 3.2.
+"""Stochastic perturbation ("mutation") of one network's batch: Shi et al. 2025, section 3.2.
 
 Every `--perturb-every` steps one network, drawn at random, trains on a perturbed copy of the batch.
 The operations act in [0,1] pixel space (the authors jittered and clamped normalised tensors, which
@@ -6,12 +6,11 @@ destroyed half the signal), run batched on the batch's device, and take all thei
 seeded torch.Generator so that a run, and a resumed run, is reproducible.
 """
 import torch
-import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 
 PERTURBATIONS = ("mixup", "gaussian_noise", "color_jitter_blur", "hflip", "vflip", "rotation")
 
-# Values of the authors' code (SPEC 3.2).
+# Values of the authors' code (section 3.2).
 NOISE_STD = 0.25                  # in [0,1] pixel units
 BRIGHTNESS = (0.75, 1.25)         # ColorJitter(brightness=0.25)
 CONTRAST = (0.85, 1.15)           # ColorJitter(contrast=0.15)
@@ -98,14 +97,8 @@ def perturb(images, labels, op, *, mean, std, generator, param_generator=None):
     return x, labels, lam
 
 
-def mixed_cross_entropy(logits, labels, labels_perm, lam, label_smoothing=0.0):
-    """lam * CE(logits, labels) + (1 - lam) * CE(logits, labels_perm), each a batch mean."""
-    return (lam * F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
-            + (1 - lam) * F.cross_entropy(logits, labels_perm, label_smoothing=label_smoothing))
-
-
 class Perturber:
-    """Choose the perturbed step and network and perturb that network's batch (SPEC 3.2).
+    """Choose the perturbed step and network and perturb that network's batch (section 3.2).
 
     At step indices `step` (counted within the epoch) with `step % every == 0`, one network index
     is drawn uniformly from range(num_nets) and one operation uniformly from `ops`; on every other
@@ -122,7 +115,7 @@ class Perturber:
     `state_dict()` holds every generator state as tensors, so a resumed run continues exactly.
 
     Calling it returns (net, images_p, labels_perm, lam); feed images_p to network `net` and use
-    mixed_cross_entropy(logits, labels, labels_perm, lam) as its loss, which is plain CE unless the
+    losses.mixed_cross_entropy(logits, labels, labels_perm, lam) as its loss, which is plain CE unless the
     operation was mixup. Unperturbed steps return the inputs themselves and lam = 1.
     """
 
@@ -164,7 +157,7 @@ class Perturber:
 
         inputs[i] is network i's batch (the perturbed network's differs); lams (num_nets,) on the
         device holds the mixup weight of each network's loss, 1 for a clean batch, so every loss is
-        mixed_cross_entropy(logits_i, labels, labels_perm, lams[i]). No host synchronisation.
+        losses.mixed_cross_entropy(logits_i, labels, labels_perm, lams[i]). No host synchronisation.
         """
         net, images_p, labels_perm, lam = self(step, images, labels)
         lams = torch.ones(self.num_nets, device=images.device)

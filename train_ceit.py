@@ -1,18 +1,18 @@
-"""Train a vision transformer (CeiT by default, ViT too) alone with the DeiT/CeiT recipe (SPEC 4):
-AdamW, linear warm-up then cosine decay, label smoothing, mixup/cutmix and drop-path.
+"""Train a vision transformer (CeiT by default, ViT too) alone with the DeiT/CeiT recipe (Touvron
+et al. 2021; Yuan et al. 2021): AdamW, linear warm-up then cosine decay, label smoothing,
+mixup/cutmix and drop-path.
 
     python train_ceit.py --model ceit_tiny --dataset cifar100
     python train_ceit.py --model ceit --dataset imagenet --data-dir /data/imagenet --img-size 224
 """
 import argparse
-import random
 
 import torch
-import torch.nn.functional as F
 
-import models
 import engine
+import models
 import utils
+from losses import accuracy, soft_target_cross_entropy
 
 
 def get_args_parser():
@@ -21,7 +21,7 @@ def get_args_parser():
         "Train a CeiT or ViT with the transformer recipe.", epochs=300, optimizer="adamw",
         weight_decay=0.05, warmup_epochs=5, label_smoothing=0.1)
     parser.set_defaults(model="ceit")
-    add = parser.add_argument
+    add = parser.add_argument_group("transformer recipe").add_argument
     add("--mixup", type=float, default=0.8, help="mixup Beta(alpha, alpha) parameter (DeiT: 0.8; 0 = off)")
     add("--cutmix", type=float, default=1.0, help="cutmix Beta(alpha, alpha) parameter (DeiT: 1.0; 0 = off)")
     add("--mix-prob", type=float, default=1.0, help="probability that a batch is mixed at all (DeiT: 1.0)")
@@ -59,6 +59,19 @@ def mix_batch(images, labels, num_classes, args, rng):
     return images, lam * targets + (1 - lam) * targets.flip(0)
 
 
+def transformer_step(net, optimizer, scaler, images, targets, labels, args, rt):
+    """One optimisation step against soft (mixed, smoothed) targets; returns its statistics."""
+    with utils.autocast(rt):
+        logits = net(utils.to_input(images, rt)).float()
+    loss = soft_target_cross_entropy(logits, targets)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    # Against the unmixed labels: on mixed batches this understates what the network learned.
+    return {"loss": loss.detach(), "acc": accuracy(logits, labels)}
+
+
 def main(args):
     """Train one transformer on args.dataset; returns the results dict."""
     utils.check_args(args)
@@ -76,36 +89,30 @@ def main(args):
     nets = utils.build_nets(names, data.info, rt, drop_path_rate=args.drop_path)
     optimizers, peak_lrs = utils.build_optimizers(args, nets, rt)
     schedule = utils.Schedule(args, optimizers, peak_lrs, len(train_loader))
-    run = engine.Run(args, "ceit", names, rt, data, nets, optimizers, val_loader, test_loader, len(train_loader))
-    net, optimizer = nets[0], optimizers[0]
-    scaler = engine.make_scaler(rt, run)
-    rng = random.Random(args.seed)  # host-side draws of lam and boxes: no device synchronisation
-    if run.resume_extra("mix_rng"):
-        rng.setstate((3, tuple(run.resume_extra("mix_rng")), None))
+    scaler = utils.make_scaler(rt)
+    mix_rng = utils.HostRandom(args.seed)  # host-side draws of lam and boxes: no device synchronisation
+    run = engine.start_run(args, "ceit", names, rt, data.info, nets, optimizers, steps_per_epoch=len(train_loader),
+                           resumable={"scaler": scaler, "mix_rng": mix_rng})
+    # The whole step; with --cuda-graphs captured once and replayed (engine.CapturedStep).
+    train_step = engine.CapturedStep(
+        lambda images, targets, labels: transformer_step(nets[0], optimizers[0], scaler, images, targets, labels, args, rt),
+        enabled=rt.cuda_graphs)
 
-    def transformer_step(images, targets, labels):  # the whole step: capturable in a CUDA graph
-        with utils.autocast(rt):
-            logits = net(utils.to_input(images, rt)).float()
-        loss = torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        correct = (logits.argmax(-1) == labels).sum()
-        return torch.stack([loss.detach(), correct, torch.full_like(loss, labels.numel())])[None]
-
-    captured = engine.CapturedStep(transformer_step, enabled=rt.cuda_graphs)
-
-    def train_step(step, images, labels):
-        # Mixup/cutmix draws happen on the host, outside the captured step.
-        images, targets = mix_batch(images, labels, data.info.num_classes, args, rng)
-        return captured(images, targets, labels)
-
-    def state():
-        return {"scaler": scaler.state_dict(), "mix_rng": list(rng.getstate()[1])}
-
-    return engine.train_loop(args, rt, run, train_loader, schedule, ("loss", "correct", "seen"), train_step, state)
+    with engine.StopRequest(rt) as stop:
+        for epoch in range(run.start_epoch, args.epochs):
+            stats = engine.EpochStats(rt)
+            for step, (images, labels) in engine.remaining_batches(run, train_loader, epoch, stop, stats):
+                schedule.step(epoch * len(train_loader) + step)
+                # Mixup/cutmix draws happen on the host, outside the captured step.
+                images, targets = mix_batch(images, labels, data.info.num_classes, args, mix_rng)
+                stats.add(train_step(images, targets, labels))
+            evals = engine.evaluate_epoch(run, val_loader, test_loader, epoch)
+            engine.log_epoch(run, epoch, stats, evals, schedule)
+            engine.save_checkpoints(run, epoch, evals)
+            if engine.stop_after_epoch(run, epoch, stop):
+                break
+    return engine.finish(run)
 
 
 if __name__ == "__main__":
-    utils.run(main, get_args_parser())
+    utils.launch(main, get_args_parser())

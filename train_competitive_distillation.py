@@ -1,9 +1,9 @@
-"""Competitive distillation (Shi et al., ICCV 2025; SPEC section 3).
+"""Competitive distillation (Shi et al., ICCV 2025, section 3).
 
 A group of n >= 2 networks trains on one task. Every step the networks compete on their batch
 cross-entropy; each network learns (KL distillation) from the networks that beat it, the step's
 leader trains on cross-entropy alone, and all networks update together. Every --perturb-every
-steps one random network sees a perturbed copy of the batch (stochastic perturbation, SPEC 3.2).
+steps one random network sees a perturbed copy of the batch (stochastic perturbation, section 3.2).
 
     python train_competitive_distillation.py --models resnet32 resnet32 --dataset cifar100
     python train_competitive_distillation.py --teacher resnet --student vit --dataset cifar10
@@ -12,27 +12,28 @@ import torch
 
 import engine
 import utils
-from perturb import PERTURBATIONS, Perturber, mixed_cross_entropy
-
-KEYS = ("loss", "ce", "kd", "correct", "seen", "leader", "teachers")  # per-network statistics logged each epoch
+from losses import accuracy, mixed_cross_entropy, pairwise_kd
+from perturb import PERTURBATIONS, Perturber
 
 
 def get_args_parser():
     """Flags: the shared ones plus the competition, distillation and perturbation settings."""
     parser = utils.get_args_parser("Competitive distillation of a group of networks.", group=True)
-    add = parser.add_argument
+    add = parser.add_argument_group("competitive distillation").add_argument
     add("--teacher-rule", default="better", choices=["better", "best"],
-        help="better: learn from every network with a lower loss (authors' code); best: only from the step's leader (paper text)")
+        help="better: learn from every network with a lower loss (authors' code); "
+             "best: only from the step's leader (paper text)")
     add("--kd-weight", type=float, default=1.0, help="weight w of the distillation term (authors: 1)")
     add("--temperature", type=float, default=1.0, help="distillation temperature T (authors: 1)")
-    add("--perturb-every", type=int, default=10, help="perturb one random network every N steps of an epoch (authors: 10; 0 = off)")
+    add("--perturb-every", type=int, default=10,
+        help="perturb one random network every N steps of an epoch (authors: 10; 0 = off)")
     add("--perturbations", nargs="+", default=list(PERTURBATIONS), choices=PERTURBATIONS,
         help="operations drawn uniformly for the perturbed network")
     return parser
 
 
 def select_teachers(ranking_ce, rule):
-    """Competitive rule (SPEC 3.1): teacher_mask[i, j] is True when network j teaches network i.
+    """Competitive rule (section 3.1): teacher_mask[i, j] is True when network j teaches network i.
 
     ranking_ce: (n,) batch-mean cross-entropy of each network on its own input (lower is better).
     rule "better": every network with a strictly lower loss teaches (S_i = {j : l_j < l_i}).
@@ -49,20 +50,20 @@ def select_teachers(ranking_ce, rule):
 
 
 def competitive_step(nets, optimizers, scaler, inputs, labels, labels_perm, lams, args, rt):
-    """One synchronous step of the whole group; returns per-network stats (n, 7) on the device.
+    """One synchronous step of the whole group; returns its statistics, each (n,) on the device.
 
     inputs: one batch per network (the perturbed network's differs); lams: (n,) mixup weights
     (1 for clean inputs), so every network's loss is lam * CE(y) + (1 - lam) * CE(y_perm).
     """
     with utils.autocast(rt):
-        logits = torch.stack([net(x) for net, x in zip(nets, inputs)]).float()       # (n, B, C)
+        logits = torch.stack([net(utils.to_input(x, rt)) for net, x in zip(nets, inputs)]).float()  # (n, B, C)
     ce = torch.stack([mixed_cross_entropy(z, labels, labels_perm, lam, label_smoothing=args.label_smoothing)
                       for z, lam in zip(logits, lams)])
     # Under data parallelism every process must pick the same teachers: rank on the global mean.
     ranking_ce = utils.all_reduce_sum(ce.detach().clone(), rt) / rt.world_size
     teacher_mask = select_teachers(ranking_ce, args.teacher_rule).float()
     teachers = teacher_mask.sum(1)
-    kd = (utils.pairwise_kd(logits, args.temperature) * teacher_mask).sum(1) / teachers.clamp(min=1)
+    kd = (pairwise_kd(logits, args.temperature) * teacher_mask).sum(1) / teachers.clamp(min=1)
     loss = ce + args.kd_weight * kd                   # the leader's kd is 0: it trains on CE only
     for optimizer in optimizers:
         optimizer.zero_grad(set_to_none=True)
@@ -73,9 +74,8 @@ def competitive_step(nets, optimizers, scaler, inputs, labels, labels_perm, lams
     scaler.update()
     # one_hot would check its input on the host; a comparison keeps the step free of syncs
     leader = (torch.arange(len(nets), device=ce.device) == ranking_ce.argmin()).float()
-    correct = (logits.argmax(-1) == labels).sum(-1).float()
-    seen = torch.full_like(correct, labels.numel())
-    return torch.stack([loss.detach(), ce.detach(), kd.detach(), correct, seen, leader, teachers], dim=1)
+    return {"loss": loss.detach(), "ce": ce.detach(), "kd": kd.detach(), "acc": accuracy(logits, labels),
+            "leader_share": leader, "teachers": teachers}
 
 
 def main(args):
@@ -87,32 +87,31 @@ def main(args):
     nets = utils.build_nets(names, data.info, rt)
     optimizers, peak_lrs = utils.build_optimizers(args, nets, rt)
     schedule = utils.Schedule(args, optimizers, peak_lrs, len(train_loader))
-    try:
-        perturber = Perturber(every=args.perturb_every, ops=args.perturbations, num_nets=len(nets),
-                              seed=args.seed, mean=data.info.mean, std=data.info.std, device=rt.device)
-    except ValueError as error:
-        raise utils.UsageError(str(error)) from None
-    run = engine.Run(args, "competitive", names, rt, data, nets, optimizers, val_loader, test_loader, len(train_loader))
-    scaler = engine.make_scaler(rt, run)
-    if run.resume_extra("perturber"):
-        perturber.load_state_dict(run.resume_extra("perturber"))
+    perturber = Perturber(every=args.perturb_every, ops=args.perturbations, num_nets=len(nets),
+                          seed=args.seed, mean=data.info.mean, std=data.info.std, device=rt.device)
+    scaler = utils.make_scaler(rt)
+    run = engine.start_run(args, "competitive", names, rt, data.info, nets, optimizers, steps_per_epoch=len(train_loader),
+                           resumable={"scaler": scaler, "perturber": perturber})
+    # The whole group step; with --cuda-graphs captured once and replayed (engine.CapturedStep).
+    train_step = engine.CapturedStep(
+        lambda labels, labels_perm, lams, *inputs: competitive_step(
+            nets, optimizers, scaler, inputs, labels, labels_perm, lams, args, rt), enabled=rt.cuda_graphs)
 
-    def group_step(labels, labels_perm, lams, *inputs):  # the whole step: capturable in a CUDA graph
-        inputs = [utils.to_input(x, rt) for x in inputs]
-        return competitive_step(nets, optimizers, scaler, inputs, labels, labels_perm, lams, args, rt)
-
-    captured = engine.CapturedStep(group_step, enabled=rt.cuda_graphs)
-
-    def train_step(step, images, labels):
-        # The perturbation runs before the captured step and writes its inputs.
-        inputs, labels_perm, lams = perturber.group_batch(step, images, labels)
-        return captured(labels, labels_perm, lams, *inputs)
-
-    def state():
-        return {"scaler": scaler.state_dict(), "perturber": perturber.state_dict()}
-
-    return engine.train_loop(args, rt, run, train_loader, schedule, KEYS, train_step, state)
+    with engine.StopRequest(rt) as stop:
+        for epoch in range(run.start_epoch, args.epochs):
+            stats = engine.EpochStats(rt)
+            for step, (images, labels) in engine.remaining_batches(run, train_loader, epoch, stop, stats):
+                schedule.step(epoch * len(train_loader) + step)
+                # Every --perturb-every steps one random network gets a perturbed batch (section 3.2).
+                inputs, labels_perm, lams = perturber.group_batch(step, images, labels)
+                stats.add(train_step(labels, labels_perm, lams, *inputs))
+            evals = engine.evaluate_epoch(run, val_loader, test_loader, epoch)
+            engine.log_epoch(run, epoch, stats, evals, schedule)
+            engine.save_checkpoints(run, epoch, evals)
+            if engine.stop_after_epoch(run, epoch, stop):
+                break
+    return engine.finish(run)
 
 
 if __name__ == "__main__":
-    utils.run(main, get_args_parser())
+    utils.launch(main, get_args_parser())

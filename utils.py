@@ -1,6 +1,6 @@
 """Plumbing shared by every training script: flags, device and precision, data and model setup,
-optimizers and schedules, the losses shared by the collaborative paradigms, and evaluation.
-The run around the training step (epoch loop, logs, checkpoints, resume) is in engine.py;
+optimizers and learning-rate schedules, and evaluation. The helpers a script's loop calls
+(batches, logging, checkpoints, resume) are in engine.py, the paper's losses in losses.py, and
 what makes a paradigm itself stays in its script."""
 import argparse
 import dataclasses
@@ -30,7 +30,7 @@ def fail(message, code=2):
     sys.exit(code)
 
 
-def run(main, parser, argv=None):
+def launch(main, parser, argv=None):
     """Parse argv and run main(args); user errors become one line on stderr and exit code 2."""
     args = parser.parse_args(argv)
 
@@ -64,62 +64,134 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class ListModels(argparse.Action):
+    """--list-models: print the registered model names and aliases, then exit."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        aliases = ", ".join(f"{alias} = {name}" for alias, name in sorted(models.ALIASES.items()))
+        print("models: " + " ".join(models.list_models()) + f"\naliases: {aliases}")
+        parser.exit()
+
+
 def get_args_parser(description, *, group=False, epochs=200, batch_size=128, optimizer="sgd",
                     schedule="cosine", weight_decay=5e-4, warmup_epochs=1.0, label_smoothing=0.0):
-    """The flags every script shares; scripts add their own and may change the recipe defaults."""
+    """The flags every script shares, in groups; scripts add their own group and may change the
+    recipe defaults given here."""
     parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
-    add = parser.add_argument
+    add_model_flags(parser.add_argument_group("model"), group)
+    add_data_flags(parser.add_argument_group("data"))
+    add_optimization_flags(parser.add_argument_group("optimization"), epochs=epochs, batch_size=batch_size,
+                           optimizer=optimizer, schedule=schedule, weight_decay=weight_decay,
+                           warmup_epochs=warmup_epochs, label_smoothing=label_smoothing)
+    add_run_flags(parser.add_argument_group("run"))
+    add_speed_flags(parser.add_argument_group("speed"))
+    add_distributed_flags(parser.add_argument_group("distributed (under torchrun)"))
+    return parser
+
+
+def add_model_flags(flags, group):
+    """Which network(s): --model, or a group's --models (and the authors' pair spellings)."""
+    add = flags.add_argument
+    names = "see --list-models"
     if group:
-        add("--models", nargs="+", metavar="NAME", help="the networks of the group (n >= 2; default: resnet32 resnet32)")
+        add("--models", nargs="+", metavar="NAME", help=f"the networks of the group (n >= 2; default: resnet32 resnet32; {names})")
         add("--model1", help="first network of a pair (authors' spelling; same as --models A B)")
         add("--model2", help="second network of a pair")
-        add("--teacher", help="first network of a pair (authors' spelling: roles are decided every step by the competition, not by this name)")
+        add("--teacher", help="first network of a pair (authors' spelling: roles are decided every step "
+                              "by the competition, not by this name)")
         add("--student", help="second network of a pair (see --teacher)")
     else:
-        add("--model", default="resnet32", help="network name or alias (see README's model table)")
+        add("--model", default="resnet32", help=f"network name or alias ({names})")
+    add("--list-models", action=ListModels, help="print the model names and aliases, then exit")
+
+
+def add_data_flags(flags):
+    """Data set, split and input size."""
+    add = flags.add_argument
     add("--dataset", default="cifar10", help="cifar10, cifar100, fashion-mnist, mnist, svhn, imagenet, imagefolder, fake")
     add("--data-dir", default="./data", help="where datasets are looked for and downloaded")
-    add("--download", action=argparse.BooleanOptionalAction, default=True, help="download missing datasets when the network allows")
-    add("--img-size", type=int, default=None, help="input size fed to the networks (default: the dataset's native size; the authors used 224 for CIFAR-100)")
-    add("--val-size", type=int, default=None, help="images held out from the training set to select the best checkpoint (default: 5000 for CIFAR, MNIST-likes and SVHN, 0 otherwise)")
+    add("--download", action=argparse.BooleanOptionalAction, default=True,
+        help="download missing datasets when the network allows")
+    add("--img-size", type=int, default=None,
+        help="input size fed to the networks (default: the dataset's native size; the authors used 224 for CIFAR-100)")
+    add("--val-size", type=int, default=None,
+        help="images held out from the training set to select the best checkpoint "
+             "(default: 5000 for CIFAR, MNIST-likes and SVHN, 0 otherwise)")
     add("--split-seed", type=int, default=0, help="seed of the train/validation split (fixed across runs so runs compare)")
-    add("--train-subset", type=int, default=None, help="train on only the first N images of the training split (quick experiments; validation and test sets stay whole)")
+    add("--train-subset", type=int, default=None,
+        help="train on only the first N images of the training split (quick experiments; validation and test sets stay whole)")
     add("--num-classes", type=int, default=None, help="class count of the synthetic 'fake' dataset (other datasets set their own)")
+    add("--loader", default="auto", choices=["auto", "gpu", "torch"],
+        help="gpu: dataset held on the device with batched augmentation there (in-memory sets); torch: DataLoader with workers")
+    add("--workers", type=int, default=2, help="DataLoader worker processes (torch loader)")
+
+
+def add_optimization_flags(flags, *, epochs, batch_size, optimizer, schedule, weight_decay, warmup_epochs, label_smoothing):
+    """The recipe: epochs, batch, optimizer, learning-rate schedule, regularisation."""
+    add = flags.add_argument
     add("--epochs", type=int, default=epochs, help="training epochs")
     add("--batch-size", type=int, default=batch_size, help="training batch size (per process)")
     add("--eval-batch-size", type=int, default=None, help="evaluation batch size (default: 2 x batch size)")
-    add("--optimizer", nargs="+", default=[optimizer], choices=["sgd", "adamw", "adam"], help="optimizer, one for all networks or one per network")
-    add("--lr", nargs="+", type=float, default=None, help="learning rate, one or one per network (default: sgd 0.1 x batch/128, adam/adamw 1e-3)")
-    add("--weight-decay", nargs="+", type=float, default=[weight_decay], help="weight decay, one or one per network (decoupled for AdamW)")
+    add("--optimizer", nargs="+", default=[optimizer], choices=["sgd", "adamw", "adam"],
+        help="optimizer, one for all networks or one per network")
+    add("--lr", nargs="+", type=float, default=None,
+        help="learning rate, one or one per network (default: sgd 0.1 x batch/128, adam/adamw 1e-3)")
+    add("--weight-decay", nargs="+", type=float, default=[weight_decay],
+        help="weight decay, one or one per network (decoupled for AdamW)")
     add("--momentum", type=float, default=0.9, help="SGD momentum")
     add("--nesterov", action=argparse.BooleanOptionalAction, default=True, help="Nesterov momentum for SGD")
-    add("--schedule", default=schedule, choices=["cosine", "step", "constant"], help="learning-rate schedule, stepped every iteration")
-    add("--warmup-epochs", type=float, default=warmup_epochs, help="linear warm-up length in epochs (1 for the CNN recipe: at lr 0.1 a network that distils from a peer in its first steps can otherwise diverge)")
+    add("--schedule", default=schedule, choices=["cosine", "step", "constant"],
+        help="learning-rate schedule, stepped every iteration")
+    add("--warmup-epochs", type=float, default=warmup_epochs,
+        help="linear warm-up length in epochs (1 for the CNN recipe: at lr 0.1 a network that distils "
+             "from a peer in its first steps can otherwise diverge)")
     add("--milestones", nargs="+", type=float, default=[0.5, 0.75], help="step schedule: decay points as fractions of training")
     add("--gamma", type=float, default=0.1, help="step schedule: decay factor at each milestone")
     add("--min-lr", type=float, default=0.0, help="cosine schedule: final learning rate as a fraction of the peak")
     add("--label-smoothing", type=float, default=label_smoothing, help="label smoothing of the cross-entropy")
+
+
+def add_run_flags(flags):
+    """Seeds, run directory, resume and output."""
+    add = flags.add_argument
     add("--seed", type=int, default=0, help="seed of weights, data order, augmentation and perturbation")
-    add("--deterministic", action=argparse.BooleanOptionalAction, default=False, help="deterministic kernels (slower); exact resume")
-    add("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    add("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"], help="autocast precision (auto: bf16 on CUDA, none on CPU)")
-    add("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="channels_last memory format (faster convolutions on CPU and GPU)")
-    add("--cuda-graphs", action=argparse.BooleanOptionalAction, default=False, help="capture each whole training step in one CUDA graph and replay it (CUDA, one process, fp32/bf16; not yet run on a GPU, so off by default)")
-    add("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile every network for training (costs a compilation of a minute or more; not yet measured on a GPU, so off by default)")
-    add("--sync-bn", action=argparse.BooleanOptionalAction, default=False,
-        help="under torchrun, normalise BatchNorm with statistics of the global batch (SyncBatchNorm, GPUs only); "
-             "off: each process uses its own batch's statistics, running statistics follow rank 0 (DDP's default)")
-    add("--lr-scaling", default="linear", choices=["linear", "none"],
-        help="under torchrun with K processes, linear multiplies the peak lr (--lr, or its default computed from the "
-             "per-process batch) by K, so K processes x batch B follow the recipe of one process with batch K*B "
-             "(Goyal et al. 2017; DeiT); none uses the rate as given")
-    add("--loader", default="auto", choices=["auto", "gpu", "torch"], help="gpu: dataset held on the device with batched augmentation there (in-memory sets); torch: DataLoader with workers")
-    add("--workers", type=int, default=2, help="DataLoader worker processes (torch loader)")
+    add("--deterministic", action=argparse.BooleanOptionalAction, default=False,
+        help="deterministic kernels (slower); exact resume")
     add("--out-dir", default=None, help="run directory (default: runs/<script>-<dataset>-<models>-<time>)")
     add("--resume", default=None, help="checkpoint to continue from, or 'auto' for <out-dir>/last.pt when it exists")
-    add("--stop-after", type=int, default=None, help="stop this invocation after N epochs (for time-limited jobs); continue with --resume")
-    add("--progress", action=argparse.BooleanOptionalAction, default=None, help="tqdm progress bars (default: when stdout is a terminal)")
-    return parser
+    add("--stop-after", type=int, default=None,
+        help="stop this invocation after N epochs (for time-limited jobs); continue with --resume")
+    add("--progress", action=argparse.BooleanOptionalAction, default=None,
+        help="tqdm progress bars (default: when stdout is a terminal)")
+
+
+def add_speed_flags(flags):
+    """Device, precision, memory format, compilation and CUDA graphs."""
+    add = flags.add_argument
+    add("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"],
+        help="autocast precision (auto: bf16 on CUDA, none on CPU)")
+    add("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+        help="channels_last memory format (faster convolutions on CPU and GPU)")
+    add("--cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
+        help="capture each whole training step in one CUDA graph and replay it (CUDA, one process, fp32/bf16)")
+    add("--compile", action=argparse.BooleanOptionalAction, default=False,
+        help="torch.compile every network for training (costs a compilation of a minute or more)")
+
+
+def add_distributed_flags(flags):
+    """Data parallelism under torchrun."""
+    add = flags.add_argument
+    add("--sync-bn", action=argparse.BooleanOptionalAction, default=False,
+        help="normalise BatchNorm with statistics of the global batch (SyncBatchNorm, GPUs only); "
+             "off: each process uses its own batch's statistics, running statistics follow rank 0 (DDP's default)")
+    add("--lr-scaling", default="linear", choices=["linear", "none"],
+        help="with K processes, linear multiplies the peak lr (--lr, or its default computed from the "
+             "per-process batch) by K, so K processes x batch B follow the recipe of one process with batch K*B "
+             "(Goyal et al. 2017; DeiT); none uses the rate as given")
 
 
 def check_args(args):
@@ -147,6 +219,8 @@ def check_args(args):
         raise UsageError(f"--stop-after must be a positive integer, got {args.stop_after}")
     if args.resume == "auto" and args.out_dir is None:
         raise UsageError("--resume auto needs --out-dir (the run directory to continue)")
+    if getattr(args, "perturb_every", 0) < 0:
+        raise UsageError(f"--perturb-every must be >= 0 (0 disables perturbation), got {args.perturb_every}")
 
 
 def model_names(args):
@@ -276,6 +350,24 @@ def seed_everything(seed):
 def autocast(rt):
     """Autocast context for the runtime's precision (a no-op when it is fp32)."""
     return torch.autocast(rt.device.type, dtype=rt.amp_dtype or torch.float32, enabled=rt.amp_dtype is not None)
+
+
+def make_scaler(rt):
+    """Gradient scaler for fp16 autocast (a pass-through otherwise)."""
+    return torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
+
+
+class HostRandom(random.Random):
+    """random.Random for host-side draws (no device synchronisation) whose state goes into
+    checkpoints like the other resumable objects (state_dict/load_state_dict)."""
+
+    def state_dict(self):
+        """The Mersenne Twister state, as a list of ints."""
+        return list(self.getstate()[1])
+
+    def load_state_dict(self, state):
+        """Restore what state_dict() returned."""
+        self.setstate((3, tuple(state), None))
 
 
 def all_reduce_sum(tensor, rt):
@@ -478,35 +570,17 @@ class Schedule:
                            schedule=args.schedule, milestones=args.milestones, gamma=args.gamma,
                            min_lr=args.min_lr)
 
+    def rates(self, global_step):
+        """Each optimizer's rate at iteration `global_step`."""
+        factor = lr_factor(global_step, **self.kwargs)
+        return [peak * factor for peak in self.peak_lrs]
+
     def step(self, global_step):
         """Set every optimizer's rate for iteration `global_step`; returns the rates."""
-        factor = lr_factor(global_step, **self.kwargs)
-        lrs = [peak * factor for peak in self.peak_lrs]
+        lrs = self.rates(global_step)
         for optimizer, lr in zip(self.optimizers, lrs):
             set_lr(optimizer, lr)
         return lrs
-
-
-# ----------------------------------------------------------------------------------------------
-# Losses shared by the collaborative paradigms
-# ----------------------------------------------------------------------------------------------
-def kd_loss(student_logits, teacher_logits, temperature=1.0):
-    """KD(student <- teacher) = T^2 KL(sg(p_teacher) || p_student), summed over classes, batch mean."""
-    log_p = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_q = F.log_softmax(teacher_logits.float().detach() / temperature, dim=-1)
-    return temperature**2 * F.kl_div(log_p, log_q, log_target=True, reduction="batchmean")
-
-
-def pairwise_kd(logits, temperature=1.0):
-    """kd[i, j] = KD(i <- j) for every pair of a group's logits (n, B, C); the diagonal is zero.
-
-    Row i carries gradient only into network i: the targets (column networks) are detached, so
-    one backward of a sum of rows gives each network exactly its own distillation gradient.
-    """
-    log_p = F.log_softmax(logits.float() / temperature, dim=-1)          # (n, B, C), with gradient
-    log_q = log_p.detach()                                               # the teachers' side
-    kl = (log_q.exp()[None] * (log_q[None] - log_p[:, None])).sum(-1)   # (n_student, n_teacher, B)
-    return temperature**2 * kl.mean(-1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -548,39 +622,3 @@ def evaluate(nets, loader, rt):
         net.train(mode)
     return [{"loss": s[0] / max(s[3], 1), "acc": 100 * s[1] / max(s[3], 1), "top5": 100 * s[2] / max(s[3], 1)}
             for s in sums]
-
-
-class StepStats:
-    """Per-network training sums kept on the device; read once per epoch (no per-step sync)."""
-
-    def __init__(self, keys, n, device):
-        self.keys = keys
-        self.sums = torch.zeros(n, len(keys), device=device, dtype=torch.float64)
-        self.steps = 0
-
-    def add(self, values):
-        """Add one step's (n, len(keys)) tensor of values."""
-        self.sums += values.detach().to(torch.float64)
-        self.steps += 1
-
-    def means(self, rt):
-        """Per-network dicts of step means (sums over processes; `correct`/`seen` become `acc` in %)."""
-        sums = all_reduce_sum(self.sums.clone(), rt).tolist()
-        steps = max(self.steps * rt.world_size, 1)
-        rows = []
-        for row in sums:
-            values = dict(zip(self.keys, row))
-            out = {k: v / steps for k, v in values.items() if k not in ("correct", "seen")}
-            if "correct" in values:
-                out["acc"] = 100 * values["correct"] / max(values["seen"], 1)
-            rows.append(out)
-        return rows
-
-    def state_dict(self, rt):
-        """Sums over all processes and the step count, for a mid-epoch checkpoint (a collective)."""
-        return {"sums": all_reduce_sum(self.sums.clone(), rt).cpu(), "steps": self.steps}
-
-    def load_state_dict(self, state, rt):
-        """Restore the step count, and the sums on rank 0 only: they already cover every process."""
-        self.sums.copy_(state["sums"] if rt.is_main else torch.zeros_like(self.sums))
-        self.steps = int(state["steps"])

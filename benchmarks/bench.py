@@ -34,6 +34,7 @@ import train_competitive_distillation as competitive  # noqa: E402
 import train_mutual_learning as mutual  # noqa: E402
 import utils  # noqa: E402
 from datasets import build_data, make_loaders  # noqa: E402
+from losses import kd_loss  # noqa: E402
 from perturb import Perturber  # noqa: E402
 
 PARADIGMS = {"competitive": competitive, "mutual": mutual}
@@ -114,9 +115,9 @@ def reference_steps(args, device):
             teachers = [j for j in range(len(nets)) if values[j] < values[i]]
             loss = losses[i]
             if teachers and args.paradigm == "competitive":
-                loss = loss + sum(utils.kd_loss(logits[i], logits[j]) for j in teachers) / len(teachers)
+                loss = loss + sum(kd_loss(logits[i], logits[j]) for j in teachers) / len(teachers)
             elif args.paradigm == "mutual":
-                loss = loss + sum(utils.kd_loss(logits[i], logits[j]) for j in range(len(nets)) if j != i) / (len(nets) - 1)
+                loss = loss + sum(kd_loss(logits[i], logits[j]) for j in range(len(nets)) if j != i) / (len(nets) - 1)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -145,11 +146,10 @@ def repository_steps(args, device, compile_nets):
     perturber = Perturber(every=args.perturb_every, ops=script_args.perturbations, num_nets=len(nets), seed=0,
                           mean=data.info.mean, std=data.info.std, device=device)
     group_step = module.competitive_step if args.paradigm == "competitive" else module.mutual_step
-    stats = utils.StepStats(module.KEYS, len(nets), device)
+    stats = engine.EpochStats(rt)
     state = {"step": 0}
 
     def core(labels, labels_perm, lams, *inputs):
-        inputs = [utils.to_input(x, rt) for x in inputs]
         return group_step(nets, optimizers, scaler, inputs, labels, labels_perm, lams, script_args, rt)
 
     captured = engine.CapturedStep(core, enabled=rt.cuda_graphs)
@@ -256,4 +256,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    utils.run(main, get_args_parser())
+    utils.launch(main, get_args_parser())

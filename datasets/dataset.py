@@ -92,7 +92,7 @@ class _Spec:
     default_val_size: int
 
 
-# Published per-dataset statistics (the authors used ImageNet's everywhere; SPEC section 6).
+# Published per-dataset statistics (the authors used ImageNet's everywhere).
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 _SPECS = {
     "cifar10": _Spec("CIFAR-10", 32, 3, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 4, True, 5000),

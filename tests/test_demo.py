@@ -57,7 +57,7 @@ def loose(runs, tmp_path_factory):
 
 def run_demo(argv):
     """demo.py in-process, the way its __main__ runs it (user errors exit with code 2)."""
-    return utils.run(demo.main, demo.get_args_parser(), [str(a) for a in argv])
+    return utils.launch(demo.main, demo.get_args_parser(), [str(a) for a in argv])
 
 
 def table(stdout):

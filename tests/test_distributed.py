@@ -103,8 +103,8 @@ def test_competitive_two_processes(straight_run):
     for epoch in ("1", "2"):
         nets = [r for r in rows if r["epoch"] == epoch and r["net"] != "ensemble"]
         # every step has one leader, the same on both processes: shares reduced over ranks add up to 1
-        assert sum(float(r["leader_share"]) for r in nets) == pytest.approx(1.0)
-        assert sum(float(r["teachers"]) for r in nets) == pytest.approx(1.0)
+        assert sum(float(r["train_leader_share"]) for r in nets) == pytest.approx(1.0)
+        assert sum(float(r["train_teachers"]) for r in nets) == pytest.approx(1.0)
     # the replica guard ran after every epoch (it raises on a mismatch); rank 0's checkpoint is whole
     assert engine.load_checkpoint(str(out / "last.pt"))["args"]["world_size"] == 2
     assert_logged_metrics_count_every_sample_once(out, LONG)
@@ -198,7 +198,7 @@ def test_sigterm_to_one_rank_saves_mid_epoch_and_max_restarts_continues(tmp_path
     assert [(r["epoch"], r["net"]) for r in rows] == [(r["epoch"], r["net"]) for r in straight_rows]
     for a, b in zip(rows, straight_rows):
         assert float(a["train_loss"] or 0) == pytest.approx(float(b["train_loss"] or 0), rel=1e-5)
-        assert (a["leader_share"], a["test_acc"]) == (b["leader_share"], b["test_acc"])
+        assert (a["train_leader_share"], a["test_acc"]) == (b["train_leader_share"], b["test_acc"])
     assert_same_weights(weights(straight / "last.pt"), weights(out / "last.pt"))  # mid-epoch resume is exact too
 
 
@@ -263,8 +263,8 @@ def first_steps(rt, names, batch_size, steps=3):
         inputs = [utils.to_input(images, rt)] * len(nets)
         stats = competitive.competitive_step(nets, optimizers, scaler, inputs, labels, labels, torch.ones(len(nets)),
                                              args, rt)
-        losses.append(utils.all_reduce_sum(stats[:, :3].clone(), rt) / rt.world_size)
-        leaders.append(stats[:, 5:])
+        losses.append(utils.all_reduce_sum(torch.stack([stats["loss"], stats["ce"], stats["kd"]], 1), rt) / rt.world_size)
+        leaders.append(torch.stack([stats["leader_share"], stats["teachers"]], 1))
     return torch.stack(losses), torch.stack(leaders), [unwrap(net).state_dict() for net in nets]
 
 
@@ -326,9 +326,9 @@ def ranks(tmp_path_factory):
 @pytest.mark.parametrize("rule,teachers", [("better", [2, 1, 0]), ("best", [1, 1, 0])])
 def test_every_rank_makes_the_same_teacher_choice(ranks, rule, teachers):
     for rank, stats in enumerate(r[rule] for r in ranks):
-        assert stats[:, 1].tolist() == pytest.approx(LOCAL_CE[rank], rel=1e-5)   # local losses disagree...
-        assert stats[:, 5].tolist() == [0, 0, 1], rank                          # ...the global ranking decides
-        assert stats[:, 6].tolist() == teachers, rank
+        assert stats["ce"].tolist() == pytest.approx(LOCAL_CE[rank], rel=1e-5)   # local losses disagree...
+        assert stats["leader_share"].tolist() == [0, 0, 1], rank                          # ...the global ranking decides
+        assert stats["teachers"].tolist() == teachers, rank
 
 
 def test_teacher_choices_agree_at_every_step_of_real_networks(ranks):

@@ -10,6 +10,7 @@ import engine
 import models
 import train
 import train_competitive_distillation as competitive
+import losses
 import utils
 
 
@@ -78,7 +79,7 @@ def test_resume_keeps_this_runs_kernels_and_rate_tensor(name, written_fused, res
 
 def test_cuda_graphs_refused_on_the_cpu(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        utils.run(train.main, train.get_args_parser(), ["--dataset", "fake", "--device", "cpu", "--cuda-graphs"])
+        utils.launch(train.main, train.get_args_parser(), ["--dataset", "fake", "--device", "cpu", "--cuda-graphs"])
     assert exit_info.value.code == 2
     assert "--cuda-graphs needs one CUDA process" in capsys.readouterr().err
 
@@ -91,7 +92,7 @@ def eager_fp32_step(nets, optimizers, images, labels):
     values = [c.item() for c in ce]
     teachers = [[j for j in range(len(nets)) if values[j] < values[i]] for i in range(len(nets))]
     for i, (optimizer, chosen) in enumerate(zip(optimizers, teachers)):
-        kd = sum(utils.kd_loss(logits[i], logits[j]) for j in chosen) / max(len(chosen), 1)
+        kd = sum(losses.kd_loss(logits[i], logits[j]) for j in chosen) / max(len(chosen), 1)
         optimizer.zero_grad()
         (ce[i] + kd).backward()  # the teachers' logits are detached: only network i's graph is used
         optimizer.step()
@@ -128,9 +129,9 @@ def test_default_step_matches_the_eager_fp32_step(amp_dtype):
         assert gaps[0] > 2 * ce_tol  # the three losses are far enough apart for the ranking to be stable
         stats = competitive.competitive_step(fast_nets, fast_opts, scaler, [utils.to_input(images, rt)] * 3,
                                              labels, labels, torch.ones(3), args, rt)
-        assert torch.allclose(stats[:, 1], torch.tensor(ce), atol=ce_tol, rtol=0), (step, stats[:, 1], ce)
-        assert stats[:, 6].tolist() == [float(len(t)) for t in teachers]
-        assert stats[:, 5].argmax().item() == min(range(3), key=ce.__getitem__)
+        assert torch.allclose(stats["ce"], torch.tensor(ce), atol=ce_tol, rtol=0), (step, stats["ce"], ce)
+        assert stats["teachers"].tolist() == [float(len(t)) for t in teachers]
+        assert stats["leader_share"].argmax().item() == min(range(3), key=ce.__getitem__)
         for net_e, net_f, old in zip(eager_nets, fast_nets, before):
             new_e = torch.cat([p.detach().flatten() for p in net_e.parameters()])
             new_f = torch.cat([p.detach().flatten() for p in net_f.parameters()])
@@ -227,7 +228,7 @@ def test_benchmark_keeps_going_past_a_failing_variant(tmp_path, monkeypatch, cap
 def test_benchmark_refuses_a_missing_device(capsys):
     from benchmarks import bench
     with pytest.raises(SystemExit) as exit_info:
-        utils.run(bench.main, bench.get_args_parser(), ["--device", "cuda:0" if not torch.cuda.is_available() else "tpu"])
+        utils.launch(bench.main, bench.get_args_parser(), ["--device", "cuda:0" if not torch.cuda.is_available() else "tpu"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.startswith("error: --device")
 

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import losses
 import utils
 from train_competitive_distillation import competitive_step, select_teachers
 from train_mutual_learning import mutual_step
@@ -56,27 +57,27 @@ def test_kd_loss_matches_kl_div_and_temperature():
     for T in (1.0, 4.0):
         p = F.softmax(teacher / T, dim=-1)
         expected = T**2 * (p * (p.log() - F.log_softmax(student / T, dim=-1))).sum(-1).mean()
-        assert torch.allclose(utils.kd_loss(student, teacher, T), expected, atol=1e-6)
+        assert torch.allclose(losses.kd_loss(student, teacher, T), expected, atol=1e-6)
 
 
 def test_kd_is_zero_for_identical_logits():
     logits = torch.randn(4, 10)
-    assert utils.kd_loss(logits, logits.clone()).abs().item() < 1e-6
-    assert utils.pairwise_kd(torch.stack([logits, logits, logits])).abs().max().item() < 1e-6
+    assert losses.kd_loss(logits, logits.clone()).abs().item() < 1e-6
+    assert losses.pairwise_kd(torch.stack([logits, logits, logits])).abs().max().item() < 1e-6
 
 
 def test_pairwise_kd_matches_pairs():
     logits = torch.randn(3, 6, 5)
-    kd = utils.pairwise_kd(logits, 2.0)
+    kd = losses.pairwise_kd(logits, 2.0)
     for i in range(3):
         for j in range(3):
-            assert torch.allclose(kd[i, j], utils.kd_loss(logits[i], logits[j], 2.0), atol=1e-6)
+            assert torch.allclose(kd[i, j], losses.kd_loss(logits[i], logits[j], 2.0), atol=1e-6)
     assert torch.all(kd.diagonal() == 0)
 
 
 def test_no_gradient_reaches_the_teacher_through_kd():
     logits = torch.randn(2, 4, 5, requires_grad=True)
-    kd = utils.pairwise_kd(logits)
+    kd = losses.pairwise_kd(logits)
     kd[1, 0].backward()  # network 1 learns from network 0
     assert logits.grad[0].abs().max() == 0
     assert logits.grad[1].abs().max() > 0
@@ -130,7 +131,7 @@ def test_competitive_step_gradients_and_stats(rule):
 
     def loss_of(i, logits):
         teachers = torch.nonzero(mask[i]).flatten().tolist()
-        kd = sum(utils.kd_loss(logits[i], logits[j]) for j in teachers) / max(len(teachers), 1)
+        kd = sum(losses.kd_loss(logits[i], logits[j]) for j in teachers) / max(len(teachers), 1)
         return F.cross_entropy(logits[i], y) + kd
 
     expected = expected_gradients(nets, x, y, loss_of)
@@ -141,10 +142,10 @@ def test_competitive_step_gradients_and_stats(rule):
         for p, p0, g in zip(net.parameters(), old, grads):
             assert torch.allclose(p.detach(), p0 - 0.1 * g, atol=1e-6)
     leader = ce.argmin().item()
-    assert stats[:, 5].tolist() == [float(i == leader) for i in range(3)]   # leader one-hot
-    assert stats[:, 6].tolist() == mask.sum(1).float().tolist()             # teacher counts
-    assert stats[leader, 2].item() == 0                                       # the leader: CE only
-    assert torch.allclose(stats[:, 1], ce, atol=1e-6)
+    assert stats["leader_share"].tolist() == [float(i == leader) for i in range(3)]   # leader one-hot
+    assert stats["teachers"].tolist() == mask.sum(1).float().tolist()             # teacher counts
+    assert stats["kd"][leader].item() == 0                                       # the leader: CE only
+    assert torch.allclose(stats["ce"], ce, atol=1e-6)
 
 
 def test_mutual_step_averages_over_peers():
@@ -153,16 +154,16 @@ def test_mutual_step_averages_over_peers():
     nets, optimizers = group(3)
 
     def loss_of(i, logits):
-        return F.cross_entropy(logits[i], y) + sum(utils.kd_loss(logits[i], logits[j]) for j in range(3) if j != i) / 2
+        return F.cross_entropy(logits[i], y) + sum(losses.kd_loss(logits[i], logits[j]) for j in range(3) if j != i) / 2
 
     expected = expected_gradients(nets, x, y, loss_of)
     with torch.no_grad():
         logits = [net(x) for net in nets]
-        kd = [sum(utils.kd_loss(logits[i], logits[j]) for j in range(3) if j != i) / 2 for i in range(3)]
+        kd = [sum(losses.kd_loss(logits[i], logits[j]) for j in range(3) if j != i) / 2 for i in range(3)]
     before = [[p.detach().clone() for p in net.parameters()] for net in nets]
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     stats = mutual_step(nets, optimizers, scaler, [x] * 3, y, y, torch.ones(3), step_args(), RT)
-    assert torch.allclose(stats[:, 2], torch.stack(kd), atol=1e-6)
+    assert torch.allclose(stats["kd"], torch.stack(kd), atol=1e-6)
     for net, old, grads in zip(nets, before, expected):
         for p, p0, g in zip(net.parameters(), old, grads):
             assert torch.allclose(p.detach(), p0 - 0.1 * g, atol=1e-6)
@@ -180,8 +181,8 @@ def test_perturbed_network_uses_mixup_loss():
         ce0 = F.cross_entropy(nets[0](x), y)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     stats = competitive_step(nets, optimizers, scaler, [x, x], y, y_perm, torch.tensor([1.0, lam]), step_args(), RT)
-    assert torch.allclose(stats[1, 1], expected, atol=1e-6)
-    assert torch.allclose(stats[0, 1], ce0, atol=1e-6)
+    assert torch.allclose(stats["ce"][1], expected, atol=1e-6)
+    assert torch.allclose(stats["ce"][0], ce0, atol=1e-6)
 
 
 def test_lr_schedule_shapes():

@@ -1,4 +1,4 @@
-"""Tests for perturb.py: the stochastic perturbation of SPEC 3.2 (CPU, a few seconds)."""
+"""Tests for perturb.py: the stochastic perturbation (paper section 3.2) (CPU, a few seconds)."""
 import io
 import math
 
@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 
-from perturb import PERTURBATIONS, Perturber, mixed_cross_entropy, perturb
+from losses import mixed_cross_entropy
+from perturb import PERTURBATIONS, Perturber, perturb
 
 RANDOM_OPS = ("mixup", "gaussian_noise", "color_jitter_blur", "rotation")
 STATS = {1: ((0.2860,), (0.3530,)),                                  # Fashion-MNIST

@@ -1,4 +1,5 @@
-"""Every command in the README parses with its script's parser, so the README cannot drift."""
+"""Every command in the README and docs/ parses with its script's parser, so the documentation cannot drift."""
+import glob
 import importlib
 import os
 import re
@@ -14,9 +15,12 @@ SCRIPTS = {"train.py", "train_mutual_learning.py", "train_competitive_distillati
            "demo.py", "benchmarks/bench.py"}
 
 
+DOCS = ["README.md", *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))]
+
+
 def readme_commands():
-    """(script, argv) for every invocation of one of our scripts in the README's code (blocks and inline)."""
-    text = open(os.path.join(ROOT, "README.md")).read()
+    """(script, argv) for every invocation of one of our scripts in the README's and docs/' code (blocks and inline)."""
+    text = "\n".join(open(os.path.join(ROOT, path)).read() for path in DOCS)
     blocks = re.findall(r"```(?:bash|sh|shell)\n(.*?)```", text, flags=re.S)
     # and the inline ones, such as the commands of the results table
     blocks += re.findall(r"(?<!`)`(python3? [^`]+)`(?!`)", text)
@@ -48,3 +52,11 @@ def test_readme_command_parses(script, argv):
     if script.startswith("train"):
         utils.check_args(args)
         assert utils.model_names(args)  # every model name resolves
+
+
+def test_readme_is_short_and_its_links_resolve():
+    """The front door stays a five-minute read; the reference pages it links to exist."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    assert len(text.encode()) < 9 * 1024
+    links = re.findall(r"\]\((docs/[^)]+)\)", text)
+    assert links and all(os.path.isfile(os.path.join(ROOT, link)) for link in links), links

@@ -71,9 +71,9 @@ def test_competitive_heterogeneous_group_cuda_hidden(tmp_path):
         [("net0_resnet20", "resnet20"), ("net1_vit_tiny", "vit_tiny"), ("ensemble", "resnet20+vit_tiny")]]
     for epoch in ("1", "2"):
         nets = [r for r in rows if r["epoch"] == epoch and r["net"] != "ensemble"]
-        assert sum(float(r["leader_share"]) for r in nets) == pytest.approx(1.0)
+        assert sum(float(r["train_leader_share"]) for r in nets) == pytest.approx(1.0)
         # with two networks exactly one learns each step: the mean teacher counts add up to 1
-        assert sum(float(r["teachers"]) for r in nets) == pytest.approx(1.0)
+        assert sum(float(r["train_teachers"]) for r in nets) == pytest.approx(1.0)
         # the learning rates are each network's own
         assert float(nets[0]["lr"]) > 10 * float(nets[1]["lr"])
 
@@ -86,7 +86,7 @@ def test_mutual_learning_three_networks_cuda_hidden(tmp_path):
     assert [n["net"] for n in results["networks"]] == ["net0_resnet20", "net1_resnet20", "net2_mobilenet_v2", "ensemble"]
     rows = read_rows(tmp_path)
     assert all(float(r["train_kd"]) > 0 for r in rows if r["net"] != "ensemble")
-    assert all(r["leader_share"] == "" for r in rows)
+    assert "train_leader_share" not in rows[0]  # mutual learning has no leader
 
 
 def test_authors_pair_flags():
@@ -119,8 +119,8 @@ def test_ceit_vit_pair_at_224_px():
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     before = [p.detach().clone() for net in nets for p in net.parameters()]
     stats = competitive.competitive_step(nets, optimizers, scaler, [images, images], labels, labels, torch.ones(2), args, rt)
-    assert stats.shape == (2, len(competitive.KEYS)) and torch.isfinite(stats).all()
-    assert stats[:, 5].sum() == 1 and stats[:, 6].sum() == 1          # one leader, one learner
+    assert all(value.shape == (2,) and torch.isfinite(value).all() for value in stats.values())
+    assert stats["leader_share"].sum() == 1 and stats["teachers"].sum() == 1          # one leader, one learner
     after = [p.detach() for net in nets for p in net.parameters()]
     assert all(not torch.equal(a, b) for a, b in zip(before, after) if a.ndim > 1)
 
@@ -200,13 +200,13 @@ def test_ctrl_c_mid_epoch_then_resume_equals_straight_run(tmp_path):
     straight, resumed = read_rows(tmp_path / "straight"), read_rows(out)
     assert [(r["epoch"], r["net"]) for r in resumed] == [(r["epoch"], r["net"]) for r in straight]
     for a, b in zip(straight, resumed):  # the epoch's statistics survive the interruption too
-        assert (a["train_loss"], a["leader_share"], a["test_acc"]) == (b["train_loss"], b["leader_share"], b["test_acc"])
+        assert (a["train_loss"], a["train_leader_share"], a["test_acc"]) == (b["train_loss"], b["train_leader_share"], b["test_acc"])
 
 
 def expect_usage_error(capsys, module, args, *fragments):
     """The script exits with code 2 and one stderr line containing every fragment."""
     with pytest.raises(SystemExit) as exit_info:
-        utils.run(module.main, module.get_args_parser(), args)
+        utils.launch(module.main, module.get_args_parser(), args)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: "), err

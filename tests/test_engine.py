@@ -1,0 +1,92 @@
+"""engine.py's helpers: statistics by name, metrics.csv columns, TensorBoard tags, optional TensorBoard."""
+import sys
+
+import pytest
+import torch
+
+import engine
+import train
+import train_competitive_distillation as competitive
+import utils
+from helpers import read_rows
+
+TINY = ["--dataset", "fake", "--img-size", "16", "--train-subset", "64", "--val-size", "32", "--batch-size", "32",
+        "--eval-batch-size", "256", "--device", "cpu", "--workers", "0", "--no-progress"]
+
+
+def run_main(module, args):
+    return module.main(module.get_args_parser().parse_args(args))
+
+
+def scalar_tags(run_dir):
+    """TensorBoard scalar tags written into a run directory."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return set(events.Tags()["scalars"])
+
+
+def test_a_new_statistic_is_one_edit_in_the_script(tmp_path, monkeypatch, capsys):
+    """A statistic added to the step's dict becomes a metrics.csv column, a TensorBoard tag and part
+    of the epoch line, with no change to engine.py."""
+    step = competitive.competitive_step
+
+    def step_with_margin(*args, **kwargs):
+        stats = step(*args, **kwargs)
+        return {**stats, "margin": stats["ce"] - stats["kd"]}
+
+    monkeypatch.setattr(competitive, "competitive_step", step_with_margin)
+    run_main(competitive, [*TINY, "--models", "resnet20", "resnet20", "--epochs", "2", "--out-dir", str(tmp_path)])
+    rows = [r for r in read_rows(tmp_path) if r["net"] != "ensemble"]
+    assert len(rows) == 4
+    for row in rows:  # the mean of a difference is the difference of the means
+        assert float(row["train_margin"]) == pytest.approx(float(row["train_ce"]) - float(row["train_kd"]), abs=1e-4)
+    assert {"train/margin/net0_resnet20", "train/margin/net1_resnet20", "train/leader_share/net0_resnet20",
+            "val/acc/ensemble"} <= scalar_tags(tmp_path)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    assert len(lines) == 6 and all("margin" in line for line in lines if "ensemble" not in line)
+
+
+def test_a_resumed_run_with_a_new_statistic_gains_a_column(tmp_path, monkeypatch):
+    """Rows already written keep their values; the new column is empty for them."""
+    run_main(train, [*TINY, "--model", "resnet20", "--epochs", "2", "--stop-after", "1", "--out-dir", str(tmp_path)])
+    step = train.vanilla_step
+    monkeypatch.setattr(train, "vanilla_step", lambda *a, **k: {**step(*a, **k), "one": torch.ones(())})
+    run_main(train, [*TINY, "--model", "resnet20", "--epochs", "2", "--resume", "auto", "--out-dir", str(tmp_path)])
+    rows = read_rows(tmp_path)
+    assert [(r["epoch"], r["train_one"]) for r in rows] == [("1", ""), ("2", "1")]
+    assert rows[0]["train_loss"] and rows[0]["test_acc"]
+
+
+def test_epoch_stats_means_and_resume_state():
+    """Means over steps per network; a scalar statistic is one network's; state round-trips."""
+    rt = utils.Runtime(torch.device("cpu"), None, False)
+    stats = engine.EpochStats(rt)
+    stats.add({"loss": torch.tensor([1.0, 2.0]), "acc": torch.tensor([50.0, 100.0])})
+    stats.add({"loss": torch.tensor([3.0, 4.0]), "acc": torch.tensor([100.0, 100.0])})
+    assert stats.means() == [{"loss": 2.0, "acc": 75.0}, {"loss": 3.0, "acc": 100.0}]
+    restored = engine.EpochStats(rt)
+    restored.load_state_dict(stats.state_dict())
+    restored.add({"loss": torch.tensor([5.0, 6.0]), "acc": torch.tensor([0.0, 0.0])})
+    assert restored.means() == [{"loss": 3.0, "acc": 50.0}, {"loss": 4.0, "acc": 200 / 3}]
+    single = engine.EpochStats(rt)
+    single.add({"loss": torch.tensor(0.5)})
+    assert single.means() == [{"loss": 0.5}]
+
+
+def test_epoch_line_is_built_from_names():
+    row = {"epoch": 3, "net": "net0_resnet20", "model": "resnet20", "lr": 0.05, "train_loss": 0.25, "train_acc": 91.5,
+           "train_leader_share": 0.75, "val_acc": 88.0, "test_acc": 87.5, "epoch_time_s": 12.0, "images_per_s": 400.0}
+    line = engine.epoch_line(3, 10, row)
+    assert line == ("epoch   3/10 | net0_resnet20      | lr 0.05 | train loss 0.2500 acc 91.50% leader_share 0.7500 "
+                    "| val 88.00% | test 87.50% | 12.0s 400 img/s")
+
+
+def test_training_without_tensorboard(tmp_path, monkeypatch, capsys):
+    """A missing tensorboard costs one warning; metrics.csv and checkpoints are still written."""
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # makes the import raise ImportError
+    run_main(train, [*TINY, "--model", "resnet20", "--epochs", "1", "--out-dir", str(tmp_path)])
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "TensorBoard unavailable" in line]
+    assert len(warnings) == 1 and "metrics.csv is still written" in warnings[0]
+    assert len(read_rows(tmp_path)) == 1 and (tmp_path / "last.pt").exists()
+    assert not [name for name in (p.name for p in tmp_path.iterdir()) if name.startswith("events.out")]
