@@ -4,9 +4,12 @@ position, stop requests), evaluation, logging an epoch, saving and restoring che
 engine.py knows no paradigm: a training step returns a dict of named statistics, and the names
 become metrics.csv columns (`train_<name>`), TensorBoard tags and the epoch line.
 """
+import atexit
 import csv
 import datetime
+import glob
 import json
+import math
 import os
 import random
 import signal
@@ -20,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from utils import UsageError, all_reduce_sum, evaluate, sync_replicas, unwrap
+from utils import RunComplete, RunFailure, UsageError, all_reduce_sum, evaluate, sync_replicas, unwrap
 
 CHECKPOINT_FORMAT = 1
 
@@ -44,6 +47,7 @@ class RunState:
     resumable: dict
     steps_per_epoch: int
     run_dir: str
+    script: str = ""
     labels: list = field(default_factory=list)
     start_epoch: int = 0        # epochs completed before this invocation
     start_step: int = 0         # steps of epoch `start_epoch` completed before it (mid-epoch resume)
@@ -52,6 +56,7 @@ class RunState:
     best_states: list = field(default_factory=list)
     metrics: object = None
     last_rows: list = field(default_factory=list)
+    lock: tuple = None          # (path, content) of the run directory's lock, held by the main process
 
 
 def net_labels(names):
@@ -68,12 +73,14 @@ def start_run(args, script, names, rt, info, nets, optimizers, *, steps_per_epoc
                                os.path.join("runs", f"{script}-{args.dataset}-{'-'.join(names)}-"
                                                     f"{datetime.datetime.now():%Y%m%d-%H%M%S}"))
     n = len(nets)
-    run = RunState(args, rt, list(names), info, nets, optimizers, resumable, steps_per_epoch, run_dir,
+    run = RunState(args, rt, list(names), info, nets, optimizers, resumable, steps_per_epoch, run_dir, script,
                    labels=net_labels(names), best={"val_acc": [-1.0] * n, "epoch": [0] * n, "test_acc": [None] * n},
                    best_states=[None] * n)
     best_ckpt = restore_run(run, resume) if resume else None
     if rt.distributed:
         check_same_resume_point(run)
+    if rt.is_main:
+        run.lock = prepare_run_dir(run_dir, fresh=resume is None, args=args)
     run.metrics = MetricsLog(run_dir, rt, run.start_epoch, resumed=resume is not None)
     if best_ckpt is not None and rt.is_main and not os.path.exists(os.path.join(run_dir, "best.pt")):
         atomic_save(best_ckpt, os.path.join(run_dir, "best.pt"))  # the new run directory is complete
@@ -83,9 +90,91 @@ def start_run(args, script, names, rt, info, nets, optimizers, *, steps_per_epoc
     return run
 
 
+# What a run writes into its directory (--overwrite deletes these, and nothing else).
+RUN_FILES = ("args.json", "metrics.csv", "last.pt", "best.pt", "results.json", "events.out.tfevents.*",
+             "predictions.png", "curves.png")
+LOCK_FILE = ".lock"
+
+
+def prepare_run_dir(run_dir, *, fresh, args):
+    """Create the run directory and lock it for this process; a fresh run refuses a directory that
+    holds an earlier run unless --overwrite (which deletes that run's files). Temporary files left by
+    killed processes are removed. Returns the lock (see lock_run_dir)."""
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        lock = lock_run_dir(run_dir)
+        for tmp in glob.glob(os.path.join(glob.escape(run_dir), "*.tmp*")):
+            pid = tmp.rsplit(".tmp", 1)[1]
+            if pid.isdigit() and not process_alive(int(pid)):
+                os.remove(tmp)
+        earlier = [p for pattern in RUN_FILES for p in glob.glob(os.path.join(glob.escape(run_dir), pattern))]
+        # --resume auto without a last.pt: the earlier run ended before its first epoch, nothing to keep
+        if fresh and earlier and (getattr(args, "overwrite", False) or args.resume == "auto"):
+            for path in earlier:
+                os.remove(path)
+        elif fresh and earlier:
+            raise UsageError(f"--out-dir '{run_dir}' holds an earlier run ({', '.join(sorted(map(os.path.basename, earlier))[:4])}); "
+                             f"continue it with --resume auto, start afresh there with --overwrite, or choose another --out-dir")
+        return lock
+    except OSError as error:
+        raise RunFailure(f"cannot write to run directory '{run_dir}': {error.strerror or error}") from None
+
+
+def process_alive(pid):
+    """True when a process with this id runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def lock_run_dir(run_dir):
+    """Take <run_dir>/.lock for this process (released by finish(), or at exit): two runs never
+    write one directory. A lock left by a process that no longer runs on this host is taken over.
+    Returns (path, content) for unlock_run_dir."""
+    path, host = os.path.join(run_dir, LOCK_FILE), os.uname().nodename
+    mine = f"{os.getpid()} {host}\n"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                pid, _, owner = open(path).read().strip().partition(" ")
+            except FileNotFoundError:
+                continue  # released meanwhile
+            same_host = owner == host
+            if same_host and pid.isdigit() and (int(pid) == os.getpid() or not process_alive(int(pid))):
+                os.remove(path)  # stale (a killed run), or an earlier main() of this very process
+                continue
+            where = "on this machine" if same_host else f"on host {owner} (if no run goes on there, delete {path})"
+            raise UsageError(f"run directory '{run_dir}' is in use by process {pid} {where}; wait for it to end or choose another --out-dir")
+        with os.fdopen(fd, "w") as f:
+            f.write(mine)
+        atexit.register(unlock_run_dir, path, mine)
+        return path, mine
+    raise UsageError(f"could not lock run directory '{run_dir}' ({path} keeps changing)")
+
+
+def unlock_run_dir(path, mine):
+    """Remove the lock if it is still this process's."""
+    try:
+        if open(path).read() == mine:
+            os.remove(path)
+    except OSError:
+        pass
+
+
 def restore_run(run, path):
     """Load checkpoint `path` into the run; returns the best.pt beside it (or None)."""
     ckpt = load_checkpoint(path)
+    if ckpt.get("script", run.script) != run.script:
+        raise UsageError(f"--resume '{path}' was written by the {ckpt['script']} script; this is the {run.script} script")
+    if ckpt["epoch"] >= run.args.epochs and run.args.resume == "auto":
+        raise RunComplete(f"the run in '{os.path.dirname(path)}' is complete ({ckpt['epoch']} of {run.args.epochs} epochs): "
+                          f"nothing to do (raise --epochs to train on)")
     restore_checkpoint(ckpt, path, run.args, run.info, run.names, run.nets, run.optimizers, run.rt)
     run.start_epoch, run.start_step, run.resumed = ckpt["epoch"], ckpt["step"], ckpt["extra"]
     if run.start_epoch >= run.args.epochs:
@@ -97,7 +186,11 @@ def restore_run(run, path):
     # The best weights so far sit next to the checkpoint (--out-dir may name a new directory).
     best_path = os.path.join(os.path.dirname(os.path.abspath(path)), "best.pt")
     if os.path.exists(best_path):
-        best_ckpt = load_checkpoint(best_path)
+        try:
+            best_ckpt = load_checkpoint(best_path)
+        except UsageError as error:
+            raise UsageError(f"{error}; it holds the best weights so far: remove or rename it to resume "
+                             f"(best-checkpoint selection then restarts from this run)") from None
         run.best, run.best_states = run.resumed.get("best", run.best), best_ckpt["nets"]
         return best_ckpt
     if max(run.resumed.get("best", run.best)["val_acc"]) >= 0:
@@ -147,12 +240,19 @@ class EpochStats:
 
     def __init__(self, rt):
         self.rt, self.sums, self.steps, self.seconds = rt, {}, 0, None
+        self.first_step = 0          # the epoch's first step trained here (> 0 on a mid-epoch resume)
+        self.first_nonfinite = None  # per network: the first step with a NaN/inf statistic, -1 if none
 
     def add(self, stats):
         """Add one step's statistics (a dict of device tensors)."""
-        for name, value in stats.items():
-            value = value.detach().to(torch.float64).reshape(-1)
+        values = [value.detach().to(torch.float64).reshape(-1) for value in stats.values()]
+        for name, value in zip(stats, values):
             self.sums[name] = self.sums[name] + value if name in self.sums else value.clone()
+        # Divergence is noted on the device (no host read per step) and read at the epoch's end.
+        bad = ~torch.isfinite(torch.stack(values)).all(0)
+        if self.first_nonfinite is None:
+            self.first_nonfinite = torch.full_like(bad, -1, dtype=torch.int64)
+        self.first_nonfinite = torch.where(bad & (self.first_nonfinite < 0), self.first_step + self.steps, self.first_nonfinite)
         self.steps += 1
 
     def _reduced(self):
@@ -192,6 +292,7 @@ def remaining_batches(run, loader, epoch, stop, stats):
     skip = run.start_step if epoch == run.start_epoch else 0
     if skip:
         stats.load_state_dict(run.resumed["stats"])
+    stats.first_step = skip
     start = now()
     for step, batch in enumerate(progress(loader, progress_enabled(run.args, run.rt), desc=f"epoch {epoch + 1}")):
         if step < skip:
@@ -233,7 +334,23 @@ def log_epoch(run, epoch, stats, evals, schedule):
     run.metrics.write(epoch + 1, rows)
     print_main(run.rt, *(epoch_line(epoch + 1, run.args.epochs, row) for row in rows))
     run.last_rows = rows
+    check_finite(run, epoch, stats, train)
     return rows
+
+
+def check_finite(run, epoch, stats, train):
+    """Stop a run whose training statistics became NaN or infinite, before its weights are saved."""
+    bad = [i for i, row in enumerate(train) if not all(math.isfinite(v) for v in row.values())]
+    if not bad:
+        return
+    i = bad[0]
+    first = int(stats.first_nonfinite[i]) if stats.first_nonfinite is not None else -1
+    last = os.path.join(run.run_dir, "last.pt")
+    kept = f"the last good checkpoint is {last}" if os.path.exists(last) else "no checkpoint was written"
+    run.metrics.close()
+    raise RunFailure(f"training diverged: {run.labels[i]}'s statistics became non-finite in epoch {epoch + 1}"
+                     + (f" (first at step {first})" if first >= 0 else "") + f"; nothing of this epoch was saved, "
+                     f"{kept}; lower --lr or check the flags", exit_code=3)
 
 
 def epoch_line(epoch, epochs, row):
@@ -279,8 +396,10 @@ def stop_after_epoch(run, epoch, stop):
 
 
 def finish(run):
-    """Print and save (results.json) the last epoch's and the best-validation numbers."""
+    """Print and save (results.json) the last epoch's and the best-validation numbers; unlock the run directory."""
     run.metrics.close()
+    if run.lock:
+        unlock_run_dir(*run.lock)
     if not run.last_rows:
         return None
     results = {"run_dir": run.run_dir, "dataset": run.info.name, "synthetic": run.info.synthetic,
@@ -396,6 +515,9 @@ def atomic_write(path, write, mode="wb"):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as error:  # a full or read-only disk: the previous file, if any, is untouched
+        raise RunFailure(f"could not write '{path}': {error.strerror or error}"
+                         + (f"; {os.path.basename(path)} keeps its previous version" if os.path.exists(path) else "")) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -423,7 +545,15 @@ def load_checkpoint(path):
         raise UsageError(f"'{path}' is not a readable checkpoint ({type(error).__name__}: {str(error).splitlines()[0][:120]})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "nets" not in ckpt:
         raise UsageError(f"'{path}' is not a checkpoint written by this repository's scripts")
+    missing = [key for key in CHECKPOINT_KEYS if key not in ckpt]
+    if missing:
+        raise UsageError(f"'{path}' is an incomplete checkpoint (no {', '.join(missing)}): rewrite it with this repository's scripts")
     return ckpt
+
+
+# What every checkpoint holds (demo.py rebuilds the group from it; --resume continues it).
+CHECKPOINT_KEYS = ("models", "num_classes", "img_size", "in_chans", "dataset", "classes", "mean", "std", "args",
+                   "epoch", "step", "nets", "optimizers", "rng", "extra")
 
 
 def rng_state(rt):
@@ -466,12 +596,12 @@ def make_run_checkpoint(run, epoch, step, stats=None):
     extra["best"] = run.best
     if stats is not None:
         extra["stats"] = stats.state_dict()
-    return make_checkpoint(run.args, run.info, run.names, run.nets, run.optimizers, run.rt,
-                           epoch=epoch, step=step, extra=extra)
+    return {**make_checkpoint(run.args, run.info, run.names, run.nets, run.optimizers, run.rt,
+                              epoch=epoch, step=step, extra=extra), "script": run.script}
 
 
 # Flags that fix which images each step sees: a resumed run (mid-epoch ones above all) needs them unchanged.
-RESUME_MUST_MATCH = ("dataset", "batch_size", "train_subset", "split_seed")
+RESUME_MUST_MATCH = ("dataset", "batch_size", "train_subset", "split_seed", "val_size", "seed")
 
 
 def restore_checkpoint(ckpt, path, args, info, names, nets, optimizers, rt):
@@ -523,6 +653,9 @@ def resolve_resume(args):
     if args.resume == "auto":
         path = os.path.join(args.out_dir, "last.pt")
         return path if os.path.exists(path) else None
+    if os.path.isdir(args.resume):
+        raise UsageError(f"--resume '{args.resume}' is a directory; pass its checkpoint "
+                         f"({os.path.join(args.resume, 'last.pt')}) or --resume auto --out-dir {args.resume}")
     if not os.path.isfile(args.resume):
         raise UsageError(f"--resume: checkpoint '{args.resume}' does not exist")
     return args.resume
@@ -588,6 +721,8 @@ class StopRequest:
 def interrupt(run, stop, epoch, step, stats=None):
     """Save the state after `step` iterations of `epoch` as last.pt, say how to resume, exit 130/143."""
     path = os.path.join(run.run_dir, "last.pt")
+    for sig in (signal.SIGINT, signal.SIGTERM):  # a repeated Ctrl-C must not abort the save
+        signal.signal(sig, signal.SIG_IGN)
     # Under torchrun every process reached this step (StopRequest.requested agreed on it): rank
     # 0's weights are everyone's, and its buffers are the ones DDP broadcasts at the next step.
     checkpoint = make_run_checkpoint(run, epoch, step, stats)  # a collective (the statistics' sums)

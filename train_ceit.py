@@ -79,9 +79,6 @@ def main(args):
     if names[0] not in models.TRANSFORMERS:
         raise utils.UsageError(f"train_ceit.py trains transformers ({', '.join(sorted(models.TRANSFORMERS))}); "
                                f"use train.py for {names[0]}")
-    for flag in ("mixup", "cutmix", "drop_path"):
-        if getattr(args, flag) < 0:
-            raise utils.UsageError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     if args.lr is None:  # DeiT's linear scaling rule: 5e-4 per 512 images
         args.lr = [5e-4 * args.batch_size / 512]
     rt = utils.setup_runtime(args)

@@ -21,7 +21,20 @@ from datasets import DatasetError, build_data, make_loaders
 from datasets.dataset import data_from_arrays
 
 class UsageError(Exception):
-    """A user-facing, one-line error: bad flag values, a wrong checkpoint, missing data."""
+    """A user-facing, one-line error: bad flag values, a wrong checkpoint, missing data (exit code 2)."""
+
+
+class RunFailure(Exception):
+    """A run that cannot go on, said in one line: a full or read-only disk (exit code 1), or
+    training that diverged (exit code 3, so that a job scheduler can tell it apart)."""
+
+    def __init__(self, message, exit_code=1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class RunComplete(Exception):
+    """--resume auto found a run that has already trained every epoch: nothing to do (exit code 0)."""
 
 
 def fail(message, code=2):
@@ -31,15 +44,29 @@ def fail(message, code=2):
 
 
 def launch(main, parser, argv=None):
-    """Parse argv and run main(args); user errors become one line on stderr and exit code 2."""
+    """Parse argv and run main(args); what a user can cause ends in one line on stderr and a
+    non-zero exit code (2 for bad input), never in a traceback."""
     args = parser.parse_args(argv)
 
     def checked_main(args):
+        rank = f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
         try:
             return main(args)
         except (UsageError, DatasetError) as error:
-            world_size = int(os.environ.get("WORLD_SIZE", "1"))
-            fail((f"rank {os.environ['RANK']}: " if world_size > 1 else "") + str(error))
+            fail(rank + str(error))
+        except RunFailure as error:
+            fail(rank + str(error), error.exit_code)
+        except RunComplete as error:
+            print(str(error), flush=True)
+            return None
+        except KeyboardInterrupt:  # a second Ctrl-C while a step ran: the first one had not been honoured yet
+            fail(rank + "interrupted twice: stopped at once; last.pt holds the state of the last completed epoch", 130)
+        except (MemoryError, torch.OutOfMemoryError) as error:
+            fail(rank + out_of_memory_message(error), 1)
+        except RuntimeError as error:
+            if "can't allocate memory" not in str(error) and "out of memory" not in str(error):
+                raise
+            fail(rank + out_of_memory_message(error), 1)
 
     if "TORCHELASTIC_RUN_ID" in os.environ:
         # Under torchrun, record() saves a crashing rank's traceback for the launcher's
@@ -50,6 +77,12 @@ def launch(main, parser, argv=None):
     if dist.is_initialized():
         dist.destroy_process_group()
     return result
+
+
+def out_of_memory_message(error):
+    """One line for an allocation that failed (host or device memory)."""
+    detail = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+    return f"out of memory ({detail}); lower --batch-size, --eval-batch-size or --img-size"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,6 +195,8 @@ def add_run_flags(flags):
         help="deterministic kernels (slower); exact resume")
     add("--out-dir", default=None, help="run directory (default: runs/<script>-<dataset>-<models>-<time>)")
     add("--resume", default=None, help="checkpoint to continue from, or 'auto' for <out-dir>/last.pt when it exists")
+    add("--overwrite", action="store_true",
+        help="start afresh in a --out-dir that holds an earlier run, deleting that run's files (without it such a directory is refused)")
     add("--stop-after", type=int, default=None,
         help="stop this invocation after N epochs (for time-limited jobs); continue with --resume")
     add("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -194,25 +229,49 @@ def add_distributed_flags(flags):
              "(Goyal et al. 2017; DeiT); none uses the rate as given")
 
 
+# Ranges of the numeric flags: a flag outside its range is refused in one line.
+def _positive(v): return v > 0
+def _non_negative(v): return v >= 0
+def _fraction(v): return 0 <= v <= 1
+def _below_one(v): return 0 <= v < 1
+
+
+FLAG_RANGES = {
+    "lr": (_positive, "positive"), "weight_decay": (_non_negative, ">= 0"), "momentum": (_below_one, "in [0, 1)"),
+    "warmup_epochs": (_non_negative, ">= 0"), "min_lr": (_fraction, "in [0, 1]"),
+    "label_smoothing": (_below_one, "in [0, 1)"), "gamma": (_positive, "positive"), "milestones": (_fraction, "in [0, 1]"),
+    "kd_weight": (_non_negative, ">= 0"), "temperature": (_positive, "positive"), "mixup": (_non_negative, ">= 0"),
+    "cutmix": (_non_negative, ">= 0"), "mix_prob": (_fraction, "in [0, 1]"), "switch_prob": (_fraction, "in [0, 1]"),
+    "drop_path": (_below_one, "in [0, 1)"),
+}
+
+
+def check_numbers(args):
+    """Every float flag is a finite number within its range (NaN, inf and negative rates are refused)."""
+    for name, value in vars(args).items():
+        values = value if isinstance(value, list) else [value]
+        if not values or not all(isinstance(v, float) for v in values):
+            continue
+        flag = "--" + name.replace("_", "-")
+        for v in values:
+            if not math.isfinite(v):
+                raise UsageError(f"{flag} must be a finite number, got {v}")
+            if name in FLAG_RANGES and not FLAG_RANGES[name][0](v):
+                raise UsageError(f"{flag} must be {FLAG_RANGES[name][1]}, got {v}")
+
+
 def check_args(args):
     """Reject flag values that cannot work, with one line saying what is accepted."""
+    check_numbers(args)
     for name in ("epochs", "batch_size"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     if args.eval_batch_size is not None and args.eval_batch_size < 1:
         raise UsageError(f"--eval-batch-size must be a positive integer, got {args.eval_batch_size}")
-    for lr in args.lr or []:
-        if not lr > 0:
-            raise UsageError(f"--lr must be positive, got {lr}")
-    for wd in args.weight_decay:
-        if wd < 0:
-            raise UsageError(f"--weight-decay must be >= 0, got {wd}")
     if args.img_size is not None and args.img_size < 8:
         raise UsageError(f"--img-size must be >= 8, got {args.img_size}")
     if args.val_size is not None and args.val_size < 0:
         raise UsageError(f"--val-size must be >= 0, got {args.val_size}")
-    if args.warmup_epochs < 0 or not 0 <= args.min_lr <= 1 or not 0 <= args.label_smoothing < 1:
-        raise UsageError("--warmup-epochs must be >= 0, --min-lr in [0, 1] and --label-smoothing in [0, 1)")
     if args.workers < 0:
         raise UsageError(f"--workers must be >= 0, got {args.workers}")
     if args.stop_after is not None and args.stop_after < 1:
@@ -435,6 +494,8 @@ def setup_data(args, rt):
         data = data or build(download=False)
     else:
         data = build(args.download)
+    if args.val_size is None:
+        args.val_size = data.info.val_size  # the data set's default, written as its value in args.json
     if args.train_subset is not None:
         data = train_subset(data, args.train_subset)
     loaders = make_loaders(data, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,

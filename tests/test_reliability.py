@@ -1,0 +1,228 @@
+"""What a user can get wrong or go through (divergence, reused and shared run directories, full
+disks, bad checkpoints, repeated signals) ends in one line and a documented exit code, and never
+costs a run's saved work."""
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import engine
+import train
+import train_ceit
+import train_competitive_distillation as competitive
+import train_mutual_learning as mutual
+import utils
+from helpers import ROOT, cpu_env, read_rows
+
+TINY = ["--dataset", "fake", "--img-size", "16", "--train-subset", "64", "--val-size", "32", "--batch-size", "32",
+        "--eval-batch-size", "256", "--device", "cpu", "--workers", "0", "--no-progress"]
+PAIR = [*TINY, "--models", "resnet20", "resnet20"]
+
+
+def launch(capsys, module, args, code):
+    """Run a script in-process as from a shell; asserts its exit code and one stderr line, returns that line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        utils.launch(module.main, module.get_args_parser(), [str(a) for a in args])
+    assert exit_info.value.code == code
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
+def train_once(out, *extra, epochs=1):
+    """A finished one-network run in `out`."""
+    return utils.launch(train.main, train.get_args_parser(), [*TINY, "--model", "resnet20", "--epochs", str(epochs),
+                                                                "--out-dir", str(out), *extra])
+
+
+# 1. divergence and numeric flags ------------------------------------------------------------------
+def test_divergence_stops_the_run_and_never_saves_nan_weights(capsys, tmp_path):
+    err = launch(capsys, train, [*TINY, "--model", "resnet20", "--epochs", "2", "--lr", "1e20", "--warmup-epochs", "0",
+                                 "--out-dir", tmp_path], code=3)
+    assert "diverged" in err and "net0_resnet20" in err and "epoch 1" in err and "first at step" in err
+    assert "no checkpoint was written" in err
+    assert not (tmp_path / "best.pt").exists() and not (tmp_path / "last.pt").exists()
+    assert read_rows(tmp_path)[0]["train_loss"] == "nan"  # the diverged epoch is on record
+
+
+def test_divergence_in_a_later_epoch_keeps_the_good_checkpoint(capsys, tmp_path, monkeypatch):
+    step = competitive.competitive_step
+    calls = []
+
+    def poisoned(*args, **kwargs):  # the group's losses turn NaN on the 2nd epoch's 2nd step
+        stats = step(*args, **kwargs)
+        calls.append(1)
+        return {**stats, "loss": stats["loss"] * float("nan")} if len(calls) == 4 else stats
+
+    monkeypatch.setattr(competitive, "competitive_step", poisoned)
+    err = launch(capsys, competitive, [*PAIR, "--epochs", "3", "--out-dir", tmp_path], code=3)
+    assert "epoch 2 (first at step 1)" in err and str(tmp_path / "last.pt") in err
+    best = engine.load_checkpoint(str(tmp_path / "best.pt"))
+    last = engine.load_checkpoint(str(tmp_path / "last.pt"))
+    assert best["epoch"] == last["epoch"] == 1
+    assert all(torch.isfinite(t).all() for state in last["nets"] for t in state.values() if t.is_floating_point())
+
+
+@pytest.mark.parametrize("module,args,fragment", [
+    (competitive, ["--temperature", "0"], "--temperature must be positive"),
+    (competitive, ["--kd-weight", "-1"], "--kd-weight must be >= 0"),
+    (competitive, ["--kd-weight", "nan"], "--kd-weight must be a finite number"),
+    (mutual, ["--momentum", "nan"], "--momentum must be a finite number"),
+    (mutual, ["--warmup-epochs", "nan"], "--warmup-epochs must be a finite number"),
+    (competitive, ["--lr", "inf"], "--lr must be a finite number"),
+    (competitive, ["--weight-decay", "nan"], "--weight-decay must be a finite number"),
+    (train_ceit, ["--mix-prob", "1.5"], "--mix-prob must be in [0, 1]"),
+    (train, ["--momentum", "1.5"], "--momentum must be in [0, 1)"),
+])
+def test_numeric_flags_are_checked_up_front(capsys, tmp_path, module, args, fragment):
+    models = ["--model", "vit_tiny"] if module is train_ceit else ["--model", "resnet20"] if module is train else ["--models", "resnet20", "resnet20"]
+    err = launch(capsys, module, [*TINY, *models, *args, "--out-dir", tmp_path], code=2)
+    assert fragment in err
+    assert not tmp_path.exists() or not os.listdir(tmp_path)  # refused before anything was written
+
+
+# 2. and 3. one run per directory -------------------------------------------------------------------
+def test_a_used_run_directory_is_refused_unless_resumed_or_overwritten(capsys, tmp_path):
+    train_once(tmp_path)
+    err = launch(capsys, train, [*TINY, "--model", "resnet20", "--epochs", "1", "--out-dir", tmp_path], code=2)
+    assert "holds an earlier run" in err and "--resume auto" in err and "--overwrite" in err
+    first = engine.load_checkpoint(str(tmp_path / "best.pt"))["nets"]
+    train_once(tmp_path, "--overwrite", "--seed", "1")  # starts afresh: the old best.pt is gone with the rest
+    second = engine.load_checkpoint(str(tmp_path / "best.pt"))["nets"]
+    assert not torch.equal(first[0]["fc.weight"], second[0]["fc.weight"])
+    assert [r["epoch"] for r in read_rows(tmp_path)] == ["1"]
+    events = [name for name in os.listdir(tmp_path) if name.startswith("events.out")]
+    assert len(events) == 1
+
+
+def test_resume_auto_in_a_directory_without_last_pt_starts_afresh(tmp_path):
+    (tmp_path / "metrics.csv").write_text("epoch,net\n")  # a run killed before its first epoch ended
+    train_once(tmp_path, "--resume", "auto")
+    assert (tmp_path / "last.pt").exists()
+
+
+def test_a_concurrent_run_in_the_same_directory_is_refused(capsys, tmp_path):
+    out = tmp_path / "run"
+    long_run = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *TINY, "--model", "resnet20",
+                                 "--epochs", "1000", "--out-dir", str(out)], env=cpu_env(), cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        while not (out / "args.json").exists() and long_run.poll() is None:
+            time.sleep(0.05)
+        assert long_run.poll() is None, long_run.stderr.read()
+        err = launch(capsys, train, [*TINY, "--model", "resnet20", "--epochs", "1000", "--resume", "auto",
+                                     "--out-dir", out], code=2)
+        assert f"is in use by process {long_run.pid}" in err
+    finally:
+        long_run.send_signal(signal.SIGTERM)
+        long_run.wait(timeout=120)
+    assert long_run.returncode == 143
+    assert not (out / ".lock").exists()  # released at exit
+
+
+def test_a_stale_lock_and_stale_temporary_files_are_cleaned(tmp_path):
+    dead = subprocess.Popen(["true"])  # a process id that no longer runs
+    dead.wait()
+    (tmp_path / ".lock").write_text(f"{dead.pid} {os.uname().nodename}\n")
+    (tmp_path / f"last.pt.tmp{dead.pid}").write_bytes(b"half a checkpoint")
+    train_once(tmp_path, "--resume", "auto")
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        ["args.json", "metrics.csv", "last.pt", "best.pt", "results.json",
+         *[n for n in os.listdir(tmp_path) if n.startswith("events.out")]])
+
+
+# 5. one line instead of a traceback -----------------------------------------------------------------
+def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(capsys, tmp_path, monkeypatch):
+    train_once(tmp_path, epochs=1)
+    before = (tmp_path / "last.pt").read_bytes()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    err = launch(capsys, train, [*TINY, "--model", "resnet20", "--epochs", "2", "--resume", "auto", "--out-dir", tmp_path],
+                 code=1)
+    assert "No space left on device" in err and "last.pt" in err
+    assert (tmp_path / "last.pt").read_bytes() == before
+    assert not [name for name in os.listdir(tmp_path) if ".tmp" in name]
+
+
+def test_an_unwritable_run_directory_is_one_line(capsys):
+    err = launch(capsys, train, [*TINY, "--model", "resnet20", "--out-dir", "/dev/null/run"], code=1)
+    assert "cannot write to run directory '/dev/null/run'" in err
+
+
+def test_an_incomplete_checkpoint_is_one_line(capsys, tmp_path):
+    train_once(tmp_path / "run")
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    del ckpt["models"]
+    torch.save(ckpt, tmp_path / "old.pt")
+    err = launch(capsys, train, [*TINY, "--model", "resnet20", "--epochs", "2", "--resume", tmp_path / "old.pt"], code=2)
+    assert "incomplete checkpoint (no models)" in err
+    import demo
+    err = launch(capsys, demo, [tmp_path / "old.pt"], code=2)
+    assert "incomplete checkpoint (no models)" in err
+
+
+def test_running_out_of_memory_is_one_line(capsys, monkeypatch):
+    def huge(args):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 1200000000000 bytes.")
+
+    monkeypatch.setattr(train, "main", huge)
+    err = launch(capsys, train, ["--img-size", "5000"], code=1)
+    assert "out of memory" in err and "--img-size" in err
+
+
+def test_a_second_ctrl_c_does_not_lose_the_state(tmp_path):
+    """Two SIGINTs 30 ms apart: exit 130 without a traceback, and a loadable last.pt."""
+    out = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_competitive_distillation.py"),
+                                *TINY[:4], "--train-subset", "1024", *TINY[6:8], "--batch-size", "4", *TINY[10:],
+                                "--models", "resnet20", "resnet20", "--epochs", "2", "--out-dir", str(out)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cpu_env(), cwd=ROOT)
+    while not (out / "last.pt").exists() and process.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.03)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, stdout + stderr
+    assert "Traceback" not in stderr, stderr
+    assert engine.load_checkpoint(str(out / "last.pt"))["epoch"] >= 1
+
+
+# 6., 7. and 10. resuming ---------------------------------------------------------------------------
+def test_resume_auto_on_a_complete_run_exits_0(capsys, tmp_path):
+    train_once(tmp_path)
+    capsys.readouterr()
+    assert train_once(tmp_path, "--resume", "auto") is None
+    assert "is complete (1 of 1 epochs)" in capsys.readouterr().out
+
+
+def test_resume_refuses_other_data_seed_or_script(capsys, tmp_path):
+    run_dir = tmp_path / "run"
+    utils.launch(competitive.main, competitive.get_args_parser(),
+                 [*PAIR, "--epochs", "1", "--out-dir", str(run_dir)])
+    last = run_dir / "last.pt"
+    assert "--val-size" in launch(capsys, competitive, [*PAIR, "--epochs", "2", "--val-size", "16", "--resume", last], 2)
+    assert "--seed" in launch(capsys, competitive, [*PAIR, "--epochs", "2", "--seed", "3", "--resume", last], 2)
+    err = launch(capsys, mutual, [*PAIR, "--epochs", "2", "--resume", last], 2)
+    assert "written by the competitive script; this is the mutual script" in err
+
+
+def test_resume_messages_for_a_directory_and_a_corrupt_best_pt(capsys, tmp_path):
+    train_once(tmp_path)
+    err = launch(capsys, train, [*TINY, "--model", "resnet20", "--epochs", "2", "--resume", tmp_path], code=2)
+    assert "is a directory" in err and str(tmp_path / "last.pt") in err
+    (tmp_path / "best.pt").write_bytes(b"garbage")
+    err = launch(capsys, train, [*TINY, "--model", "resnet20", "--epochs", "2", "--resume", "auto",
+                                 "--out-dir", tmp_path], code=2)
+    assert "best.pt" in err and "remove or rename it" in err
