@@ -17,8 +17,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import models
-from datasets import DatasetError, build_data, make_loaders
-from datasets.dataset import data_from_arrays
+from datasets import DatasetError, build_data, data_from_arrays, make_loaders
 
 class UsageError(Exception):
     """A user-facing, one-line error: bad flag values, a wrong checkpoint, missing data (exit code 2)."""

@@ -1,27 +1,6 @@
-"""Datasets by name and their loaders (see datasets/dataset.py)."""
+"""Datasets by name (datasets/sources.py) and their loaders (datasets/loaders.py)."""
+from .loaders import GpuLoader, TorchLoader, make_loaders
+from .sources import DATASETS, ArrayDataset, Data, DataInfo, DatasetError, build_data, data_from_arrays
 
-from .dataset import (
-    DATASETS,
-    ArrayDataset,
-    Data,
-    DataInfo,
-    DatasetError,
-    GpuLoader,
-    TorchLoader,
-    build_data,
-    data_from_arrays,
-    make_loaders,
-)
-
-__all__ = [
-    "DATASETS",
-    "ArrayDataset",
-    "Data",
-    "DataInfo",
-    "DatasetError",
-    "GpuLoader",
-    "TorchLoader",
-    "build_data",
-    "data_from_arrays",
-    "make_loaders",
-]
+__all__ = ["DATASETS", "ArrayDataset", "Data", "DataInfo", "DatasetError", "GpuLoader", "TorchLoader", "build_data",
+           "data_from_arrays", "make_loaders"]

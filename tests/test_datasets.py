@@ -5,13 +5,14 @@ import pickle
 import struct
 import sys
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-import datasets.dataset as dataset_module
+import datasets.sources as sources
 from datasets import (
     DATASETS, DataInfo, DatasetError, GpuLoader, TorchLoader, build_data, data_from_arrays, make_loaders)
 
@@ -22,7 +23,7 @@ IDX_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-
 @pytest.fixture(autouse=True)
 def no_debian_fashion_mnist(monkeypatch, tmp_path):
     """Hide Debian's Fashion-MNIST so that lookups only see tmp_path (the Debian test restores it)."""
-    monkeypatch.setattr(dataset_module, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian-package")
+    monkeypatch.setattr(sources, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian-package")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,12 +238,12 @@ def test_fake_is_synthetic_seeded_and_sized(tmp_path):
     assert not any(tmp_path.iterdir())  # fake never touches data_dir
 
 
-DEBIAN_DIR = dataset_module.Path("/usr/share/datasets/fashion-mnist")
+DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
 @pytest.mark.skipif(not DEBIAN_DIR.is_dir(), reason="Debian package dataset-fashion-mnist not installed")
 def test_debian_fashion_mnist(tmp_path, monkeypatch):
-    monkeypatch.setattr(dataset_module, "DEBIAN_FASHION_MNIST", DEBIAN_DIR)
+    monkeypatch.setattr(sources, "DEBIAN_FASHION_MNIST", DEBIAN_DIR)
     data = build_data("fashion-mnist", tmp_path / "empty", download=False)
     info = data.info
     assert (info.train_size, info.val_size, info.test_size) == (55000, 5000, 10000)

@@ -1,19 +1,8 @@
-"""Datasets by name, a validation split held out of the training set, and the loaders that feed them.
+"""Datasets by name, and a validation split held out of the training set.
 
 `build_data(name, data_dir)` returns a `Data`: torch Datasets for train / val / test plus, for the
 sets small enough to live in memory (CIFAR, MNIST-likes, SVHN, fake), the raw uint8 arrays.
-`make_loaders(data, ...)` turns a `Data` into three loaders, by one of two paths:
-- "torch": a torch.utils.data.DataLoader over PIL-based torchvision transforms, i.e. the authors'
-  pipeline; it is the reference the fast path is checked against.
-- "gpu": the whole uint8 split lives on the device and a batch is cut, cropped, flipped, resized and
-  normalised by a handful of batched tensor ops (as in KellerJordan/cifar10-airbench). Same
-  augmentation distribution as the torch path, without worker processes or host round trips.
-Both paths are a pure function of (seed, epoch): `loader.set_epoch(epoch)` before iterating makes
-an epoch's order and augmentation reproducible, which is what exact resume needs.
-"""
-
-from __future__ import annotations
-
+The Datasets apply the authors' PIL-based torchvision transforms; datasets/loaders.py feeds them."""
 import gzip
 import http.client
 import math
@@ -30,7 +19,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import Dataset, Subset
 from torchvision import transforms
 
 DATASETS = ("cifar10", "cifar100", "fashion-mnist", "mnist", "svhn", "imagenet", "imagefolder", "fake")
@@ -40,8 +29,14 @@ DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 FAKE_TRAIN_SIZE, FAKE_TEST_SIZE = 2048, 512
 
-# Independent random streams derived from one user seed (see _mix).
-_SPLIT, _ORDER, _AUGMENT, _WORKERS = 0, 1, 2, 3
+# Independent random streams derived from one user seed (see mix_seed); the loaders use the last three.
+SPLIT_STREAM, ORDER_STREAM, AUGMENT_STREAM, WORKERS_STREAM = 0, 1, 2, 3
+
+
+def mix_seed(*values):
+    """A 63-bit seed hashed from all values (NumPy's SeedSequence), so (seed, epoch) pairs give unrelated streams."""
+    state = np.random.SeedSequence([v % 2**64 for v in values]).generate_state(1, np.uint64)[0]
+    return int(state) >> 1
 
 
 class DatasetError(Exception):
@@ -51,7 +46,6 @@ class DatasetError(Exception):
 @dataclass(frozen=True)
 class DataInfo:
     """What a script needs to know about a dataset: geometry, statistics, sizes and provenance."""
-
     name: str
     num_classes: int
     in_chans: int
@@ -72,7 +66,6 @@ class DataInfo:
 @dataclass(frozen=True)
 class Data:
     """A built dataset: info, the three splits as torch Datasets, and the uint8 arrays when in memory."""
-
     info: DataInfo
     train: Dataset
     val: Dataset | None  # None when info.val_size == 0
@@ -82,6 +75,7 @@ class Data:
 
 @dataclass(frozen=True)
 class _Spec:
+    """Fixed facts of one dataset: its title, stored geometry, published statistics and train augmentation."""
     title: str
     native_size: int  # for image folders: the default img_size
     in_chans: int
@@ -114,18 +108,8 @@ _FOLDER_SETS = ("imagenet", "imagefolder")
 # ----------------------------------------------------------------------------------------------
 # Building a dataset
 # ----------------------------------------------------------------------------------------------
-
-
-def build_data(
-    name: str,
-    data_dir: str | Path = "./data",
-    *,
-    img_size: int | None = None,
-    val_size: int | None = None,
-    split_seed: int = 0,
-    download: bool = True,
-    num_classes: int | None = None,
-) -> Data:
+def build_data(name, data_dir="./data", *, img_size=None, val_size=None, split_seed=0, download=True,
+               num_classes=None):
     """Load dataset `name` (one of DATASETS) and hold a seeded validation split out of its training set."""
     if name not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
@@ -134,19 +118,21 @@ def build_data(
     spec = _SPECS[name]
     root = Path(data_dir).expanduser()
     val_size = spec.default_val_size if val_size is None else val_size
-
     if name in _FOLDER_SETS:
         return _folder_data(name, root, img_size or spec.native_size, val_size, split_seed, num_classes)
-
-    native_size = spec.native_size
     if name == "fake":
-        arrays, classes = _make_fake(native_size, 10 if num_classes is None else num_classes)
+        arrays, classes = _make_fake(spec.native_size, 10 if num_classes is None else num_classes)
         mean, std = _channel_stats(arrays["train"][0])
     else:
-        arrays, classes = _IN_MEMORY_LOADERS[name](root, download)
+        arrays, classes = _IN_MEMORY_SOURCES[name](root, download)
         mean, std = spec.mean, spec.std
     _check_num_classes(spec.title, len(classes), num_classes)
+    return _in_memory_data(name, arrays, classes, mean, std, img_size or spec.native_size, val_size, split_seed)
 
+
+def _in_memory_data(name, arrays, classes, mean, std, img_size, val_size, split_seed):
+    """Hold the validation split out of arrays["train"] and wrap the uint8 splits as a Data."""
+    spec = _SPECS[name]
     train_images, train_labels = arrays.pop("train")
     train_index, val_index = _hold_out(spec.title, len(train_labels), val_size, split_seed)
     arrays = {
@@ -154,53 +140,37 @@ def build_data(
         **({"val": (train_images[val_index], train_labels[val_index])} if val_size else {}),
         "test": arrays["test"],
     }
-    info = DataInfo(
-        name=name,
-        num_classes=len(classes),
-        in_chans=spec.in_chans,
-        img_size=img_size or native_size,
-        mean=mean,
-        std=std,
-        classes=tuple(classes),
-        synthetic=name == "fake",
-        in_memory=True,
-        train_size=len(train_index),
-        val_size=len(val_index),
-        test_size=len(arrays["test"][1]),
-        native_size=native_size,
-        crop_padding=spec.crop_padding,
-        hflip=spec.hflip,
-    )
+    info = DataInfo(name=name, num_classes=len(classes), in_chans=spec.in_chans, img_size=img_size, mean=mean,
+                    std=std, classes=tuple(classes), synthetic=name == "fake", in_memory=True,
+                    train_size=len(train_index), val_size=len(val_index), test_size=len(arrays["test"][1]),
+                    native_size=spec.native_size, crop_padding=spec.crop_padding, hflip=spec.hflip)
     return data_from_arrays(info, arrays)
 
 
-def data_from_arrays(info: DataInfo, arrays: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Data:
+def data_from_arrays(info, arrays):
     """Wrap in-memory uint8 splits ("train", optional "val", "test") as a Data with PIL-transform Datasets."""
     train_tf, eval_tf = _transforms(info)
-    datasets = {
-        split: ArrayDataset(images, labels, train_tf if split == "train" else eval_tf)
-        for split, (images, labels) in arrays.items()
-    }
+    datasets = {split: ArrayDataset(images, labels, train_tf if split == "train" else eval_tf)
+                for split, (images, labels) in arrays.items()}
     return Data(info, datasets["train"], datasets.get("val"), datasets["test"], arrays)
 
 
-def _check_num_classes(title: str, actual: int, requested: int | None) -> None:
+def _check_num_classes(title, actual, requested):
+    """Refuse a --num-classes that contradicts the dataset's own class count."""
     if requested is not None and requested != actual:
         raise DatasetError(f"{title} has {actual} classes but --num-classes {requested} was given")
 
 
-def _hold_out(title: str, size: int, val_size: int, split_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _hold_out(title, size, val_size, split_seed):
     """(train, val) indices: a permutation seeded by split_seed alone, so the split never moves with --seed."""
     if not 0 <= val_size < size:
-        raise DatasetError(
-            f"--val-size {val_size} is invalid: the {title} training set has {size} images, "
-            f"so it must be between 0 and {size - 1}"
-        )
-    order = torch.randperm(size, generator=torch.Generator().manual_seed(_mix(split_seed, _SPLIT)))
+        raise DatasetError(f"--val-size {val_size} is invalid: the {title} training set has {size} images, "
+                           f"so it must be between 0 and {size - 1}")
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(mix_seed(split_seed, SPLIT_STREAM)))
     return order[val_size:].sort().values, order[:val_size].sort().values
 
 
-def _transforms(info: DataInfo) -> tuple[transforms.Compose, transforms.Compose]:
+def _transforms(info):
     """(train, eval) PIL transforms: the authors' torchvision pipeline, which the gpu path mirrors."""
     finish = [transforms.ToTensor(), transforms.Normalize(info.mean, info.std)]
     if not info.in_memory:
@@ -220,15 +190,15 @@ def _transforms(info: DataInfo) -> tuple[transforms.Compose, transforms.Compose]
 
 
 class ArrayDataset(Dataset):
-    """(transformed image, int label) pairs from a uint8 (N, C, H, W) tensor, through PIL like torchvision's CIFAR10."""
+    """(transformed image, int label) pairs from uint8 (N, C, H, W) images, through PIL like torchvision's CIFAR10."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform):
+    def __init__(self, images, labels, transform):
         self.images, self.labels, self.transform = images, labels, transform
 
-    def __len__(self) -> int:
+    def __len__(self):
         return len(self.labels)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index):
         image = self.images[index]
         # A 2-D array becomes mode "L", an H x W x 3 array mode "RGB".
         pixels = image[0].numpy() if image.shape[0] == 1 else image.permute(1, 2, 0).numpy()
@@ -238,26 +208,25 @@ class ArrayDataset(Dataset):
 class _Transformed(Dataset):
     """A view of a dataset of (PIL image, label) with its own transform, so train and val share one folder scan."""
 
-    def __init__(self, dataset: Dataset, transform):
+    def __init__(self, dataset, transform):
         self.dataset, self.transform = dataset, transform
 
-    def __len__(self) -> int:
+    def __len__(self):
         return len(self.dataset)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index):
         image, label = self.dataset[index]
         return self.transform(image), label
 
 
 # ----------------------------------------------------------------------------------------------
-# The sources: each returns ({"train": (uint8 N,C,H,W, int64 N), "test": ...}, class names)
+# The in-memory sources: each returns ({"train": (uint8 N,C,H,W, int64 N), "test": ...}, class names)
 # ----------------------------------------------------------------------------------------------
-
 # Torchvision's mirrors can fail in several ways (DNS, HTTP, truncated or corrupt archive, md5).
 _DOWNLOAD_ERRORS = (OSError, RuntimeError, EOFError, tarfile.TarError, zlib.error, http.client.HTTPException)
 
 
-def _download(root: Path, fetch) -> str | None:
+def _download(root, fetch):
     """Run a torchvision download; on failure delete whatever it wrote under root and return why, on one line."""
     existed = root.exists()
     before = set(root.rglob("*")) if existed else set()
@@ -278,42 +247,29 @@ def _download(root: Path, fetch) -> str | None:
         return reason if len(reason) <= 200 else reason[:197] + "..."
 
 
-def _not_found(title: str, looked: str, download: bool, reason: str | None, how: str) -> DatasetError:
+def _not_found(title, looked, download, reason, how):
     """The one-line error for a dataset that is neither on disk nor downloadable."""
     why = "download disabled" if not download else f"download failed ({reason})"
     return DatasetError(f"{title} not found ({looked}); {why}; {how}, or use --dataset fake for synthetic data")
 
 
 _CIFAR = {
-    "cifar10": dict(
-        tv=torchvision.datasets.CIFAR10,
-        folder="cifar-10-batches-py",
-        train=[f"data_batch_{i}" for i in range(1, 6)],
-        test=["test_batch"],
-        meta="batches.meta",
-        labels="labels",
-        names="label_names",
-    ),
-    "cifar100": dict(
-        tv=torchvision.datasets.CIFAR100,
-        folder="cifar-100-python",
-        train=["train"],
-        test=["test"],
-        meta="meta",
-        labels="fine_labels",
-        names="fine_label_names",
-    ),
+    "cifar10": dict(tv=torchvision.datasets.CIFAR10, folder="cifar-10-batches-py",
+                    train=[f"data_batch_{i}" for i in range(1, 6)], test=["test_batch"], meta="batches.meta",
+                    labels="labels", names="label_names"),
+    "cifar100": dict(tv=torchvision.datasets.CIFAR100, folder="cifar-100-python", train=["train"], test=["test"],
+                     meta="meta", labels="fine_labels", names="fine_label_names"),
 }
 
 
-def _unpickle(path: Path) -> dict:
+def _unpickle(path):
     """One CIFAR python batch; the files are Python 2 pickles, hence latin1 and str-or-bytes keys."""
     with open(path, "rb") as f:
         content = pickle.load(f, encoding="latin1")
     return {key.decode() if isinstance(key, bytes) else key: value for key, value in content.items()}
 
 
-def _load_cifar(name: str, root: Path, download: bool):
+def _load_cifar(name, root, download):
     """CIFAR-10/100 from torchvision's extracted python batches, parsed here (no md5 check on local files)."""
     layout, title = _CIFAR[name], _SPECS[name].title
     folder = root / layout["folder"]
@@ -321,20 +277,11 @@ def _load_cifar(name: str, root: Path, download: bool):
     reason = None
     if not all((folder / f).is_file() for f in files) and download:
         tv = layout["tv"]
-        reason = _download(
-            root,
-            lambda: torchvision.datasets.utils.download_and_extract_archive(
-                tv.url, str(root), filename=tv.filename, md5=tv.tgz_md5
-            ),
-        )
+        reason = _download(root, lambda: torchvision.datasets.utils.download_and_extract_archive(
+            tv.url, str(root), filename=tv.filename, md5=tv.tgz_md5))
     if not all((folder / f).is_file() for f in files):
-        raise _not_found(
-            title,
-            f"looked for {', '.join(files)} in {folder}",
-            download,
-            reason,
-            f"extract {layout['tv'].filename} from https://www.cs.toronto.edu/~kriz/cifar.html into {root}",
-        )
+        how = f"extract {layout['tv'].filename} from https://www.cs.toronto.edu/~kriz/cifar.html into {root}"
+        raise _not_found(title, f"looked for {', '.join(files)} in {folder}", download, reason, how)
 
     def split(filenames):
         batches = [_unpickle(folder / f) for f in filenames]
@@ -361,7 +308,7 @@ _IDX_CLASSES = {
 }
 
 
-def _idx_file(directory: Path, stem: str) -> Path | None:
+def _idx_file(directory, stem):
     """The IDX file `stem` in directory, uncompressed or gzipped, if present."""
     for path in (directory / stem, directory / f"{stem}.gz"):
         if path.is_file():
@@ -369,7 +316,7 @@ def _idx_file(directory: Path, stem: str) -> Path | None:
     return None
 
 
-def _read_idx(path: Path) -> torch.Tensor:
+def _read_idx(path):
     """An IDX file of unsigned bytes (the MNIST format: 0, 0, 0x08, ndim, big-endian int32 sizes, data)."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
@@ -387,7 +334,7 @@ def _read_idx(path: Path) -> torch.Tensor:
     return torch.from_numpy(pixels.reshape(shape).copy())  # copy: frombuffer of bytes is read-only
 
 
-def _load_idx_set(name: str, root: Path, download: bool):
+def _load_idx_set(name, root, download):
     """MNIST or Fashion-MNIST from data_dir (torchvision or plain layout), then Debian's package, then a download."""
     tv = torchvision.datasets.FashionMNIST if name == "fashion-mnist" else torchvision.datasets.MNIST
     # Not data_dir itself: MNIST and Fashion-MNIST share file names, so a bare directory is ambiguous.
@@ -396,7 +343,7 @@ def _load_idx_set(name: str, root: Path, download: bool):
         candidates.append(DEBIAN_FASHION_MNIST)
     stems = [stem for pair in _IDX_STEMS.values() for stem in pair]
 
-    def find() -> Path | None:
+    def find():
         return next((d for d in candidates if all(_idx_file(d, s) for s in stems)), None)
 
     directory, reason = find(), None
@@ -421,7 +368,7 @@ def _load_idx_set(name: str, root: Path, download: bool):
     return arrays, list(_IDX_CLASSES[name])
 
 
-def _load_svhn(root: Path, download: bool):
+def _load_svhn(root, download):
     """SVHN train/test from torchvision's .mat files in data_dir (read with scipy; the `extra` split is unused)."""
     try:
         import scipy.io
@@ -434,13 +381,8 @@ def _load_svhn(root: Path, download: bool):
             reason = _download(root, partial(torchvision.datasets.utils.download_url, url, str(root), filename, md5))
     missing = [filename for _, filename, _ in split_files.values() if not (root / filename).is_file()]
     if missing:
-        raise _not_found(
-            "SVHN",
-            f"looked for {', '.join(missing)} in {root}",
-            download,
-            reason,
-            f"place train_32x32.mat and test_32x32.mat from http://ufldl.stanford.edu/housenumbers/ in {root}",
-        )
+        how = f"place train_32x32.mat and test_32x32.mat from http://ufldl.stanford.edu/housenumbers/ in {root}"
+        raise _not_found("SVHN", f"looked for {', '.join(missing)} in {root}", download, reason, how)
     arrays = {}
     for split, (_, filename, _) in split_files.items():
         try:
@@ -453,25 +395,23 @@ def _load_svhn(root: Path, download: bool):
     return arrays, [str(digit) for digit in range(10)]
 
 
-_IN_MEMORY_LOADERS = {
-    "cifar10": lambda root, download: _load_cifar("cifar10", root, download),
-    "cifar100": lambda root, download: _load_cifar("cifar100", root, download),
-    "fashion-mnist": lambda root, download: _load_idx_set("fashion-mnist", root, download),
-    "mnist": lambda root, download: _load_idx_set("mnist", root, download),
+_IN_MEMORY_SOURCES = {
+    "cifar10": partial(_load_cifar, "cifar10"),
+    "cifar100": partial(_load_cifar, "cifar100"),
+    "fashion-mnist": partial(_load_idx_set, "fashion-mnist"),
+    "mnist": partial(_load_idx_set, "mnist"),
     "svhn": _load_svhn,
 }
 
 
-def _make_fake(size: int, num_classes: int, seed: int = 0):
+def _make_fake(size, num_classes, seed=0):
     """Synthetic RGB images from a fixed generator: a smooth per-class colour pattern plus noise, so it is learnable."""
     if num_classes < 2:
         raise DatasetError(f"--num-classes must be at least 2, got {num_classes}")
     generator = torch.Generator().manual_seed(seed)
-    patterns = F.interpolate(
-        torch.rand(num_classes, 3, 4, 4, generator=generator), size=(size, size), mode="bilinear"
-    )
+    patterns = F.interpolate(torch.rand(num_classes, 3, 4, 4, generator=generator), size=(size, size), mode="bilinear")
 
-    def draw(count: int):
+    def draw(count):
         labels = torch.randint(num_classes, (count,), generator=generator)
         noise = 0.15 * torch.randn(count, 3, size, size, generator=generator)
         pixels = (0.2 + 0.6 * patterns[labels] + noise).clamp(0, 1)
@@ -481,13 +421,16 @@ def _make_fake(size: int, num_classes: int, seed: int = 0):
     return arrays, [f"class_{i}" for i in range(num_classes)]
 
 
-def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def _channel_stats(images):
     """Per-channel mean and std in [0, 1] units."""
     pixels = images.float().div(255).transpose(0, 1).flatten(1)
     return tuple(round(v, 4) for v in pixels.mean(1).tolist()), tuple(round(v, 4) for v in pixels.std(1).tolist())
 
 
-def _folder_data(name: str, root: Path, img_size: int, val_size: int, split_seed: int, num_classes: int | None) -> Data:
+# ----------------------------------------------------------------------------------------------
+# Image folders (ImageNet and user trees), read from disk per item
+# ----------------------------------------------------------------------------------------------
+def _folder_data(name, root, img_size, val_size, split_seed, num_classes):
     """ImageNet (train/ + val/) or an image-folder tree (train/ + test/, or val/ as the test set)."""
     spec = _SPECS[name]
     test_names = ("val",) if name == "imagenet" else ("test", "val")
@@ -497,10 +440,8 @@ def _folder_data(name: str, root: Path, img_size: int, val_size: int, split_seed
     else:
         how = f"put one folder of images per class in {root / 'train'} and {root / 'test'} (or val)"
     if not (root / "train").is_dir() or not test_dir.is_dir():
-        raise DatasetError(
-            f"{spec.title} not found (looked for class folders in {root / 'train'} and {test_dir}); {how}, "
-            "or use --dataset fake for synthetic data"
-        )
+        raise DatasetError(f"{spec.title} not found (looked for class folders in {root / 'train'} and {test_dir}); "
+                           f"{how}, or use --dataset fake for synthetic data")
     try:
         train_folder = torchvision.datasets.ImageFolder(str(root / "train"))
         test_folder = torchvision.datasets.ImageFolder(str(test_dir))
@@ -511,241 +452,13 @@ def _folder_data(name: str, root: Path, img_size: int, val_size: int, split_seed
     _check_num_classes(spec.title, len(train_folder.classes), num_classes)
     train_index, val_index = _hold_out(spec.title, len(train_folder), val_size, split_seed)
 
-    info = DataInfo(
-        name=name,
-        num_classes=len(train_folder.classes),
-        in_chans=3,
-        img_size=img_size,
-        mean=spec.mean,
-        std=spec.std,
-        classes=tuple(train_folder.classes),
-        synthetic=False,
-        in_memory=False,
-        train_size=len(train_index),
-        val_size=len(val_index),
-        test_size=len(test_folder),
-        native_size=img_size,
-        crop_padding=0,
-        hflip=True,
-    )
+    info = DataInfo(name=name, num_classes=len(train_folder.classes), in_chans=3, img_size=img_size, mean=spec.mean,
+                    std=spec.std, classes=tuple(train_folder.classes), synthetic=False, in_memory=False,
+                    train_size=len(train_index), val_size=len(val_index), test_size=len(test_folder),
+                    native_size=img_size, crop_padding=0, hflip=True)
     train_tf, eval_tf = _transforms(info)
     train = _Transformed(train_folder, train_tf)
     val = Subset(_Transformed(train_folder, eval_tf), val_index.tolist()) if val_size else None
     if val_size:
         train = Subset(train, train_index.tolist())
     return Data(info, train, val, _Transformed(test_folder, eval_tf), None)
-
-
-# ----------------------------------------------------------------------------------------------
-# Loaders
-# ----------------------------------------------------------------------------------------------
-
-
-def _mix(*values: int) -> int:
-    """A 63-bit seed hashed from all values (NumPy's SeedSequence), so (seed, epoch) pairs give unrelated streams."""
-    state = np.random.SeedSequence([v % 2**64 for v in values]).generate_state(1, np.uint64)[0]
-    return int(state) >> 1
-
-
-def _epoch_indices(size: int, *, shuffle: bool, seed: int, epoch: int, rank: int, world_size: int) -> torch.Tensor:
-    """This rank's dataset indices for one epoch (CPU int64); the same for both loader paths."""
-    if not shuffle:
-        return torch.arange(rank, size, world_size)  # eval: strided, disjoint, every sample exactly once
-    order = torch.randperm(size, generator=torch.Generator().manual_seed(_mix(seed, epoch, _ORDER)))
-    usable = size - size % world_size  # equal counts per rank keep data-parallel steps in lockstep
-    return order[rank:usable:world_size]
-
-
-class _EpochSampler(Sampler):
-    """Indices from _epoch_indices; with item_seeds, (index, seed) pairs that seed each item's augmentation."""
-
-    def __init__(self, size: int, *, shuffle: bool, seed: int, rank: int, world_size: int, item_seeds: bool):
-        self.size, self.shuffle, self.seed, self.rank, self.world_size = size, shuffle, seed, rank, world_size
-        self.item_seeds = item_seeds
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        if self.shuffle:
-            return self.size // self.world_size
-        return len(range(self.rank, self.size, self.world_size))
-
-    def __iter__(self):
-        indices = _epoch_indices(self.size, shuffle=self.shuffle, seed=self.seed, epoch=self.epoch,
-                                 rank=self.rank, world_size=self.world_size)
-        if not self.item_seeds:
-            return iter(indices.tolist())
-        # Drawn for the whole dataset and looked up by index: sample i's augmentation in an epoch does
-        # not depend on the rank count, the worker count or which worker fetches it.
-        generator = torch.Generator().manual_seed(_mix(self.seed, self.epoch, _AUGMENT))
-        seeds = torch.randint(2**62, (self.size,), generator=generator)
-        return iter(zip(indices.tolist(), seeds[indices].tolist(), strict=True))
-
-
-class _SeededItems(Dataset):
-    """Fetches dataset[index] for an (index, seed) key with the torch RNG seeded by `seed`, then restored."""
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        index, seed = key
-        # torchvision's random transforms draw from the global CPU generator. Seeding it per item makes
-        # augmentation independent of workers and of the training loop's own RNG use; restoring it keeps
-        # the main process's stream untouched when workers=0. (torch.manual_seed would also reseed CUDA
-        # and is ~100x slower.)
-        generator = torch.default_generator
-        state = generator.get_state()
-        generator.manual_seed(seed)
-        try:
-            return self.dataset[index]
-        finally:
-            generator.set_state(state)
-
-
-class TorchLoader:
-    """A DataLoader over the PIL-transform Datasets (the reference pipeline), reproducible per (seed, epoch)."""
-
-    def __init__(self, dataset: Dataset, *, batch_size: int, train: bool, drop_last: bool, device: torch.device,
-                 workers: int, seed: int, rank: int, world_size: int):
-        self.device, self.seed = device, seed
-        self.sampler = _EpochSampler(
-            len(dataset), shuffle=train, seed=seed, rank=rank, world_size=world_size, item_seeds=train
-        )
-        # The generator only sets the workers' base seed (our sampler does not use it); reseeded per
-        # epoch anyway so that nothing in a worker depends on history.
-        self.generator = torch.Generator()
-        self.loader = DataLoader(
-            _SeededItems(dataset) if train else dataset,
-            batch_size=batch_size,
-            sampler=self.sampler,
-            num_workers=workers,
-            pin_memory=device.type == "cuda",
-            persistent_workers=workers > 0,
-            drop_last=drop_last and train,
-            generator=self.generator,
-        )
-        self.set_epoch(0)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Fix this epoch's order and augmentation to a function of (seed, epoch)."""
-        self.sampler.set_epoch(epoch)
-        self.generator.manual_seed(_mix(self.seed, epoch, _WORKERS))
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        for images, labels in self.loader:
-            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
-
-
-def _crop_flip(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor | None, pad: int) -> torch.Tensor:
-    """Per-sample crop of the zero-padded batch at offsets (B, 2) in 0..2*pad, then optional per-sample h-flip."""
-    batch, chans, height, width = images.shape
-    padded = F.pad(images, (pad, pad, pad, pad))
-    padded_width = width + 2 * pad
-    rows = offsets[:, :1] + torch.arange(height, device=images.device)  # (B, H)
-    cols = torch.arange(width, device=images.device).expand(batch, width)
-    if flips is not None:
-        cols = torch.where(flips[:, None], width - 1 - cols, cols)  # flipping the crop = reading it backwards
-    cols = cols + offsets[:, 1:]  # (B, W)
-    # One gather over flattened pixels (2.5x faster on CPU than gathering rows, then columns).
-    pixels = (rows[:, :, None] * padded_width + cols[:, None, :]).view(batch, 1, height * width)
-    cropped = padded.flatten(2).gather(2, pixels.expand(batch, chans, height * width))
-    return cropped.view(batch, chans, height, width)
-
-
-class GpuLoader:
-    """Batches cut from a uint8 split held on `device`, augmented and normalised by batched tensor ops."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, info: DataInfo, *, batch_size: int, train: bool,
-                 drop_last: bool, device: torch.device, seed: int, rank: int, world_size: int):
-        self.images, self.labels = images.to(device), labels.to(device)
-        self.info, self.batch_size, self.train, self.device, self.seed = info, batch_size, train, device, seed
-        self.drop_last, self.rank, self.world_size = drop_last and train, rank, world_size
-        # Fold ToTensor's 1/255 into Normalize: x_norm = x * scale + shift.
-        std = torch.tensor(info.std, device=device).view(1, -1, 1, 1)
-        self.scale = 1 / (255 * std)
-        self.shift = -torch.tensor(info.mean, device=device).view(1, -1, 1, 1) / std
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Fix this epoch's order and augmentation to a function of (seed, epoch)."""
-        self.epoch = epoch
-
-    def _samples(self) -> int:
-        size = len(self.labels)
-        return size // self.world_size if self.train else len(range(self.rank, size, self.world_size))
-
-    def __len__(self) -> int:
-        count = self._samples()
-        return count // self.batch_size if self.drop_last else math.ceil(count / self.batch_size)
-
-    def __iter__(self):
-        size = len(self.labels)
-        indices = _epoch_indices(
-            size, shuffle=self.train, seed=self.seed, epoch=self.epoch, rank=self.rank, world_size=self.world_size
-        ).to(self.device)
-        pad, offsets, flips = self.info.crop_padding, None, None
-        if self.train:
-            # One draw per dataset index for the epoch (looked up by index, as on the torch path).
-            generator = torch.Generator(device=self.device).manual_seed(_mix(self.seed, self.epoch, _AUGMENT))
-            offsets = torch.randint(2 * pad + 1, (size, 2), generator=generator, device=self.device)
-            if self.info.hflip:
-                flips = torch.rand(size, generator=generator, device=self.device) < 0.5
-        for batch_number in range(len(self)):
-            batch = indices[batch_number * self.batch_size : (batch_number + 1) * self.batch_size]
-            images = self.images[batch]
-            if self.train:
-                images = _crop_flip(images, offsets[batch], None if flips is None else flips[batch], pad)
-            images = images.float()
-            if self.info.img_size != self.info.native_size:
-                size_out = (self.info.img_size, self.info.img_size)
-                images = F.interpolate(images, size=size_out, mode="bilinear", align_corners=False, antialias=True)
-            yield images.mul_(self.scale).add_(self.shift), self.labels[batch]
-
-
-def make_loaders(
-    data: Data,
-    *,
-    batch_size: int,
-    eval_batch_size: int | None = None,
-    loader: str = "auto",
-    device,
-    workers: int = 2,
-    seed: int = 0,
-    drop_last: bool = True,
-    rank: int = 0,
-    world_size: int = 1,
-):
-    """(train, val, test) loaders of batches on `device` ("auto": gpu path when in memory); val None without a split."""
-    device = torch.device(device)
-    if loader == "auto":
-        loader = "gpu" if data.info.in_memory else "torch"
-    if loader not in ("gpu", "torch"):
-        raise DatasetError(f"unknown loader {loader!r}; choose auto, gpu or torch")
-    if loader == "gpu" and not data.info.in_memory:
-        raise DatasetError(
-            f"--loader gpu needs an in-memory dataset; {data.info.name} is read from image files: use --loader torch"
-        )
-    if not 0 <= rank < world_size:
-        raise DatasetError(f"rank {rank} is outside 0..{world_size - 1}")
-    eval_batch_size = eval_batch_size or 2 * batch_size
-    common = dict(device=device, seed=seed, rank=rank, world_size=world_size, drop_last=drop_last)
-
-    def build(split: str, dataset: Dataset | None, train: bool):
-        if dataset is None:
-            return None
-        size = batch_size if train else eval_batch_size
-        if loader == "gpu":
-            images, labels = data.arrays[split]
-            return GpuLoader(images, labels, data.info, batch_size=size, train=train, **common)
-        return TorchLoader(dataset, batch_size=size, train=train, workers=workers, **common)
-
-    return build("train", data.train, True), build("val", data.val, False), build("test", data.test, False)
