@@ -226,3 +226,14 @@ def test_resume_messages_for_a_directory_and_a_corrupt_best_pt(capsys, tmp_path)
     err = launch(capsys, train, [*TINY, "--model", "resnet20", "--epochs", "2", "--resume", "auto",
                                  "--out-dir", tmp_path], code=2)
     assert "best.pt" in err and "remove or rename it" in err
+
+
+def test_a_resumed_run_purges_tensorboard_points_it_redoes(tmp_path):
+    """Resuming in epoch 1 (mid-epoch) drops the points a killed run wrote from epoch 1 on, too."""
+    rt = utils.Runtime(torch.device("cpu"), None, False)
+    log = engine.MetricsLog(str(tmp_path), rt, 0, resumed=True)
+    assert log.writer.purge_step == 1
+    log.close()
+    fresh = engine.MetricsLog(str(tmp_path / "fresh"), rt, 0, resumed=False)
+    assert fresh.writer.purge_step is None
+    fresh.close()
