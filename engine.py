@@ -217,7 +217,7 @@ def describe_run(run, resume):
     synthetic = " (SYNTHETIC data: numbers mean nothing)" if info.synthetic else ""
     scaling = ", lr x{} (--lr-scaling linear)".format(rt.world_size) if rt.distributed and args.lr_scaling == "linear" else ""
     return (f"{'resuming' if resume else 'training'} {', '.join(run.labels)} on {info.name}{synthetic}{where}: "
-            f"{info.train_size} train / {info.val_size} val / {info.test_size} test images, "
+            f"{info.train_size} train / {info.val_size} val / {info.test_size} test images{f' from {info.source}' if info.source else ''}, "
             f"{info.in_chans}x{info.img_size}px, {info.num_classes} classes, device {rt.device}, amp {rt.amp_dtype}, "
             f"{rt.world_size} process(es) x batch {args.batch_size} (global {args.batch_size * rt.world_size})"
             f"{scaling}{', SyncBatchNorm' if rt.sync_bn else ''}; run dir {run.run_dir}")

@@ -159,6 +159,9 @@ def add_data_flags(flags):
     add("--loader", default="auto", choices=["auto", "gpu", "torch"],
         help="gpu: dataset held on the device with batched augmentation there (in-memory sets); torch: DataLoader with workers")
     add("--workers", type=int, default=2, help="DataLoader worker processes (torch loader)")
+    add("--skip-bad-images", action=argparse.BooleanOptionalAction, default=True,
+        help="image folders: replace an unreadable image file (truncated, not an image) by the next image, with a "
+             "warning naming it, as timm does; --no-skip-bad-images stops at the first with one line naming it")
 
 
 def add_optimization_flags(flags, *, epochs, batch_size, optimizer, schedule, weight_decay, warmup_epochs, label_smoothing):
@@ -478,7 +481,8 @@ def setup_data(args, rt):
     """Build the dataset and its train/val/test loaders from the flags."""
     def build(download):
         return build_data(args.dataset, args.data_dir, img_size=args.img_size, val_size=args.val_size,
-                          split_seed=args.split_seed, download=download, num_classes=args.num_classes)
+                          split_seed=args.split_seed, download=download, num_classes=args.num_classes,
+                          skip_bad_images=args.skip_bad_images)
 
     if rt.distributed and args.download:
         # One download per file system, never several processes writing one archive: rank 0

@@ -110,8 +110,16 @@ class TorchLoader:
         return len(self.loader)
 
     def __iter__(self):
-        for images, labels in self.loader:
-            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        try:
+            for images, labels in self.loader:
+                yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        except DatasetError as error:
+            # Raised in a worker process, it is re-raised here with the worker's traceback in its
+            # message, whose last line ends with the error's own one line.
+            lines = str(error).strip().splitlines()
+            if len(lines) > 1:
+                raise DatasetError(lines[-1].split(": ", 1)[-1]) from None
+            raise
 
 
 # ----------------------------------------------------------------------------------------------

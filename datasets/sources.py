@@ -8,6 +8,7 @@ import http.client
 import math
 import pickle
 import struct
+import sys
 import tarfile
 import zlib
 from dataclasses import dataclass
@@ -18,8 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
-from PIL import Image
-from torch.utils.data import Dataset, Subset
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
 from torchvision import transforms
 
 DATASETS = ("cifar10", "cifar100", "fashion-mnist", "mnist", "svhn", "imagenet", "imagefolder", "fake")
@@ -61,6 +62,7 @@ class DataInfo:
     native_size: int  # stored image size of in-memory sets (== img_size for image folders)
     crop_padding: int  # train RandomCrop padding of in-memory sets (0 for image folders)
     hflip: bool  # train augmentation flips horizontally
+    source: str = ""  # the directory the images were read from ("" for generated data); the startup line shows it
 
 
 @dataclass(frozen=True)
@@ -109,28 +111,36 @@ _FOLDER_SETS = ("imagenet", "imagefolder")
 # Building a dataset
 # ----------------------------------------------------------------------------------------------
 def build_data(name, data_dir="./data", *, img_size=None, val_size=None, split_seed=0, download=True,
-               num_classes=None):
-    """Load dataset `name` (one of DATASETS) and hold a seeded validation split out of its training set."""
+               num_classes=None, skip_bad_images=True):
+    """Load dataset `name` (one of DATASETS) and hold a seeded validation split out of its training set.
+
+    skip_bad_images (image folders): an unreadable image file is replaced by the next image of its
+    split, with a warning naming it; False makes it an error (see _FolderSplit)."""
     if name not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
     if img_size is not None and img_size < 1:
         raise DatasetError(f"--img-size must be positive, got {img_size}")
     spec = _SPECS[name]
     root = Path(data_dir).expanduser()
+    if name != "fake" and root.exists() and not root.is_dir():  # never fall back to other files unnoticed
+        raise DatasetError(f"--data-dir {root} is not a directory; pass the directory that holds the {spec.title} files")
     val_size = spec.default_val_size if val_size is None else val_size
     if name in _FOLDER_SETS:
-        return _folder_data(name, root, img_size or spec.native_size, val_size, split_seed, num_classes)
+        return _folder_data(name, root, img_size or spec.native_size, val_size, split_seed, num_classes,
+                            skip_bad_images)
     if name == "fake":
         arrays, classes = _make_fake(spec.native_size, 10 if num_classes is None else num_classes)
         mean, std = _channel_stats(arrays["train"][0])
+        source = ""
     else:
-        arrays, classes = _IN_MEMORY_SOURCES[name](root, download)
+        arrays, classes, source = _IN_MEMORY_SOURCES[name](root, download)
         mean, std = spec.mean, spec.std
     _check_num_classes(spec.title, len(classes), num_classes)
-    return _in_memory_data(name, arrays, classes, mean, std, img_size or spec.native_size, val_size, split_seed)
+    return _in_memory_data(name, arrays, classes, mean, std, img_size or spec.native_size, val_size, split_seed,
+                           source)
 
 
-def _in_memory_data(name, arrays, classes, mean, std, img_size, val_size, split_seed):
+def _in_memory_data(name, arrays, classes, mean, std, img_size, val_size, split_seed, source):
     """Hold the validation split out of arrays["train"] and wrap the uint8 splits as a Data."""
     spec = _SPECS[name]
     train_images, train_labels = arrays.pop("train")
@@ -143,7 +153,7 @@ def _in_memory_data(name, arrays, classes, mean, std, img_size, val_size, split_
     info = DataInfo(name=name, num_classes=len(classes), in_chans=spec.in_chans, img_size=img_size, mean=mean,
                     std=std, classes=tuple(classes), synthetic=name == "fake", in_memory=True,
                     train_size=len(train_index), val_size=len(val_index), test_size=len(arrays["test"][1]),
-                    native_size=spec.native_size, crop_padding=spec.crop_padding, hflip=spec.hflip)
+                    native_size=spec.native_size, crop_padding=spec.crop_padding, hflip=spec.hflip, source=str(source))
     return data_from_arrays(info, arrays)
 
 
@@ -205,22 +215,9 @@ class ArrayDataset(Dataset):
         return self.transform(Image.fromarray(pixels)), int(self.labels[index])
 
 
-class _Transformed(Dataset):
-    """A view of a dataset of (PIL image, label) with its own transform, so train and val share one folder scan."""
-
-    def __init__(self, dataset, transform):
-        self.dataset, self.transform = dataset, transform
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, index):
-        image, label = self.dataset[index]
-        return self.transform(image), label
-
-
 # ----------------------------------------------------------------------------------------------
-# The in-memory sources: each returns ({"train": (uint8 N,C,H,W, int64 N), "test": ...}, class names)
+# The in-memory sources: each returns ({"train": (uint8 N,C,H,W, int64 N), "test": ...}, class names,
+# the directory read)
 # ----------------------------------------------------------------------------------------------
 # Torchvision's mirrors can fail in several ways (DNS, HTTP, truncated or corrupt archive, md5).
 _DOWNLOAD_ERRORS = (OSError, RuntimeError, EOFError, tarfile.TarError, zlib.error, http.client.HTTPException)
@@ -294,7 +291,7 @@ def _load_cifar(name, root, download):
         classes = [str(c) for c in _unpickle(folder / layout["meta"])[layout["names"]]]
     except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as error:
         raise DatasetError(f"{title} files in {folder} are corrupt ({error!r}); delete and fetch them again") from None
-    return arrays, classes
+    return arrays, classes, folder
 
 
 _IDX_STEMS = {
@@ -335,10 +332,10 @@ def _read_idx(path):
 
 
 def _load_idx_set(name, root, download):
-    """MNIST or Fashion-MNIST from data_dir (torchvision or plain layout), then Debian's package, then a download."""
+    """MNIST or Fashion-MNIST from data_dir (torchvision's layout, data_dir/<name>, or the four files in
+    data_dir itself), then Debian's package, then a download."""
     tv = torchvision.datasets.FashionMNIST if name == "fashion-mnist" else torchvision.datasets.MNIST
-    # Not data_dir itself: MNIST and Fashion-MNIST share file names, so a bare directory is ambiguous.
-    candidates = [root / tv.__name__ / "raw", root / name]
+    candidates = [root / tv.__name__ / "raw", root / name, root]
     if name == "fashion-mnist":
         candidates.append(DEBIAN_FASHION_MNIST)
     stems = [stem for pair in _IDX_STEMS.values() for stem in pair]
@@ -365,7 +362,21 @@ def _load_idx_set(name, root, download):
             shapes = f"{tuple(images.shape)} images, {tuple(labels.shape)} labels"
             raise DatasetError(f"{directory}: {split} files do not match ({shapes})")
         arrays[split] = (images.unsqueeze(1), labels)
-    return arrays, list(_IDX_CLASSES[name])
+    if directory == root:
+        _check_idx_set(name, directory, arrays["train"][0])
+    return arrays, list(_IDX_CLASSES[name]), directory
+
+
+def _check_idx_set(name, directory, images):
+    """MNIST and Fashion-MNIST share file names, so files found in a bare directory could be either:
+    their mean pixels (0.131 and 0.286) tell them apart."""
+    mean, expected = images.float().mean().item() / 255, _SPECS[name].mean[0]
+    if abs(mean - expected) > 0.05:
+        other = _SPECS["mnist" if name == "fashion-mnist" else "fashion-mnist"]
+        looks = f"they look like {other.title}'s" if abs(mean - other.mean[0]) <= 0.05 else "they are another data set's"
+        raise DatasetError(f"the IDX files in {directory} have mean pixel {mean:.3f}, {_SPECS[name].title}'s is {expected:.3f}: "
+                           f"{looks} (MNIST and Fashion-MNIST share file names); put {_SPECS[name].title}'s files "
+                           f"in {directory / name}")
 
 
 def _load_svhn(root, download):
@@ -392,7 +403,7 @@ def _load_svhn(root, download):
         images = np.ascontiguousarray(content["X"].transpose(3, 2, 0, 1))  # (H, W, C, N) -> (N, C, H, W)
         labels = content["y"].reshape(-1).astype(np.int64) % 10  # SVHN labels the digit 0 as 10
         arrays[split] = (torch.from_numpy(images), torch.from_numpy(labels))
-    return arrays, [str(digit) for digit in range(10)]
+    return arrays, [str(digit) for digit in range(10)], root
 
 
 _IN_MEMORY_SOURCES = {
@@ -430,7 +441,7 @@ def _channel_stats(images):
 # ----------------------------------------------------------------------------------------------
 # Image folders (ImageNet and user trees), read from disk per item
 # ----------------------------------------------------------------------------------------------
-def _folder_data(name, root, img_size, val_size, split_seed, num_classes):
+def _folder_data(name, root, img_size, val_size, split_seed, num_classes, skip_bad_images):
     """ImageNet (train/ + val/) or an image-folder tree (train/ + test/, or val/ as the test set)."""
     spec = _SPECS[name]
     test_names = ("val",) if name == "imagenet" else ("test", "val")
@@ -447,6 +458,9 @@ def _folder_data(name, root, img_size, val_size, split_seed, num_classes):
         test_folder = torchvision.datasets.ImageFolder(str(test_dir))
     except FileNotFoundError as error:  # a class folder without images, or no class folders at all
         raise DatasetError(f"{spec.title} in {root}: {' '.join(str(error).split())}; {how}") from None
+    if len(train_folder.classes) < 2:  # one class would train to a meaningless 100%
+        raise DatasetError(f"{root / 'train'} has {len(train_folder.classes)} class folder "
+                           f"({', '.join(train_folder.classes)}); a classifier needs at least 2: {how}")
     if train_folder.classes != test_folder.classes:
         raise DatasetError(f"{spec.title}: class folders differ between {root / 'train'} and {test_dir}")
     _check_num_classes(spec.title, len(train_folder.classes), num_classes)
@@ -455,10 +469,63 @@ def _folder_data(name, root, img_size, val_size, split_seed, num_classes):
     info = DataInfo(name=name, num_classes=len(train_folder.classes), in_chans=3, img_size=img_size, mean=spec.mean,
                     std=spec.std, classes=tuple(train_folder.classes), synthetic=False, in_memory=False,
                     train_size=len(train_index), val_size=len(val_index), test_size=len(test_folder),
-                    native_size=img_size, crop_padding=0, hflip=True)
+                    native_size=img_size, crop_padding=0, hflip=True, source=str(root))
     train_tf, eval_tf = _transforms(info)
-    train = _Transformed(train_folder, train_tf)
-    val = Subset(_Transformed(train_folder, eval_tf), val_index.tolist()) if val_size else None
-    if val_size:
-        train = Subset(train, train_index.tolist())
-    return Data(info, train, val, _Transformed(test_folder, eval_tf), None)
+    train_bad, test_bad = (torch.zeros(len(folder), dtype=torch.uint8).share_memory_()
+                           for folder in (train_folder, test_folder))
+    split = partial(_FolderSplit, skip_bad_images=skip_bad_images)
+    train = split(train_folder, train_index.numpy(), train_tf, train_bad)
+    val = split(train_folder, val_index.numpy(), eval_tf, train_bad) if val_size else None
+    test = split(test_folder, np.arange(len(test_folder)), eval_tf, test_bad)
+    return Data(info, train, val, test, None)
+
+
+# What PIL raises for a truncated file or one that is not an image (UnidentifiedImageError is an
+# OSError; some decoders raise SyntaxError, ValueError or EOFError on broken data).
+_BAD_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+# As in timm's ImageDataset: this many unreadable files in a row mean a broken tree, not a bad file.
+_MAX_BAD_IN_A_ROW = 50
+
+
+class _FolderSplit(Dataset):
+    """(transformed image, label) for the images `indices` of an ImageFolder (train and val share one scan).
+
+    One unreadable file (truncated, or not an image) among ImageNet's 1.3 million should not end a
+    multi-day run mid-epoch. With skip_bad_images its place goes to the next readable image of the
+    split, as in timm's ImageDataset, so batches keep their size and every process of a data-parallel
+    run its step count; each such file is named in one warning with the count so far (`bad` flags
+    the folder's files in shared memory, since DataLoader workers are separate processes).
+    Without it, the first one is a DatasetError naming the file.
+    """
+
+    def __init__(self, folder, indices, transform, bad, *, skip_bad_images):
+        self.folder, self.indices, self.transform, self.bad = folder, indices, transform, bad
+        self.skip_bad_images = skip_bad_images
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, position):
+        for attempt in range(min(len(self.indices), _MAX_BAD_IN_A_ROW)):
+            index = int(self.indices[(position + attempt) % len(self.indices)])
+            path, label = self.folder.samples[index]
+            try:
+                image = self.folder.loader(path)
+            except _BAD_IMAGE_ERRORS as error:
+                self._skip(index, path, error)
+                continue
+            return self.transform(image), label
+        raise DatasetError(f"{attempt + 1} image files in a row are unreadable in {self.folder.root} (the last is {path}); "
+                           "check that the data set was copied completely")
+
+    def _skip(self, index, path, error):
+        """Raise, or warn the first time (in any process) that the file at `index` is found unreadable."""
+        why = "not an image file" if isinstance(error, UnidentifiedImageError) else " ".join(str(error).split())[:120]
+        if not self.skip_bad_images:
+            raise DatasetError(f"unreadable image {path} ({why or type(error).__name__}); remove or replace it "
+                               "(or drop --no-skip-bad-images: such files are then skipped with a warning)")
+        if self.bad[index]:
+            return
+        self.bad[index] = 1
+        print(f"warning: skipped unreadable image {path} ({why or type(error).__name__}), the next image takes its "
+              f"place; {int(self.bad.sum())} unreadable in {self.folder.root} so far", file=sys.stderr, flush=True)

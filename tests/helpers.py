@@ -1,8 +1,13 @@
-"""Helpers shared by the test files that run the scripts: paths, subprocess environment, run outputs."""
+"""Helpers shared by the test files: paths, subprocess environment, run outputs, data sets written
+in their real on-disk formats."""
 import csv
+import gzip
 import os
+import struct
 
+import numpy as np
 import torch
+from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,3 +35,49 @@ def assert_same_weights(a, b):
         assert state_a.keys() == state_b.keys()
         for key in state_a:
             assert torch.equal(state_a[key], state_b[key]), key
+
+
+def write_idx(path, array, compress):
+    """An IDX file: 0, 0, 0x08 (unsigned byte), ndim, big-endian sizes, then the bytes."""
+    content = bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+    if compress:
+        with gzip.open(f"{path}.gz", "wb") as f:
+            f.write(content)
+    else:
+        path.write_bytes(content)
+
+
+def write_mnist_like(folder, train=30, test=10, compress=True, high=256):
+    """The four MNIST-format files, pixels drawn from 0..high-1 (147: mean 0.286 like Fashion-MNIST's);
+    returns the images and labels written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, count in (("train", train), ("t10k", test)):
+        images = rng.integers(0, high, (count, 28, 28), dtype=np.uint8)
+        labels = (np.arange(count) % 10).astype(np.uint8)
+        write_idx(folder / f"{split}-images-idx3-ubyte", images, compress)
+        write_idx(folder / f"{split}-labels-idx1-ubyte", labels, compress)
+        arrays[split] = (images, labels)
+    return arrays
+
+
+def write_image_tree(root, splits, classes=("cat", "dog"), per_class=3):
+    """root/<split>/<class>/<i>.png, images of assorted sizes (the loader must resize them)."""
+    for split in splits:
+        for label, name in enumerate(classes):
+            (root / split / name).mkdir(parents=True)
+            for i in range(per_class):
+                pixels = np.full((20 + 3 * i, 26, 3), 40 * (label + 1) + i, dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+
+
+def write_broken_image_tree(root):
+    """A two-class image folder whose train/ also holds a truncated PNG and a text file named .png;
+    returns those two paths."""
+    write_image_tree(root, ("train", "test"))
+    png = (root / "train" / "cat" / "2.png").read_bytes()
+    truncated, text = root / "train" / "cat" / "2_truncated.png", root / "train" / "dog" / "2_notes.png"
+    truncated.write_bytes(png[: len(png) // 2])
+    text.write_text("not an image")
+    return truncated, text

@@ -1,8 +1,7 @@
 """Tests for datasets/: every source in its real on-disk format, the split, and both loader paths (CPU, seconds)."""
-import gzip
 import importlib.util
 import pickle
-import struct
+import re
 import sys
 import urllib.request
 from pathlib import Path
@@ -10,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import datasets.sources as sources
 from datasets import (
     DATASETS, DataInfo, DatasetError, GpuLoader, TorchLoader, build_data, data_from_arrays, make_loaders)
+from helpers import write_broken_image_tree, write_image_tree, write_mnist_like
 
 HAS_SCIPY = importlib.util.find_spec("scipy") is not None
 IDX_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -63,30 +62,6 @@ def write_cifar100(root, train=20, test=10):
     (folder / "meta").write_bytes(pickle.dumps(meta))
 
 
-def write_idx(path, array, compress):
-    """An IDX file: 0, 0, 0x08 (unsigned byte), ndim, big-endian sizes, then the bytes."""
-    content = bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
-    if compress:
-        with gzip.open(f"{path}.gz", "wb") as f:
-            f.write(content)
-    else:
-        path.write_bytes(content)
-
-
-def write_mnist_like(folder, train=30, test=10, compress=True):
-    """The four MNIST-format files; returns the train images and labels written."""
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    arrays = {}
-    for split, count in (("train", train), ("t10k", test)):
-        images = rng.integers(0, 256, (count, 28, 28), dtype=np.uint8)
-        labels = (np.arange(count) % 10).astype(np.uint8)
-        write_idx(folder / f"{split}-images-idx3-ubyte", images, compress)
-        write_idx(folder / f"{split}-labels-idx1-ubyte", labels, compress)
-        arrays[split] = (images, labels)
-    return arrays
-
-
 def write_svhn(root, train=12, test=6):
     """train_32x32.mat / test_32x32.mat as torchvision downloads them: X (32, 32, 3, N), y (N, 1) in 1..10."""
     import scipy.io
@@ -97,16 +72,6 @@ def write_svhn(root, train=12, test=6):
         scipy.io.savemat(root / f"{split}_32x32.mat", {
             "X": rng.integers(0, 256, (32, 32, 3, count), dtype=np.uint8),
             "y": (np.arange(count) % 10 + 1).astype(np.uint8).reshape(-1, 1)})
-
-
-def write_image_tree(root, splits, classes=("cat", "dog"), per_class=3):
-    """root/<split>/<class>/<i>.png, images of assorted sizes (the loader must resize them)."""
-    for split in splits:
-        for label, name in enumerate(classes):
-            (root / split / name).mkdir(parents=True)
-            for i in range(per_class):
-                pixels = np.full((20 + 3 * i, 26, 3), 40 * (label + 1) + i, dtype=np.uint8)
-                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,13 +126,18 @@ def test_cifar100_fine_labels_and_resize(tmp_path):
 @pytest.mark.parametrize("name, layout, compress", [
     ("fashion-mnist", "FashionMNIST/raw", True),   # where torchvision downloads to
     ("fashion-mnist", "fashion-mnist", False),     # plain IDX files
+    ("fashion-mnist", ".", True),                  # the four .gz files copied into --data-dir itself
     ("mnist", "MNIST/raw", False),
     ("mnist", "mnist", True),
+    ("mnist", ".", False),
 ])
 def test_mnist_likes_from_idx_files(tmp_path, name, layout, compress):
-    written = write_mnist_like(tmp_path / layout, compress=compress)
+    # In a bare directory the files' mean pixel must be the data set's (0.286 / 0.131), not random's 0.5.
+    high = {"fashion-mnist": 147, "mnist": 67}[name] if layout == "." else 256
+    written = write_mnist_like(tmp_path / layout, compress=compress, high=high)
     data = build_data(name, tmp_path, val_size=6, download=False)
     info = data.info
+    assert info.source == str(tmp_path / layout)  # the startup line names the files read
     assert (info.in_chans, info.img_size, info.num_classes) == (1, 28, 10)
     assert (info.train_size, info.val_size, info.test_size) == (24, 6, 10)
     assert info.hflip == (name == "fashion-mnist") and info.crop_padding == 2
@@ -179,6 +149,21 @@ def test_mnist_likes_from_idx_files(tmp_path, name, layout, compress):
     torch.testing.assert_close(data.test[2][0], expected_normalised(images[2], info), atol=1e-6, rtol=0)
     with pytest.raises(DatasetError, match="--val-size"):  # the default 5000 does not fit 30 images
         build_data(name, tmp_path, download=False)
+
+
+def test_the_other_sets_files_in_a_bare_directory_are_refused(tmp_path):
+    write_mnist_like(tmp_path, high=67)  # MNIST's mean pixel
+    with pytest.raises(DatasetError, match="look like MNIST's") as error:
+        build_data("fashion-mnist", tmp_path, download=False)
+    assert str(tmp_path / "fashion-mnist") in str(error.value)
+
+
+@pytest.mark.parametrize("name", [n for n in DATASETS if n != "fake"])
+def test_a_data_dir_that_is_not_a_directory_is_refused(tmp_path, name):
+    path = tmp_path / "fashion-mnist.tar"
+    path.write_bytes(b"an archive, not its contents")
+    with pytest.raises(DatasetError, match=re.escape(f"--data-dir {path} is not a directory")):
+        build_data(name, path, download=False)
 
 
 @pytest.mark.skipif(not HAS_SCIPY, reason="SVHN's .mat files need scipy")
@@ -206,6 +191,7 @@ def test_image_folders(tmp_path, name, test_split):
     data = build_data(name, tmp_path, img_size=16, val_size=2, download=False)
     info = data.info
     assert (info.num_classes, info.classes, info.in_memory, info.img_size) == (2, ("cat", "dog"), False, 16)
+    assert info.source == str(tmp_path)
     assert (info.train_size, info.val_size, info.test_size) == (4, 2, 6) and data.arrays is None
     for split in (data.train, data.val, data.test):
         image, label = split[0]
@@ -218,6 +204,45 @@ def test_image_folders(tmp_path, name, test_split):
     assert sum(len(labels) for _, labels in val) == 2
     with pytest.raises(DatasetError, match="--loader gpu"):
         make_loaders(data, batch_size=2, loader="gpu", device="cpu")
+
+
+def test_an_unreadable_image_takes_the_next_ones_place_with_one_warning(tmp_path, capsys):
+    truncated, text = write_broken_image_tree(tmp_path)
+    data = build_data("imagefolder", tmp_path, img_size=16, val_size=0, download=False)
+    # ImageFolder's sorted order: cat/0, 1, 2, 2_truncated (3), dog/0 (4), 1, 2, 2_notes (7).
+    for bad, substitute in ((3, 4), (7, 0)):  # the last one wraps around to the first
+        for _ in range(2):  # found unreadable twice, named once
+            torch.manual_seed(0)  # the train transform is random
+            image, label = data.train[bad]
+            torch.manual_seed(0)
+            expected_image, expected_label = data.train[substitute]
+            assert torch.equal(image, expected_image) and label == expected_label
+    warnings = capsys.readouterr().err.splitlines()
+    assert len(warnings) == 2
+    assert warnings[0].startswith(f"warning: skipped unreadable image {truncated} (image file is truncated)")
+    assert warnings[0].endswith(f"1 unreadable in {tmp_path / 'train'} so far")
+    assert warnings[1].startswith(f"warning: skipped unreadable image {text} (not an image file)")
+    assert warnings[1].endswith("2 unreadable in " + str(tmp_path / "train") + " so far")
+
+    strict = build_data("imagefolder", tmp_path, img_size=16, val_size=0, download=False, skip_bad_images=False)
+    with pytest.raises(DatasetError, match=re.escape(f"unreadable image {text} (not an image file); remove or replace it")):
+        strict.train[7]
+
+
+def test_a_folder_of_unreadable_files_is_an_error(tmp_path):
+    write_image_tree(tmp_path, ("test",))
+    for name in ("cat", "dog"):
+        (tmp_path / "train" / name).mkdir(parents=True)
+        (tmp_path / "train" / name / "0.png").write_text("not an image")
+    data = build_data("imagefolder", tmp_path, img_size=16, download=False)
+    with pytest.raises(DatasetError, match="2 image files in a row are unreadable in .*copied completely"):
+        data.train[0]
+
+
+def test_a_single_class_folder_is_refused(tmp_path):
+    write_image_tree(tmp_path, ("train", "test"), classes=("cat",))
+    with pytest.raises(DatasetError, match=re.escape(f"{tmp_path / 'train'} has 1 class folder (cat); a classifier needs at least 2")):
+        build_data("imagefolder", tmp_path, img_size=16, download=False)
 
 
 def test_fake_is_synthetic_seeded_and_sized(tmp_path):

@@ -17,7 +17,7 @@ import train_ceit
 import train_competitive_distillation as competitive
 import train_mutual_learning as mutual
 import utils
-from helpers import ROOT, cpu_env, read_rows
+from helpers import ROOT, cpu_env, read_rows, write_broken_image_tree, write_image_tree, write_mnist_like
 
 TINY = ["--dataset", "fake", "--img-size", "16", "--train-subset", "64", "--val-size", "32", "--batch-size", "32",
         "--eval-batch-size", "256", "--device", "cpu", "--workers", "0", "--no-progress"]
@@ -197,6 +197,53 @@ def test_a_second_ctrl_c_does_not_lose_the_state(tmp_path):
     assert process.returncode == 130, stdout + stderr
     assert "Traceback" not in stderr, stderr
     assert engine.load_checkpoint(str(out / "last.pt"))["epoch"] >= 1
+
+
+# 4., 9. and 11. data ---------------------------------------------------------------------------------
+FOLDER = ["--dataset", "imagefolder", "--img-size", "16", "--val-size", "2", "--batch-size", "2", "--device", "cpu",
+          "--loader", "torch", "--no-progress", "--model", "resnet20"]
+
+
+def test_unreadable_images_are_skipped_with_a_counted_warning(capfd, tmp_path):
+    bad = write_broken_image_tree(tmp_path / "data")
+    # Two epochs read every file twice, through two worker processes per loader (capfd: their stderr too).
+    results = utils.launch(train.main, train.get_args_parser(), [
+        *FOLDER, "--data-dir", str(tmp_path / "data"), "--workers", "2", "--epochs", "2", "--out-dir", str(tmp_path / "run")])
+    assert results["epochs"] == 2
+    warnings = [line for line in capfd.readouterr().err.splitlines() if line.startswith("warning: skipped")]
+    assert sorted(line.split()[4] for line in warnings) == sorted(map(str, bad))  # each file named once
+    assert sorted(line.rsplit("; ", 1)[1].split()[0] for line in warnings) == ["1", "2"]
+
+
+def test_no_skip_bad_images_stops_with_one_line_naming_the_file(capfd, tmp_path):
+    bad = write_broken_image_tree(tmp_path / "data")
+    # One worker process: the error crosses from it to the main process, and still reads as one line.
+    err = launch(capfd, train, [*FOLDER, "--data-dir", tmp_path / "data", "--workers", "1", "--epochs", "1",
+                                "--no-skip-bad-images", "--out-dir", tmp_path / "run"], code=2)
+    assert "unreadable image" in err and any(f"image {path} (" in err for path in bad), err
+
+
+def test_a_data_dir_that_is_a_file_is_one_line(capsys, tmp_path):
+    (tmp_path / "fashion-mnist.tar").write_bytes(b"an archive")
+    err = launch(capsys, train, [*TINY, "--dataset", "fashion-mnist", "--img-size", "28", "--model", "resnet20",
+                                 "--epochs", "1", "--data-dir", tmp_path / "fashion-mnist.tar", "--out-dir", tmp_path / "run"], code=2)
+    assert f"--data-dir {tmp_path / 'fashion-mnist.tar'} is not a directory" in err
+
+
+def test_the_startup_line_names_the_files_read(capsys, tmp_path):
+    write_mnist_like(tmp_path / "data", train=80, high=147)  # the four .gz files right in --data-dir
+    utils.launch(train.main, train.get_args_parser(), [
+        *TINY, "--dataset", "fashion-mnist", "--img-size", "28", "--train-subset", "32", "--val-size", "16",
+        "--model", "resnet20", "--epochs", "1", "--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "run")])
+    startup = capsys.readouterr().out.splitlines()[0]
+    assert startup.startswith("training net0_resnet20 on fashion-mnist: ")
+    assert f"32 train / 16 val / 10 test images from {tmp_path / 'data'}, " in startup
+
+
+def test_a_single_class_image_folder_is_one_line(capsys, tmp_path):
+    write_image_tree(tmp_path / "data", ("train", "test"), classes=("cat",))
+    err = launch(capsys, train, [*FOLDER, "--data-dir", tmp_path / "data", "--epochs", "1", "--out-dir", tmp_path / "run"], code=2)
+    assert f"{tmp_path / 'data' / 'train'} has 1 class folder (cat); a classifier needs at least 2" in err
 
 
 # 6., 7. and 10. resuming ---------------------------------------------------------------------------
