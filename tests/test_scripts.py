@@ -290,6 +290,19 @@ def test_resolve_device(monkeypatch):
         utils.resolve_device("cuda")
 
 
+@pytest.mark.parametrize("cpu,native", [
+    (argparse.Namespace(_get_cpu_capability=lambda: {"avx512_bf16": True, "amx_bf16": False}), True),
+    (argparse.Namespace(_get_cpu_capability=lambda: {"avx512_bf16": False, "amx_bf16": True}), True),
+    (argparse.Namespace(_get_cpu_capability=lambda: {"avx512_bf16": False, "amx_bf16": False, "avx512_f": True}), False),
+    (argparse.Namespace(_is_avx512_bf16_supported=lambda: False, _is_amx_tile_supported=lambda: True), True),  # older torch
+    (argparse.Namespace(_is_avx512_bf16_supported=lambda: False, _is_amx_tile_supported=lambda: False), False),
+    (argparse.Namespace(), False),                                                                            # no query at all
+], ids=["avx512-bf16", "amx-bf16", "avx512-only", "old-amx", "old-none", "unknown"])
+def test_native_bf16_detection(monkeypatch, cpu, native):
+    monkeypatch.setattr(torch._C, "_cpu", cpu)
+    assert utils.cpu_has_native_bf16() is native
+
+
 @pytest.mark.parametrize("rank,local_rank,downloads", [(0, 0, "first"), (1, 1, "never"), (4, 0, "second")])
 def test_one_download_per_file_system_under_torchrun(monkeypatch, rank, local_rank, downloads):
     """Rank 0 downloads first, then the first process of each other node; the rest only read."""
