@@ -360,6 +360,26 @@ def resolve_device(name, local_rank=None):
     return device
 
 
+def cpu_has_native_bf16():
+    """True when this CPU has bf16 dot-product instructions (x86 AVX512-BF16 or AMX-BF16), on which
+    bf16 autocast trains faster than fp32; False when they are missing or cannot be queried.
+    torch's public torch.backends.cpu.get_cpu_capability() names only the vector width, so this asks
+    the cpuinfo queries behind it, which are private and were renamed between releases: guarded."""
+    cpu = getattr(torch._C, "_cpu", None)
+    try:
+        flags = cpu._get_cpu_capability()  # recent torch: a dict of cpuinfo's flags
+        return bool(flags.get("avx512_bf16") or flags.get("amx_bf16"))
+    except (AttributeError, RuntimeError):
+        pass
+    for query in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):  # older torch
+        try:
+            if getattr(cpu, query)():
+                return True
+        except (AttributeError, RuntimeError):
+            pass
+    return False
+
+
 def setup_runtime(args):
     """Pick the device and precision, seed everything and join the process group under torchrun."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

@@ -12,6 +12,7 @@ Variants, all on synthetic data of a chosen shape (the numbers describe speed, n
 
     python benchmarks/bench.py --models resnet32 resnet32 --batch-size 128 --device cuda
     python benchmarks/bench.py --suite --device cuda --json bench.json
+    python benchmarks/bench.py --device cpu --variants reference default --amp none bf16
 """
 import argparse
 import os
@@ -38,6 +39,7 @@ from losses import kd_loss  # noqa: E402
 from perturb import Perturber  # noqa: E402
 
 PARADIGMS = {"competitive": competitive, "mutual": mutual}
+PRECISIONS = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def get_args_parser():
@@ -52,6 +54,9 @@ def get_args_parser():
     add("--num-classes", type=int, default=100, help="classes of the synthetic data (CIFAR-100 shaped)")
     add("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     add("--variants", nargs="+", default=["reference", "default", "fast"], choices=["reference", "default", "fast"])
+    add("--amp", nargs="+", default=["auto"], choices=["auto", "none", "bf16"],
+        help="autocast precision(s) of the default and fast variants, each timed in turn (auto: as the scripts pick; "
+             "the reference is always fp32)")
     add("--steps", type=int, default=50, help="timed steps per repeat")
     add("--warmup", type=int, default=10, help="untimed steps first (compilation, cuDNN autotuning)")
     add("--repeats", type=int, default=3, help="timed repeats; the median is reported")
@@ -126,11 +131,12 @@ def reference_steps(args, device):
     return step
 
 
-def repository_steps(args, device, compile_nets):
-    """A step function running the scripts' own code path (loader, perturbation, group step)."""
+def repository_steps(args, device, compile_nets, amp):
+    """A step function running the scripts' own code path (loader, perturbation, group step) at
+    autocast precision `amp` (as the scripts' --amp); its `precision` attribute names the one used."""
     module = PARADIGMS[args.paradigm]
     flags = ["--models", *args.models, "--batch-size", str(args.batch_size), "--device", str(device),
-             "--perturb-every", str(args.perturb_every)]
+             "--perturb-every", str(args.perturb_every), "--amp", amp]
     if compile_nets and device.type == "cuda":
         flags.append("--cuda-graphs")
     script_args = module.get_args_parser().parse_args(flags)
@@ -160,6 +166,7 @@ def repository_steps(args, device, compile_nets):
         state["step"] += 1
         stats.add(captured(labels, labels_perm, lams, *inputs))
 
+    step.precision = PRECISIONS[rt.amp_dtype]
     return step
 
 
@@ -169,8 +176,9 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def time_variant(name, args, device):
-    """Images/s (median over repeats), warm-up time and peak memory of one variant."""
+def time_variant(name, args, device, amp="auto"):
+    """Images/s (median over repeats), warm-up time and peak memory of one variant (at precision
+    `amp`, the --amp of the scripts; the reference is fp32)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(0)
@@ -178,7 +186,7 @@ def time_variant(name, args, device):
     # authors' code did; the repository's variants set their own through utils.setup_runtime.
     torch.backends.cudnn.benchmark = False
     torch.backends.cuda.matmul.allow_tf32 = False
-    step = reference_steps(args, device) if name == "reference" else repository_steps(args, device, name == "fast")
+    step = reference_steps(args, device) if name == "reference" else repository_steps(args, device, name == "fast", amp)
     start = time.perf_counter()
     for _ in range(args.warmup):
         step()
@@ -192,8 +200,8 @@ def time_variant(name, args, device):
         synchronize(device)
         rates.append(args.steps * args.batch_size / (time.perf_counter() - start))
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    return {"variant": name, "images_per_s": statistics.median(rates), "repeats": rates,
-            "warmup_s": warmup_s, "peak_mem_mib": peak}
+    return {"variant": name, "amp": amp, "precision": getattr(step, "precision", "fp32"),
+            "images_per_s": statistics.median(rates), "repeats": rates, "warmup_s": warmup_s, "peak_mem_mib": peak}
 
 
 def run_config(args, device, report):
@@ -204,11 +212,11 @@ def run_config(args, device, report):
     """
     run = {"paradigm": args.paradigm, "models": list(args.models), "batch_size": args.batch_size,
            "img_size": args.img_size, "num_classes": args.num_classes, "results": []}
-    for name in args.variants:
+    for name, amp in [(name, amp) for name in args.variants for amp in (["none"] if name == "reference" else args.amp)]:
         try:
-            result = time_variant(name, args, device)
+            result = time_variant(name, args, device, amp)
         except Exception as error:  # noqa: BLE001 -- reported in the table and the JSON, not hidden
-            result = {"variant": name, "error": f"{type(error).__name__}: {error}".splitlines()[0]}
+            result = {"variant": name, "amp": amp, "error": f"{type(error).__name__}: {error}".splitlines()[0]}
         base = next((r["images_per_s"] for r in run["results"] + [result]
                      if r["variant"] == "reference" and "error" not in r), None)
         if "error" not in result:
@@ -235,12 +243,12 @@ def main(args):
                    argparse.Namespace(**{**vars(args), "models": pair, "img_size": 224})]
     info = describe(device)
     print(f"{info['device']}, torch {info['torch']}; synthetic data; group images/s (each network sees every image)")
-    print(f"{'paradigm':<12} {'group':<28} {'batch':>5} {'px':>4} {'variant':<10} {'images/s':>10} {'x ref':>6} {'warm-up s':>9} {'peak MiB':>9}")
+    print(f"{'paradigm':<12} {'group':<28} {'batch':>5} {'px':>4} {'variant':<10} {'precision':<9} {'images/s':>10} {'x ref':>6} {'warm-up s':>9} {'peak MiB':>9}")
     runs = []
 
     def report(run, r):
         """Print one result row now and rewrite the JSON, so a run cut short keeps what it measured."""
-        head = f"{run['paradigm']:<12} {' '.join(run['models']):<28} {run['batch_size']:>5} {run['img_size']:>4} {r['variant']:<10}"
+        head = f"{run['paradigm']:<12} {' '.join(run['models']):<28} {run['batch_size']:>5} {run['img_size']:>4} {r['variant']:<10} {r.get('precision', r['amp']):<9}"
         if "error" in r:
             print(f"{head} failed: {r['error']}", flush=True)
         else:

@@ -193,13 +193,13 @@ def test_benchmark_runs_on_the_cpu(tmp_path):
     from benchmarks import bench
     args = bench.get_args_parser().parse_args(
         ["--models", "resnet20", "resnet20", "--batch-size", "8", "--img-size", "16", "--device", "cpu",
-         "--variants", "reference", "default", "--steps", "2", "--warmup", "1", "--repeats", "1", "--workers", "0",
-         "--json", str(tmp_path / "bench.json")])
+         "--variants", "reference", "default", "--amp", "none", "bf16", "--steps", "2", "--warmup", "1", "--repeats", "1",
+         "--workers", "0", "--json", str(tmp_path / "bench.json")])
     runs = bench.main(args)
-    results = {r["variant"]: r for r in runs[0]["results"]}
-    assert set(results) == {"reference", "default"}
+    results = {(r["variant"], r["precision"]): r for r in runs[0]["results"]}
+    assert list(results) == [("reference", "fp32"), ("default", "fp32"), ("default", "bf16")]  # one reference, fp32
     assert all(r["images_per_s"] > 0 for r in results.values())
-    assert results["reference"]["vs_reference"] == 1.0
+    assert results["reference", "fp32"]["vs_reference"] == 1.0
     assert (tmp_path / "bench.json").exists()
 
 
@@ -221,8 +221,8 @@ def test_benchmark_keeps_going_past_a_failing_variant(tmp_path, monkeypatch, cap
     saved = json.loads((tmp_path / "bench.json").read_text())
     reference, default = saved["runs"][0]["results"]
     assert reference["images_per_s"] > 0
-    assert default == {"variant": "default", "error": "RuntimeError: capture failed"}
-    assert "default    failed: RuntimeError: capture failed" in capsys.readouterr().out
+    assert default == {"variant": "default", "amp": "auto", "error": "RuntimeError: capture failed"}
+    assert "default    auto      failed: RuntimeError: capture failed" in capsys.readouterr().out
 
 
 def test_benchmark_refuses_a_missing_device(capsys):

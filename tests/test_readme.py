@@ -15,15 +15,17 @@ SCRIPTS = {"train.py", "train_mutual_learning.py", "train_competitive_distillati
            "demo.py", "benchmarks/bench.py"}
 
 
-DOCS = ["README.md", *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))]
+# How a command may start our scripts: the environment setup.sh installed into (`.venv/bin/python`),
+# an activated one (`python`, `python3`), or torchrun.
+INTERPRETERS = {"python", "python3", ".venv/bin/python"}
 
 
-def readme_commands():
-    """(script, argv) for every invocation of one of our scripts in the README's and docs/' code (blocks and inline)."""
-    text = "\n".join(open(os.path.join(ROOT, path)).read() for path in DOCS)
+def commands_in(text):
+    """(launcher words, script, argv) for every invocation of one of our scripts in markdown text's
+    code (bash blocks and inline code)."""
     blocks = re.findall(r"```(?:bash|sh|shell)\n(.*?)```", text, flags=re.S)
     # and the inline ones, such as the commands of the results table
-    blocks += re.findall(r"(?<!`)`(python3? [^`]+)`(?!`)", text)
+    blocks += re.findall(r"(?<!`)`((?:\.venv/bin/)?python3? [^`]+)`(?!`)", text)
     commands = []
     for block in blocks:
         for line in block.replace("\\\n", " ").splitlines():
@@ -31,16 +33,34 @@ def readme_commands():
                 words = shlex.split(part)
                 for i, word in enumerate(words):
                     if word in SCRIPTS:
-                        commands.append((word, words[i + 1:]))
+                        commands.append((words[:i], word, words[i + 1:]))
                         break
     return commands
 
 
-COMMANDS = readme_commands()
+DOCS = ["README.md", *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))]
+README = [command for path in DOCS for command in commands_in(open(os.path.join(ROOT, path)).read())]
+COMMANDS = [(script, argv) for _, script, argv in README]
 
 
 def test_readme_has_a_command_per_script():
     assert {script for script, _ in COMMANDS} >= SCRIPTS
+
+
+def test_commands_are_found_behind_every_launcher():
+    text = ("```bash\nbash setup.sh && .venv/bin/python train.py --epochs 2\n"
+            "bash setup.sh --test && .venv/bin/python -m pytest -q tests\n```\n"
+            "Inline: `.venv/bin/python demo.py runs/x`, `python3 train.py --model resnet20`, `python -m pytest`.")
+    assert commands_in(text) == [([".venv/bin/python"], "train.py", ["--epochs", "2"]),
+                                 ([".venv/bin/python"], "demo.py", ["runs/x"]),
+                                 (["python3"], "train.py", ["--model", "resnet20"])]
+
+
+@pytest.mark.parametrize("launcher,script", [(launcher, script) for launcher, script, _ in README],
+                         ids=[" ".join([*l, s]) for l, s, _ in README])
+def test_readme_commands_use_the_environment_convention(launcher, script):
+    """Every command runs our scripts through the interpreter convention of the quick start (or torchrun)."""
+    assert (launcher and launcher[-1] in INTERPRETERS) or launcher[:1] == ["torchrun"], launcher
 
 
 @pytest.mark.parametrize("script,argv", COMMANDS, ids=[" ".join([s, *a])[:90] for s, a in COMMANDS])

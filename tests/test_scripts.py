@@ -128,7 +128,8 @@ def test_ceit_vit_pair_at_224_px():
 @pytest.mark.parametrize("module,extra", [
     (train, ["--model", "resnet20"]),
     (competitive, ["--models", "resnet20", "resnet20", "--perturb-every", "2"]),
-])
+    (competitive, ["--models", "resnet20", "resnet20", "--perturb-every", "2", "--amp", "bf16"]),
+], ids=["train", "competitive", "competitive-bf16"])
 def test_exact_resume(tmp_path, module, extra):
     args = [*TINY, *extra, "--epochs", "2", "--deterministic"]
     run_main(module, [*args, "--out-dir", str(tmp_path / "straight")])
@@ -287,6 +288,19 @@ def test_resolve_device(monkeypatch):
     assert utils.resolve_device("auto") == torch.device("cpu")
     with pytest.raises(utils.UsageError, match="no CUDA device is available"):
         utils.resolve_device("cuda")
+
+
+@pytest.mark.parametrize("cpu,native", [
+    (argparse.Namespace(_get_cpu_capability=lambda: {"avx512_bf16": True, "amx_bf16": False}), True),
+    (argparse.Namespace(_get_cpu_capability=lambda: {"avx512_bf16": False, "amx_bf16": True}), True),
+    (argparse.Namespace(_get_cpu_capability=lambda: {"avx512_bf16": False, "amx_bf16": False, "avx512_f": True}), False),
+    (argparse.Namespace(_is_avx512_bf16_supported=lambda: False, _is_amx_tile_supported=lambda: True), True),  # older torch
+    (argparse.Namespace(_is_avx512_bf16_supported=lambda: False, _is_amx_tile_supported=lambda: False), False),
+    (argparse.Namespace(), False),                                                                            # no query at all
+], ids=["avx512-bf16", "amx-bf16", "avx512-only", "old-amx", "old-none", "unknown"])
+def test_native_bf16_detection(monkeypatch, cpu, native):
+    monkeypatch.setattr(torch._C, "_cpu", cpu)
+    assert utils.cpu_has_native_bf16() is native
 
 
 @pytest.mark.parametrize("rank,local_rank,downloads", [(0, 0, "first"), (1, 1, "never"), (4, 0, "second")])
