@@ -298,6 +298,36 @@ def test_benchmark_keeps_going_past_a_failing_variant(tmp_path, monkeypatch, cap
     assert "default    failed: RuntimeError: capture failed" in capsys.readouterr().out
 
 
+def test_benchmark_suite_compiles_each_configuration_afresh_with_static_shapes(monkeypatch):
+    """--suite resets Dynamo before each configuration and compiles with dynamic=False, so the 224-px
+    figure is not a dynamic-shape recompilation of the 32-px graphs."""
+    from benchmarks import bench
+    events = []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: events.append("reset"))
+    monkeypatch.setattr(bench, "time_variant",
+                        lambda name, args, device: events.append((len(args.models), args.img_size)) or
+                        {"variant": name, "images_per_s": 1.0, "warmup_s": 0.0, "peak_mem_mib": None})
+    bench.main(bench.get_args_parser().parse_args(["--suite", "--device", "cpu", "--variants", "fast"]))
+    assert events == ["reset", (2, 32), "reset", (4, 32), "reset", (2, 224)]
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda net, **kwargs: compiled.append(kwargs) or net)
+    args = bench.get_args_parser().parse_args(["--models", "resnet20", "resnet20", "--batch-size", "4",
+                                               "--img-size", "8", "--device", "cpu"])
+    bench.repository_steps(args, torch.device("cpu"), compile_nets=True)
+    assert compiled == [{"dynamic": False}] * 2
+
+
+def test_benchmark_reference_uses_the_same_optimizer_family(made_optimizers):
+    """The reference loop steps SGD with Nesterov momentum like default/fast, not AdamW."""
+    from benchmarks import bench
+    args = bench.get_args_parser().parse_args(["--models", "resnet20", "resnet20", "--batch-size", "4",
+                                               "--img-size", "8", "--device", "cpu", "--workers", "0"])
+    bench.reference_steps(args, torch.device("cpu"))
+    assert [name for name, _ in made_optimizers] == ["SGD", "SGD"]
+    for _, kwargs in made_optimizers:
+        assert kwargs["momentum"] == 0.9 and kwargs["nesterov"] and kwargs["lr"] == pytest.approx(0.1 * 4 / 128)
+
+
 def test_benchmark_refuses_a_missing_device(capsys):
     from benchmarks import bench
     with pytest.raises(SystemExit) as exit_info:
