@@ -50,7 +50,8 @@ def get_args_parser():
     add("--download", action=argparse.BooleanOptionalAction, default=None,
         help="download a missing dataset (default: as the training run did)")
     add("--batch-size", type=int, default=256, help="evaluation batch size")
-    add("--workers", type=int, default=2, help="DataLoader worker processes (image-folder datasets)")
+    add("--workers", type=int, default=None,
+        help="DataLoader worker processes (image-folder datasets; default: min(8, CPUs) on CUDA, 2 on the CPU)")
     add("--device", default="cpu", help="auto, cpu, cuda or cuda:N")
     return parser
 
@@ -60,7 +61,7 @@ def check_args(args):
     for name in ("topk", "num_images", "batch_size"):
         if getattr(args, name) < 1:
             raise utils.UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
-    if args.workers < 0:
+    if args.workers is not None and args.workers < 0:
         raise utils.UsageError(f"--workers must be >= 0, got {args.workers}")
 
 
@@ -312,7 +313,7 @@ def show_test_set(nets, labels, names, epochs, ckpt, args, rt, out):
     data = load_test_data(ckpt, args)
     info = data.info
     _, _, test_loader = make_loaders(data, batch_size=args.batch_size, eval_batch_size=args.batch_size,
-                                     device=rt.device, workers=args.workers, seed=args.seed)
+                                     device=rt.device, workers=utils.resolve_workers(args.workers, rt.device), seed=args.seed)
     synthetic = " (SYNTHETIC data: numbers mean nothing)" if info.synthetic else ""
     print(f"test set of {info.name}: {info.test_size} images{synthetic}")
     results = utils.evaluate(nets, test_loader, rt)

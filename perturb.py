@@ -5,7 +5,13 @@ The operations act in [0,1] pixel space (the authors jittered and clamped normal
 destroyed half the signal), run batched on the batch's device, and take all their randomness from a
 seeded torch.Generator so that a run, and a resumed run, is reproducible.
 """
+import functools
+import math
+
+import numpy as np
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 
 PERTURBATIONS = ("mixup", "gaussian_noise", "color_jitter_blur", "hflip", "vflip", "rotation")
@@ -20,8 +26,7 @@ BLUR_KERNEL = (7, 9)              # GaussianBlur(kernel_size=(7, 9)): (width, he
 BLUR_SIGMA = (0.1, 2.0)
 MAX_ROTATION = 30.0               # degrees, either way
 
-# On a CPU run all three generators are mt19937; different seeds keep their streams unrelated.
-_DEVICE_SEED_OFFSET = 0x5EED
+# Both host generators are mt19937; different seeds keep their streams unrelated.
 _PARAM_SEED_OFFSET = 2 * 0x5EED
 
 
@@ -34,6 +39,42 @@ def _uniform(generator, ranges):
     """One uniform draw per (low, high) pair, returned as Python floats (torchvision takes floats)."""
     u = torch.rand(len(ranges), generator=generator, device=generator.device).tolist()
     return [low + (high - low) * x for (low, high), x in zip(ranges, u)]
+
+
+@functools.lru_cache(maxsize=32)
+def _constants(mean, std, device, dtype):
+    """mean and std as (C, 1, 1) tensors on `device`: built once, since a tensor made from Python
+    numbers on a GPU is a blocking host-to-device copy."""
+    return (torch.tensor(mean, dtype=dtype, device=device).view(-1, 1, 1),
+            torch.tensor(std, dtype=dtype, device=device).view(-1, 1, 1))
+
+
+@functools.lru_cache(maxsize=32)
+def _rotation_basis(height, width, device, dtype):
+    """(2, 2, 3) tensors B0, B1 with cos(a) B0 + sin(a) B1 = F.affine_grid's theta of a rotation by
+    `a` about the image centre (normalised coordinates, align_corners=False; the h/w factors undo
+    the different normalisation of x and y on a non-square image)."""
+    return torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]],
+                         [[0.0, -height / width, 0.0], [width / height, 0.0, 0.0]]], dtype=dtype, device=device)
+
+
+def _rotate(x, degrees, fill):
+    """Rotate a float batch counter-clockwise by `degrees` (bilinear), filling uncovered pixels with `fill`.
+
+    Equal to torchvision's rotate(x, degrees, BILINEAR, fill=...) up to float rounding, including its
+    blending of border pixels with the fill through a sampled mask channel; but the affine matrix is
+    built on the device from cached constants, where torchvision makes three small tensors from
+    Python numbers (three blocking host-to-device copies on a GPU).
+    """
+    batch, channels, height, width = x.shape
+    basis = _rotation_basis(height, width, x.device, x.dtype)
+    angle = math.radians(degrees)
+    theta = (basis[0] * math.cos(angle) + basis[1] * math.sin(angle)).expand(batch, 2, 3)
+    grid = F.affine_grid(theta, [batch, channels + 1, height, width], align_corners=False)
+    with_mask = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+    sampled = F.grid_sample(with_mask, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    rotated, mask = sampled[:, :channels], sampled[:, channels:]
+    return (rotated - fill) * mask + fill
 
 
 def perturb(images, labels, op, *, mean, std, generator, param_generator=None):
@@ -62,8 +103,7 @@ def perturb(images, labels, op, *, mean, std, generator, param_generator=None):
     # torchvision's colour and geometry kernels want float32; half precision would also round
     # the noise and the mixing weights.
     work_dtype = torch.float32 if images.dtype in (torch.float16, torch.bfloat16) else images.dtype
-    mean_t = torch.as_tensor(mean, dtype=work_dtype, device=device).view(-1, 1, 1)
-    std_t = torch.as_tensor(std, dtype=work_dtype, device=device).view(-1, 1, 1)
+    mean_t, std_t = _constants(tuple(map(float, mean)), tuple(map(float, std)), device, work_dtype)
     x = images.to(work_dtype) * std_t + mean_t
 
     if op == "mixup":
@@ -90,8 +130,7 @@ def perturb(images, labels, op, *, mean, std, generator, param_generator=None):
     elif op == "rotation":
         (angle,) = _uniform(param_generator, [(-MAX_ROTATION, MAX_ROTATION)])
         # Corners that rotate in from outside get the dataset's mean colour, i.e. 0 once normalised.
-        x = TF.rotate(x, angle, interpolation=TF.InterpolationMode.BILINEAR,
-                      fill=[float(m) for m in mean])
+        x = _rotate(x, angle, fill=mean_t)
 
     x = ((x.clamp(0, 1) - mean_t) / std_t).to(images.dtype)
     return x, labels, lam
@@ -104,22 +143,28 @@ class Perturber:
     is drawn uniformly from range(num_nets) and one operation uniformly from `ops`; on every other
     step, and always when `every == 0`, nothing is perturbed and the network index is -1.
 
-    Three generators, all seeded from `seed`:
+    The randomness, all derived from `seed`:
     - a host (CPU) generator draws the network and the operation. Those draws never depend on
       tensor values and cost no device synchronisation, and with the same seed every data-parallel
       rank perturbs the same network with the same operation;
     - a second host generator draws the operation's scalar parameters (jitter factors, blur
-      sigma, angle), which torchvision takes as Python floats: no device read-back for them;
+      sigma, angle), which torchvision takes as Python floats: no device read-back for them, and
+      the same values on every rank;
     - a generator on `device` supplies the per-pixel randomness (mixup lambda and permutation,
-      noise).
-    `state_dict()` holds every generator state as tensors, so a resumed run continues exactly.
+      noise). It is reseeded at every perturbed step from (seed, rank, perturbed-step count), so
+      each data-parallel rank draws its own noise fields and mixup partners for its own shard, as
+      independent augmentation per process requires, while the state to save stays the same on
+      every rank and holds nothing device-specific.
+    `rank` defaults to this process's rank in the default process group (0 without one).
+    `state_dict()` holds the two host generator states, the seed and the step count, so a resumed run
+    continues exactly, on the same device or another one.
 
     Calling it returns (net, images_p, labels_perm, lam); feed images_p to network `net` and use
     losses.mixed_cross_entropy(logits, labels, labels_perm, lam) as its loss, which is plain CE unless the
     operation was mixup. Unperturbed steps return the inputs themselves and lam = 1.
     """
 
-    def __init__(self, *, every, ops, num_nets, seed, mean, std, device):
+    def __init__(self, *, every, ops, num_nets, seed, mean, std, device, rank=None):
         if every < 0:
             raise ValueError(f"--perturb-every must be >= 0 (0 disables perturbation), got {every}")
         if num_nets < 1:
@@ -131,9 +176,14 @@ class Perturber:
             raise ValueError("--perturbations is empty; name at least one operation or use --perturb-every 0")
         self.every, self.ops, self.num_nets = every, ops, num_nets
         self.mean, self.std = tuple(mean), tuple(std)
+        self.seed = seed
+        if rank is None:
+            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        self.rank = rank
+        self.perturbed_steps = 0
         self.host_generator = torch.Generator().manual_seed(seed)
         self.param_generator = torch.Generator().manual_seed(seed + _PARAM_SEED_OFFSET)
-        self.device_generator = torch.Generator(device=device).manual_seed(seed + _DEVICE_SEED_OFFSET)
+        self.device_generator = torch.Generator(device=device)
 
     def choose(self, step):
         """Return (net, op) to perturb at `step`, or (-1, None) when this step is not perturbed."""
@@ -143,11 +193,21 @@ class Perturber:
         op = self.ops[int(torch.randint(len(self.ops), (), generator=self.host_generator))]
         return net, op
 
+    def _reseed_device_generator(self):
+        """Seed the device generator for this perturbed step of this rank (a host-side call, no sync)."""
+        # NumPy's SeedSequence turns (seed; rank, step) into well-mixed, independent seeds: the
+        # spawn key is its way of keying child streams (numpy.random.SeedSequence, NEP 19).
+        words = np.random.SeedSequence(self.seed % 2**64, spawn_key=(self.rank, self.perturbed_steps)
+                                       ).generate_state(2, np.uint32)
+        self.device_generator.manual_seed((int(words[0]) << 32 | int(words[1])) & (2**63 - 1))
+        self.perturbed_steps += 1
+
     def __call__(self, step, images, labels):
         """Return (net, images_p, labels_perm, lam) for step `step`; net is -1 when nothing is perturbed."""
         net, op = self.choose(step)
         if op is None:
             return -1, images, labels, torch.ones((), dtype=torch.float32, device=images.device)
+        self._reseed_device_generator()
         images_p, labels_perm, lam = perturb(images, labels, op, mean=self.mean, std=self.std,
                                              generator=self.device_generator, param_generator=self.param_generator)
         return net, images_p, labels_perm, lam
@@ -167,14 +227,23 @@ class Perturber:
         return inputs, labels_perm, lams
 
     def state_dict(self):
-        """The three generator states, as CPU uint8 tensors."""
+        """The two host generator states (CPU uint8 tensors), and the seed and step count that key the
+        device generator."""
         return {"host_generator": self.host_generator.get_state(),
                 "param_generator": self.param_generator.get_state(),
-                "device_generator": self.device_generator.get_state()}
+                "seed": self.seed, "perturbed_steps": self.perturbed_steps}
 
     def load_state_dict(self, state):
-        """Restore the generator states saved by state_dict()."""
+        """Restore what state_dict() saved, whichever device wrote it."""
         # A checkpoint may have been loaded with map_location onto the device; set_state wants CPU.
         self.host_generator.set_state(state["host_generator"].cpu())
         self.param_generator.set_state(state["param_generator"].cpu())
-        self.device_generator.set_state(state["device_generator"].cpu())
+        if "perturbed_steps" in state:
+            self.seed, self.perturbed_steps = int(state["seed"]), int(state["perturbed_steps"])
+        else:
+            # An older checkpoint saved the device generator's own state instead, which cannot be
+            # set on another device (a CPU state is 5056 bytes, a CUDA one 16) and is no longer used.
+            self.perturbed_steps = 0
+            print("perturbation: the checkpoint predates per-step noise seeds; noise and mixup draws "
+                  f"restart from seed {self.seed}'s first perturbed step (the network and operation "
+                  "draws continue exactly)")

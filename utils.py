@@ -158,7 +158,8 @@ def add_data_flags(flags):
     add("--num-classes", type=int, default=None, help="class count of the synthetic 'fake' dataset (other datasets set their own)")
     add("--loader", default="auto", choices=["auto", "gpu", "torch"],
         help="gpu: dataset held on the device with batched augmentation there (in-memory sets); torch: DataLoader with workers")
-    add("--workers", type=int, default=2, help="DataLoader worker processes (torch loader)")
+    add("--workers", type=int, default=None,
+        help="DataLoader worker processes (torch loader; default: min(8, CPUs per process of this node) on CUDA, 2 on the CPU)")
     add("--skip-bad-images", action=argparse.BooleanOptionalAction, default=True,
         help="image folders: replace an unreadable image file (truncated, not an image) by the next image, with a "
              "warning naming it, as timm does; --no-skip-bad-images stops at the first with one line naming it")
@@ -274,7 +275,7 @@ def check_args(args):
         raise UsageError(f"--img-size must be >= 8, got {args.img_size}")
     if args.val_size is not None and args.val_size < 0:
         raise UsageError(f"--val-size must be >= 0, got {args.val_size}")
-    if args.workers < 0:
+    if args.workers is not None and args.workers < 0:
         raise UsageError(f"--workers must be >= 0, got {args.workers}")
     if args.stop_after is not None and args.stop_after < 1:
         raise UsageError(f"--stop-after must be a positive integer, got {args.stop_after}")
@@ -459,9 +460,14 @@ def all_reduce_sum(tensor, rt):
 
 
 def unwrap(net):
-    """The plain module inside a DDP or torch.compile wrapper."""
-    net = getattr(net, "module", net)
-    return getattr(net, "_orig_mod", net)
+    """The plain module inside DDP and torch.compile wrappers, in either order."""
+    while True:
+        if isinstance(net, DDP):
+            net = net.module
+        elif "_orig_mod" in net._modules:  # torch.compile's OptimizedModule holds the module it compiled
+            net = net._orig_mod
+        else:
+            return net
 
 
 # Integer views of each float width: a parameter's bit pattern summed as integers is an exact,
@@ -522,12 +528,24 @@ def setup_data(args, rt):
     if args.train_subset is not None:
         data = train_subset(data, args.train_subset)
     loaders = make_loaders(data, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
-                           loader=args.loader, device=rt.device, workers=args.workers, seed=args.seed,
+                           loader=args.loader, device=rt.device, workers=resolve_workers(args.workers, rt.device), seed=args.seed,
                            drop_last=True, rank=rt.rank, world_size=rt.world_size)
     if len(loaders[0]) == 0:
         raise UsageError(f"--batch-size {args.batch_size} is larger than this process's share of the "
                          f"{data.info.train_size} training images")
     return data, loaders
+
+
+def resolve_workers(workers, device):
+    """--workers, or its default: on CUDA min(8, the CPUs this process may use / processes on this
+    node), since 2 workers cannot decode and augment image files (ImageNet, image folders) as fast as
+    a GPU trains on them; on the CPU 2, whose cores the training itself needs."""
+    if workers is not None:
+        return workers
+    if torch.device(device).type != "cuda":
+        return 2
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 def train_subset(data, size):
@@ -554,15 +572,18 @@ def build_nets(names, info, rt, **kwargs):
             net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
         memory_format = torch.channels_last if rt.channels_last else torch.preserve_format
         net = net.to(rt.device, memory_format=memory_format)
-        if rt.compile:
-            # The compiled module shares the parameters; checkpoints and evaluation use the plain
-            # module (unwrap strips `_orig_mod`), so checkpoints do not depend on this flag.
-            net = torch.compile(net)
         if rt.distributed:
             # One DDP per network: each averages its own gradients over the processes during the
             # group's single backward. Every registered model uses all its parameters in forward
             # (tests/test_models.py), so no unused-parameter search is needed.
             net = DDP(net, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+        if rt.compile:
+            # Compiled outside DDP: Dynamo's DDP optimizer then splits the graph at DDP's gradient
+            # bucket boundaries, so the all-reduce of one bucket overlaps the rest of the backward
+            # (PyTorch's "Distributed Data Parallel with torch.compile" notes). The compiled module
+            # shares the parameters; checkpoints and evaluation use the plain module (unwrap), so
+            # checkpoints do not depend on this flag.
+            net = torch.compile(net)
         nets.append(net)
     return nets
 
@@ -576,10 +597,11 @@ def to_input(images, rt):
 # Optimizers and learning-rate schedules
 # ----------------------------------------------------------------------------------------------
 def build_optimizer(net, name, lr, weight_decay, *, momentum=0.9, nesterov=True, decay_norm_and_bias=True,
-                    fused=False):
+                    fused=False, capturable=False):
     """SGD (momentum, Nesterov), AdamW (decoupled decay) or Adam over one network's parameters.
 
-    fused=True builds the fused kernels with the learning rate held in a device tensor: a step
+    fused=True builds the fused kernels (one kernel per parameter group and dtype), foreach kernels
+    otherwise. capturable=True (fused only) holds the learning rate in a device tensor: a step
     captured in a CUDA graph then reads the rate the schedule wrote, instead of a baked-in number.
     """
     named = [(name, p) for name, p in unwrap(net).named_parameters() if p.requires_grad]
@@ -591,10 +613,11 @@ def build_optimizer(net, name, lr, weight_decay, *, momentum=0.9, nesterov=True,
         exempt = [p.ndim <= 1 or name in skip for name, p in named]
         groups = [{"params": [p for p, e in zip(params, exempt) if not e], "weight_decay": weight_decay},
                   {"params": [p for p, e in zip(params, exempt) if e], "weight_decay": 0.0}]
-    kernels = {"foreach": True}
-    if fused:
+    kernels = {"fused": True} if fused else {"foreach": True}
+    if capturable:
+        if not fused:
+            raise ValueError("capturable optimizers are built with fused kernels here (fused=True)")
         lr = torch.tensor(float(lr), device=params[0].device)
-        kernels = {"fused": True}
         if name != "sgd":  # Adam's step() refuses graph capture unless its groups are capturable
             kernels["capturable"] = True
     if name == "sgd":
@@ -628,6 +651,20 @@ def set_lr(optimizer, lr):
             group["lr"] = lr
 
 
+def use_fused(name, rt):
+    """Fused kernels on CUDA: fewer launches than foreach, and with --amp fp16 GradScaler hands them
+    its scale and inf flag on the device instead of reading each optimizer's flag back with .item().
+
+    Not SGD under fp16 loss scaling: fused SGD allocates its momentum buffers uninitialised
+    (torch.empty_like) before a first step that its kernel then skips when the scaler found an
+    overflow, which the first fp16 steps routinely do; later steps add to that garbage. (Fused
+    Adam/AdamW keep their state untouched on a skipped step.)
+    """
+    if rt is None or rt.device.type != "cuda":
+        return False
+    return not (name == "sgd" and rt.amp_dtype == torch.float16)
+
+
 def build_optimizers(args, nets, rt=None):
     """One optimizer per network from the flags, peak lrs scaled to rt's processes; returns (optimizers, peak lrs)."""
     n = len(nets)
@@ -637,9 +674,10 @@ def build_optimizers(args, nets, rt=None):
         lrs = [lr * rt.world_size for lr in lrs]
     decays = per_net(args.weight_decay, n, "--weight-decay")
     decay_norm_and_bias = getattr(args, "decay_norm_and_bias", True)
-    fused = rt is not None and rt.cuda_graphs
+    capturable = rt is not None and rt.cuda_graphs
     optimizers = [build_optimizer(net, name, lr, wd, momentum=args.momentum, nesterov=args.nesterov,
-                                  decay_norm_and_bias=decay_norm_and_bias, fused=fused)
+                                  decay_norm_and_bias=decay_norm_and_bias, fused=use_fused(name, rt),
+                                  capturable=capturable)
                   for net, name, lr, wd in zip(nets, names, lrs, decays)]
     return optimizers, lrs
 

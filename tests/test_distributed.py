@@ -237,11 +237,15 @@ def competition(rt, rule):
 
 
 def perturbation_draws(rt):
-    """24 steps of the perturbation schedule on the same batch in every process."""
+    """24 steps of the perturbation schedule on the same batch in every process, with the operations
+    drawn (a second perturber with the same seed replays the host draws); the rank is the process
+    group's, found by the Perturber itself."""
     perturber = Perturber(every=2, ops=PERTURBATIONS, num_nets=3, seed=0, mean=(0.5,) * 3, std=(0.25,) * 3, device=CPU)
+    chooser = Perturber(every=2, ops=PERTURBATIONS, num_nets=3, seed=0, mean=(0.5,) * 3, std=(0.25,) * 3, device=CPU)
     images = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     labels = torch.arange(8)
-    return [perturber(step, images, labels) for step in range(24)]
+    return {"rank": perturber.rank, "ops": [chooser.choose(step)[1] for step in range(24)],
+            "draws": [perturber(step, images, labels) for step in range(24)]}
 
 
 def group_args(names, batch_size, *extra):
@@ -338,12 +342,19 @@ def test_teacher_choices_agree_at_every_step_of_real_networks(ranks):
         assert (leaders0[:, :, 0].sum(1) == 1).all()   # one leader per step
 
 
-def test_perturbation_draws_are_identical_on_every_rank(ranks):
-    draws0, draws1 = ranks[0]["perturb"], ranks[1]["perturb"]
+def test_ranks_perturb_the_same_network_with_the_same_op_but_their_own_noise(ranks):
+    first, second = ranks[0]["perturb"], ranks[1]["perturb"]
+    assert (first["rank"], second["rank"]) == (0, 1)
+    assert first["ops"] == second["ops"]
+    draws0, draws1 = first["draws"], second["draws"]
     assert {net for net, *_ in draws0} == {-1, 0, 1, 2}  # steps without perturbation, and every network
-    for (net0, images0, labels0, lam0), (net1, images1, labels1, lam1) in zip(draws0, draws1):
+    assert {"mixup", "gaussian_noise", "rotation"} <= set(first["ops"])
+    for op, (net0, images0, labels0, lam0), (net1, images1, labels1, lam1) in zip(first["ops"], draws0, draws1):
         assert net0 == net1
-        assert torch.equal(images0, images1) and torch.equal(labels0, labels1) and torch.equal(lam0, lam1)
+        if op in ("mixup", "gaussian_noise"):  # per-pixel randomness: each rank draws its own
+            assert not torch.equal(images0, images1), op
+        else:  # flips, and scalar parameters drawn on the shared host generators
+            assert torch.equal(images0, images1) and torch.equal(labels0, labels1) and torch.equal(lam0, lam1), op
 
 
 def test_replicas_stay_identical_and_buffers_follow_rank_zero(ranks):

@@ -27,7 +27,7 @@ def test_fused_tensor_lr_optimizer_matches_plain(name):
     fused_net = torch.nn.Linear(5, 3)
     fused_net.load_state_dict(plain_net.state_dict())
     plain = utils.build_optimizer(plain_net, name, 0.1, 1e-4)
-    fused = utils.build_optimizer(fused_net, name, 0.1, 1e-4, fused=True)
+    fused = utils.build_optimizer(fused_net, name, 0.1, 1e-4, fused=True, capturable=True)
     assert isinstance(fused.param_groups[0]["lr"], torch.Tensor)
     # Adam-type step() refuses CUDA graph capture unless the groups are capturable; SGD has no such flag
     assert fused.param_groups[0].get("capturable", False) == (name == "adamw")
@@ -46,21 +46,26 @@ def test_fused_tensor_lr_optimizer_matches_plain(name):
         assert torch.allclose(a, b, atol=1e-6)
 
 
+# The optimizer kinds a run builds: foreach on the CPU, fused on CUDA, fused and capturable with --cuda-graphs.
+KERNELS = {"foreach": {}, "fused": {"fused": True}, "graphs": {"fused": True, "capturable": True}}
+
+
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
-@pytest.mark.parametrize("written_fused", [False, True], ids=["plain-ckpt", "graphs-ckpt"])
-@pytest.mark.parametrize("resumed_fused", [False, True], ids=["plain-run", "graphs-run"])
-def test_resume_keeps_this_runs_kernels_and_rate_tensor(name, written_fused, resumed_fused):
-    """A checkpoint carries the writing run's kernels; resuming with or without --cuda-graphs keeps
-    the resuming run's (fused, capturable, the very lr tensor a graph reads) and its moments load."""
+@pytest.mark.parametrize("written", KERNELS)
+@pytest.mark.parametrize("resumed", KERNELS)
+def test_resume_keeps_this_runs_kernels_and_rate_tensor(name, written, resumed):
+    """A checkpoint carries the writing run's kernels; resuming on another device or with or without
+    --cuda-graphs keeps the resuming run's (fused, capturable, the very lr tensor a graph reads) and
+    its moments load."""
     torch.manual_seed(0)
     x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
     writer_net = torch.nn.Linear(5, 3)
-    writer = utils.build_optimizer(writer_net, name, 0.1, 1e-4, fused=written_fused)
+    writer = utils.build_optimizer(writer_net, name, 0.1, 1e-4, **KERNELS[written])
     F.cross_entropy(writer_net(x), y).backward()
     writer.step()
     net = torch.nn.Linear(5, 3)
     net.load_state_dict(writer_net.state_dict())
-    optimizer = utils.build_optimizer(net, name, 0.1, 1e-4, fused=resumed_fused)
+    optimizer = utils.build_optimizer(net, name, 0.1, 1e-4, **KERNELS[resumed])
     built = [dict(group) for group in optimizer.param_groups]
     engine.load_optimizer_state(optimizer, writer.state_dict())
     for group, before in zip(optimizer.param_groups, built):
@@ -75,6 +80,75 @@ def test_resume_keeps_this_runs_kernels_and_rate_tensor(name, written_fused, res
     optimizer.step()  # the loaded state works with this run's kernels
     rate = optimizer.param_groups[0]["lr"]
     assert float(rate) == pytest.approx(0.1 * utils.lr_factor(5, **schedule.kwargs))
+
+
+@pytest.fixture
+def made_optimizers(monkeypatch):
+    """The keyword arguments of every SGD/AdamW built (the real class is still built)."""
+    made = []
+    for name in ("SGD", "AdamW"):
+        def build(params, _cls=getattr(torch.optim, name), _name=name, **kwargs):
+            made.append((_name, kwargs))
+            return _cls(params, **kwargs)
+        monkeypatch.setattr(torch.optim, name, build)
+    return made
+
+
+@pytest.mark.parametrize("device, amp, graphs, expected", [
+    ("cpu", None, False, {"SGD": {"foreach": True}, "AdamW": {"foreach": True}}),
+    ("cuda", torch.bfloat16, False, {"SGD": {"fused": True}, "AdamW": {"fused": True}}),
+    ("cuda", None, True, {"SGD": {"fused": True}, "AdamW": {"fused": True, "capturable": True}}),
+    ("cuda", torch.float16, False, {"SGD": {"foreach": True}, "AdamW": {"fused": True}}),
+], ids=["cpu", "cuda", "cuda-graphs", "cuda-fp16"])
+def test_optimizers_are_fused_on_cuda(made_optimizers, device, amp, graphs, expected):
+    """Fused SGD/AdamW on CUDA by default (float rate); with --cuda-graphs the rate is a device tensor
+    and AdamW capturable; foreach on the CPU, and for SGD under fp16 loss scaling (see use_fused).
+    The device is only claimed: the networks stay on the CPU."""
+    args = competitive.get_args_parser().parse_args(["--optimizer", "sgd", "adamw"])
+    rt = utils.Runtime(torch.device(device, 0) if device == "cuda" else torch.device(device), amp, False,
+                       cuda_graphs=graphs)
+    utils.build_optimizers(args, [torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)], rt)
+    assert [name for name, _ in made_optimizers] == ["SGD", "AdamW"]
+    for name, kwargs in made_optimizers:
+        assert {k: kwargs[k] for k in ("foreach", "fused", "capturable") if k in kwargs} == expected[name], name
+        assert isinstance(kwargs["lr"], torch.Tensor) == graphs, name
+
+
+def test_fp16_scaled_steps_skip_an_overflowing_first_step_cleanly(monkeypatch):
+    """--amp fp16 on CUDA: the optimizers build_optimizers makes (fused AdamW, foreach SGD), stepped
+    through GradScaler, leave no trace of a first step that overflowed, and later steps equal plain
+    unscaled steps. Fused AdamW takes the scaler's inf flag as a tensor: no .item() read-back."""
+    args = competitive.get_args_parser().parse_args(["--optimizer", "sgd", "adamw", "--lr", "0.1", "0.01"])
+    rt = utils.Runtime(torch.device("cuda", 0), torch.float16, False)   # claimed: the networks stay on the CPU
+    torch.manual_seed(0)
+    nets, references = [torch.nn.Linear(4, 2) for _ in range(2)], [torch.nn.Linear(4, 2) for _ in range(2)]
+    for net, reference in zip(nets, references):
+        reference.load_state_dict(net.state_dict())
+    optimizers, _ = utils.build_optimizers(args, nets, rt)
+    plain, _ = utils.build_optimizers(args, references, None)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+
+    def no_host_read(self):
+        raise AssertionError("a host read-back in the scaled step")
+
+    for step, overflow in enumerate([True, False, False]):
+        for net, optimizer, reference, plain_optimizer in zip(nets, optimizers, references, plain):
+            optimizer.zero_grad()
+            scaler.scale(F.cross_entropy(net(x), y) * (float("inf") if overflow else 1.0)).backward()
+            if not overflow:
+                plain_optimizer.zero_grad()
+                F.cross_entropy(reference(x), y).backward()
+                plain_optimizer.step()
+        with monkeypatch.context() as patch:
+            patch.setattr(torch.Tensor, "item", no_host_read)
+            scaler.step(optimizers[1])                                  # fused AdamW
+        scaler.step(optimizers[0])                                      # foreach SGD reads its flag back
+        scaler.update()
+        for net, reference in zip(nets, references):
+            for a, b in zip(net.parameters(), reference.parameters()):
+                torch.testing.assert_close(a, b, msg=f"step {step}")
+    assert scaler.get_scale() == 2.0**9
 
 
 def test_cuda_graphs_refused_on_the_cpu(capsys):
@@ -114,7 +188,7 @@ def test_default_step_matches_the_eager_fp32_step(amp_dtype):
 
     (eager_nets, eager_opts), (fast_nets, _) = group(), group()
     fast_nets = [net.to(memory_format=torch.channels_last) for net in fast_nets]
-    fast_opts = [utils.build_optimizer(net, "sgd", 0.1, 5e-4, fused=True) for net in fast_nets]
+    fast_opts = [utils.build_optimizer(net, "sgd", 0.1, 5e-4, fused=True, capturable=True) for net in fast_nets]
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     generator = torch.Generator().manual_seed(0)
     # Update direction vs fp32: bf16 rounding alone gives cosines of 0.977-0.994 here, while dropping
@@ -156,8 +230,8 @@ def test_captured_competitive_step_matches_eager_on_gpu(optimizer, amp_dtype):
         torch.manual_seed(0)
         nets = [models.create_model("resnet20", num_classes=10, img_size=32, in_chans=3).to(device, memory_format=torch.channels_last)
                 for _ in range(2)]
-        optimizers = [utils.build_optimizer(net, optimizer, 0.1 if optimizer == "sgd" else 1e-3, 5e-4, fused=True)
-                      for net in nets]
+        optimizers = [utils.build_optimizer(net, optimizer, 0.1 if optimizer == "sgd" else 1e-3, 5e-4,
+                                            fused=True, capturable=True) for net in nets]
         return nets, optimizers
 
     scaler = torch.amp.GradScaler("cuda", enabled=False)
@@ -223,6 +297,36 @@ def test_benchmark_keeps_going_past_a_failing_variant(tmp_path, monkeypatch, cap
     assert reference["images_per_s"] > 0
     assert default == {"variant": "default", "amp": "auto", "error": "RuntimeError: capture failed"}
     assert "default    auto      failed: RuntimeError: capture failed" in capsys.readouterr().out
+
+
+def test_benchmark_suite_compiles_each_configuration_afresh_with_static_shapes(monkeypatch):
+    """--suite resets Dynamo before each configuration and compiles with dynamic=False, so the 224-px
+    figure is not a dynamic-shape recompilation of the 32-px graphs."""
+    from benchmarks import bench
+    events = []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: events.append("reset"))
+    monkeypatch.setattr(bench, "time_variant",
+                        lambda name, args, device: events.append((len(args.models), args.img_size)) or
+                        {"variant": name, "images_per_s": 1.0, "warmup_s": 0.0, "peak_mem_mib": None})
+    bench.main(bench.get_args_parser().parse_args(["--suite", "--device", "cpu", "--variants", "fast"]))
+    assert events == ["reset", (2, 32), "reset", (4, 32), "reset", (2, 224)]
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda net, **kwargs: compiled.append(kwargs) or net)
+    args = bench.get_args_parser().parse_args(["--models", "resnet20", "resnet20", "--batch-size", "4",
+                                               "--img-size", "8", "--device", "cpu"])
+    bench.repository_steps(args, torch.device("cpu"), compile_nets=True)
+    assert compiled == [{"dynamic": False}] * 2
+
+
+def test_benchmark_reference_uses_the_same_optimizer_family(made_optimizers):
+    """The reference loop steps SGD with Nesterov momentum like default/fast, not AdamW."""
+    from benchmarks import bench
+    args = bench.get_args_parser().parse_args(["--models", "resnet20", "resnet20", "--batch-size", "4",
+                                               "--img-size", "8", "--device", "cpu", "--workers", "0"])
+    bench.reference_steps(args, torch.device("cpu"))
+    assert [name for name, _ in made_optimizers] == ["SGD", "SGD"]
+    for _, kwargs in made_optimizers:
+        assert kwargs["momentum"] == 0.9 and kwargs["nesterov"] and kwargs["lr"] == pytest.approx(0.1 * 4 / 128)
 
 
 def test_benchmark_refuses_a_missing_device(capsys):

@@ -337,3 +337,97 @@ def test_group_batch_feeds_the_perturbed_network_only():
         assert lams.tolist() == [lam.item() if i == net else 1.0 for i in range(3)]
     clean_inputs, _, clean_lams = make_perturber(every=0, seed=1, num_nets=3).group_batch(0, images, labels)
     assert all(x is images for x in clean_inputs) and clean_lams.tolist() == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("size", [(3, 12, 11), (2, 20, 33)])
+def test_rotation_equals_torchvision_rotate_on_non_square_images(size, dtype, atol):
+    """The rotation builds its affine grid on the device; the result is torchvision's rotate (bilinear,
+    mean fill, border pixels blended with the fill) up to float rounding."""
+    mean, std = STATS[3]
+    mean_t, std_t = (torch.tensor(s, dtype=torch.float64).view(-1, 1, 1) for s in (mean, std))
+    pixels = torch.rand(size[0], 3, *size[1:], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    images, labels = (pixels - mean_t) / std_t, torch.arange(size[0])
+    for seed in range(4):
+        out, _, _ = perturb(images.to(dtype), labels, "rotation", mean=mean, std=std,
+                            generator=torch.Generator().manual_seed(seed))
+        angle = torch.rand((), generator=torch.Generator().manual_seed(seed)).item() * 60 - 30
+        expected = TF.rotate(pixels, angle, interpolation=TF.InterpolationMode.BILINEAR, fill=list(mean)).clamp(0, 1)
+        torch.testing.assert_close(out.double() * std_t + mean_t, expected, atol=atol, rtol=0)
+
+
+def test_perturbed_steps_make_no_tensor_from_python_numbers_on_the_device(monkeypatch):
+    """torch.tensor(..., device=...) from Python numbers is a blocking host-to-device copy on a GPU:
+    after a warm-up (which builds the cached constants) no perturbed step makes one."""
+    images, labels = batch(3, size=(4, 12, 11))
+    perturber = make_perturber(every=1)
+    for op in PERTURBATIONS:
+        perturber.ops = (op,)
+        perturber.group_batch(0, images, labels)
+    made = []
+
+    def guarded(make):
+        def wrapper(*args, **kwargs):
+            if kwargs.get("device") is not None:
+                made.append(f"{make.__name__}({args[0]!r}, device={kwargs['device']})")
+            return make(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(torch, "tensor", guarded(torch.tensor))
+    monkeypatch.setattr(torch, "as_tensor", guarded(torch.as_tensor))
+    for op in PERTURBATIONS:
+        perturber.ops = (op,)
+        for step in range(3):
+            inputs, _, _ = perturber.group_batch(step, images, labels)
+            assert any(x is not images for x in inputs), op  # the step was perturbed
+    assert made == []
+
+
+def test_device_randomness_does_not_depend_on_the_device_generator_state():
+    """The device generator is reseeded from (seed, rank, step) at every perturbed step, so its state
+    is never saved and a checkpoint resumes the same noise on another device."""
+    images, labels = batch(3, size=(4, 8, 8))
+    ops = ("mixup", "gaussian_noise")
+    straight = sequence(make_perturber(every=1, ops=ops), range(6), images, labels)
+    scrambled = make_perturber(every=1, ops=ops)
+    scrambled.device_generator.manual_seed(12345)
+    torch.rand(100, generator=scrambled.device_generator)
+    assert_same(sequence(scrambled, range(6), images, labels), straight)
+    state = make_perturber(every=1).state_dict()
+    assert set(state) == {"host_generator", "param_generator", "seed", "perturbed_steps"}
+
+
+def test_checkpoint_of_the_old_format_with_a_cuda_generator_state_loads(capsys):
+    """Older checkpoints held the device generator's own state: a CUDA one (16 bytes) given to a CPU
+    generator raised RuntimeError. Now it loads, the host draws continue exactly, and one line says
+    that the noise stream restarts."""
+    images, labels = batch(3, size=(4, 8, 8))
+    writer = make_perturber(every=1, seed=3)
+    sequence(writer, range(5), images, labels)
+    old_state = {"host_generator": writer.host_generator.get_state(),
+                 "param_generator": writer.param_generator.get_state(),
+                 "device_generator": torch.zeros(16, dtype=torch.uint8)}   # a CUDA generator's size
+    expected = [writer.choose(step) for step in range(5, 15)]
+    resumed = make_perturber(every=1, seed=3)
+    resumed.load_state_dict(old_state)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and "noise and mixup draws restart" in lines[0]
+    assert [resumed.choose(step) for step in range(5, 15)] == expected
+
+
+@pytest.mark.parametrize("op", PERTURBATIONS)
+def test_ranks_share_the_choices_and_scalars_but_not_the_noise(op):
+    """Data-parallel ranks perturb the same network with the same operation and scalar parameters,
+    but draw their own noise field and mixup partners."""
+    images, labels = batch(3, size=(8, 12, 11))
+    draws = [sequence(make_perturber(every=1, ops=PERTURBATIONS, rank=rank), range(12), images, labels)
+             for rank in (0, 1)]
+    chosen = [[net for net, *_ in ranked] for ranked in draws]
+    assert chosen[0] == chosen[1]
+    ranks = [sequence(make_perturber(every=1, ops=(op,), rank=rank), range(3), images, labels) for rank in (0, 1)]
+    for (net0, images0, perm0, lam0), (net1, images1, perm1, lam1) in zip(*ranks):
+        assert net0 == net1
+        if op in ("mixup", "gaussian_noise"):
+            assert not torch.equal(images0, images1)
+        else:
+            assert torch.equal(images0, images1) and torch.equal(perm0, perm1) and torch.equal(lam0, lam1)

@@ -271,6 +271,52 @@ def test_compile_flag_wraps_networks_but_not_checkpoints():
     assert parser.parse_args([]).compile is False and parser.parse_args(["--compile"]).compile is True
 
 
+def test_compile_under_torchrun_wraps_ddp_and_unwrap_sees_through_either_order(tmp_path):
+    """Under torchrun --compile compiles the DDP module (Dynamo's DDP optimizer splits the graph at
+    gradient buckets only when it traces DDP); unwrap finds the plain network in either nesting."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        # A runtime that says 2 processes makes build_nets wrap in DDP; the group of 1 is enough for that.
+        rt = utils.Runtime(torch.device("cpu"), None, False, rank=0, world_size=2, compile=True)
+        info = argparse.Namespace(num_classes=3, img_size=16, in_chans=3)
+        net = utils.build_nets(["resnet20"], info, rt)[0]
+        assert isinstance(net._orig_mod, DDP)                  # compile(DDP(network))
+        plain = net._orig_mod.module
+        assert isinstance(plain, type(models.create_model("resnet20", num_classes=3, img_size=16, in_chans=3)))
+        assert utils.unwrap(net) is plain
+        assert utils.unwrap(DDP(torch.compile(plain))) is plain     # the other order
+        assert utils.unwrap(torch.compile(plain)) is plain and utils.unwrap(DDP(plain)) is plain
+        assert utils.unwrap(plain) is plain
+    finally:
+        dist.destroy_process_group()
+
+
+def test_workers_default_follows_the_device(monkeypatch):
+    """--workers: 2 on the CPU; on CUDA min(8, CPUs per process of this node); a given value wins."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert utils.resolve_workers(None, torch.device("cpu")) == 2
+    assert utils.resolve_workers(None, torch.device("cuda", 0)) == 8
+    assert utils.resolve_workers(3, torch.device("cuda", 0)) == 3 and utils.resolve_workers(0, "cpu") == 0
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")           # 8 processes share the 32 CPUs
+    assert utils.resolve_workers(None, torch.device("cuda", 0)) == 4
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert utils.resolve_workers(None, torch.device("cuda", 0)) == 1
+    # setup_data hands the resolved count to the loaders
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    seen = []
+    monkeypatch.setattr(utils, "make_loaders", lambda *a, workers, **k: seen.append(workers) or ([0], None, None))
+    args = train.get_args_parser().parse_args(["--dataset", "fake", "--train-subset", "64", "--val-size", "0"])
+    assert args.workers is None
+    utils.setup_data(args, utils.Runtime(torch.device("cuda", 0), None, False))
+    utils.setup_data(args, utils.Runtime(torch.device("cpu"), None, False))
+    assert seen == [8, 2]
+
+
 def test_resolve_device(monkeypatch):
     """CUDA devices always carry an index (torch.cuda.set_device refuses a bare 'cuda'); under
     torchrun it is the process's local rank; anything else is a one-line usage error."""
