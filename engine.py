@@ -627,7 +627,7 @@ def restore_checkpoint(ckpt, path, args, info, names, nets, optimizers, rt):
 
 
 # The group settings that belong to this run, not to the run that wrote the checkpoint: the kernels
-# (--cuda-graphs builds fused, capturable optimizers) and the rate holder (a device tensor that a
+# (foreach on the CPU, fused on CUDA, capturable with --cuda-graphs) and the rate holder (a device tensor that a
 # captured step reads must stay the same tensor; the schedule rewrites its value every step).
 RUN_OWNED_GROUP_KEYS = ("lr", "fused", "capturable", "foreach")
 

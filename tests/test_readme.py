@@ -80,3 +80,9 @@ def test_readme_is_short_and_its_links_resolve():
     assert len(text.encode()) < 9 * 1024
     links = re.findall(r"\]\((docs/[^)]+)\)", text)
     assert links and all(os.path.isfile(os.path.join(ROOT, link)) for link in links), links
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = [line for line in open(os.path.join(ROOT, ".ci", "run")).read().splitlines()
+          if line and not line.startswith(("#", "set ", "cd "))]
+    assert len(ci) == 1 and f"```bash\n{ci[0]}\n```" in open(os.path.join(ROOT, "README.md")).read()
