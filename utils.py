@@ -590,7 +590,7 @@ def build_nets(names, info, rt, **kwargs):
 
 def to_input(images, rt):
     """Lay a batch out in the networks' memory format."""
-    return images.contiguous(memory_format=torch.channels_last) if rt.channels_last else images
+    return images.contiguous(memory_format=torch.channels_last) if rt.channels_last and images.dim() == 4 else images
 
 
 # ----------------------------------------------------------------------------------------------

@@ -306,8 +306,8 @@ def test_benchmark_suite_compiles_each_configuration_afresh_with_static_shapes(m
     events = []
     monkeypatch.setattr(torch._dynamo, "reset", lambda: events.append("reset"))
     monkeypatch.setattr(bench, "time_variant",
-                        lambda name, args, device: events.append((len(args.models), args.img_size)) or
-                        {"variant": name, "images_per_s": 1.0, "warmup_s": 0.0, "peak_mem_mib": None})
+                        lambda name, args, device, *precision: events.append((len(args.models), args.img_size)) or
+                        {"variant": name, "amp": "auto", "images_per_s": 1.0, "warmup_s": 0.0, "peak_mem_mib": None})
     bench.main(bench.get_args_parser().parse_args(["--suite", "--device", "cpu", "--variants", "fast"]))
     assert events == ["reset", (2, 32), "reset", (4, 32), "reset", (2, 224)]
     compiled = []

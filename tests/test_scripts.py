@@ -353,13 +353,14 @@ def test_native_bf16_detection(monkeypatch, cpu, native):
 def test_one_download_per_file_system_under_torchrun(monkeypatch, rank, local_rank, downloads):
     """Rank 0 downloads first, then the first process of each other node; the rest only read."""
     events = []
-    monkeypatch.setattr(utils, "build_data", lambda *a, download, **k: events.append(("build", download)) or "data")
+    data = argparse.Namespace(info=argparse.Namespace(val_size=0))
+    monkeypatch.setattr(utils, "build_data", lambda *a, download, **k: events.append(("build", download)) or data)
     monkeypatch.setattr(utils.dist, "barrier", lambda: events.append("barrier"))
     monkeypatch.setattr(utils, "make_loaders", lambda *a, **k: ([0], None, None))
     monkeypatch.setenv("LOCAL_RANK", str(local_rank))
     args = train.get_args_parser().parse_args(["--dataset", "cifar10", "--download"])
     rt = utils.Runtime(torch.device("cpu"), None, False, rank=rank, world_size=8)
-    assert utils.setup_data(args, rt)[0] == "data"
+    assert utils.setup_data(args, rt)[0] is data
     expected = {"first": [("build", True), "barrier", "barrier"],
                 "second": ["barrier", ("build", True), "barrier"],
                 "never": ["barrier", "barrier", ("build", False)]}[downloads]
