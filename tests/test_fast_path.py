@@ -314,7 +314,7 @@ def test_benchmark_suite_compiles_each_configuration_afresh_with_static_shapes(m
     monkeypatch.setattr(torch, "compile", lambda net, **kwargs: compiled.append(kwargs) or net)
     args = bench.get_args_parser().parse_args(["--models", "resnet20", "resnet20", "--batch-size", "4",
                                                "--img-size", "8", "--device", "cpu"])
-    bench.repository_steps(args, torch.device("cpu"), compile_nets=True)
+    bench.repository_steps(args, torch.device("cpu"), compile_nets=True, amp="none")
     assert compiled == [{"dynamic": False}] * 2
 
 
