@@ -90,3 +90,17 @@ def test_training_without_tensorboard(tmp_path, monkeypatch, capsys):
     assert len(warnings) == 1 and "metrics.csv is still written" in warnings[0]
     assert len(read_rows(tmp_path)) == 1 and (tmp_path / "last.pt").exists()
     assert not [name for name in (p.name for p in tmp_path.iterdir()) if name.startswith("events.out")]
+
+
+def test_list_models_and_flag_groups(capsys):
+    """--list-models prints every registered name and the aliases, then exits 0; --help shows the groups."""
+    parser = competitive.get_args_parser()
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["--list-models"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "resnet32" in out and "ceit_tiny" in out and "vit = vit_tiny" in out
+    help_text = parser.format_help()
+    for group in ("model:", "data:", "optimization:", "run:", "speed:", "distributed (under torchrun):",
+                  "competitive distillation:"):
+        assert group in help_text, group
