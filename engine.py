@@ -768,7 +768,7 @@ class CapturedStep:
     """Runs a training step eagerly or, with CUDA graphs, captures it once and replays it.
 
     `core(*tensors)` is one whole optimisation step of the group (every forward, the losses and
-    the competitive selection, one backward, every optimizer step, the statistics) written without
+    a paradigm's selection of teachers, one backward, every optimizer step, the statistics) written without
     host synchronisation: fixed shapes, no `.item()`, no Python branch on tensor values, learning
     rates held in device tensors (fused optimizers read them on the device). The first `warmup`
     calls run eagerly on a side stream (cuDNN autotuning, optimizer state allocation); the next
