@@ -51,7 +51,7 @@ def _constants(mean, std, device, dtype):
 
 @functools.lru_cache(maxsize=32)
 def _rotation_basis(height, width, device, dtype):
-    """(2, 2, 3) tensors B0, B1 with cos(a) B0 + sin(a) B1 = F.affine_grid's theta of a rotation by
+    """A (2, 2, 3) tensor [B0, B1] with cos(a) B0 + sin(a) B1 = F.affine_grid's theta of a rotation by
     `a` about the image centre (normalised coordinates, align_corners=False; the h/w factors undo
     the different normalisation of x and y on a non-square image)."""
     return torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]],
