@@ -49,7 +49,7 @@ case $part in 1|2|"") ;; *) usage_error "--part must be 1 or 2, got '$part'" ;; 
 plan() {
     local fmnist=(--dataset fashion-mnist --models resnet20 resnet20 --epochs 2 --device cuda --data-dir "$data_dir"
                   --no-download --no-progress)
-    stage env 25 "$PYTHON" -c "$ENV_CHECK"
+    stage env 35 "$PYTHON" -c "$ENV_CHECK"   # imports from a cold disk cache can take tens of seconds
     if [ "$1" = 1 ]; then
         stage tests 80 "$PYTHON" -m pytest -q -p no:cacheprovider "${collect[@]}" tests/test_fast_path.py tests/test_losses.py
         stage bench_pair 160 "$PYTHON" benchmarks/bench.py --device cuda --models resnet32 resnet32 --json "$out/bench_pair.json"
