@@ -692,9 +692,12 @@ class StopRequest:
             return
         self.signal = signum
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
+        # Leaving on an exception after a stop request means the process is exiting: a repeated
+        # Ctrl-C must not raise KeyboardInterrupt inside the interpreter's shutdown (atexit) hooks.
+        exiting = self.signal is not None and exc_type is not None
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if exiting else handler)
         return False
 
     def requested(self, step=None):

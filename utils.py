@@ -7,6 +7,7 @@ import dataclasses
 import math
 import os
 import random
+import signal
 import sys
 from dataclasses import dataclass
 
@@ -59,6 +60,8 @@ def launch(main, parser, argv=None):
             print(str(error), flush=True)
             return None
         except KeyboardInterrupt:  # a second Ctrl-C while a step ran: the first one had not been honoured yet
+            for sig in (signal.SIGINT, signal.SIGTERM):  # a third one must not interrupt the exit
+                signal.signal(sig, signal.SIG_IGN)
             fail(rank + "interrupted twice: stopped at once; last.pt holds the state of the last completed epoch", 130)
         except (MemoryError, torch.OutOfMemoryError) as error:
             fail(rank + out_of_memory_message(error), 1)

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -290,3 +291,24 @@ def test_a_resumed_run_purges_tensorboard_points_it_redoes(tmp_path):
     events = EventAccumulator(str(tmp_path))
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("train/loss/net0_x")] == [(1, 1.0)]
+
+
+def test_a_stop_request_leaves_later_signals_ignored_while_the_process_exits():
+    """After a stop request, the exit path ignores a repeated Ctrl-C (it would otherwise raise inside
+    the interpreter's shutdown hooks); without one, the previous handlers come back."""
+    previous = signal.getsignal(signal.SIGINT)
+    previous_term = signal.getsignal(signal.SIGTERM)
+    try:
+        rt = types.SimpleNamespace(distributed=False)
+        with engine.StopRequest(rt):
+            pass
+        assert signal.getsignal(signal.SIGINT) is previous
+        with pytest.raises(SystemExit):
+            with engine.StopRequest(rt) as stop:
+                stop.signal = signal.SIGINT
+                raise SystemExit(130)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGTERM, previous_term)
