@@ -304,8 +304,13 @@ def remaining_batches(run, loader, epoch, stop, stats):
 
 
 def evaluate_epoch(run, val_loader, test_loader, epoch):
-    """{"val": ..., "test": ...}: per-network (and ensemble) loss/acc/top5 after `epoch`."""
+    """{"val": ..., "test": ...}: per-network (and ensemble) loss/acc/top5 after `epoch`; both None
+    on an epoch that --eval-every skips (the last epoch, and the last of this invocation, never are)."""
     sync_replicas(run.nets, run.rt, epoch)
+    last = epoch + 1 == run.args.epochs or (
+        run.args.stop_after is not None and epoch + 1 - run.start_epoch >= run.args.stop_after)
+    if (epoch + 1) % getattr(run.args, "eval_every", 1) and not last:
+        return {"val": None, "test": None}
     val = evaluate(run.nets, val_loader, run.rt) if val_loader is not None else None
     return {"val": val, "test": evaluate(run.nets, test_loader, run.rt)}
 

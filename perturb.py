@@ -5,6 +5,7 @@ The operations act in [0,1] pixel space (the authors jittered and clamped normal
 destroyed half the signal), run batched on the batch's device, and take all their randomness from a
 seeded torch.Generator so that a run, and a resumed run, is reproducible.
 """
+import contextlib
 import functools
 import math
 
@@ -39,6 +40,24 @@ def _uniform(generator, ranges):
     """One uniform draw per (low, high) pair, returned as Python floats (torchvision takes floats)."""
     u = torch.rand(len(ranges), generator=generator, device=generator.device).tolist()
     return [low + (high - low) * x for (low, high), x in zip(ranges, u)]
+
+
+@contextlib.contextmanager
+def bn_statistics_kept(net):
+    """Run the block without changing `net`'s BatchNorm running statistics (None: no network).
+
+    A perturbed batch is a deliberate outlier: it should move the perturbed network's weights,
+    not the statistics that every later evaluation normalises with. The buffers are restored in
+    place, so a captured CUDA graph and a compiled or DDP-wrapped network keep their addresses.
+    """
+    buffers = [] if net is None else [
+        buffer for module in net.modules()
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.track_running_stats
+        for buffer in (module.running_mean, module.running_var, module.num_batches_tracked)]
+    saved = [buffer.clone() for buffer in buffers]
+    yield
+    for buffer, value in zip(buffers, saved):
+        buffer.copy_(value)
 
 
 @functools.lru_cache(maxsize=32)
@@ -213,18 +232,19 @@ class Perturber:
         return net, images_p, labels_perm, lam
 
     def group_batch(self, step, images, labels):
-        """One step's inputs for the whole group: (inputs, labels_perm, lams).
+        """One step's inputs for the whole group: (inputs, labels_perm, lams, net).
 
         inputs[i] is network i's batch (the perturbed network's differs); lams (num_nets,) on the
         device holds the mixup weight of each network's loss, 1 for a clean batch, so every loss is
-        losses.mixed_cross_entropy(logits_i, labels, labels_perm, lams[i]). No host synchronisation.
+        losses.mixed_cross_entropy(logits_i, labels, labels_perm, lams[i]); net is the perturbed
+        network's index (a host int), -1 when the step is clean. No host synchronisation.
         """
         net, images_p, labels_perm, lam = self(step, images, labels)
         lams = torch.ones(self.num_nets, device=images.device)
         if net >= 0:
             lams[net] = lam
         inputs = [images_p if i == net else images for i in range(self.num_nets)]
-        return inputs, labels_perm, lams
+        return inputs, labels_perm, lams, net
 
     def state_dict(self):
         """The two host generator states (CPU uint8 tensors), and the seed and step count that key the

@@ -13,7 +13,7 @@ import torch
 import engine
 import utils
 from losses import accuracy, mixed_cross_entropy, pairwise_kd
-from perturb import PERTURBATIONS, Perturber
+from perturb import PERTURBATIONS, Perturber, bn_statistics_kept
 
 
 def get_args_parser():
@@ -29,6 +29,9 @@ def get_args_parser():
         help="perturb one random network every N steps of an epoch (authors: 10; 0 = off)")
     add("--perturbations", nargs="+", default=list(PERTURBATIONS), choices=PERTURBATIONS,
         help="operations drawn uniformly for the perturbed network")
+    add("--update-bn-on-perturbed", action="store_true",
+        help="let a perturbed batch update its network's BatchNorm running statistics, as the authors' code did "
+             "(default: they skip it, so evaluations normalise with statistics of clean data only)")
     return parser
 
 
@@ -103,8 +106,10 @@ def main(args):
             for step, (images, labels) in engine.remaining_batches(run, train_loader, epoch, stop, stats):
                 schedule.step(epoch * len(train_loader) + step)
                 # Every --perturb-every steps one random network gets a perturbed batch (section 3.2).
-                inputs, labels_perm, lams = perturber.group_batch(step, images, labels)
-                stats.add(train_step(labels, labels_perm, lams, *inputs))
+                inputs, labels_perm, lams, perturbed = perturber.group_batch(step, images, labels)
+                # ... whose BatchNorm running statistics skip that batch (unless --update-bn-on-perturbed)
+                with bn_statistics_kept(nets[perturbed] if perturbed >= 0 and not args.update_bn_on_perturbed else None):
+                    stats.add(train_step(labels, labels_perm, lams, *inputs))
             evals = engine.evaluate_epoch(run, val_loader, test_loader, epoch)
             engine.log_epoch(run, epoch, stats, evals, schedule)
             engine.save_checkpoints(run, epoch, evals)

@@ -205,6 +205,9 @@ def add_run_flags(flags):
         help="start afresh in a --out-dir that holds an earlier run, deleting that run's files (without it such a directory is refused)")
     add("--stop-after", type=int, default=None,
         help="stop this invocation after N epochs (for time-limited jobs); continue with --resume")
+    add("--eval-every", type=int, default=1,
+        help="evaluate (validation and test sets) every N epochs and always after the last one; "
+             "best.pt is chosen among the evaluated epochs")
     add("--progress", action=argparse.BooleanOptionalAction, default=None,
         help="tqdm progress bars (default: when stdout is a terminal)")
 
@@ -269,7 +272,7 @@ def check_numbers(args):
 def check_args(args):
     """Reject flag values that cannot work, with one line saying what is accepted."""
     check_numbers(args)
-    for name in ("epochs", "batch_size"):
+    for name in ("epochs", "batch_size", "eval_every"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     if args.eval_batch_size is not None and args.eval_batch_size < 1:

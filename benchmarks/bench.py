@@ -167,7 +167,7 @@ def repository_steps(args, device, compile_nets, amp):
 
     def step():
         images, labels = next(batches)
-        inputs, labels_perm, lams = perturber.group_batch(state["step"], images, labels)
+        inputs, labels_perm, lams, _ = perturber.group_batch(state["step"], images, labels)
         state["step"] += 1
         stats.add(captured(labels, labels_perm, lams, *inputs))
 

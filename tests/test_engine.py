@@ -104,3 +104,20 @@ def test_list_models_and_flag_groups(capsys):
     for group in ("model:", "data:", "optimization:", "run:", "speed:", "distributed (under torchrun):",
                   "competitive distillation:"):
         assert group in help_text, group
+
+
+def test_eval_every_skips_evaluations_but_never_the_last_epoch(tmp_path, capsys):
+    out = tmp_path / "run"
+    results = run_main(train, [*TINY, "--model", "resnet20", "--epochs", "3", "--eval-every", "2", "--out-dir", str(out)])
+    rows = read_rows(out)
+    assert [bool(row["test_acc"]) for row in rows] == [False, True, True]
+    assert [bool(row["val_acc"]) for row in rows] == [False, True, True]
+    assert results["networks"][0]["final_test_acc"] == pytest.approx(float(rows[-1]["test_acc"]), rel=1e-5)
+    assert results["networks"][0]["best_epoch"] in (2, 3)
+    # The last epoch of a --stop-after invocation is evaluated too, so results.json always has numbers.
+    out = tmp_path / "stopped"
+    results = run_main(train, [*TINY, "--model", "resnet20", "--epochs", "3", "--eval-every", "5", "--stop-after", "1",
+                               "--out-dir", str(out)])
+    assert [bool(row["test_acc"]) for row in read_rows(out)] == [True]
+    with pytest.raises(utils.UsageError, match="--eval-every must be a positive integer"):
+        run_main(train, [*TINY, "--model", "resnet20", "--eval-every", "0"])

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 
 from losses import mixed_cross_entropy
-from perturb import PERTURBATIONS, Perturber, perturb
+from perturb import PERTURBATIONS, Perturber, bn_statistics_kept, perturb
 
 RANDOM_OPS = ("mixup", "gaussian_noise", "color_jitter_blur", "rotation")
 STATS = {1: ((0.2860,), (0.3530,)),                                  # Fashion-MNIST
@@ -331,12 +331,12 @@ def test_group_batch_feeds_the_perturbed_network_only():
     reference = make_perturber(every=1, seed=1, ops=["mixup"], num_nets=3)
     for step in range(4):
         net, images_p, labels_perm, lam = reference(step, images, labels)
-        inputs, perm, lams = perturber.group_batch(step, images, labels)
+        inputs, perm, lams, perturbed = perturber.group_batch(step, images, labels)
         assert len(inputs) == 3 and all(inputs[i] is images for i in range(3) if i != net)
         assert torch.equal(inputs[net], images_p) and torch.equal(perm, labels_perm)
-        assert lams.tolist() == [lam.item() if i == net else 1.0 for i in range(3)]
-    clean_inputs, _, clean_lams = make_perturber(every=0, seed=1, num_nets=3).group_batch(0, images, labels)
-    assert all(x is images for x in clean_inputs) and clean_lams.tolist() == [1.0, 1.0, 1.0]
+        assert lams.tolist() == [lam.item() if i == net else 1.0 for i in range(3)] and perturbed == net
+    clean_inputs, _, clean_lams, perturbed = make_perturber(every=0, seed=1, num_nets=3).group_batch(0, images, labels)
+    assert all(x is images for x in clean_inputs) and clean_lams.tolist() == [1.0, 1.0, 1.0] and perturbed == -1
 
 
 @pytest.mark.parametrize("dtype, atol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
@@ -378,7 +378,7 @@ def test_perturbed_steps_make_no_tensor_from_python_numbers_on_the_device(monkey
     for op in PERTURBATIONS:
         perturber.ops = (op,)
         for step in range(3):
-            inputs, _, _ = perturber.group_batch(step, images, labels)
+            inputs, _, _, _ = perturber.group_batch(step, images, labels)
             assert any(x is not images for x in inputs), op  # the step was perturbed
     assert made == []
 
@@ -431,3 +431,40 @@ def test_ranks_share_the_choices_and_scalars_but_not_the_noise(op):
             assert not torch.equal(images0, images1)
         else:
             assert torch.equal(images0, images1) and torch.equal(perm0, perm1) and torch.equal(lam0, lam1)
+
+
+def test_bn_statistics_kept_restores_running_statistics_only():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    net(torch.randn(2, 3, 8, 8))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    with bn_statistics_kept(net):
+        net(torch.randn(4, 3, 8, 8) * 5).square().mean().backward()
+        optimizer.step()
+    after = net.state_dict()
+    for key in ("1.running_mean", "1.running_var", "1.num_batches_tracked"):
+        assert torch.equal(after[key], before[key]), key
+    assert not torch.equal(after["0.weight"], before["0.weight"])  # the weights still learn
+    with bn_statistics_kept(None):
+        net(torch.randn(4, 3, 8, 8))
+    assert not torch.equal(net.state_dict()["1.running_mean"], before["1.running_mean"])
+
+
+@pytest.mark.parametrize("script", ["competitive", "mutual"])
+@pytest.mark.parametrize("update", [False, True])
+def test_a_perturbed_batch_skips_its_networks_bn_statistics(script, update, tmp_path, monkeypatch):
+    """Every step perturbs network 0 (monkeypatched draw): its running statistics stay at their initial
+    values, network 1's move; --update-bn-on-perturbed restores the authors' behaviour."""
+    import engine
+    import train_competitive_distillation
+    import train_mutual_learning
+    module = {"competitive": train_competitive_distillation, "mutual": train_mutual_learning}[script]
+    monkeypatch.setattr(Perturber, "choose", lambda self, step: (0, "hflip"))
+    args = ["--dataset", "fake", "--img-size", "16", "--train-subset", "64", "--val-size", "0", "--batch-size", "32",
+            "--device", "cpu", "--workers", "0", "--no-progress", "--models", "resnet20", "resnet20", "--epochs", "1",
+            "--perturb-every", "1", "--out-dir", str(tmp_path / "run")] + (["--update-bn-on-perturbed"] if update else [])
+    module.main(module.get_args_parser().parse_args(args))
+    nets = engine.load_checkpoint(str(tmp_path / "run" / "last.pt"))["nets"]
+    fresh = [torch.equal(net["features.1.running_mean"], torch.zeros_like(net["features.1.running_mean"])) for net in nets]
+    assert fresh == [not update, False]
