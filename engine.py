@@ -407,7 +407,7 @@ def finish(run):
         unlock_run_dir(*run.lock)
     if not run.last_rows:
         return None
-    results = {"run_dir": run.run_dir, "dataset": run.info.name, "synthetic": run.info.synthetic,
+    results = {"run_dir": run.run_dir, "script": run.script, "dataset": run.info.name, "synthetic": run.info.synthetic,
                "epochs": run.last_rows[0]["epoch"], "networks": []}
     for i, row in enumerate(run.last_rows):
         entry = {"net": row["net"], "model": row["model"], "final_test_acc": row["test_acc"],

@@ -1,0 +1,175 @@
+"""Summarize a study (experiments/compare.py): a Markdown table and a dot plot of last-epoch test accuracy.
+
+Reads STUDY/<config>/seed<k>/{args.json,results.json}; for every network of every configuration,
+and for each group's ensemble, prints mean +- sample std over seeds and the paired per-seed
+differences:
+  - vs vanilla: the same architecture trained alone with the same seed (for an ensemble, the
+    best of its members' architectures trained alone with that seed);
+  - vs DML: the same network of the deep-mutual-learning run of the same models and seed.
+Every run must share the data and the budget (dataset, subset, epochs, batch, optimizer, schedule).
+
+    python experiments/summarize.py runs/study --png docs/study.png
+"""
+import argparse
+import glob
+import json
+import math
+import os
+import sys
+
+# args.json fields that must agree across a study's runs (the same data and budget)
+BUDGET = ("dataset", "train_subset", "val_size", "img_size", "epochs", "batch_size", "optimizer", "lr",
+          "weight_decay", "schedule", "warmup_epochs", "amp")
+
+
+class StudyError(Exception):
+    pass
+
+
+def load_runs(study):
+    """Every finished run under `study`: dicts with config, seed, script, models, args and accs
+    (the networks' last-epoch test accuracies, then the ensemble's when there is one)."""
+    runs = []
+    for path in sorted(glob.glob(os.path.join(study, "*", "seed*", "results.json"))):
+        run_dir = os.path.dirname(path)
+        with open(path) as f:
+            results = json.load(f)
+        with open(os.path.join(run_dir, "args.json")) as f:
+            args = json.load(f)
+        networks = results["networks"]
+        models = [n["model"] for n in networks if n["net"] != "ensemble"]
+        runs.append({"config": os.path.basename(os.path.dirname(run_dir)), "seed": args["seed"],
+                     "script": results.get("script", "train" if len(models) == 1 else "?"), "models": models,
+                     "args": args, "accs": [n["final_test_acc"] for n in networks]})
+    if not runs:
+        raise StudyError(f"no finished run (<config>/seed<k>/results.json) under '{study}'")
+    check_same_budget(runs)
+    return runs
+
+
+def check_same_budget(runs):
+    first = runs[0]
+    for run in runs[1:]:
+        for key in BUDGET:
+            if run["args"].get(key) != first["args"].get(key):
+                raise StudyError(f"runs differ in --{key.replace('_', '-')}: {first['config']}/seed{first['seed']} has "
+                                 f"{first['args'].get(key)!r}, {run['config']}/seed{run['seed']} has {run['args'].get(key)!r}; "
+                                 "a study compares runs of one dataset and budget")
+
+
+def mean_std(values):
+    """(mean, sample standard deviation; nan for one value)."""
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else float("nan")
+    return mean, std
+
+
+def summarize(runs):
+    """One row per (configuration, network or ensemble): its per-seed accuracies and paired differences."""
+    configs = {}
+    for run in runs:
+        configs.setdefault(run["config"], []).append(run)
+    vanilla = {(run["models"][0], run["seed"]): run["accs"][0] for run in runs if run["script"] == "train"}
+    dml = {(tuple(run["models"]), run["seed"]): run["accs"] for run in runs if run["script"] == "mutual"}
+    rows = []
+    for config, group in configs.items():
+        group = sorted(group, key=lambda run: run["seed"])
+        models = group[0]["models"]
+        if any(run["models"] != models for run in group):
+            raise StudyError(f"configuration '{config}' holds runs of different networks")
+        labels = [f"net{i} {m}" for i, m in enumerate(models)] + (["ensemble"] if len(models) > 1 else [])
+        for i, label in enumerate(labels):
+            values = {run["seed"]: run["accs"][i] for run in group}
+            base = {}
+            for seed in values:
+                alone = [vanilla.get((m, seed)) for m in (models if label == "ensemble" else [models[i]])]
+                if all(a is not None for a in alone):
+                    base[seed] = max(alone)
+            mutual = {seed: dml[(tuple(models), seed)][i] for seed in values if (tuple(models), seed) in dml}
+            rows.append({"config": config, "script": group[0]["script"], "label": label, "values": values,
+                         "vs_vanilla": paired(values, base) if group[0]["script"] != "train" else None,
+                         "vs_dml": paired(values, mutual) if group[0]["script"] != "mutual" else None})
+    return rows
+
+
+def paired(values, baseline):
+    """Per-seed differences values - baseline over the seeds both have, or None when there are none."""
+    seeds = sorted(set(values) & set(baseline))
+    return [values[s] - baseline[s] for s in seeds] or None
+
+
+def fmt(values, sign=False):
+    if not values:
+        return "–"
+    mean, std = mean_std(values)
+    text = f"{mean:+.2f}" if sign else f"{mean:.2f}"
+    return text + ("" if math.isnan(std) else f" ± {std:.2f}")
+
+
+def markdown(rows, runs):
+    first = runs[0]["args"]
+    seeds = sorted({run["seed"] for run in runs})
+    lines = [f"{first['dataset']}, train subset {first.get('train_subset') or 'all'}, {first['epochs']} epochs, "
+             f"batch {first['batch_size']}, {'/'.join(first['optimizer'])} {first['schedule']}; seeds {seeds}; "
+             "last-epoch test accuracy (%), mean ± std over seeds; paired differences per seed, then mean ± std",
+             "",
+             "| configuration | network | test acc | per seed | − vanilla | − DML |",
+             "|---|---|---|---|---|---|"]
+    for row in rows:
+        per_seed = " / ".join(f"{row['values'][s]:.2f}" for s in sorted(row["values"]))
+        lines.append(f"| {row['config']} | {row['label']} | {fmt(list(row['values'].values()))} (n={len(row['values'])}) | "
+                     f"{per_seed} | {fmt(row['vs_vanilla'], sign=True)} | {fmt(row['vs_dml'], sign=True)} |")
+    return "\n".join(lines)
+
+
+def plot(rows, path, title):
+    """A dot plot (one line per row: a dot per seed, the mean as a bar, +-1 std as a line) as a PNG."""
+    from PIL import Image, ImageDraw, ImageFont  # Pillow comes with torchvision
+    font = ImageFont.load_default()
+    values = [v for row in rows for v in row["values"].values()]
+    low, high = math.floor(min(values) - 0.5), math.ceil(max(values) + 0.5)
+    left, width, line, top = 260, 520, 22, 40
+    image = Image.new("RGB", (left + width + 30, top + line * len(rows) + 50), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((10, 10), title, fill="black", font=font)
+    x = lambda v: left + (v - low) / (high - low) * width
+    for tick in range(low, high + 1):
+        draw.line([(x(tick), top), (x(tick), top + line * len(rows))], fill=(225, 225, 225))
+        draw.text((x(tick) - 8, top + line * len(rows) + 6), str(tick), fill="black", font=font)
+    draw.text((left + width // 2 - 60, top + line * len(rows) + 24), "test accuracy (%)", fill="black", font=font)
+    for k, row in enumerate(rows):
+        y = top + line * k + line // 2
+        colour = (200, 60, 40) if row["label"] == "ensemble" else (40, 90, 180)
+        draw.text((10, y - 6), f"{row['config']}: {row['label']}", fill="black", font=font)
+        mean, std = mean_std(list(row["values"].values()))
+        if not math.isnan(std):
+            draw.line([(x(mean - std), y), (x(mean + std), y)], fill=colour, width=2)
+        draw.line([(x(mean), y - 7), (x(mean), y + 7)], fill=colour, width=3)
+        for v in row["values"].values():
+            draw.ellipse([x(v) - 3, y - 3, x(v) + 3, y + 3], outline=colour)
+    tmp = path + ".tmp"
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("study", help="the directory experiments/compare.py wrote")
+    parser.add_argument("--png", default=None, help="dot plot to write (default: STUDY/study.png)")
+    args = parser.parse_args(argv)
+    try:
+        runs = load_runs(args.study)
+        rows = summarize(runs)
+    except (StudyError, OSError, KeyError, json.JSONDecodeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    table = markdown(rows, runs)
+    print(table)
+    png = args.png or os.path.join(args.study, "study.png")
+    plot(rows, png, table.splitlines()[0][:110])
+    print(f"\nplot: {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
