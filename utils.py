@@ -368,8 +368,9 @@ def resolve_device(name, local_rank=None):
 
 
 def cpu_has_native_bf16():
-    """True when this CPU has bf16 dot-product instructions (x86 AVX512-BF16 or AMX-BF16), on which
-    bf16 autocast trains faster than fp32; False when they are missing or cannot be queried.
+    """True when this CPU has bf16 dot-product instructions (x86 AVX512-BF16 or AMX-BF16); False
+    when they are missing or cannot be queried. bench.py reports it with its CPU rows: even with
+    AVX512-BF16, bf16 autocast trained the CIFAR ResNets no faster than fp32 (docs/speed.md).
     torch's public torch.backends.cpu.get_cpu_capability() names only the vector width, so this asks
     the cpuinfo queries behind it, which are private and were renamed between releases: guarded."""
     cpu = getattr(torch._C, "_cpu", None)
@@ -396,7 +397,7 @@ def setup_runtime(args):
     if device.type == "cuda":
         torch.cuda.set_device(device)
     amp = args.amp
-    if amp == "auto":
+    if amp == "auto":  # on the CPU fp32: bf16 autocast measured no faster there (docs/speed.md)
         amp = "bf16" if device.type == "cuda" else "none"
     amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
     if amp_dtype == torch.float16 and device.type != "cuda":

@@ -349,6 +349,14 @@ def test_native_bf16_detection(monkeypatch, cpu, native):
     assert utils.cpu_has_native_bf16() is native
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_amp_auto_is_fp32_on_the_cpu_with_or_without_native_bf16(monkeypatch, native):
+    """bf16 autocast trained no faster than fp32 on an AVX512-BF16 CPU (docs/speed.md), so auto stays fp32."""
+    monkeypatch.setattr(utils, "cpu_has_native_bf16", lambda: native)
+    args = train.get_args_parser().parse_args(["--device", "cpu"])
+    assert args.amp == "auto" and utils.setup_runtime(args).amp_dtype is None
+
+
 @pytest.mark.parametrize("rank,local_rank,downloads", [(0, 0, "first"), (1, 1, "never"), (4, 0, "second")])
 def test_one_download_per_file_system_under_torchrun(monkeypatch, rank, local_rank, downloads):
     """Rank 0 downloads first, then the first process of each other node; the rest only read."""
