@@ -191,6 +191,12 @@ def add_optimization_flags(flags, *, epochs, batch_size, optimizer, schedule, we
     add("--gamma", type=float, default=0.1, help="step schedule: decay factor at each milestone")
     add("--min-lr", type=float, default=0.0, help="cosine schedule: final learning rate as a fraction of the peak")
     add("--label-smoothing", type=float, default=label_smoothing, help="label smoothing of the cross-entropy")
+    add("--drop-path", type=float, default=0.1,
+        help="stochastic depth of the transformers (ViT/CeiT), rising linearly to this rate in the last "
+             "block (DeiT/CeiT: 0.1); CNNs have none")
+    add("--decay-norm-and-bias", action=argparse.BooleanOptionalAction, default=None,
+        help="weight decay on norms, biases and embeddings too (default: not for transformers, as in "
+             "DeiT/CeiT; for CNNs, as in the CIFAR recipe)")
 
 
 def add_run_flags(flags):
@@ -566,13 +572,15 @@ def train_subset(data, size):
     return dataclasses.replace(data, info=info, train=torch.utils.data.Subset(data.train, range(size)))
 
 
-def build_nets(names, info, rt, **kwargs):
-    """Create the named networks for the dataset's geometry, on the device (DDP-wrapped under torchrun)."""
+def build_nets(names, info, rt, drop_path=0.0):
+    """Create the named networks for the dataset's geometry, on the device (DDP-wrapped under torchrun);
+    the transformers among them get stochastic depth `drop_path` (the CNNs have none)."""
     nets = []
     for name in names:
         try:
+            extra = {"drop_path_rate": drop_path} if models.resolve_name(name) in models.TRANSFORMERS else {}
             net = models.create_model(name, num_classes=info.num_classes, img_size=info.img_size,
-                                      in_chans=info.in_chans, **kwargs)
+                                      in_chans=info.in_chans, **extra)
         except ValueError as error:
             raise UsageError(str(error)) from None
         if rt.sync_bn:
@@ -680,11 +688,14 @@ def build_optimizers(args, nets, rt=None):
     if args.lr_scaling == "linear" and rt is not None:  # --batch-size is per process; the rate follows the global one
         lrs = [lr * rt.world_size for lr in lrs]
     decays = per_net(args.weight_decay, n, "--weight-decay")
-    decay_norm_and_bias = getattr(args, "decay_norm_and_bias", True)
+    decay_all = getattr(args, "decay_norm_and_bias", None)
     capturable = rt is not None and rt.cuda_graphs
+    # A transformer (it names its embeddings in no_weight_decay()) keeps the DeiT exemptions in any
+    # group; a CNN is decayed everywhere, as in the CIFAR recipe; the flag overrides both.
     optimizers = [build_optimizer(net, name, lr, wd, momentum=args.momentum, nesterov=args.nesterov,
-                                  decay_norm_and_bias=decay_norm_and_bias, fused=use_fused(name, rt),
-                                  capturable=capturable)
+                                  decay_norm_and_bias=(not hasattr(unwrap(net), "no_weight_decay")
+                                                       if decay_all is None else decay_all),
+                                  fused=use_fused(name, rt), capturable=capturable)
                   for net, name, lr, wd in zip(nets, names, lrs, decays)]
     return optimizers, lrs
 

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -103,9 +104,29 @@ def test_ceit_end_to_end_cuda_hidden(tmp_path):
                                           "--out-dir", str(tmp_path)])
     assert result.returncode == 0, result.stderr
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results["networks"][0]["model"] == "ceit_tiny"
+    assert results["networks"][0]["model"] == "ceit"  # the authors' CeiT (32-channel stem, no LCA)
     args = json.loads((tmp_path / "args.json").read_text())
     assert args["optimizer"] == ["adamw"] and args["drop_path"] == 0.1 and args["label_smoothing"] == 0.1
+
+
+@pytest.mark.parametrize("flag, vit_groups", [([], 2), (["--decay-norm-and-bias"], 1)])
+def test_a_transformer_in_a_group_gets_the_transformer_recipe(flag, vit_groups):
+    """In a mixed group the ViT gets DeiT's decay exemptions (norms, biases, pos_embed, cls_token) and
+    stochastic depth, as in train_ceit.py; the CNN keeps decay everywhere and has no drop path."""
+    args = competitive.get_args_parser().parse_args(["--models", "resnet20", "vit_tiny", "--dataset", "fake", *flag])
+    info = types.SimpleNamespace(num_classes=10, img_size=32, in_chans=3)
+    rt = utils.Runtime(torch.device("cpu"), None, False)
+    nets = utils.build_nets(utils.model_names(args), info, rt, drop_path=args.drop_path)
+    assert nets[1].blocks[-1].drop_path.rate == pytest.approx(0.1) and nets[1].blocks[0].drop_path.rate == 0
+    optimizers, _ = utils.build_optimizers(args, nets, rt)
+    assert [group["weight_decay"] for group in optimizers[0].param_groups] == [5e-4]
+    vit_groups_found = [group for group in optimizers[1].param_groups if group["params"]]
+    assert len(vit_groups_found) == vit_groups
+    if vit_groups == 2:
+        exempt = {id(p) for p in optimizers[1].param_groups[1]["params"]}
+        assert optimizers[1].param_groups[1]["weight_decay"] == 0
+        assert id(nets[1].pos_embed) in exempt and id(nets[1].cls_token) in exempt and id(nets[1].norm.weight) in exempt
+        assert id(nets[1].blocks[0].attn.q.weight) not in exempt
 
 
 def test_ceit_vit_pair_at_224_px():
