@@ -16,7 +16,7 @@ import train
 import train_competitive_distillation as competitive
 import train_mutual_learning as mutual
 import utils
-from helpers import ROOT, assert_same_weights, cpu_env, read_rows, weights
+from helpers import ROOT, assert_same_weights, cpu_env, read_rows, weights, write_image_tree
 
 SCRIPTS = ["train.py", "train_mutual_learning.py", "train_competitive_distillation.py", "train_ceit.py", "demo.py"]
 # 128 synthetic 16-px images, 4 steps of 32: seconds per epoch on two CPU cores.
@@ -228,6 +228,21 @@ def expect_usage_error(capsys, module, args, *fragments):
 ])
 def test_bad_input(capsys, tmp_path, args, fragments):
     expect_usage_error(capsys, train, [*TINY, "--out-dir", str(tmp_path), *args], *fragments)
+
+
+@pytest.mark.parametrize("value,fragment", [("-1", "--rotate must be in [0, 180] (degrees), got -1.0"),
+                                            ("181", "--rotate must be in [0, 180]"),
+                                            ("nan", "--rotate must be a finite number"),
+                                            ("inf", "--rotate must be a finite number")])
+def test_bad_rotate(capsys, tmp_path, value, fragment):
+    expect_usage_error(capsys, train, [*TINY, "--out-dir", str(tmp_path), "--rotate", value], fragment)
+
+
+def test_no_crop_on_an_image_folder_is_refused(capsys, tmp_path):
+    write_image_tree(tmp_path / "data", ("train", "test"))
+    expect_usage_error(capsys, train, [*TINY, "--out-dir", str(tmp_path / "run"), "--dataset", "imagefolder", "--data-dir",
+                                       str(tmp_path / "data"), "--val-size", "0", "--no-crop"],
+                       "--no-crop applies to in-memory data sets")
 
 
 def test_missing_dataset_offline(capsys, tmp_path):
