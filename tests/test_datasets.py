@@ -552,8 +552,9 @@ def same(batches_a, batches_b):
 
 
 @pytest.mark.parametrize("path", ["gpu", "torch"])
-def test_set_epoch_is_a_pure_function_of_seed_and_epoch(path):
-    data = coded_data(64)
+@pytest.mark.parametrize("augment", [{}, dict(crop_padding=0, rotate=15)], ids=["crop-flip", "no-crop-rotate"])
+def test_set_epoch_is_a_pure_function_of_seed_and_epoch(path, augment):
+    data = coded_data(64, **augment)
     make = lambda **kw: make_loaders(data, batch_size=16, loader=path, device="cpu", workers=0, **kw)[0]  # noqa: E731
     train = make(seed=5)
     torch.manual_seed(1)
@@ -568,8 +569,8 @@ def test_set_epoch_is_a_pure_function_of_seed_and_epoch(path):
 
 
 def test_torch_path_does_not_depend_on_worker_count():
-    """Per-item seeds: the same batches from the main process and from two worker processes."""
-    data = coded_data(48)
+    """Per-item seeds: the same batches (cropped, flipped and rotated) from the main process and from two worker processes."""
+    data = coded_data(48, rotate=15)
     in_process = make_loaders(data, batch_size=16, loader="torch", device="cpu", workers=0, seed=9)[0]
     with_workers = make_loaders(data, batch_size=16, loader="torch", device="cpu", workers=2, seed=9)[0]
     for epoch in (0, 1):

@@ -127,9 +127,10 @@ def test_ceit_vit_pair_at_224_px():
 
 @pytest.mark.parametrize("module,extra", [
     (train, ["--model", "resnet20"]),
+    (train, ["--model", "resnet20", "--no-crop", "--rotate", "15"]),
     (competitive, ["--models", "resnet20", "resnet20", "--perturb-every", "2"]),
     (competitive, ["--models", "resnet20", "resnet20", "--perturb-every", "2", "--amp", "bf16"]),
-], ids=["train", "competitive", "competitive-bf16"])
+], ids=["train", "train-no-crop-rotate", "competitive", "competitive-bf16"])
 def test_exact_resume(tmp_path, module, extra):
     args = [*TINY, *extra, "--epochs", "2", "--deterministic"]
     run_main(module, [*args, "--out-dir", str(tmp_path / "straight")])
