@@ -158,6 +158,13 @@ def add_data_flags(flags):
     add("--split-seed", type=int, default=0, help="seed of the train/validation split (fixed across runs so runs compare)")
     add("--train-subset", type=int, default=None,
         help="train on only the first N images of the training split (quick experiments; validation and test sets stay whole)")
+    add("--crop", action=argparse.BooleanOptionalAction, default=True,
+        help="train on random crops of the zero-padded image (4 px on CIFAR and SVHN, 2 on MNIST-likes, the usual "
+             "CIFAR augmentation); --no-crop trains on whole images, as the authors did on CIFAR-100 (in-memory sets "
+             "only: image folders always use RandomResizedCrop)")
+    add("--rotate", type=float, default=0.0, metavar="DEG",
+        help="train: rotate each image by an angle uniform in [-DEG, DEG] at the input size, nearest sampling, "
+             "black corners (torchvision's RandomRotation; the authors used 15); default 0: off")
     add("--num-classes", type=int, default=None, help="class count of the synthetic 'fake' dataset (other datasets set their own)")
     add("--loader", default="auto", choices=["auto", "gpu", "torch"],
         help="gpu: dataset held on the device with batched augmentation there (in-memory sets); torch: DataLoader with workers")
@@ -249,6 +256,7 @@ def _positive(v): return v > 0
 def _non_negative(v): return v >= 0
 def _fraction(v): return 0 <= v <= 1
 def _below_one(v): return 0 <= v < 1
+def _half_turn(v): return 0 <= v <= 180
 
 
 FLAG_RANGES = {
@@ -257,7 +265,7 @@ FLAG_RANGES = {
     "label_smoothing": (_below_one, "in [0, 1)"), "gamma": (_positive, "positive"), "milestones": (_fraction, "in [0, 1]"),
     "kd_weight": (_non_negative, ">= 0"), "temperature": (_positive, "positive"), "mixup": (_non_negative, ">= 0"),
     "cutmix": (_non_negative, ">= 0"), "mix_prob": (_fraction, "in [0, 1]"), "switch_prob": (_fraction, "in [0, 1]"),
-    "drop_path": (_below_one, "in [0, 1)"),
+    "drop_path": (_below_one, "in [0, 1)"), "rotate": (_half_turn, "in [0, 180] (degrees)"),
 }
 
 
@@ -521,7 +529,7 @@ def setup_data(args, rt):
     def build(download):
         return build_data(args.dataset, args.data_dir, img_size=args.img_size, val_size=args.val_size,
                           split_seed=args.split_seed, download=download, num_classes=args.num_classes,
-                          skip_bad_images=args.skip_bad_images)
+                          skip_bad_images=args.skip_bad_images, crop=args.crop, rotate=args.rotate)
 
     if rt.distributed and args.download:
         # One download per file system, never several processes writing one archive: rank 0

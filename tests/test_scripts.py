@@ -17,7 +17,7 @@ import train
 import train_competitive_distillation as competitive
 import train_mutual_learning as mutual
 import utils
-from helpers import ROOT, assert_same_weights, cpu_env, read_rows, weights
+from helpers import ROOT, assert_same_weights, cpu_env, read_rows, weights, write_image_tree
 
 SCRIPTS = ["train.py", "train_mutual_learning.py", "train_competitive_distillation.py", "train_ceit.py", "demo.py"]
 # 128 synthetic 16-px images, 4 steps of 32: seconds per epoch on two CPU cores.
@@ -148,9 +148,10 @@ def test_ceit_vit_pair_at_224_px():
 
 @pytest.mark.parametrize("module,extra", [
     (train, ["--model", "resnet20"]),
+    (train, ["--model", "resnet20", "--no-crop", "--rotate", "15"]),
     (competitive, ["--models", "resnet20", "resnet20", "--perturb-every", "2"]),
     (competitive, ["--models", "resnet20", "resnet20", "--perturb-every", "2", "--amp", "bf16"]),
-], ids=["train", "competitive", "competitive-bf16"])
+], ids=["train", "train-no-crop-rotate", "competitive", "competitive-bf16"])
 def test_exact_resume(tmp_path, module, extra):
     args = [*TINY, *extra, "--epochs", "2", "--deterministic"]
     run_main(module, [*args, "--out-dir", str(tmp_path / "straight")])
@@ -249,6 +250,21 @@ def expect_usage_error(capsys, module, args, *fragments):
 ])
 def test_bad_input(capsys, tmp_path, args, fragments):
     expect_usage_error(capsys, train, [*TINY, "--out-dir", str(tmp_path), *args], *fragments)
+
+
+@pytest.mark.parametrize("value,fragment", [("-1", "--rotate must be in [0, 180] (degrees), got -1.0"),
+                                            ("181", "--rotate must be in [0, 180]"),
+                                            ("nan", "--rotate must be a finite number"),
+                                            ("inf", "--rotate must be a finite number")])
+def test_bad_rotate(capsys, tmp_path, value, fragment):
+    expect_usage_error(capsys, train, [*TINY, "--out-dir", str(tmp_path), "--rotate", value], fragment)
+
+
+def test_no_crop_on_an_image_folder_is_refused(capsys, tmp_path):
+    write_image_tree(tmp_path / "data", ("train", "test"))
+    expect_usage_error(capsys, train, [*TINY, "--out-dir", str(tmp_path / "run"), "--dataset", "imagefolder", "--data-dir",
+                                       str(tmp_path / "data"), "--val-size", "0", "--no-crop"],
+                       "--no-crop applies to in-memory data sets")
 
 
 def test_missing_dataset_offline(capsys, tmp_path):
