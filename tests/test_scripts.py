@@ -1,5 +1,6 @@
 """The training scripts end to end on tiny synthetic data: runs, resume, interruption, bad input."""
 import argparse
+import copy
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import types
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import engine
 import models
@@ -18,6 +20,7 @@ import train_competitive_distillation as competitive
 import train_mutual_learning as mutual
 import utils
 from helpers import ROOT, assert_same_weights, cpu_env, read_rows, weights, write_image_tree
+from losses import kd_loss
 
 SCRIPTS = ["train.py", "train_mutual_learning.py", "train_competitive_distillation.py", "train_ceit.py", "demo.py"]
 # 128 synthetic 16-px images, 4 steps of 32: seconds per epoch on two CPU cores.
@@ -77,6 +80,31 @@ def test_competitive_heterogeneous_group_cuda_hidden(tmp_path):
         assert sum(float(r["train_teachers"]) for r in nets) == pytest.approx(1.0)
         # the learning rates are each network's own
         assert float(nets[0]["lr"]) > 10 * float(nets[1]["lr"])
+
+
+def test_sequential_mutual_learning_is_the_dml_papers_update():
+    """--sequential: network 0 steps on CE + KD from network 1's predictions, then network 1 steps on
+    CE + KD from network 0's *updated* predictions (Zhang et al. 2018, Algorithm 1)."""
+    torch.manual_seed(0)
+    make = lambda: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5))
+    nets = [make(), make()]
+    copies = [copy.deepcopy(net) for net in nets]
+    x, y = torch.randn(8, 3, 2, 2), torch.randint(0, 5, (8,))
+    args = mutual.get_args_parser().parse_args(["--models", "resnet20", "resnet20", "--sequential"])
+    rt = utils.Runtime(torch.device("cpu"), None, False)
+    optimizers = [torch.optim.SGD(net.parameters(), lr=0.5) for net in nets]
+    stats = mutual.sequential_mutual_step(nets, optimizers, torch.amp.GradScaler("cpu", enabled=False), [x, x], y, y,
+                                          torch.ones(2), args, rt)
+    for i, other in ((0, 1), (1, 0)):  # by hand, in the paper's order
+        net, teacher = copies[i], copies[other]
+        (F.cross_entropy(net(x), y) + kd_loss(net(x), teacher(x).detach())).backward()
+        with torch.no_grad():
+            for p in net.parameters():
+                p -= 0.5 * p.grad
+    for net, expected in zip(nets, copies):
+        for p, q in zip(net.parameters(), expected.parameters()):
+            torch.testing.assert_close(p, q)
+    assert set(stats) == {"loss", "ce", "kd", "acc"} and all(v.shape == (2,) for v in stats.values())
 
 
 def test_mutual_learning_three_networks_cuda_hidden(tmp_path):
