@@ -60,8 +60,9 @@ class RunState:
 
 
 def net_labels(names):
-    """Unique display labels: net0_resnet32, net1_vit_tiny, ..."""
-    return [f"net{i}_{name}" for i, name in enumerate(names)]
+    """Unique display labels: net0_resnet32, net1_vit_tiny, net2_tv_resnet18 (a zoo prefix's colon
+    is not allowed in TensorBoard tags), ..."""
+    return [f"net{i}_{name.replace(':', '_')}" for i, name in enumerate(names)]
 
 
 def start_run(args, script, names, rt, info, nets, optimizers, *, steps_per_epoch, resumable):
@@ -70,7 +71,7 @@ def start_run(args, script, names, rt, info, nets, optimizers, *, steps_per_epoc
     args.world_size = rt.world_size
     resume = resolve_resume(args)
     run_dir = args.out_dir or (os.path.dirname(os.path.abspath(resume)) if resume else
-                               os.path.join("runs", f"{script}-{args.dataset}-{'-'.join(names)}-"
+                               os.path.join("runs", f"{script}-{args.dataset}-{'-'.join(names).replace(':', '_')}-"
                                                     f"{datetime.datetime.now():%Y%m%d-%H%M%S}"))
     n = len(nets)
     run = RunState(args, rt, list(names), info, nets, optimizers, resumable, steps_per_epoch, run_dir, script,

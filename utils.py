@@ -107,7 +107,9 @@ class ListModels(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):
         aliases = ", ".join(f"{alias} = {name}" for alias, name in sorted(models.ALIASES.items()))
-        print("models: " + " ".join(models.list_models()) + f"\naliases: {aliases}")
+        print("models: " + " ".join(models.list_models()) + f"\naliases: {aliases}\n"
+              "tv:NAME (torchvision, random weights): " + " ".join(models.zoo.torchvision_models()) + "\n"
+              "timm:NAME (timm, random weights; pip install timm): any name of timm.list_models()")
         parser.exit()
 
 
@@ -130,7 +132,8 @@ def get_args_parser(description, *, group=False, epochs=200, batch_size=128, opt
 def add_model_flags(flags, group):
     """Which network(s): --model, or a group's --models (and the authors' pair spellings)."""
     add = flags.add_argument
-    names = "see --list-models"
+    names = (f"{', '.join(models.list_models())}; tv:NAME a torchvision model, timm:NAME a timm model; "
+             "aliases and zoo names: --list-models")
     if group:
         add("--models", nargs="+", metavar="NAME", help=f"the networks of the group (n >= 2; default: resnet32 resnet32; {names})")
         add("--model1", help="first network of a pair (authors' spelling; same as --models A B)")
