@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from utils import RunComplete, RunFailure, UsageError, all_reduce_sum, evaluate, sync_replicas, unwrap
+from utils import RunComplete, RunFailure, UsageError, all_reduce_sum, evaluate, net_labels, sync_replicas, unwrap
 
 CHECKPOINT_FORMAT = 1
 
@@ -57,12 +57,6 @@ class RunState:
     metrics: object = None
     last_rows: list = field(default_factory=list)
     lock: tuple = None          # (path, content) of the run directory's lock, held by the main process
-
-
-def net_labels(names):
-    """Unique display labels: net0_resnet32, net1_vit_tiny, net2_tv_resnet18 (a zoo prefix's colon
-    is not allowed in TensorBoard tags), ..."""
-    return [f"net{i}_{name.replace(':', '_')}" for i, name in enumerate(names)]
 
 
 def start_run(args, script, names, rt, info, nets, optimizers, *, steps_per_epoch, resumable):
@@ -591,7 +585,7 @@ def make_checkpoint(args, info, names, nets, optimizers, rt, *, epoch, step, ext
             "classes": list(info.classes), "mean": list(info.mean), "std": list(info.std),
             "args": {k: v for k, v in vars(args).items()}, "epoch": epoch, "step": step,
             "nets": [{k: v.detach().cpu() for k, v in unwrap(net).state_dict().items()} for net in nets],
-            "optimizers": [opt.state_dict() for opt in optimizers],
+            "optimizers": [opt.state_dict() if opt is not None else {} for opt in optimizers],  # {}: a --freeze network
             "rng": rng_state(rt), "extra": extra or {}}
 
 
@@ -606,8 +600,9 @@ def make_run_checkpoint(run, epoch, step, stats=None):
                               epoch=epoch, step=step, extra=extra), "script": run.script}
 
 
-# Flags that fix which images each step sees: a resumed run (mid-epoch ones above all) needs them unchanged.
-RESUME_MUST_MATCH = ("dataset", "batch_size", "train_subset", "split_seed", "val_size", "seed")
+# Flags that fix which images each step sees: a resumed run (mid-epoch ones above all) needs them
+# unchanged; and --freeze, which decides which networks have optimizer state in the checkpoint.
+RESUME_MUST_MATCH = ("dataset", "batch_size", "train_subset", "split_seed", "val_size", "seed", "freeze")
 
 
 def restore_checkpoint(ckpt, path, args, info, names, nets, optimizers, rt):
@@ -621,14 +616,16 @@ def restore_checkpoint(ckpt, path, args, info, names, nets, optimizers, rt):
     for flag in RESUME_MUST_MATCH:
         if flag in ckpt["args"] and ckpt["args"][flag] != getattr(args, flag, None):
             raise UsageError(f"--resume '{path}' was written with --{flag.replace('_', '-')} {ckpt['args'][flag]}; "
-                             f"this run has {getattr(args, flag, None)} (a resumed run must see the same data in the same batches)")
+                             f"this run has {getattr(args, flag, None)} (a resumed run must keep it: " +
+                             ("the same networks train" if flag == "freeze" else "the same data in the same batches") + ")")
     if ckpt["args"].get("world_size", 1) != rt.world_size:
         raise UsageError(f"--resume '{path}' was written by {ckpt['args'].get('world_size', 1)} processes; "
                          f"resume it with the same number (this run has {rt.world_size})")
     for net, state in zip(nets, ckpt["nets"]):
         unwrap(net).load_state_dict(state)
     for optimizer, state in zip(optimizers, ckpt["optimizers"]):
-        load_optimizer_state(optimizer, state)
+        if optimizer is not None:
+            load_optimizer_state(optimizer, state)
     set_rng_state(ckpt["rng"], rt)
 
 

@@ -7,6 +7,7 @@ import dataclasses
 import math
 import os
 import random
+import re
 import signal
 import sys
 from dataclasses import dataclass
@@ -141,9 +142,20 @@ def add_model_flags(flags, group):
         add("--teacher", help="first network of a pair (authors' spelling: roles are decided every step "
                               "by the competition, not by this name)")
         add("--student", help="second network of a pair (see --teacher)")
+        add("--freeze", nargs="+", type=int, default=[], metavar="NET",
+            help="networks (their index in the group, 0 = first) whose weights stay fixed: eval-mode BatchNorm "
+                 "and dropout, no optimizer, never a gradient; one trained frozen network makes competitive "
+                 "distillation classic offline distillation in which the student may still lead")
     else:
         add("--model", default="resnet32", help=f"network name or alias ({names})")
     add("--list-models", action=ListModels, help="print the model names and aliases, then exit")
+    add("--init", nargs="+", default=[], metavar="[NET=]FILE",
+        help="initial weights of network NET (its index in the group, 0 = first; may be left out with one network): "
+             "a checkpoint of this repository (best.pt, last.pt; FILE@K or FILE@LABEL picks one of its networks), "
+             "a state_dict file, or a torchvision/timm weight file (.pth, .safetensors)")
+    add("--reset-classifier", action=argparse.BooleanOptionalAction, default=False,
+        help="with --init: keep each initialised network's fresh classifier (its last layer, which outputs the "
+             "class logits) instead of loading it, for weights trained on another class count")
 
 
 def add_data_flags(flags):
@@ -306,9 +318,51 @@ def model_names(args):
         if len(given) < 2:
             raise UsageError(f"a group needs at least 2 networks, got {len(given)}: {' '.join(given)}")
     try:
-        return [models.resolve_name(name) for name in given]
+        names = [models.resolve_name(name) for name in given]
     except ValueError as error:
         raise UsageError(str(error)) from None
+    init_files(args, len(names))  # --init and --freeze are checked before the data is loaded
+    frozen_nets(args, len(names))
+    return names
+
+
+def init_files(args, n):
+    """--init as {network index: (file, pick)}, pick being the @K/@LABEL suffix or None; UsageError
+    for a network that is not in the group, a file that does not exist, or a network named twice."""
+    files = {}
+    for spec in args.init:
+        net, equals, path = spec.partition("=")
+        if not equals:
+            net, path = ("0" if n == 1 else None), spec
+        if net is None or not net.isdigit() or int(net) >= n:
+            raise UsageError(f"--init '{spec}': give NET=FILE with NET a network index of the group, 0..{n - 1}"
+                             + (" (with one network FILE alone is enough)" if n == 1 else ""))
+        path, at, pick = path.rpartition("@") if "@" in os.path.basename(path) else (path, "", None)
+        if not os.path.isfile(path):
+            raise UsageError(f"--init '{spec}': weight file '{path}' does not exist")
+        if int(net) in files:
+            raise UsageError(f"--init names network {net} twice; give one file per network")
+        files[int(net)] = (path, pick)
+    if args.reset_classifier and not files:
+        raise UsageError("--reset-classifier applies to networks initialised with --init; give --init NET=FILE")
+    return files
+
+
+def frozen_nets(args, n):
+    """--freeze as a set of network indices; UsageError for one outside the group or a group with no network left to train."""
+    frozen = set(getattr(args, "freeze", []))
+    bad = [i for i in frozen if not 0 <= i < n]
+    if bad:
+        raise UsageError(f"--freeze {bad[0]}: networks are numbered 0..{n - 1} in the group's order")
+    if len(frozen) == n:
+        raise UsageError(f"--freeze names all {n} networks: at least one must train")
+    return frozen
+
+
+def net_labels(names):
+    """Unique display labels: net0_resnet32, net1_vit_tiny, net2_tv_resnet18 (a zoo prefix's colon
+    is not allowed in TensorBoard tags), ..."""
+    return [f"net{i}_{name.replace(':', '_')}" for i, name in enumerate(names)]
 
 
 def per_net(values, n, flag):
@@ -568,20 +622,28 @@ def train_subset(data, size):
     return dataclasses.replace(data, info=info, train=torch.utils.data.Subset(data.train, range(size)))
 
 
-def build_nets(names, info, rt, **kwargs):
-    """Create the named networks for the dataset's geometry, on the device (DDP-wrapped under torchrun)."""
+def build_nets(names, info, rt, args=None, **kwargs):
+    """Create the named networks for the dataset's geometry, on the device (DDP-wrapped under
+    torchrun); with `args`, --init gives them their initial weights and --freeze fixes some."""
+    init = init_files(args, len(names)) if args is not None else {}
+    frozen = frozen_nets(args, len(names)) if args is not None else set()
     nets = []
-    for name in names:
+    for i, name in enumerate(names):
         try:
             net = models.create_model(name, num_classes=info.num_classes, img_size=info.img_size,
                                       in_chans=info.in_chans, **kwargs)
         except ValueError as error:
             raise UsageError(str(error)) from None
+        if i in init:
+            load_initial_weights(net, *init[i], label=f"network {i} ({name})", reset_classifier=args.reset_classifier)
+        if i in frozen:
+            # eval mode: BatchNorm normalises with (and keeps) its running statistics, dropout is off
+            net.requires_grad_(False).eval()
         if rt.sync_bn:
             net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
         memory_format = torch.channels_last if rt.channels_last else torch.preserve_format
         net = net.to(rt.device, memory_format=memory_format)
-        if rt.distributed:
+        if rt.distributed and i not in frozen:  # (DDP refuses a module without trainable parameters)
             # One DDP per network: each averages its own gradients over the processes during the
             # group's single backward. Every registered model uses all its parameters in forward
             # (tests/test_models.py), so no unused-parameter search is needed.
@@ -595,6 +657,78 @@ def build_nets(names, info, rt, **kwargs):
             net = torch.compile(net)
         nets.append(net)
     return nets
+
+
+def load_initial_weights(net, path, pick, *, label, reset_classifier):
+    """Load an --init file into `net`; UsageError naming the first tensor that is missing, left over
+    or of another shape (the classifier's are skipped with --reset-classifier)."""
+    state, own = read_weight_file(path, pick), net.state_dict()
+    head = classifier_keys(net)
+    skip = head if reset_classifier else set()
+    for key, value in own.items():
+        if key in skip:
+            continue
+        if key not in state:
+            raise UsageError(f"--init '{path}': {label} has a tensor '{key}' that the file lacks (weights of another architecture?)")
+        if state[key].shape != value.shape:
+            hint = "; --reset-classifier keeps a fresh classifier for another class count" if key in head else ""
+            raise UsageError(f"--init '{path}': tensor '{key}' is {tuple(state[key].shape)} in the file "
+                             f"but {tuple(value.shape)} in {label}{hint}")
+    extra = next((key for key in state if key not in own), None)
+    if extra is not None:
+        raise UsageError(f"--init '{path}': the file's tensor '{extra}' has no place in {label} (weights of another architecture?)")
+    net.load_state_dict({key: value for key, value in state.items() if key not in skip}, strict=False)
+
+
+def classifier_keys(net):
+    """State-dict keys of the network's classifier: timm's get_classifier(), else its last Linear or
+    Conv2d module (SqueezeNet's classifier is a 1x1 convolution)."""
+    head = net.get_classifier() if hasattr(net, "get_classifier") else None
+    last = None
+    for name, module in net.named_modules():
+        if module is head or (head is None and isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))):
+            last = name
+    return set() if not last else {f"{last}.{key}" for key in net.get_submodule(last).state_dict()}
+
+
+def read_weight_file(path, pick):
+    """The state dict of an --init file: one network of this repository's checkpoint (`pick`: index or
+    label), a plain state_dict (or one under 'state_dict'/'model', as timm's and torchvision's
+    reference training scripts save it) or a .safetensors file, without DDP's 'module.' and
+    torch.compile's '_orig_mod.' key prefixes."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            content = load_file(path)
+        else:
+            content = torch.load(path, map_location="cpu", weights_only=True)
+    except ImportError:
+        raise UsageError(f"--init '{path}': .safetensors files need the safetensors package: pip install safetensors") from None
+    except Exception as error:  # torch and safetensors raise several types for foreign or truncated files
+        raise UsageError(f"--init '{path}' is not a readable weight file ({type(error).__name__}); expected a "
+                         f"torch.save file of tensors (.pt, .pth) or a .safetensors file") from None
+    if isinstance(content, dict) and "nets" in content and "models" in content:
+        content = pick_network(content, path, pick)
+    elif pick is not None:
+        raise UsageError(f"--init '{path}@{pick}': @ picks a network of this repository's checkpoints; '{path}' is a plain weight file")
+    else:
+        content = next((content[key] for key in ("state_dict", "model") if isinstance(content, dict)
+                        and isinstance(content.get(key), dict)), content)
+    if not isinstance(content, dict) or not content or not all(isinstance(v, torch.Tensor) for v in content.values()):
+        raise UsageError(f"--init '{path}' holds no state_dict (a dict of tensor names to tensors)")
+    return {re.sub(r"^(module\.|_orig_mod\.)+", "", key): value for key, value in content.items()}
+
+
+def pick_network(ckpt, path, pick):
+    """One network's state dict of this repository's checkpoint: the only one, or `pick` (index or label)."""
+    labels = net_labels(ckpt["models"])
+    n = len(labels)
+    if pick is None and n > 1:
+        raise UsageError(f"--init '{path}' holds {n} networks ({', '.join(labels)}); pick one with {path}@K (0..{n - 1}) or {path}@LABEL")
+    index = 0 if pick is None else int(pick) if pick.isdigit() else labels.index(pick) if pick in labels else None
+    if index is None or index >= n:
+        raise UsageError(f"--init '{path}@{pick}': no such network; the file holds {', '.join(labels)} (pick by index 0..{n - 1} or label)")
+    return ckpt["nets"][index]
 
 
 def to_input(images, rt):
@@ -675,20 +809,25 @@ def use_fused(name, rt):
 
 
 def build_optimizers(args, nets, rt=None):
-    """One optimizer per network from the flags, peak lrs scaled to rt's processes; returns (optimizers, peak lrs)."""
+    """One optimizer per network from the flags, peak lrs scaled to rt's processes; returns (optimizers,
+    peak lrs). A network without trainable parameters (--freeze) gets None and a rate of 0."""
     n = len(nets)
     names = per_net(args.optimizer, n, "--optimizer")
-    lrs = per_net(args.lr, n, "--lr") if args.lr else [default_lr(name, args.batch_size) for name in names]
+    if not args.lr:  # the computed default is written back, so args.json records the rate the run used
+        defaults = [default_lr(name, args.batch_size) for name in names]
+        args.lr = defaults[:1] if len(set(defaults)) == 1 else defaults
+    lrs = per_net(args.lr, n, "--lr")
     if args.lr_scaling == "linear" and rt is not None:  # --batch-size is per process; the rate follows the global one
         lrs = [lr * rt.world_size for lr in lrs]
     decays = per_net(args.weight_decay, n, "--weight-decay")
     decay_norm_and_bias = getattr(args, "decay_norm_and_bias", True)
     capturable = rt is not None and rt.cuda_graphs
+    trainable = [any(p.requires_grad for p in unwrap(net).parameters()) for net in nets]
     optimizers = [build_optimizer(net, name, lr, wd, momentum=args.momentum, nesterov=args.nesterov,
                                   decay_norm_and_bias=decay_norm_and_bias, fused=use_fused(name, rt),
-                                  capturable=capturable)
-                  for net, name, lr, wd in zip(nets, names, lrs, decays)]
-    return optimizers, lrs
+                                  capturable=capturable) if train else None
+                  for net, name, lr, wd, train in zip(nets, names, lrs, decays, trainable)]
+    return optimizers, [lr if train else 0.0 for lr, train in zip(lrs, trainable)]
 
 
 class Schedule:
@@ -710,7 +849,8 @@ class Schedule:
         """Set every optimizer's rate for iteration `global_step`; returns the rates."""
         lrs = self.rates(global_step)
         for optimizer, lr in zip(self.optimizers, lrs):
-            set_lr(optimizer, lr)
+            if optimizer is not None:  # a --freeze network has none
+                set_lr(optimizer, lr)
         return lrs
 
 

@@ -8,6 +8,7 @@ import torch
 import demo
 import engine
 import models
+import train
 import train_competitive_distillation as competitive
 import utils
 from helpers import read_rows
@@ -89,3 +90,120 @@ def test_a_zoo_group_trains_resumes_and_loads_in_demo(tmp_path, capsys):
     run(demo, [tmp_path, "--which", "last", "--num-images", "2", "--out", tmp_path / "grid.png"])
     out = capsys.readouterr().out
     assert "net1_tv_mobilenet_v3_small" in out and (tmp_path / "grid.png").exists()
+
+
+# 2. --init and --freeze ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A ResNet-20 trained one epoch alone (train.py), and a competitive pair trained one epoch."""
+    root = tmp_path_factory.mktemp("trained")
+    single = run(train, [*TINY, "--model", "resnet20", "--epochs", "1", "--out-dir", root / "single"])
+    run(competitive, [*TINY, "--models", "resnet20", "resnet20", "--epochs", "1", "--out-dir", root / "pair"])
+    return root / "single", root / "pair", single["networks"][0]["final_test_acc"]
+
+
+def initialised_group(argv):
+    """The networks a competitive run with `argv` starts from, and the test loader it would use."""
+    args = competitive.get_args_parser().parse_args([str(a) for a in argv])
+    names = utils.model_names(args)
+    rt = utils.setup_runtime(args)
+    data, (_, _, test_loader) = utils.setup_data(args, rt)
+    return utils.build_nets(names, data.info, rt, args), test_loader, rt
+
+
+def test_init_from_a_train_run_reproduces_its_test_accuracy_at_step_0(trained, tmp_path):
+    single, pair, test_acc = trained
+    # the same weights from its last.pt, from a plain state_dict saved by DDP under "state_dict", and from the pair's net1
+    state = engine.load_checkpoint(str(single / "last.pt"))["nets"][0]
+    torch.save({"state_dict": {f"module.{key}": value for key, value in state.items()}}, tmp_path / "plain.pth")
+    nets, test_loader, rt = initialised_group([*TINY, "--models", "resnet20", "resnet20", "resnet20", "--init",
+                                               f"0={single / 'last.pt'}", f"1={tmp_path / 'plain.pth'}",
+                                               f"2={pair / 'last.pt'}@net1_resnet20"])
+    results = utils.evaluate(nets, test_loader, rt)
+    assert results[0]["acc"] == results[1]["acc"] == test_acc
+    pair_state = engine.load_checkpoint(str(pair / "last.pt"))["nets"][1]
+    assert all(torch.equal(value, pair_state[key]) for key, value in nets[2].state_dict().items())
+
+
+def test_reset_classifier_takes_weights_trained_for_another_class_count(trained, capsys, tmp_path):
+    single = trained[0]
+    argv = [*TINY, "--num-classes", "5", "--models", "resnet20", "resnet20", "--init", f"0={single / 'last.pt'}", "--epochs", "1"]
+    err = one_line_error(capsys, competitive, [*argv, "--out-dir", tmp_path / "refused"])
+    assert "tensor 'fc.weight' is (10, 64) in the file but (5, 64) in network 0 (resnet20)" in err and "--reset-classifier" in err
+    nets, _, _ = initialised_group([*argv, "--reset-classifier"])
+    state = engine.load_checkpoint(str(single / "last.pt"))["nets"][0]
+    assert torch.equal(nets[0].state_dict()["features.0.weight"], state["features.0.weight"])
+    assert nets[0].fc.weight.shape == (5, 64)
+
+
+def test_a_frozen_network_never_changes_nor_gets_a_gradient(trained, tmp_path, monkeypatch):
+    single = trained[0]
+    step, steps = competitive.competitive_step, []
+
+    def checked(nets, *args, **kwargs):
+        stats = step(nets, *args, **kwargs)
+        assert all(p.grad is None and not p.requires_grad for p in nets[0].parameters())
+        assert not nets[0].training and nets[1].training
+        steps.append(stats)
+        return stats
+
+    monkeypatch.setattr(competitive, "competitive_step", checked)
+    run(competitive, [*TINY, "--models", "resnet20", "resnet20", "--init", f"0={single / 'last.pt'}", "--freeze", "0",
+                      "--epochs", "2", "--out-dir", tmp_path])
+    assert len(steps) == 4
+    before, after = engine.load_checkpoint(str(single / "last.pt")), engine.load_checkpoint(str(tmp_path / "last.pt"))
+    assert before["nets"][0].keys() == after["nets"][0].keys()
+    assert all(torch.equal(value, after["nets"][0][key]) for key, value in before["nets"][0].items())  # BatchNorm statistics too
+    assert after["optimizers"][0] == {} and after["optimizers"][1]
+    assert not all(torch.equal(value, after["nets"][1][key]) for key, value in before["nets"][0].items())
+    assert [row["lr"] for row in read_rows(tmp_path) if row["net"] == "net0_resnet20"] == ["0", "0"]
+
+
+@pytest.mark.parametrize("flags,fragment", [
+    (["--init", "5={single}"], "give NET=FILE with NET a network index of the group, 0..1"),
+    (["--init", "{single}"], "give NET=FILE"),
+    (["--init", "0=/nonexistent/best.pt"], "weight file '/nonexistent/best.pt' does not exist"),
+    (["--init", "0={single}", "0={single}"], "names network 0 twice"),
+    (["--init", "0={pair}"], "holds 2 networks (net0_resnet20, net1_resnet20); pick one"),
+    (["--init", "0={pair}@7"], "no such network"),
+    (["--init", "0={single}@1"], "no such network"),
+    (["--init", "0={text}"], "is not a readable weight file"),
+    (["--init", "0={tensor}"], "holds no state_dict"),
+    (["--init", "0={plain}@0"], "@ picks a network of this repository's checkpoints"),
+    (["--models", "resnet32", "resnet20", "--init", "0={single}"], "network 0 (resnet32)"),
+    (["--models", "resnet20", "resnet20", "--init", "0={wider}"], "the file's tensor 'extra.weight' has no place in network 0"),
+    (["--reset-classifier"], "--reset-classifier applies to networks initialised with --init"),
+    (["--freeze", "2"], "--freeze 2: networks are numbered 0..1"),
+    (["--freeze", "0", "1"], "--freeze names all 2 networks: at least one must train"),
+])
+def test_bad_init_and_freeze_flags_are_one_line_errors(trained, tmp_path, capsys, flags, fragment):
+    single, pair, _ = trained
+    (tmp_path / "notes.txt").write_text("not weights")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    state = engine.load_checkpoint(str(single / "last.pt"))["nets"][0]
+    torch.save(state, tmp_path / "plain.pt")
+    torch.save({**state, "extra.weight": torch.zeros(1)}, tmp_path / "wider.pt")
+    paths = dict(single=single / "last.pt", pair=pair / "last.pt", text=tmp_path / "notes.txt",
+                 tensor=tmp_path / "tensor.pt", plain=tmp_path / "plain.pt", wider=tmp_path / "wider.pt")
+    group = [] if "--models" in flags else ["--models", "resnet20", "resnet20"]
+    err = one_line_error(capsys, competitive, [*TINY, *group, *[f.format(**paths) for f in flags], "--out-dir", tmp_path / "run"])
+    assert fragment in err, err
+
+
+def test_init_takes_torchvision_and_timm_weight_files(tmp_path):
+    """torchvision's weight files are plain state_dicts (.pth); timm's hub files are .safetensors."""
+    files = {"tv:mobilenet_v3_small": tmp_path / "mobilenet.pth"}
+    if HAVE_TIMM:
+        files["timm:test_vit"] = tmp_path / "test_vit.safetensors"
+    sources = {}
+    for name, path in files.items():
+        sources[name] = models.create_model(name, num_classes=10, img_size=16, in_chans=3).state_dict()
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+            save_file(sources[name], str(path))
+        else:
+            torch.save(sources[name], path)
+    nets, _, _ = initialised_group([*TINY, "--models", "resnet20", *files,
+                                    "--init", *[f"{i + 1}={path}" for i, path in enumerate(files.values())]])
+    for net, source in zip(nets[1:], sources.values()):
+        assert all(torch.equal(value, source[key]) for key, value in net.state_dict().items())
