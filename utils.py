@@ -4,6 +4,7 @@ optimizers and learning-rate schedules, and evaluation. The helpers a script's l
 what makes a paradigm itself stays in its script."""
 import argparse
 import dataclasses
+import json
 import math
 import os
 import random
@@ -47,7 +48,10 @@ def fail(message, code=2):
 def launch(main, parser, argv=None):
     """Parse argv and run main(args); what a user can cause ends in one line on stderr and a
     non-zero exit code (2 for bad input), never in a traceback."""
-    args = parser.parse_args(argv)
+    try:
+        args = parse_args(parser, argv)
+    except UsageError as error:
+        fail(str(error))
 
     def checked_main(args):
         rank = f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
@@ -80,6 +84,65 @@ def launch(main, parser, argv=None):
     if dist.is_initialized():
         dist.destroy_process_group()
     return result
+
+
+def parse_args(parser, argv=None):
+    """parser.parse_args(argv) with the values of --config FILE (a run's args.json) as defaults, so
+    that the flags given on the command line override them."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    path = pre.parse_known_args(argv)[0].config
+    if path is not None and any(action.dest == "config" for action in parser._actions):
+        parser.set_defaults(**read_config(path, parser))
+    return parser.parse_args(argv)
+
+
+# args.json entries that belong to the run that wrote them, not to a run repeating it: its directory
+# (a repeat must not write over it), how it was resumed or stopped, and values recorded for the log.
+CONFIG_SKIPPED = ("config", "out_dir", "resume", "overwrite", "stop_after", "world_size")
+
+
+def read_config(path, parser):
+    """The flag values of --config FILE, checked against the parser's flags; UsageError in one line."""
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except OSError as error:
+        raise UsageError(f"--config '{path}': {error.strerror or error}") from None
+    except ValueError as error:
+        raise UsageError(f"--config '{path}' is not a JSON file of flag values ({error})") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"--config '{path}' must hold a JSON object of flag values, as a run's args.json does")
+    actions = {action.dest: action for action in parser._actions if action.option_strings}
+    defaults = {}
+    for key, value in config.items():
+        if key in CONFIG_SKIPPED:
+            continue
+        if key not in actions:
+            raise UsageError(f"--config '{path}': '{key}' is not a flag of {parser.prog} (an args.json of another script?)")
+        if not config_value_ok(actions[key], value):
+            raise UsageError(f"--config '{path}': {key} = {json.dumps(value)} is not a value of {actions[key].option_strings[0]}")
+        defaults[key] = [float(v) for v in value] if actions[key].type is float and isinstance(value, list) else \
+            float(value) if actions[key].type is float and value is not None else value
+    return defaults
+
+
+def config_value_ok(action, value):
+    """True when a JSON value is one that the flag could have given (type, list or not, choices)."""
+    if value is None:
+        return action.default is None
+    if action.nargs in ("+", "*") or isinstance(action, argparse._AppendAction):
+        if not isinstance(value, list):
+            return False
+        values = value
+    else:
+        values = [value]
+    kinds = {int: (int,), float: (int, float), None: (str,)}
+    if isinstance(action, (argparse.BooleanOptionalAction, argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        kinds = {None: (bool,)}
+    allowed = kinds.get(action.type, (str,))
+    return all(isinstance(v, allowed) and not (isinstance(v, bool) and bool not in allowed)
+               and (not action.choices or v in action.choices) for v in values)
 
 
 def out_of_memory_message(error):
@@ -211,6 +274,9 @@ def add_optimization_flags(flags, *, epochs, batch_size, optimizer, schedule, we
 def add_run_flags(flags):
     """Seeds, run directory, resume and output."""
     add = flags.add_argument
+    add("--config", default=None, metavar="FILE",
+        help="a run's args.json, whose values become this run's defaults (flags given here override them; "
+             "its out_dir, resume, overwrite and stop_after are not taken): repeat a run, or change one flag")
     add("--seed", type=int, default=0, help="seed of weights, data order, augmentation and perturbation")
     add("--deterministic", action=argparse.BooleanOptionalAction, default=False,
         help="deterministic kernels (slower); exact resume")
@@ -586,8 +652,11 @@ def setup_data(args, rt):
         data = data or build(download=False)
     else:
         data = build(args.download)
-    if args.val_size is None:
-        args.val_size = data.info.val_size  # the data set's default, written as its value in args.json
+    # The data set's defaults, written as their values in args.json (so --config repeats the run)
+    for flag in ("img_size", "val_size", "num_classes"):
+        if getattr(args, flag) is None:
+            setattr(args, flag, getattr(data.info, flag))
+    args.eval_batch_size = args.eval_batch_size or 2 * args.batch_size
     if args.train_subset is not None:
         data = train_subset(data, args.train_subset)
     loaders = make_loaders(data, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,

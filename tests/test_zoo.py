@@ -1,6 +1,7 @@
 """Bring your own networks and weights: tv:/timm: model names in groups (train, checkpoint, resume,
 demo.py), --init, --freeze, --config and the interval log lines of unattended runs (CPU, seconds each)."""
 import importlib.util
+import json
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import models
 import train
 import train_competitive_distillation as competitive
 import utils
-from helpers import read_rows
+from helpers import assert_same_weights, read_rows, weights
 
 TINY = ["--dataset", "fake", "--img-size", "16", "--train-subset", "64", "--val-size", "32", "--batch-size", "32",
         "--eval-batch-size", "256", "--device", "cpu", "--workers", "0", "--no-progress"]
@@ -207,3 +208,39 @@ def test_init_takes_torchvision_and_timm_weight_files(tmp_path):
                                     "--init", *[f"{i + 1}={path}" for i, path in enumerate(files.values())]])
     for net, source in zip(nets[1:], sources.values()):
         assert all(torch.equal(value, source[key]) for key, value in net.state_dict().items())
+
+
+# 3. --config --------------------------------------------------------------------------------------
+def test_a_run_repeated_from_its_args_json_is_bit_identical(tmp_path):
+    first, again, changed = tmp_path / "first", tmp_path / "again", tmp_path / "changed"
+    run(competitive, [*TINY, "--models", "resnet20", "tv:mobilenet_v3_small", "--epochs", "1", "--deterministic",
+                      "--out-dir", first])
+    saved = json.loads((first / "args.json").read_text())
+    assert saved["lr"] == [0.025] and saved["img_size"] == 16 and saved["val_size"] == 32 and saved["num_classes"] == 10
+    run(competitive, ["--config", first / "args.json", "--out-dir", again])
+    assert_same_weights(weights(first / "last.pt"), weights(again / "last.pt"))
+    assert [row["test_acc"] for row in read_rows(first)] == [row["test_acc"] for row in read_rows(again)]
+    repeated = json.loads((again / "args.json").read_text())
+    assert {k: v for k, v in repeated.items() if k not in ("out_dir", "config")} == \
+           {k: v for k, v in saved.items() if k not in ("out_dir", "config")}
+    run(competitive, ["--config", first / "args.json", "--seed", "1", "--out-dir", changed])  # one flag changed
+    assert json.loads((changed / "args.json").read_text())["seed"] == 1
+    assert not torch.equal(weights(first / "last.pt")[0]["fc.weight"], weights(changed / "last.pt")[0]["fc.weight"])
+
+
+@pytest.mark.parametrize("content,fragment", [
+    (None, "No such file or directory"),
+    ("{not json", "is not a JSON file of flag values"),
+    ("[1, 2]", "must hold a JSON object of flag values"),
+    ('{"teacher_rule": "best"}', "'teacher_rule' is not a flag of"),
+    ('{"optimizer": ["sgdd"]}', 'optimizer = ["sgdd"] is not a value of --optimizer'),
+    ('{"epochs": "two"}', 'epochs = "two" is not a value of --epochs'),
+    ('{"lr": 0.1}', "lr = 0.1 is not a value of --lr"),
+    ('{"deterministic": 1}', "deterministic = 1 is not a value of --deterministic"),
+])
+def test_bad_config_files_are_one_line_errors(tmp_path, capsys, content, fragment):
+    path = tmp_path / "args.json"
+    if content is not None:
+        path.write_text(content)
+    err = one_line_error(capsys, train, [*TINY, "--config", path, "--out-dir", tmp_path / "run"])
+    assert fragment in err, err
