@@ -23,7 +23,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from utils import RunComplete, RunFailure, UsageError, all_reduce_sum, evaluate, net_labels, sync_replicas, unwrap
+from utils import (RunComplete, RunFailure, UsageError, all_reduce_sum, evaluate, init_files, net_labels, sync_replicas,
+                   unwrap)
 
 CHECKPOINT_FORMAT = 1
 
@@ -81,7 +82,7 @@ def start_run(args, script, names, rt, info, nets, optimizers, *, steps_per_epoc
         atomic_save(best_ckpt, os.path.join(run_dir, "best.pt"))  # the new run directory is complete
     if rt.is_main:
         save_json(vars(args), os.path.join(run_dir, "args.json"))
-    print_main(rt, describe_run(run, resume))
+    print_main(rt, describe_run(run, resume), *describe_nets(run, resume))
     return run
 
 
@@ -215,7 +216,25 @@ def describe_run(run, resume):
             f"{info.train_size} train / {info.val_size} val / {info.test_size} test images{f' from {info.source}' if info.source else ''}, "
             f"{info.in_chans}x{info.img_size}px, {info.num_classes} classes, device {rt.device}, amp {rt.amp_dtype}, "
             f"{rt.world_size} process(es) x batch {args.batch_size} (global {args.batch_size * rt.world_size})"
-            f"{scaling}{', SyncBatchNorm' if rt.sync_bn else ''}; run dir {run.run_dir}")
+            f"{scaling}{', SyncBatchNorm' if rt.sync_bn else ''}, compile {'on' if rt.compile else 'off'}, "
+            f"CUDA graphs {'on' if rt.cuda_graphs else 'off'}; run dir {run.run_dir}")
+
+
+def describe_nets(run, resume):
+    """One startup line per network: parameters, where its weights come from, its optimizer and peak rate."""
+    init = init_files(run.args, len(run.nets)) if hasattr(run.args, "init") else {}
+    lines = []
+    for i, (label, net, optimizer) in enumerate(zip(run.labels, run.nets, run.optimizers)):
+        params = sum(p.numel() for p in unwrap(net).parameters())
+        start = ("weights of the checkpoint" if resume else
+                 f"initialised from {init[i][0]}{'@' + init[i][1] if init[i][1] else ''}" if i in init else "random initial weights")
+        if optimizer is None:
+            training = "frozen (--freeze: no optimizer, eval mode)"
+        else:
+            group = optimizer.param_groups[0]
+            training = f"{type(optimizer).__name__} peak lr {float(group['lr']):.4g}, weight decay {group['weight_decay']:g}"
+        lines.append(f"  {label}: {params / 1e6:.2f}M parameters, {start}, {training}")
+    return lines
 
 
 def print_main(rt, *lines):
@@ -289,13 +308,62 @@ def remaining_batches(run, loader, epoch, stop, stats):
         stats.load_state_dict(run.resumed["stats"])
     stats.first_step = skip
     start = now()
-    for step, batch in enumerate(progress(loader, progress_enabled(run.args, run.rt), desc=f"epoch {epoch + 1}")):
+    interval = log_interval(run.args) if run.rt.is_main else 0
+    lines = IntervalLog(run, epoch, skip, stats)
+    images = run.args.batch_size * run.rt.world_size  # the bar counts images, so its rate is images/s
+    for step, batch in enumerate(progress(loader, progress_enabled(run.args, run.rt), desc=f"epoch {epoch + 1}",
+                                          unit="img", unit_scale=images)):
         if step < skip:
             continue
         yield step, batch
+        if interval and (step + 1) % interval == 0:
+            lines.write(step + 1)
         if stop.requested(step):
             interrupt(run, stop, epoch, step + 1, stats)
     stats.seconds = now() - start
+
+
+# Steps between two --log-interval lines when stdout is not a terminal (a batch job's log file).
+LOG_INTERVAL = 50
+
+
+def log_interval(args):
+    """--log-interval, or its default: LOG_INTERVAL steps when stdout is not a terminal, 0 (off) on one."""
+    if getattr(args, "log_interval", None) is not None:
+        return args.log_interval
+    return 0 if sys.stdout.isatty() else LOG_INTERVAL
+
+
+class IntervalLog:
+    """The --log-interval lines of one epoch: the epoch's mean loss so far per network, the learning
+    rate, images/s since the last line, and the time left in the epoch and the run (training steps
+    only). Each line reads the device once (the loss sums, which waits for the queued steps);
+    between lines nothing is read."""
+
+    def __init__(self, run, epoch, first_step, stats):
+        self.run, self.epoch, self.stats = run, epoch, stats
+        self.step, self.time = first_step, time.perf_counter()
+
+    def write(self, step):
+        """Print the line after `step` steps of the epoch."""
+        run, stats = self.run, self.stats
+        loss = (stats.sums["loss"] / max(stats.steps, 1)).tolist() if "loss" in stats.sums else []  # the one read
+        seconds = time.perf_counter() - self.time
+        per_step = seconds / max(step - self.step, 1)
+        images = (step - self.step) * run.args.batch_size * run.rt.world_size / max(seconds, 1e-9)
+        # with --cuda-graphs a rate is a device tensor: its value was written by the host this step
+        lrs = [float(opt.param_groups[0]["lr"]) if opt is not None else 0.0 for opt in run.optimizers]
+        epoch_left = (run.steps_per_epoch - step) * per_step
+        run_left = epoch_left + (run.args.epochs - self.epoch - 1) * run.steps_per_epoch * per_step
+        print(f"epoch {self.epoch + 1}/{run.args.epochs} step {step}/{run.steps_per_epoch} | "
+              f"loss {' '.join(f'{v:.4f}' for v in loss)} | lr {' '.join(dict.fromkeys(f'{lr:.4g}' for lr in lrs))} | "
+              f"{images:.0f} img/s | ETA epoch {clock(epoch_left)}, run {clock(run_left)}", flush=True)
+        self.step, self.time = step, time.perf_counter()
+
+
+def clock(seconds):
+    """Seconds as H:MM:SS."""
+    return str(datetime.timedelta(seconds=round(seconds)))
 
 
 def evaluate_epoch(run, val_loader, test_loader, epoch):
@@ -306,8 +374,9 @@ def evaluate_epoch(run, val_loader, test_loader, epoch):
         run.args.stop_after is not None and epoch + 1 - run.start_epoch >= run.args.stop_after)
     if (epoch + 1) % getattr(run.args, "eval_every", 1) and not last:
         return {"val": None, "test": None}
-    val = evaluate(run.nets, val_loader, run.rt) if val_loader is not None else None
-    return {"val": val, "test": evaluate(run.nets, test_loader, run.rt)}
+    shown = progress_enabled(run.args, run.rt)
+    val = evaluate(run.nets, progress(val_loader, shown, desc="validation"), run.rt) if val_loader is not None else None
+    return {"val": val, "test": evaluate(run.nets, progress(test_loader, shown, desc="test"), run.rt)}
 
 
 def log_epoch(run, epoch, stats, evals, schedule):

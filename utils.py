@@ -291,6 +291,9 @@ def add_run_flags(flags):
              "best.pt is chosen among the evaluated epochs")
     add("--progress", action=argparse.BooleanOptionalAction, default=None,
         help="tqdm progress bars (default: when stdout is a terminal)")
+    add("--log-interval", type=int, default=None, metavar="N",
+        help="print a line every N training steps: loss, lr, images/s, time left in the epoch and the run "
+             "(default: 50 when stdout is not a terminal, as in a batch job; 0 = off)")
 
 
 def add_speed_flags(flags):
@@ -364,6 +367,8 @@ def check_args(args):
         raise UsageError(f"--val-size must be >= 0, got {args.val_size}")
     if args.workers is not None and args.workers < 0:
         raise UsageError(f"--workers must be >= 0, got {args.workers}")
+    if args.log_interval is not None and args.log_interval < 0:
+        raise UsageError(f"--log-interval must be >= 0 (0 = off), got {args.log_interval}")
     if args.stop_after is not None and args.stop_after < 1:
         raise UsageError(f"--stop-after must be a positive integer, got {args.stop_after}")
     if args.resume == "auto" and args.out_dir is None:

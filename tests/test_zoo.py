@@ -2,6 +2,7 @@
 demo.py), --init, --freeze, --config and the interval log lines of unattended runs (CPU, seconds each)."""
 import importlib.util
 import json
+import re
 
 import pytest
 import torch
@@ -244,3 +245,29 @@ def test_bad_config_files_are_one_line_errors(tmp_path, capsys, content, fragmen
         path.write_text(content)
     err = one_line_error(capsys, train, [*TINY, "--config", path, "--out-dir", tmp_path / "run"])
     assert fragment in err, err
+
+
+# 4. logs of unattended runs -----------------------------------------------------------------------
+def test_a_run_without_a_terminal_prints_interval_lines(tmp_path, capsys):
+    """stdout is not a terminal under pytest: the default interval is on. 64 images in batches of 8
+    are 8 steps an epoch: lines after steps 4 and 8 of each epoch with --log-interval 4."""
+    capsys.readouterr()
+    run(competitive, [*TINY, "--batch-size", "8", "--models", "resnet20", "resnet20", "--freeze", "0", "--epochs", "2",
+                      "--log-interval", "4", "--out-dir", tmp_path])
+    out = capsys.readouterr().out.splitlines()
+    lines = [line for line in out if line.startswith("epoch ") and " step " in line]
+    assert [line.split(" | ")[0] for line in lines] == ["epoch 1/2 step 4/8", "epoch 1/2 step 8/8",
+                                                       "epoch 2/2 step 4/8", "epoch 2/2 step 8/8"]
+    assert all(re.search(r"\| loss \d+\.\d{4} \d+\.\d{4} \| lr 0 0\.\d+ \| \d+ img/s \| ETA epoch \d:\d\d:\d\d, run \d:\d\d:\d\d$",
+                         line) for line in lines), lines
+    assert "compile off, CUDA graphs off" in out[0]
+    assert out[1].startswith("  net0_resnet20: 0.27M parameters, random initial weights, frozen")
+    assert out[2].startswith("  net1_resnet20: 0.27M parameters, random initial weights, SGD peak lr 0.00625, weight decay 0.0005")
+    assert engine.log_interval(competitive.get_args_parser().parse_args([])) == engine.LOG_INTERVAL
+
+
+def test_interval_lines_are_off_with_0_and_a_negative_interval_is_refused(tmp_path, capsys):
+    run(train, [*TINY, "--batch-size", "8", "--model", "resnet20", "--epochs", "1", "--log-interval", "0", "--out-dir", tmp_path])
+    assert " step " not in capsys.readouterr().out
+    err = one_line_error(capsys, train, [*TINY, "--log-interval", "-1", "--out-dir", tmp_path / "x"])
+    assert "--log-interval must be >= 0 (0 = off), got -1" in err
