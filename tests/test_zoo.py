@@ -92,6 +92,7 @@ def test_a_zoo_group_trains_resumes_and_loads_in_demo(tmp_path, capsys):
     run(demo, [tmp_path, "--which", "last", "--num-images", "2", "--out", tmp_path / "grid.png"])
     out = capsys.readouterr().out
     assert "net1_tv_mobilenet_v3_small" in out and (tmp_path / "grid.png").exists()
+    assert demo.get_args_parser().parse_args([str(tmp_path)]).device == "auto"  # like the training scripts
 
 
 # 2. --init and --freeze ---------------------------------------------------------------------------
