@@ -399,7 +399,7 @@ def model_names(args):
 
 def init_files(args, n):
     """--init as {network index: (file, pick)}, pick being the @K/@LABEL suffix or None; UsageError
-    for a network that is not in the group, a file that does not exist, or a network named twice."""
+    for a network that is not in the group or named twice (the files are read by build_nets)."""
     files = {}
     for spec in args.init:
         net, equals, path = spec.partition("=")
@@ -409,8 +409,6 @@ def init_files(args, n):
             raise UsageError(f"--init '{spec}': give NET=FILE with NET a network index of the group, 0..{n - 1}"
                              + (" (with one network FILE alone is enough)" if n == 1 else ""))
         path, at, pick = path.rpartition("@") if "@" in os.path.basename(path) else (path, "", None)
-        if not os.path.isfile(path):
-            raise UsageError(f"--init '{spec}': weight file '{path}' does not exist")
         if int(net) in files:
             raise UsageError(f"--init names network {net} twice; give one file per network")
         files[int(net)] = (path, pick)
@@ -770,6 +768,8 @@ def read_weight_file(path, pick):
     label), a plain state_dict (or one under 'state_dict'/'model', as timm's and torchvision's
     reference training scripts save it) or a .safetensors file, without DDP's 'module.' and
     torch.compile's '_orig_mod.' key prefixes."""
+    if not os.path.isfile(path):
+        raise UsageError(f"--init: weight file '{path}' does not exist")
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
