@@ -248,6 +248,11 @@ def short(name, length=24):
 # ----------------------------------------------------------------------------------------------
 # Training curves from metrics.csv
 # ----------------------------------------------------------------------------------------------
+def taught_by_keys(row):
+    """The competitive script's teacher-matrix columns in a metrics.csv row (train_taught_by_net<j>)."""
+    return sorted((key for key in row if key.startswith("train_taught_by_net")), key=lambda key: int(key[19:]))
+
+
 def read_metrics(run_dir):
     """{network label: {column: [(epoch, value), ...]}} from a run's metrics.csv; None without one."""
     path = os.path.join(run_dir, "metrics.csv")
@@ -257,10 +262,31 @@ def read_metrics(run_dir):
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
             columns = series.setdefault(row["net"], {})
-            for key in ("val_acc", "test_acc", "train_leader_share"):
+            for key in ("val_acc", "test_acc", "train_leader_share", *taught_by_keys(row)):
                 if row.get(key):
                     columns.setdefault(key, []).append((int(row["epoch"]), float(row[key])))
     return {net: {k: sorted(v) for k, v in columns.items()} for net, columns in series.items()}
+
+
+def teacher_matrix(series):
+    """(network labels, matrix) with matrix[i][j] the share of training steps in which network j taught
+    network i, averaged over the run's epochs; None for a run without the competitive script's columns."""
+    nets = [net for net in series if net != "ensemble"]
+    keys = [f"train_taught_by_net{j}" for j in range(len(nets))]
+    if not nets or not all(key in series[net] for net in nets for key in keys):
+        return None
+    return nets, [[sum(v for _, v in series[net][key]) / len(series[net][key]) for key in keys] for net in nets]
+
+
+def draw_teacher_matrix(ax, nets, matrix):
+    """The teacher matrix as a heat map with its values written in."""
+    ax.imshow(matrix, vmin=0, vmax=1, cmap="Blues")
+    for i, row in enumerate(matrix):
+        for j, value in enumerate(row):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white" if value > 0.6 else "black")
+    ax.set_xticks(range(len(nets)), nets, rotation=20, fontsize="small")
+    ax.set_yticks(range(len(nets)), nets, fontsize="small")
+    ax.set(xlabel="teacher", ylabel="learner", title="share of steps in which j taught i (run mean)")
 
 
 def plot_curves(runs, path):
@@ -274,8 +300,10 @@ def plot_curves(runs, path):
     except ImportError:
         return False
     leaders = any("train_leader_share" in columns for series in runs.values() for columns in series.values())
-    fig = Figure(figsize=(6.5 * (1 + leaders), 4.5), layout="constrained")
-    axes = fig.subplots(1, 1 + leaders, squeeze=False)[0]
+    matrix = next(filter(None, (teacher_matrix(series) for series in runs.values())), None)
+    panels = 1 + leaders + (matrix is not None)
+    fig = Figure(figsize=(6.5 * panels, 4.5), layout="constrained")
+    axes = fig.subplots(1, panels, squeeze=False)[0]
     only_val = True
     for run, series in runs.items():
         # Accuracy on the validation split when the run had one; the test set otherwise.
@@ -296,10 +324,12 @@ def plot_curves(runs, path):
     if leaders:
         axes[1].set(xlabel="epoch", ylabel="share of steps as leader", ylim=(-0.02, 1.02),
                     title="competition: who leads")
-    for ax in axes:
+    for ax in axes[:1 + leaders]:
         ax.xaxis.get_major_locator().set_params(integer=True)  # epochs are whole numbers
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
+    if matrix is not None:
+        draw_teacher_matrix(axes[-1], *matrix)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100)
     return True

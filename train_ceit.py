@@ -5,7 +5,6 @@ mixup/cutmix and drop-path.
     python train_ceit.py --model ceit_tiny --dataset cifar100
     python train_ceit.py --model ceit --dataset imagenet --data-dir /data/imagenet --img-size 224
 """
-import argparse
 
 import torch
 
@@ -26,9 +25,6 @@ def get_args_parser():
     add("--cutmix", type=float, default=1.0, help="cutmix Beta(alpha, alpha) parameter (DeiT: 1.0; 0 = off)")
     add("--mix-prob", type=float, default=1.0, help="probability that a batch is mixed at all (DeiT: 1.0)")
     add("--switch-prob", type=float, default=0.5, help="probability of cutmix rather than mixup when both are on (DeiT: 0.5)")
-    add("--drop-path", type=float, default=0.1, help="stochastic depth rate of the last block (DeiT/CeiT: 0.1)")
-    add("--decay-norm-and-bias", action=argparse.BooleanOptionalAction, default=False,
-        help="apply weight decay to norms, biases and embeddings too (DeiT: no)")
     return parser
 
 
@@ -83,7 +79,7 @@ def main(args):
         args.lr = [5e-4 * args.batch_size / 512]
     rt = utils.setup_runtime(args)
     data, (train_loader, val_loader, test_loader) = utils.setup_data(args, rt)
-    nets = utils.build_nets(names, data.info, rt, args, drop_path_rate=args.drop_path)
+    nets = utils.build_nets(names, data.info, rt, args, drop_path=args.drop_path)
     optimizers, peak_lrs = utils.build_optimizers(args, nets, rt)
     schedule = utils.Schedule(args, optimizers, peak_lrs, len(train_loader))
     scaler = utils.make_scaler(rt)

@@ -78,8 +78,10 @@ def competitive_step(nets, optimizers, scaler, inputs, labels, labels_perm, lams
     scaler.update()
     # one_hot would check its input on the host; a comparison keeps the step free of syncs
     leader = (torch.arange(len(nets), device=ce.device) == ranking_ce.argmin()).float()
+    # Who learned from whom: taught_by_net<j>[i] = 1 when network j taught network i at this step.
+    taught_by = {f"taught_by_net{j}": teacher_mask[:, j] for j in range(len(nets))}
     return {"loss": loss.detach(), "ce": ce.detach(), "kd": kd.detach(), "acc": accuracy(logits, labels),
-            "leader_share": leader, "teachers": teachers}
+            "leader_share": leader, "teachers": teachers, **taught_by}
 
 
 def main(args):
@@ -88,7 +90,7 @@ def main(args):
     names = utils.model_names(args)
     rt = utils.setup_runtime(args)
     data, (train_loader, val_loader, test_loader) = utils.setup_data(args, rt)
-    nets = utils.build_nets(names, data.info, rt, args)
+    nets = utils.build_nets(names, data.info, rt, args, drop_path=args.drop_path)
     optimizers, peak_lrs = utils.build_optimizers(args, nets, rt)
     schedule = utils.Schedule(args, optimizers, peak_lrs, len(train_loader))
     perturber = Perturber(every=args.perturb_every, ops=args.perturbations, num_nets=len(nets),

@@ -1,10 +1,11 @@
 """Deep mutual learning (Zhang et al., CVPR 2018), the baseline of competitive distillation.
 
 A group of n >= 2 networks trains on one task; every network learns from every other one:
-L_i = CE_i + w * mean over j != i of KD(i <- j). All networks are updated together, from the
-same step's predictions (synchronous; the DML paper updates them one after the other). The
-authors' DML baseline also perturbed one random network every 10 steps: off here unless
---perturb-every.
+L_i = CE_i + w * mean over j != i of KD(i <- j). By default all networks are updated together,
+from the same step's predictions (synchronous, as the competitive step); --sequential updates
+them one after the other, each learning from the others' latest predictions (the DML paper's
+Algorithm 1). The authors' DML baseline also perturbed one random network every 10 steps: off
+here unless --perturb-every.
 
     python train_mutual_learning.py --models resnet32 mobilenet_v1 --dataset cifar100
     python train_mutual_learning.py --model1 resnet --model2 mobilenet --dataset cifar10
@@ -13,7 +14,7 @@ import torch
 
 import engine
 import utils
-from losses import accuracy, mixed_cross_entropy, pairwise_kd
+from losses import accuracy, kd_loss, mixed_cross_entropy, pairwise_kd
 from perturb import PERTURBATIONS, Perturber, bn_statistics_kept
 
 
@@ -23,6 +24,9 @@ def get_args_parser():
     add = parser.add_argument_group("mutual learning").add_argument
     add("--kd-weight", type=float, default=1.0, help="weight w of the distillation term (DML: 1)")
     add("--temperature", type=float, default=1.0, help="distillation temperature T (DML: 1)")
+    add("--sequential", action="store_true",
+        help="update the networks one after the other, each distilling from the others' latest predictions "
+             "(DML paper, Algorithm 1; one extra forward per network and step); default: all at once")
     add("--perturb-every", type=int, default=0,
         help="perturb one random network every N steps of an epoch (0 = plain DML; the authors' baseline used 10)")
     add("--perturbations", nargs="+", default=list(PERTURBATIONS), choices=PERTURBATIONS,
@@ -57,13 +61,38 @@ def mutual_step(nets, optimizers, scaler, inputs, labels, labels_perm, lams, arg
     return {"loss": loss.detach(), "ce": ce.detach(), "kd": kd.detach(), "acc": accuracy(logits, labels)}
 
 
+def sequential_mutual_step(nets, optimizers, scaler, inputs, labels, labels_perm, lams, args, rt):
+    """The DML paper's update (Zhang et al. 2018, Algorithm 1): network i steps after networks < i
+    and learns from their updated predictions. Same arguments and statistics as mutual_step."""
+    with utils.autocast(rt):
+        logits = [net(utils.to_input(x, rt)).float() for net, x in zip(nets, inputs)]  # i's graph is valid until i steps
+    targets = [z.detach() for z in logits]
+    ce = [mixed_cross_entropy(z, labels, labels_perm, lam, label_smoothing=args.label_smoothing)
+          for z, lam in zip(logits, lams)]
+    kd = []
+    for i, (net, optimizer) in enumerate(zip(nets, optimizers)):
+        kd.append(sum(kd_loss(logits[i], targets[j], args.temperature) for j in range(len(nets)) if j != i)
+                  / (len(nets) - 1))
+        if optimizer is None:  # a --freeze network: no update, and its predictions stay as they were
+            continue
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(ce[i] + args.kd_weight * kd[i]).backward()
+        scaler.step(optimizer)
+        if i < len(nets) - 1:  # the later networks learn from i's new predictions (its BatchNorm counts the batch once)
+            with torch.no_grad(), utils.autocast(rt), bn_statistics_kept(net):
+                targets[i] = net(utils.to_input(inputs[i], rt)).float()
+    scaler.update()
+    ce, kd = torch.stack(ce).detach(), torch.stack(kd).detach()
+    return {"loss": ce + args.kd_weight * kd, "ce": ce, "kd": kd, "acc": accuracy(torch.stack(logits).detach(), labels)}
+
+
 def main(args):
     """Train the group on args.dataset with deep mutual learning; returns the results dict."""
     utils.check_args(args)
     names = utils.model_names(args)
     rt = utils.setup_runtime(args)
     data, (train_loader, val_loader, test_loader) = utils.setup_data(args, rt)
-    nets = utils.build_nets(names, data.info, rt, args)
+    nets = utils.build_nets(names, data.info, rt, args, drop_path=args.drop_path)
     optimizers, peak_lrs = utils.build_optimizers(args, nets, rt)
     schedule = utils.Schedule(args, optimizers, peak_lrs, len(train_loader))
     perturber = Perturber(every=args.perturb_every, ops=args.perturbations, num_nets=len(nets),
@@ -72,8 +101,9 @@ def main(args):
     run = engine.start_run(args, "mutual", names, rt, data.info, nets, optimizers, steps_per_epoch=len(train_loader),
                            resumable={"scaler": scaler, "perturber": perturber})
     # The whole group step; with --cuda-graphs captured once and replayed (engine.CapturedStep).
+    group_step = sequential_mutual_step if args.sequential else mutual_step
     train_step = engine.CapturedStep(
-        lambda labels, labels_perm, lams, *inputs: mutual_step(
+        lambda labels, labels_perm, lams, *inputs: group_step(
             nets, optimizers, scaler, inputs, labels, labels_perm, lams, args, rt), enabled=rt.cuda_graphs)
 
     with engine.StopRequest(rt) as stop:

@@ -236,6 +236,13 @@ def add_data_flags(flags):
     add("--split-seed", type=int, default=0, help="seed of the train/validation split (fixed across runs so runs compare)")
     add("--train-subset", type=int, default=None,
         help="train on only the first N images of the training split (quick experiments; validation and test sets stay whole)")
+    add("--crop", action=argparse.BooleanOptionalAction, default=True,
+        help="train on random crops of the zero-padded image (4 px on CIFAR and SVHN, 2 on MNIST-likes, the usual "
+             "CIFAR augmentation); --no-crop trains on whole images, as the authors did on CIFAR-100 (in-memory sets "
+             "only: image folders always use RandomResizedCrop)")
+    add("--rotate", type=float, default=0.0, metavar="DEG",
+        help="train: rotate each image by an angle uniform in [-DEG, DEG] at the input size, nearest sampling, "
+             "black corners (torchvision's RandomRotation; the authors used 15); default 0: off")
     add("--num-classes", type=int, default=None, help="class count of the synthetic 'fake' dataset (other datasets set their own)")
     add("--loader", default="auto", choices=["auto", "gpu", "torch"],
         help="gpu: dataset held on the device with batched augmentation there (in-memory sets); torch: DataLoader with workers")
@@ -269,6 +276,12 @@ def add_optimization_flags(flags, *, epochs, batch_size, optimizer, schedule, we
     add("--gamma", type=float, default=0.1, help="step schedule: decay factor at each milestone")
     add("--min-lr", type=float, default=0.0, help="cosine schedule: final learning rate as a fraction of the peak")
     add("--label-smoothing", type=float, default=label_smoothing, help="label smoothing of the cross-entropy")
+    add("--drop-path", type=float, default=0.1,
+        help="stochastic depth of the transformers (ViT/CeiT), rising linearly to this rate in the last "
+             "block (DeiT/CeiT: 0.1); CNNs have none")
+    add("--decay-norm-and-bias", action=argparse.BooleanOptionalAction, default=None,
+        help="weight decay on norms, biases and embeddings too (default: not for transformers, as in "
+             "DeiT/CeiT; for CNNs, as in the CIFAR recipe)")
 
 
 def add_run_flags(flags):
@@ -327,6 +340,7 @@ def _positive(v): return v > 0
 def _non_negative(v): return v >= 0
 def _fraction(v): return 0 <= v <= 1
 def _below_one(v): return 0 <= v < 1
+def _half_turn(v): return 0 <= v <= 180
 
 
 FLAG_RANGES = {
@@ -335,7 +349,7 @@ FLAG_RANGES = {
     "label_smoothing": (_below_one, "in [0, 1)"), "gamma": (_positive, "positive"), "milestones": (_fraction, "in [0, 1]"),
     "kd_weight": (_non_negative, ">= 0"), "temperature": (_positive, "positive"), "mixup": (_non_negative, ">= 0"),
     "cutmix": (_non_negative, ">= 0"), "mix_prob": (_fraction, "in [0, 1]"), "switch_prob": (_fraction, "in [0, 1]"),
-    "drop_path": (_below_one, "in [0, 1)"),
+    "drop_path": (_below_one, "in [0, 1)"), "rotate": (_half_turn, "in [0, 180] (degrees)"),
 }
 
 
@@ -494,8 +508,9 @@ def resolve_device(name, local_rank=None):
 
 
 def cpu_has_native_bf16():
-    """True when this CPU has bf16 dot-product instructions (x86 AVX512-BF16 or AMX-BF16), on which
-    bf16 autocast trains faster than fp32; False when they are missing or cannot be queried.
+    """True when this CPU has bf16 dot-product instructions (x86 AVX512-BF16 or AMX-BF16); False
+    when they are missing or cannot be queried. bench.py reports it with its CPU rows: even with
+    AVX512-BF16, bf16 autocast trained the CIFAR ResNets no faster than fp32 (docs/speed.md).
     torch's public torch.backends.cpu.get_cpu_capability() names only the vector width, so this asks
     the cpuinfo queries behind it, which are private and were renamed between releases: guarded."""
     cpu = getattr(torch._C, "_cpu", None)
@@ -522,7 +537,7 @@ def setup_runtime(args):
     if device.type == "cuda":
         torch.cuda.set_device(device)
     amp = args.amp
-    if amp == "auto":
+    if amp == "auto":  # on the CPU fp32: bf16 autocast measured no faster there (docs/speed.md)
         amp = "bf16" if device.type == "cuda" else "none"
     amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
     if amp_dtype == torch.float16 and device.type != "cuda":
@@ -640,7 +655,7 @@ def setup_data(args, rt):
     def build(download):
         return build_data(args.dataset, args.data_dir, img_size=args.img_size, val_size=args.val_size,
                           split_seed=args.split_seed, download=download, num_classes=args.num_classes,
-                          skip_bad_images=args.skip_bad_images)
+                          skip_bad_images=args.skip_bad_images, crop=args.crop, rotate=args.rotate)
 
     if rt.distributed and args.download:
         # One download per file system, never several processes writing one archive: rank 0
@@ -694,16 +709,18 @@ def train_subset(data, size):
     return dataclasses.replace(data, info=info, train=torch.utils.data.Subset(data.train, range(size)))
 
 
-def build_nets(names, info, rt, args=None, **kwargs):
+def build_nets(names, info, rt, args=None, drop_path=0.0):
     """Create the named networks for the dataset's geometry, on the device (DDP-wrapped under
-    torchrun); with `args`, --init gives them their initial weights and --freeze fixes some."""
+    torchrun); the transformers among them get stochastic depth `drop_path` (the CNNs have none);
+    with `args`, --init gives them their initial weights and --freeze fixes some."""
     init = init_files(args, len(names)) if args is not None else {}
     frozen = frozen_nets(args, len(names)) if args is not None else set()
     nets = []
     for i, name in enumerate(names):
         try:
+            extra = {"drop_path_rate": drop_path} if models.resolve_name(name) in models.TRANSFORMERS else {}
             net = models.create_model(name, num_classes=info.num_classes, img_size=info.img_size,
-                                      in_chans=info.in_chans, **kwargs)
+                                      in_chans=info.in_chans, **extra)
         except ValueError as error:
             raise UsageError(str(error)) from None
         if i in init:
@@ -894,12 +911,15 @@ def build_optimizers(args, nets, rt=None):
     if args.lr_scaling == "linear" and rt is not None:  # --batch-size is per process; the rate follows the global one
         lrs = [lr * rt.world_size for lr in lrs]
     decays = per_net(args.weight_decay, n, "--weight-decay")
-    decay_norm_and_bias = getattr(args, "decay_norm_and_bias", True)
+    decay_all = getattr(args, "decay_norm_and_bias", None)
     capturable = rt is not None and rt.cuda_graphs
     trainable = [any(p.requires_grad for p in unwrap(net).parameters()) for net in nets]
+    # A transformer (it names its embeddings in no_weight_decay()) keeps the DeiT exemptions in any
+    # group; a CNN is decayed everywhere, as in the CIFAR recipe; the flag overrides both.
     optimizers = [build_optimizer(net, name, lr, wd, momentum=args.momentum, nesterov=args.nesterov,
-                                  decay_norm_and_bias=decay_norm_and_bias, fused=use_fused(name, rt),
-                                  capturable=capturable) if train else None
+                                  decay_norm_and_bias=(not hasattr(unwrap(net), "no_weight_decay")
+                                                       if decay_all is None else decay_all),
+                                  fused=use_fused(name, rt), capturable=capturable) if train else None
                   for net, name, lr, wd, train in zip(nets, names, lrs, decays, trainable)]
     return optimizers, [lr if train else 0.0 for lr, train in zip(lrs, trainable)]
 

@@ -233,7 +233,8 @@ def run_config(args, device, report):
 
 def describe(device):
     """The device, torch version and host, for every reported figure."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads, "
+                                                                           f"{'' if utils.cpu_has_native_bf16() else 'no '}native bf16)")
     return {"device": name, "torch": torch.__version__, "python": platform.python_version()}
 
 

@@ -3,8 +3,8 @@
 `make_loaders(data, ...)` turns a `Data` into three loaders, by one of two paths:
 - "torch": a torch.utils.data.DataLoader over PIL-based torchvision transforms, i.e. the authors'
   pipeline; it is the reference the fast path is checked against.
-- "gpu": the whole uint8 split lives on the device and a batch is cut, cropped, flipped, resized and
-  normalised by a handful of batched tensor ops (as in KellerJordan/cifar10-airbench). Same
+- "gpu": the whole uint8 split lives on the device and a batch is cut, cropped, flipped, resized,
+  rotated and normalised by a handful of batched tensor ops (as in KellerJordan/cifar10-airbench). Same
   augmentation distribution as the torch path, without worker processes or host round trips.
 Both paths are a pure function of (seed, epoch): `loader.set_epoch(epoch)` before iterating makes
 an epoch's order and augmentation reproducible, which is what exact resume needs."""
@@ -123,7 +123,7 @@ class TorchLoader:
 
 
 # ----------------------------------------------------------------------------------------------
-# The gpu path: the uint8 split on the device, batched crop, flip, resize and normalisation
+# The gpu path: the uint8 split on the device, batched crop, flip, resize, rotation and normalisation
 # ----------------------------------------------------------------------------------------------
 def _crop_flip(images, offsets, flips, pad):
     """Per-sample crop of the zero-padded batch at offsets (B, 2) in 0..2*pad, then optional per-sample h-flip."""
@@ -139,6 +139,20 @@ def _crop_flip(images, offsets, flips, pad):
     pixels = (rows[:, :, None] * padded_width + cols[:, None, :]).view(batch, 1, height * width)
     cropped = padded.flatten(2).gather(2, pixels.expand(batch, chans, height * width))
     return cropped.view(batch, chans, height, width)
+
+
+def _rotate(images, angles):
+    """Per-sample rotation of float (B, C, H, W) by `angles` degrees (counter-clockwise) about the image centre,
+    nearest sampling, zeros outside: torchvision's rotate (v2.functional.rotate) for a batch."""
+    batch, _, height, width = images.shape
+    radians = torch.deg2rad(angles.float())
+    cos, sin, zero = radians.cos(), radians.sin(), torch.zeros_like(radians)
+    # affine_grid maps each output pixel to the input point it reads, in coordinates normalised to [-1, 1]
+    # per axis (y pointing down): the inverse rotation, with the aspect ratio folded into the sine terms.
+    theta = torch.stack([torch.stack([cos, -sin * height / width, zero], 1),
+                         torch.stack([sin * width / height, cos, zero], 1)], 1)
+    grid = F.affine_grid(theta, [batch, 1, height, width], align_corners=False)
+    return F.grid_sample(images, grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
 
 class GpuLoader:
@@ -171,23 +185,31 @@ class GpuLoader:
         size = len(self.labels)
         indices = _epoch_indices(size, shuffle=self.train, seed=self.seed, epoch=self.epoch, rank=self.rank,
                                  world_size=self.world_size).to(self.device)
-        pad, offsets, flips = self.info.crop_padding, None, None
+        pad, offsets, flips, angles = self.info.crop_padding, None, None, None
         if self.train:
             # One draw per dataset index for the epoch (looked up by index, as on the torch path).
             augment_seed = mix_seed(self.seed, self.epoch, AUGMENT_STREAM)
             generator = torch.Generator(device=self.device).manual_seed(augment_seed)
-            offsets = torch.randint(2 * pad + 1, (size, 2), generator=generator, device=self.device)
+            if pad:
+                offsets = torch.randint(2 * pad + 1, (size, 2), generator=generator, device=self.device)
+            else:  # --no-crop: the whole image (read in place, flipped or not)
+                offsets = torch.zeros((size, 2), dtype=torch.long, device=self.device)
             if self.info.hflip:
                 flips = torch.rand(size, generator=generator, device=self.device) < 0.5
+            if self.info.rotate:  # uniform in [-rotate, rotate], as torchvision's RandomRotation draws it
+                angles = torch.empty(size, device=self.device).uniform_(-self.info.rotate, self.info.rotate,
+                                                                        generator=generator)
         for batch_number in range(len(self)):
             batch = indices[batch_number * self.batch_size : (batch_number + 1) * self.batch_size]
             images = self.images[batch]
-            if self.train:
+            if self.train and (pad or flips is not None):
                 images = _crop_flip(images, offsets[batch], None if flips is None else flips[batch], pad)
             images = images.float()
             if self.info.img_size != self.info.native_size:
                 size_out = (self.info.img_size, self.info.img_size)
                 images = F.interpolate(images, size=size_out, mode="bilinear", align_corners=False, antialias=True)
+            if angles is not None:  # after the resize (the torch path's order), before Normalize: fill 0 is black
+                images = _rotate(images, angles[batch])
             yield images.mul_(self.scale).add_(self.shift), self.labels[batch]
 
 

@@ -60,8 +60,9 @@ class DataInfo:
     val_size: int
     test_size: int
     native_size: int  # stored image size of in-memory sets (== img_size for image folders)
-    crop_padding: int  # train RandomCrop padding of in-memory sets (0 for image folders)
+    crop_padding: int  # train RandomCrop padding of in-memory sets (0: no crop; image folders use RandomResizedCrop)
     hflip: bool  # train augmentation flips horizontally
+    rotate: float = 0.0  # train random rotation by an angle uniform in [-rotate, rotate] degrees (0: none)
     source: str = ""  # the directory the images were read from ("" for generated data); the startup line shows it
 
 
@@ -111,23 +112,31 @@ _FOLDER_SETS = ("imagenet", "imagefolder")
 # Building a dataset
 # ----------------------------------------------------------------------------------------------
 def build_data(name, data_dir="./data", *, img_size=None, val_size=None, split_seed=0, download=True,
-               num_classes=None, skip_bad_images=True):
+               num_classes=None, skip_bad_images=True, crop=True, rotate=0.0):
     """Load dataset `name` (one of DATASETS) and hold a seeded validation split out of its training set.
 
     skip_bad_images (image folders): an unreadable image file is replaced by the next image of its
-    split, with a warning naming it; False makes it an error (see _FolderSplit)."""
+    split, with a warning naming it; False makes it an error (see _FolderSplit).
+    crop=False (in-memory sets only) trains on whole images; rotate > 0 adds a random rotation by up
+    to `rotate` degrees either way (see _transforms)."""
     if name not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
     if img_size is not None and img_size < 1:
         raise DatasetError(f"--img-size must be positive, got {img_size}")
+    if not 0 <= rotate <= 180:  # also refuses NaN
+        raise DatasetError(f"--rotate must be in [0, 180] (degrees), got {rotate}")
     spec = _SPECS[name]
     root = Path(data_dir).expanduser()
     if name != "fake" and root.exists() and not root.is_dir():  # never fall back to other files unnoticed
         raise DatasetError(f"--data-dir {root} is not a directory; pass the directory that holds the {spec.title} files")
     val_size = spec.default_val_size if val_size is None else val_size
+    augment = dict(crop_padding=spec.crop_padding if crop else 0, hflip=spec.hflip, rotate=float(rotate))
     if name in _FOLDER_SETS:
+        if not crop:  # RandomResizedCrop is how image folders reach their input size; no plain alternative here
+            raise DatasetError(f"--no-crop applies to in-memory data sets (CIFAR, MNIST-likes, SVHN, fake); "
+                               f"{spec.title} always trains on RandomResizedCrop")
         return _folder_data(name, root, img_size or spec.native_size, val_size, split_seed, num_classes,
-                            skip_bad_images)
+                            skip_bad_images, rotate=augment["rotate"])
     if name == "fake":
         arrays, classes = _make_fake(spec.native_size, 10 if num_classes is None else num_classes)
         mean, std = _channel_stats(arrays["train"][0])
@@ -137,10 +146,10 @@ def build_data(name, data_dir="./data", *, img_size=None, val_size=None, split_s
         mean, std = spec.mean, spec.std
     _check_num_classes(spec.title, len(classes), num_classes)
     return _in_memory_data(name, arrays, classes, mean, std, img_size or spec.native_size, val_size, split_seed,
-                           source)
+                           source, augment)
 
 
-def _in_memory_data(name, arrays, classes, mean, std, img_size, val_size, split_seed, source):
+def _in_memory_data(name, arrays, classes, mean, std, img_size, val_size, split_seed, source, augment):
     """Hold the validation split out of arrays["train"] and wrap the uint8 splits as a Data."""
     spec = _SPECS[name]
     train_images, train_labels = arrays.pop("train")
@@ -153,7 +162,7 @@ def _in_memory_data(name, arrays, classes, mean, std, img_size, val_size, split_
     info = DataInfo(name=name, num_classes=len(classes), in_chans=spec.in_chans, img_size=img_size, mean=mean,
                     std=std, classes=tuple(classes), synthetic=name == "fake", in_memory=True,
                     train_size=len(train_index), val_size=len(val_index), test_size=len(arrays["test"][1]),
-                    native_size=spec.native_size, crop_padding=spec.crop_padding, hflip=spec.hflip, source=str(source))
+                    native_size=spec.native_size, source=str(source), **augment)
     return data_from_arrays(info, arrays)
 
 
@@ -183,20 +192,24 @@ def _hold_out(title, size, val_size, split_seed):
 def _transforms(info):
     """(train, eval) PIL transforms: the authors' torchvision pipeline, which the gpu path mirrors."""
     finish = [transforms.ToTensor(), transforms.Normalize(info.mean, info.std)]
+    # RandomRotation's defaults (nearest, about the centre, fill 0 = black before Normalize), last of
+    # the geometric steps so that it acts at the input size: the authors' CIFAR-10 order (crop, flip,
+    # rotate) and CIFAR-100 order (Resize to 224, flip, rotate).
+    rotate = [transforms.RandomRotation(info.rotate)] if info.rotate else []
     if not info.in_memory:
         resize = round(info.img_size * 8 / 7)  # the usual 256 -> 224 centre crop ratio
         train = [transforms.RandomResizedCrop(info.img_size), transforms.RandomHorizontalFlip()]
         evaluation = [transforms.Resize(resize), transforms.CenterCrop(info.img_size)]
-        return transforms.Compose(train + finish), transforms.Compose(evaluation + finish)
-    # Resize last, so that crop padding stays in native pixels (4 px on CIFAR at any --img-size).
+        return transforms.Compose(train + rotate + finish), transforms.Compose(evaluation + finish)
+    # Resize after crop and flip, so that crop padding stays in native pixels (4 px on CIFAR at any --img-size).
     resize = []
     if info.img_size != info.native_size:
         size = (info.img_size, info.img_size)
         resize = [transforms.Resize(size, interpolation=transforms.InterpolationMode.BILINEAR, antialias=True)]
-    train = [transforms.RandomCrop(info.native_size, padding=info.crop_padding)]
+    train = [transforms.RandomCrop(info.native_size, padding=info.crop_padding)] if info.crop_padding else []
     if info.hflip:
         train.append(transforms.RandomHorizontalFlip())
-    return transforms.Compose(train + resize + finish), transforms.Compose(resize + finish)
+    return transforms.Compose(train + resize + rotate + finish), transforms.Compose(resize + finish)
 
 
 class ArrayDataset(Dataset):
@@ -441,7 +454,7 @@ def _channel_stats(images):
 # ----------------------------------------------------------------------------------------------
 # Image folders (ImageNet and user trees), read from disk per item
 # ----------------------------------------------------------------------------------------------
-def _folder_data(name, root, img_size, val_size, split_seed, num_classes, skip_bad_images):
+def _folder_data(name, root, img_size, val_size, split_seed, num_classes, skip_bad_images, *, rotate):
     """ImageNet (train/ + val/) or an image-folder tree (train/ + test/, or val/ as the test set)."""
     spec = _SPECS[name]
     test_names = ("val",) if name == "imagenet" else ("test", "val")
@@ -469,7 +482,7 @@ def _folder_data(name, root, img_size, val_size, split_seed, num_classes, skip_b
     info = DataInfo(name=name, num_classes=len(train_folder.classes), in_chans=3, img_size=img_size, mean=spec.mean,
                     std=spec.std, classes=tuple(train_folder.classes), synthetic=False, in_memory=False,
                     train_size=len(train_index), val_size=len(val_index), test_size=len(test_folder),
-                    native_size=img_size, crop_padding=0, hflip=True, source=str(root))
+                    native_size=img_size, crop_padding=0, hflip=True, rotate=rotate, source=str(root))
     train_tf, eval_tf = _transforms(info)
     train_bad, test_bad = (torch.zeros(len(folder), dtype=torch.uint8).share_memory_()
                            for folder in (train_folder, test_folder))

@@ -9,11 +9,11 @@ ValueError with a readable message.
 Besides the registered names below, `tv:NAME` builds a torchvision classification model and
 `timm:NAME` a timm model, with random weights (models/zoo.py).
 """
-from .ceit import ceit_base, ceit_small, ceit_tiny
+from .ceit import authors_ceit, ceit_base, ceit_small, ceit_tiny
 from .inception import inception_v1
-from .mobilenet import mobilenet_v1, mobilenet_v2
+from .mobilenet import authors_mobilenet, mobilenet_v1, mobilenet_v2
 from .resnet import resnet20, resnet32, resnet44, resnet56, resnet110, resnet1202
-from .vit import vit_base, vit_small, vit_tiny
+from .vit import authors_vit, vit_base, vit_small, vit_tiny
 from .wideresnet import wrn_16_8, wrn_28_10, wrn_40_2
 from .zoo import create_zoo_model, is_zoo_name, resolve_zoo_name
 
@@ -36,20 +36,21 @@ MODELS = {
     "ceit_tiny": ceit_tiny,
     "ceit_small": ceit_small,
     "ceit_base": ceit_base,
+    # The competitive-distillation authors' networks behind their short names (bugs fixed).
+    "vit": authors_vit,
+    "mobilenet": authors_mobilenet,
+    "ceit": authors_ceit,
 }
 
 # Short names used by the authors' README commands (`--model resnet`, `--student vit`, ...).
 ALIASES = {
     "resnet": "resnet32",
     "wideresnet": "wrn_28_10",
-    "mobilenet": "mobilenet_v1",
     "inception": "inception_v1",
     "googlenet": "inception_v1",
-    "vit": "vit_tiny",
-    "ceit": "ceit_tiny",
 }
 
-TRANSFORMERS = {"vit_tiny", "vit_small", "vit_base", "ceit_tiny", "ceit_small", "ceit_base"}
+TRANSFORMERS = {"vit", "vit_tiny", "vit_small", "vit_base", "ceit", "ceit_tiny", "ceit_small", "ceit_base"}
 
 
 def list_models(aliases=False):

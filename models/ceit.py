@@ -4,11 +4,14 @@ Three changes to ViT/DeiT, one per section of the paper:
 - Image-to-Tokens (sec. 3.1): a small convolutional stem makes the tokens from low-level features
   instead of raw pixel patches.
 - Locally-enhanced Feed-Forward (sec. 3.2): the feed-forward layer gets a depthwise 3x3 convolution
-  over the patch tokens laid out on their 2-D grid; the class token bypasses it.
+  over the patch tokens laid out on their 2-D grid; the class token has no place on the grid and is
+  passed through, so, as in the official release (coeusguo/ceit), its residual update is its own
+  layer-normed value: cls + LN2(cls).
 - Layer-wise Class-token Attention (sec. 3.3): the last layer's class token attends over the class
   tokens of all layers, and that result is classified.
-Unlike the authors' version, forward returns logits only (theirs returned a tuple), and the token
-grid is computed from img_size (never a fixed 14x14).
+Unlike the competitive-distillation authors' version, forward returns logits only (theirs returned a
+tuple), and the token grid is computed from img_size (never a fixed 14x14). Their network is `ceit`:
+CeiT-T with a 32-channel I2T stem and no LCA (the class token of the last layer is classified).
 """
 import torch
 from torch import nn
@@ -29,8 +32,9 @@ from .vit import (
     normal_init,
 )
 
-# Output channels of the I2T convolution: 64 as in the authors' CeiT release; with it the model
-# matches the paper's parameter counts (6.4M / 24.2M / 94.4M, counting the last layer's LeFF).
+# Output channels of the I2T convolution: 64 as in the official CeiT release (Yuan et al.); with it
+# the model matches the paper's parameter counts (6.4M / 24.2M / 94.4M, counting the last layer's
+# LeFF). The competitive-distillation authors' `ceit` used 32.
 STEM_CHANNELS = 64
 TOKEN_PATCH = 4  # I2T cuts its feature map into 4x4 patches (sec. 3.1)
 SMALL_IMAGE = 64  # up to this size the stem keeps full resolution so that a token grid remains
@@ -39,7 +43,7 @@ SMALL_IMAGE = 64  # up to this size the stem keeps full resolution so that a tok
 class ImageToTokens(nn.Module):
     """I2T stem (sec. 3.1): conv 7x7 + BN + max-pool, then 4x4 patches of the feature map become tokens."""
 
-    def __init__(self, img_size, in_chans, dim):
+    def __init__(self, img_size, in_chans, dim, channels=STEM_CHANNELS):
         super().__init__()
         if img_size > SMALL_IMAGE:
             # The paper's stem: conv stride 2 and max-pool stride 2 downsample 4x, then 4x4 patches,
@@ -59,10 +63,10 @@ class ImageToTokens(nn.Module):
         self.num_patches = self.grid_size**2
         # No bias: BatchNorm follows and would cancel it. No activation: the paper's I2T is
         # MaxPool(BN(Conv(x))).
-        self.conv = nn.Conv2d(in_chans, STEM_CHANNELS, kernel_size=7, stride=stride, padding=3, bias=False)
-        self.bn = nn.BatchNorm2d(STEM_CHANNELS)
+        self.conv = nn.Conv2d(in_chans, channels, kernel_size=7, stride=stride, padding=3, bias=False)
+        self.bn = nn.BatchNorm2d(channels)
         self.pool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1) if pool else nn.Identity()
-        self.proj = nn.Conv2d(STEM_CHANNELS, dim, kernel_size=TOKEN_PATCH, stride=TOKEN_PATCH)
+        self.proj = nn.Conv2d(channels, dim, kernel_size=TOKEN_PATCH, stride=TOKEN_PATCH)
 
     def forward(self, x):
         x = self.pool(self.bn(self.conv(x)))
@@ -109,21 +113,18 @@ class CeiTBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.attn = Attention(dim, num_heads, drop_rate)
         self.drop_path = DropPath(drop_path_rate)
-        if with_leff:
-            self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
-            self.leff = LocallyEnhancedFeedForward(dim, grid_size, mlp_ratio, drop_rate)
-        else:
-            self.norm2 = self.leff = None
+        self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.leff = LocallyEnhancedFeedForward(dim, grid_size, mlp_ratio, drop_rate) if with_leff else None
 
     def forward(self, x):
         x = x + self.drop_path(self.attn(self.norm1(x)))
+        normed = self.norm2(x)
+        # Sec. 3.2: LeFF maps the patch tokens on their grid and passes the class token through, so the
+        # residual update of the class token is LN2(cls) itself (the official release does the same).
+        # Without a LeFF (a last layer whose patch tokens nobody reads) only the class token changes.
         if self.leff is None:
-            return x
-        # Sec. 3.2: the class token has no place on the grid, so it is split off, passed through
-        # unchanged, and re-attached; only the patch tokens get the residual LeFF update.
-        cls_token, patches = x[:, :1], x[:, 1:]
-        patches = patches + self.drop_path(self.leff(self.norm2(patches)))
-        return torch.cat([cls_token, patches], dim=1)
+            return torch.cat([x[:, :1] + self.drop_path(normed[:, :1]), x[:, 1:]], dim=1)
+        return x + self.drop_path(torch.cat([normed[:, :1], self.leff(normed[:, 1:])], dim=1))
 
 
 class LayerClassAttention(nn.Module):
@@ -131,8 +132,9 @@ class LayerClassAttention(nn.Module):
 
     def __init__(self, dim, num_heads, depth, mlp_ratio=MLP_RATIO, drop_rate=0.0):
         super().__init__()
-        # A learned embedding per layer, as in the authors' CeiT release: attention is
-        # permutation-invariant over its keys, so without it LCA could not tell the layers apart.
+        # A learned embedding per layer, as in the official CeiT release (its pos_layer_embed: zero
+        # initialised and weight-decayed there and here): attention is permutation-invariant over
+        # its keys, so without it LCA could not tell the layers apart.
         self.layer_embed = nn.Parameter(torch.zeros(1, depth, dim))
         self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.attn = Attention(dim, num_heads, drop_rate)
@@ -154,7 +156,7 @@ class CeiT(nn.Module):
     """CeiT classifier: I2T tokens + class token + learned positions, chained LeFF blocks, LCA, head."""
 
     def __init__(self, *, num_classes, img_size, in_chans, dim, num_heads, depth=DEPTH, mlp_ratio=MLP_RATIO,
-                 drop_rate=0.0, drop_path_rate=0.0):
+                 drop_rate=0.0, drop_path_rate=0.0, stem_channels=STEM_CHANNELS, lca=True):
         super().__init__()
         if img_size < 1 or in_chans < 1:
             raise ValueError(f"img_size and in_chans must be positive, got {img_size} and {in_chans}")
@@ -163,31 +165,31 @@ class CeiT(nn.Module):
         self.img_size = img_size
         self.in_chans = in_chans
 
-        self.i2t = ImageToTokens(img_size, in_chans, dim)
+        self.i2t = ImageToTokens(img_size, in_chans, dim, stem_channels)
         self.grid_size = self.i2t.grid_size
         self.num_patches = self.i2t.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patches, dim))
         self.pos_drop = nn.Dropout(drop_rate)
         rates = drop_path_schedule(drop_path_rate, depth)
-        # The last layer gets no LeFF: its output patch tokens are read by nothing (LCA reads class
-        # tokens, which bypass LeFF), so a LeFF there could never affect the logits or get a gradient.
+        # The last layer gets no LeFF: its output patch tokens are read by nothing (LCA and the head
+        # read class tokens), so a LeFF there could never affect the logits or get a gradient.
         self.blocks = nn.ModuleList(
             CeiTBlock(dim, num_heads, self.grid_size, mlp_ratio, drop_rate, rate, with_leff=index < depth - 1)
             for index, rate in enumerate(rates)
         )
-        self.lca = LayerClassAttention(dim, num_heads, depth, mlp_ratio, drop_rate)
+        # Without LCA the last layer's class token is classified, as in ViT.
+        self.lca = LayerClassAttention(dim, num_heads, depth, mlp_ratio, drop_rate) if lca else None
         self.norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.head = nn.Linear(dim, num_classes)
 
         normal_init(self.pos_embed)
         normal_init(self.cls_token)
-        normal_init(self.lca.layer_embed)
         self.apply(init_transformer_weights)
 
     def no_weight_decay(self):
         """Parameter names that the DeiT recipe excludes from weight decay (besides biases and norms)."""
-        return {"pos_embed", "cls_token", "lca.layer_embed"}
+        return {"pos_embed", "cls_token"}
 
     def forward(self, x):
         check_input(x, self.in_chans, self.img_size, type(self).__name__)
@@ -198,6 +200,8 @@ class CeiT(nn.Module):
         for block in self.blocks:  # chained: each block refines the previous block's output
             x = block(x)
             class_tokens.append(x[:, 0])
+        if self.lca is None:
+            return self.head(self.norm(x[:, 0]))
         return self.head(self.norm(self.lca(torch.stack(class_tokens, dim=1))))
 
 
@@ -222,3 +226,12 @@ def ceit_small(*, num_classes, img_size, in_chans, **kwargs):
 def ceit_base(*, num_classes, img_size, in_chans, **kwargs):
     """CeiT-B: dim 768, 12 layers, 12 heads; kwargs: drop_rate, drop_path_rate."""
     return _ceit("base", num_classes, img_size, in_chans, **kwargs)
+
+
+def authors_ceit(*, num_classes, img_size, in_chans, **kwargs):
+    """The competitive-distillation authors' `ceit`: CeiT-T (dim 192, 12 layers, 3 heads, 4x4 token
+    patches) with a 32-channel I2T stem and no layer-wise class-token attention; kwargs as ceit_tiny."""
+    check_kwargs("ceit", kwargs, ("drop_rate", "drop_path_rate"))
+    dim, num_heads = VARIANTS["tiny"]
+    return CeiT(num_classes=num_classes, img_size=img_size, in_chans=in_chans, dim=dim, num_heads=num_heads,
+                stem_channels=32, lca=False, **kwargs)

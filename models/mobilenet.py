@@ -103,19 +103,27 @@ class MobileNetV2(nn.Module):
 
 
 def _mobilenet(model_class, model_name, cifar_min_size, num_classes, img_size, in_chans,
-               drop_rate, drop_path_rate):
+               drop_rate, drop_path_rate, imagenet_stem=None):
     # cifar_min_size is the CIFAR layout's total stride: smaller inputs leave the last
     # stride-2 layers reading only padding.
     check_cnn_args(model_name, img_size=img_size, in_chans=in_chans, min_size=cifar_min_size,
                    drop_path_rate=drop_path_rate, drop_rate=drop_rate)
-    return model_class(num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate,
-                       imagenet_stem=img_size >= IMAGENET_STEM_MIN_SIZE)
+    if imagenet_stem is None:
+        imagenet_stem = img_size >= IMAGENET_STEM_MIN_SIZE
+    return model_class(num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate, imagenet_stem=imagenet_stem)
 
 
 def mobilenet_v1(*, num_classes, img_size, in_chans, drop_rate=0.0, drop_path_rate=0.0):
     """MobileNet V1, CIFAR stem below 128 px, ImageNet stem from 128 px."""
     return _mobilenet(MobileNetV1, "mobilenet_v1", 16, num_classes, img_size, in_chans,
                       drop_rate, drop_path_rate)
+
+
+def authors_mobilenet(*, num_classes, img_size, in_chans, drop_rate=0.0, drop_path_rate=0.0):
+    """The competitive-distillation authors' `mobilenet`: MobileNet V1 with the stride-1 stem at every
+    input size (total stride 16: a 14x14 map at 224 px, where mobilenet_v1 has 7x7)."""
+    return _mobilenet(MobileNetV1, "mobilenet", 16, num_classes, img_size, in_chans, drop_rate, drop_path_rate,
+                      imagenet_stem=False)
 
 
 def mobilenet_v2(*, num_classes, img_size, in_chans, drop_rate=0.0, drop_path_rate=0.0):

@@ -9,10 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms.functional as TF
+import torchvision.transforms.v2.functional as F2
+from PIL import Image
+from torchvision import transforms
 
 import datasets.sources as sources
 from datasets import (
-    DATASETS, DataInfo, DatasetError, GpuLoader, TorchLoader, build_data, data_from_arrays, make_loaders)
+    DATASETS, ArrayDataset, DataInfo, DatasetError, GpuLoader, TorchLoader, build_data, data_from_arrays, make_loaders)
+from datasets.loaders import _rotate
+from datasets.sources import AUGMENT_STREAM, mix_seed
 from helpers import write_broken_image_tree, write_image_tree, write_mnist_like
 
 HAS_SCIPY = importlib.util.find_spec("scipy") is not None
@@ -303,7 +309,7 @@ def test_val_split_disjoint_complete_and_fixed_by_split_seed(tmp_path):
 # Loaders: the gpu path against the torchvision pipeline
 # ---------------------------------------------------------------------------------------------
 
-def coded_data(count, *, img_size=32, hflip=True, with_val=False):
+def coded_data(count, *, img_size=32, hflip=True, with_val=False, crop_padding=4, rotate=0.0):
     """Images whose pixels name their own coordinates: channel 0 = 100 + 4 * column, channel 1 = 100 + 4 * row,
     channel 2 = 50 + index % 200; labels = index. Any crop/flip can be read back from the output."""
     rows, cols = torch.meshgrid(torch.arange(32), torch.arange(32), indexing="ij")
@@ -319,7 +325,7 @@ def coded_data(count, *, img_size=32, hflip=True, with_val=False):
     info = DataInfo(name="coded", num_classes=count, in_chans=3, img_size=img_size, mean=(0.5, 0.4, 0.3),
                     std=(0.2, 0.25, 0.3), classes=tuple(map(str, range(count))), synthetic=True, in_memory=True,
                     train_size=count, val_size=count if with_val else 0, test_size=count, native_size=32,
-                    crop_padding=4, hflip=hflip)
+                    crop_padding=crop_padding, hflip=hflip, rotate=rotate)
     return data_from_arrays(info, arrays)
 
 
@@ -397,6 +403,139 @@ def test_eval_batches_match_torchvision(img_size, atol):
 
 
 # ---------------------------------------------------------------------------------------------
+# Loaders: --rotate and --no-crop
+# ---------------------------------------------------------------------------------------------
+
+def pil_rotate(images, angles):
+    """torchvision's RandomRotation step on the torch path: F.rotate of a PIL image (nearest, fill 0)."""
+    return torch.stack([
+        torch.from_numpy(np.array(TF.rotate(Image.fromarray(image.permute(1, 2, 0).numpy()), float(angle)))).permute(2, 0, 1)
+        for image, angle in zip(images, angles, strict=True)])
+
+
+def test_gpu_rotation_matches_torchvision():
+    """_rotate equals torchvision's nearest rotation with zero fill of the same images by the same angles.
+
+    Exactly at right angles and against v2's tensor rotate (also grid_sample). Against PIL's rotate, which
+    the torch path uses, a tiny fraction of pixels may differ: PIL floors float64 source coordinates,
+    grid_sample rounds float32 ones, so a sample point on (or within float error of) a pixel edge can
+    take the neighbouring pixel (measured: about 1 pixel in 10,000 at 32 px, 1 in 1,000 at 224 px)."""
+    generator = torch.Generator().manual_seed(0)
+    for size, count in ((32, 64), (28, 16), (224, 4)):
+        images = torch.randint(1, 256, (count, 3, size, size), generator=generator, dtype=torch.uint8)
+        angles = torch.empty(count).uniform_(-180, 180, generator=generator)
+        ours = _rotate(images.float(), angles)
+        assert torch.equal(ours, ours.round())  # nearest sampling copies pixels
+        ours = ours.to(torch.uint8)
+        pil = pil_rotate(images, angles)
+        tensor_rotate = torch.stack([F2.rotate(image, float(angle)) for image, angle in zip(images, angles)])
+        assert (pil == 0).all(1).float().mean() > 0.05  # the corners are filled black (no pixel was 0 before)
+        assert (ours != pil).any(1).float().mean() < 2e-3, size
+        assert (ours != tensor_rotate).any(1).float().mean() < 1e-4, size
+    # Sign: positive angles turn counter-clockwise, like torch.rot90 from the rows' axis to the columns'.
+    images = torch.randint(256, (4, 3, 32, 32), generator=generator).float()
+    for angle, expected in ((90, torch.rot90(images, 1, (2, 3))), (-90, torch.rot90(images, -1, (2, 3))),
+                            (180, images.flip(2, 3)), (0, images)):
+        assert torch.equal(_rotate(images, torch.full((4,), float(angle))), expected), angle
+
+
+@pytest.mark.parametrize("path", ["gpu", "torch"])
+def test_default_crop_and_no_rotation_are_the_pipeline_without_these_flags(path):
+    """--crop and --rotate 0 (the defaults) leave batches bit-identical to the pipeline before the flags: on
+    the gpu path the epoch's crop offsets then flips, drawn here by hand from the augmentation stream; on the
+    torch path RandomCrop(32, padding=4) + RandomHorizontalFlip + ToTensor + Normalize."""
+    data = coded_data(96)
+    seed, epoch = 4, 1
+    train = make_loaders(data, batch_size=32, loader=path, device="cpu", workers=0, seed=seed)[0]
+    train.set_epoch(epoch)
+    if path == "gpu":
+        generator = torch.Generator().manual_seed(mix_seed(seed, epoch, AUGMENT_STREAM))
+        offsets = torch.randint(9, (96, 2), generator=generator)
+        flips = torch.rand(96, generator=generator) < 0.5
+        images = data.arrays["train"][0]
+        for batch, labels in train:
+            expected = torch.stack([torch.from_numpy(reference_crop_flip(
+                images[i].numpy(), int(offsets[i, 0]), int(offsets[i, 1]), bool(flips[i])).copy()) for i in labels])
+            assert torch.equal(batch, expected.float().mul_(train.scale).add_(train.shift))
+        return
+    info = data.info
+    before = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
+                                 transforms.ToTensor(), transforms.Normalize(info.mean, info.std)])
+    reference = TorchLoader(ArrayDataset(*data.arrays["train"], before), batch_size=32, train=True, drop_last=True,
+                            device=torch.device("cpu"), workers=0, seed=seed, rank=0, world_size=1)
+    assert same(epoch_batches(train, epoch), epoch_batches(reference, epoch))
+
+
+@pytest.mark.parametrize("path", ["gpu", "torch"])
+def test_no_crop_only_flips(path):
+    """--no-crop: every training image is the stored image or its mirror, at rate 0.5 each."""
+    data = coded_data(256, crop_padding=0)
+    images = data.arrays["train"][0].long()
+    train = make_loaders(data, batch_size=64, loader=path, device="cpu", workers=0, seed=2)[0]
+    flips = []
+    for epoch in range(2):  # 512 draws: the flip rate's sd is 0.022
+        for batch, labels in epoch_batches(train, epoch):
+            pixels, stored = to_pixels(batch, data.info), images[labels]
+            flipped = (pixels != stored).flatten(1).any(1)
+            assert torch.equal(pixels[flipped], stored[flipped].flip(-1))
+            flips.append(flipped)
+    assert abs(torch.cat(flips).float().mean().item() - 0.5) < 0.1
+
+
+def test_crop_and_rotate_reach_the_data_info(tmp_path):
+    """build_data's crop=False drops the in-memory crop; image folders refuse it in one line; rotate is carried."""
+    info = build_data("fake", val_size=0, crop=False, rotate=15).info
+    assert (info.crop_padding, info.hflip, info.rotate) == (0, True, 15.0)
+    assert build_data("fake", val_size=0).info.crop_padding == 4 and build_data("fake", val_size=0).info.rotate == 0
+    write_image_tree(tmp_path, ("train", "test"))
+    assert build_data("imagefolder", tmp_path, img_size=16, rotate=10, download=False).info.rotate == 10
+    with pytest.raises(DatasetError, match="--no-crop applies to in-memory data sets") as error:
+        build_data("imagefolder", tmp_path, img_size=16, crop=False, download=False)
+    assert "\n" not in str(error.value)
+    for bad in (-1, 181, float("nan")):
+        with pytest.raises(DatasetError, match=r"--rotate must be in \[0, 180\]"):
+            build_data("fake", rotate=bad)
+
+
+def rotation_angles(pixels):
+    """The angle (degrees, counter-clockwise) each uncropped, unflipped coded image was turned by: the least-squares
+    rotation from output to source coordinates (decoded from channels 0 and 1) over its non-black pixels."""
+    centre = 15.5
+    rows, cols = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    inside = pixels[:, 0] > 0  # coded columns are >= 100, so 0 is the fill
+    out_x, out_y = cols - centre, rows - centre
+    src_x, src_y = (pixels[:, 0] - 100) / 4 - centre, (pixels[:, 1] - 100) / 4 - centre
+    cross = ((out_x * src_y - out_y * src_x) * inside).sum((1, 2))
+    dot = ((out_x * src_x + out_y * src_y) * inside).sum((1, 2))
+    return torch.rad2deg(torch.atan2(cross, dot))
+
+
+def test_both_paths_rotate_with_the_same_distribution():
+    """--rotate 30: angles uniform in [-30, 30] on both paths (histograms and each other), corners exactly
+    black before normalisation on both, and the same share of black pixels."""
+    data = coded_data(256, hflip=False, crop_padding=0, rotate=30)
+    angles, black = {}, {}
+    for path in ("gpu", "torch"):
+        train = make_loaders(data, batch_size=128, loader=path, device="cpu", workers=0, seed=7)[0]
+        path_angles, path_black = [], []
+        for epoch in range(8):  # 2048 draws
+            for batch, _ in epoch_batches(train, epoch):
+                pixels = to_pixels(batch, data.info)
+                fill = pixels[:, 0] == 0
+                assert torch.equal(fill[:, None].expand_as(pixels), pixels == 0)  # black in every channel, nowhere else
+                path_angles.append(rotation_angles(pixels)), path_black.append(fill.float().mean((1, 2)))
+        angles[path], black[path] = torch.cat(path_angles), torch.cat(path_black)
+        # Each of 6 bins of 10 degrees holds Binomial(2048, 1/6): mean 341, sd 17; +-85 is 5 sd.
+        counts = torch.histc(angles[path], bins=6, min=-30, max=30)
+        assert angles[path].abs().max() < 31 and (counts - 2048 / 6).abs().max() < 85, (path, counts.tolist())
+    # Two-sample Kolmogorov-Smirnov distance; 0.08 is above its 0.1% critical value (1.95 * sqrt(2 / 2048) = 0.061).
+    grid = torch.linspace(-30, 30, 121)
+    cdf = {path: (values[:, None] <= grid).float().mean(0) for path, values in angles.items()}
+    assert (cdf["gpu"] - cdf["torch"]).abs().max() < 0.08
+    assert abs(black["gpu"].mean() - black["torch"].mean()) < 0.005 and black["gpu"].mean() > 0.05
+
+
+# ---------------------------------------------------------------------------------------------
 # Loaders: determinism and sharding
 # ---------------------------------------------------------------------------------------------
 
@@ -413,8 +552,9 @@ def same(batches_a, batches_b):
 
 
 @pytest.mark.parametrize("path", ["gpu", "torch"])
-def test_set_epoch_is_a_pure_function_of_seed_and_epoch(path):
-    data = coded_data(64)
+@pytest.mark.parametrize("augment", [{}, dict(crop_padding=0, rotate=15)], ids=["crop-flip", "no-crop-rotate"])
+def test_set_epoch_is_a_pure_function_of_seed_and_epoch(path, augment):
+    data = coded_data(64, **augment)
     make = lambda **kw: make_loaders(data, batch_size=16, loader=path, device="cpu", workers=0, **kw)[0]  # noqa: E731
     train = make(seed=5)
     torch.manual_seed(1)
@@ -429,8 +569,8 @@ def test_set_epoch_is_a_pure_function_of_seed_and_epoch(path):
 
 
 def test_torch_path_does_not_depend_on_worker_count():
-    """Per-item seeds: the same batches from the main process and from two worker processes."""
-    data = coded_data(48)
+    """Per-item seeds: the same batches (cropped, flipped and rotated) from the main process and from two worker processes."""
+    data = coded_data(48, rotate=15)
     in_process = make_loaders(data, batch_size=16, loader="torch", device="cpu", workers=0, seed=9)[0]
     with_workers = make_loaders(data, batch_size=16, loader="torch", device="cpu", workers=2, seed=9)[0]
     for epoch in (0, 1):

@@ -1,14 +1,17 @@
 """The training scripts end to end on tiny synthetic data: runs, resume, interruption, bad input."""
 import argparse
+import copy
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import engine
 import models
@@ -16,7 +19,8 @@ import train
 import train_competitive_distillation as competitive
 import train_mutual_learning as mutual
 import utils
-from helpers import ROOT, assert_same_weights, cpu_env, read_rows, weights
+from helpers import ROOT, assert_same_weights, cpu_env, read_rows, weights, write_image_tree
+from losses import kd_loss
 
 SCRIPTS = ["train.py", "train_mutual_learning.py", "train_competitive_distillation.py", "train_ceit.py", "demo.py"]
 # 128 synthetic 16-px images, 4 steps of 32: seconds per epoch on two CPU cores.
@@ -78,6 +82,31 @@ def test_competitive_heterogeneous_group_cuda_hidden(tmp_path):
         assert float(nets[0]["lr"]) > 10 * float(nets[1]["lr"])
 
 
+def test_sequential_mutual_learning_is_the_dml_papers_update():
+    """--sequential: network 0 steps on CE + KD from network 1's predictions, then network 1 steps on
+    CE + KD from network 0's *updated* predictions (Zhang et al. 2018, Algorithm 1)."""
+    torch.manual_seed(0)
+    make = lambda: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5))
+    nets = [make(), make()]
+    copies = [copy.deepcopy(net) for net in nets]
+    x, y = torch.randn(8, 3, 2, 2), torch.randint(0, 5, (8,))
+    args = mutual.get_args_parser().parse_args(["--models", "resnet20", "resnet20", "--sequential"])
+    rt = utils.Runtime(torch.device("cpu"), None, False)
+    optimizers = [torch.optim.SGD(net.parameters(), lr=0.5) for net in nets]
+    stats = mutual.sequential_mutual_step(nets, optimizers, torch.amp.GradScaler("cpu", enabled=False), [x, x], y, y,
+                                          torch.ones(2), args, rt)
+    for i, other in ((0, 1), (1, 0)):  # by hand, in the paper's order
+        net, teacher = copies[i], copies[other]
+        (F.cross_entropy(net(x), y) + kd_loss(net(x), teacher(x).detach())).backward()
+        with torch.no_grad():
+            for p in net.parameters():
+                p -= 0.5 * p.grad
+    for net, expected in zip(nets, copies):
+        for p, q in zip(net.parameters(), expected.parameters()):
+            torch.testing.assert_close(p, q)
+    assert set(stats) == {"loss", "ce", "kd", "acc"} and all(v.shape == (2,) for v in stats.values())
+
+
 def test_mutual_learning_three_networks_cuda_hidden(tmp_path):
     result = run_script("train_mutual_learning.py", [*TINY, "--models", "resnet20", "resnet20", "mobilenet_v2",
                                                      "--epochs", "1", "--perturb-every", "2", "--out-dir", str(tmp_path)])
@@ -103,9 +132,29 @@ def test_ceit_end_to_end_cuda_hidden(tmp_path):
                                           "--out-dir", str(tmp_path)])
     assert result.returncode == 0, result.stderr
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results["networks"][0]["model"] == "ceit_tiny"
+    assert results["networks"][0]["model"] == "ceit"  # the authors' CeiT (32-channel stem, no LCA)
     args = json.loads((tmp_path / "args.json").read_text())
     assert args["optimizer"] == ["adamw"] and args["drop_path"] == 0.1 and args["label_smoothing"] == 0.1
+
+
+@pytest.mark.parametrize("flag, vit_groups", [([], 2), (["--decay-norm-and-bias"], 1)])
+def test_a_transformer_in_a_group_gets_the_transformer_recipe(flag, vit_groups):
+    """In a mixed group the ViT gets DeiT's decay exemptions (norms, biases, pos_embed, cls_token) and
+    stochastic depth, as in train_ceit.py; the CNN keeps decay everywhere and has no drop path."""
+    args = competitive.get_args_parser().parse_args(["--models", "resnet20", "vit_tiny", "--dataset", "fake", *flag])
+    info = types.SimpleNamespace(num_classes=10, img_size=32, in_chans=3)
+    rt = utils.Runtime(torch.device("cpu"), None, False)
+    nets = utils.build_nets(utils.model_names(args), info, rt, drop_path=args.drop_path)
+    assert nets[1].blocks[-1].drop_path.rate == pytest.approx(0.1) and nets[1].blocks[0].drop_path.rate == 0
+    optimizers, _ = utils.build_optimizers(args, nets, rt)
+    assert [group["weight_decay"] for group in optimizers[0].param_groups] == [5e-4]
+    vit_groups_found = [group for group in optimizers[1].param_groups if group["params"]]
+    assert len(vit_groups_found) == vit_groups
+    if vit_groups == 2:
+        exempt = {id(p) for p in optimizers[1].param_groups[1]["params"]}
+        assert optimizers[1].param_groups[1]["weight_decay"] == 0
+        assert id(nets[1].pos_embed) in exempt and id(nets[1].cls_token) in exempt and id(nets[1].norm.weight) in exempt
+        assert id(nets[1].blocks[0].attn.q.weight) not in exempt
 
 
 def test_ceit_vit_pair_at_224_px():
@@ -127,9 +176,10 @@ def test_ceit_vit_pair_at_224_px():
 
 @pytest.mark.parametrize("module,extra", [
     (train, ["--model", "resnet20"]),
+    (train, ["--model", "resnet20", "--no-crop", "--rotate", "15"]),
     (competitive, ["--models", "resnet20", "resnet20", "--perturb-every", "2"]),
     (competitive, ["--models", "resnet20", "resnet20", "--perturb-every", "2", "--amp", "bf16"]),
-], ids=["train", "competitive", "competitive-bf16"])
+], ids=["train", "train-no-crop-rotate", "competitive", "competitive-bf16"])
 def test_exact_resume(tmp_path, module, extra):
     args = [*TINY, *extra, "--epochs", "2", "--deterministic"]
     run_main(module, [*args, "--out-dir", str(tmp_path / "straight")])
@@ -228,6 +278,21 @@ def expect_usage_error(capsys, module, args, *fragments):
 ])
 def test_bad_input(capsys, tmp_path, args, fragments):
     expect_usage_error(capsys, train, [*TINY, "--out-dir", str(tmp_path), *args], *fragments)
+
+
+@pytest.mark.parametrize("value,fragment", [("-1", "--rotate must be in [0, 180] (degrees), got -1.0"),
+                                            ("181", "--rotate must be in [0, 180]"),
+                                            ("nan", "--rotate must be a finite number"),
+                                            ("inf", "--rotate must be a finite number")])
+def test_bad_rotate(capsys, tmp_path, value, fragment):
+    expect_usage_error(capsys, train, [*TINY, "--out-dir", str(tmp_path), "--rotate", value], fragment)
+
+
+def test_no_crop_on_an_image_folder_is_refused(capsys, tmp_path):
+    write_image_tree(tmp_path / "data", ("train", "test"))
+    expect_usage_error(capsys, train, [*TINY, "--out-dir", str(tmp_path / "run"), "--dataset", "imagefolder", "--data-dir",
+                                       str(tmp_path / "data"), "--val-size", "0", "--no-crop"],
+                       "--no-crop applies to in-memory data sets")
 
 
 def test_missing_dataset_offline(capsys, tmp_path):
@@ -347,6 +412,14 @@ def test_resolve_device(monkeypatch):
 def test_native_bf16_detection(monkeypatch, cpu, native):
     monkeypatch.setattr(torch._C, "_cpu", cpu)
     assert utils.cpu_has_native_bf16() is native
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_amp_auto_is_fp32_on_the_cpu_with_or_without_native_bf16(monkeypatch, native):
+    """bf16 autocast trained no faster than fp32 on an AVX512-BF16 CPU (docs/speed.md), so auto stays fp32."""
+    monkeypatch.setattr(utils, "cpu_has_native_bf16", lambda: native)
+    args = train.get_args_parser().parse_args(["--device", "cpu"])
+    assert args.amp == "auto" and utils.setup_runtime(args).amp_dtype is None
 
 
 @pytest.mark.parametrize("rank,local_rank,downloads", [(0, 0, "first"), (1, 1, "never"), (4, 0, "second")])

@@ -262,19 +262,33 @@ def test_every_parameter_receives_a_gradient(name):
 # ---------------------------------------------------------------- CeiT specifics
 
 
-def test_ceit_class_token_bypasses_leff():
+@pytest.mark.parametrize("index", [0, -1])  # a layer with LeFF, and the last one (without)
+def test_ceit_class_token_takes_leffs_identity_path(index):
+    """As in the official CeiT release, LeFF passes the class token through, so the layer's residual
+    update of the class token is LN2(cls); LeFF's own weights never touch it."""
     model = build("ceit_tiny", 32, 3).eval()
-    block = model.blocks[0]
+    block = model.blocks[index]
     x = torch.randn(2, 1 + 64, 192, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
+        for param in block.norm2.parameters():  # away from the identity initialisation
+            param.add_(torch.randn_like(param))
         out = block(x)
         after_attention = x + block.attn(block.norm1(x))
-        torch.testing.assert_close(out[:, 0], after_attention[:, 0])  # LeFF adds nothing to the class token
-        for param in list(block.leff.parameters()) + list(block.norm2.parameters()):
-            param.add_(torch.randn_like(param))
-        changed = block(x)
-    assert torch.equal(changed[:, 0], out[:, 0])
-    assert (changed[:, 1:] - out[:, 1:]).abs().max() > 1e-3
+        torch.testing.assert_close(out[:, 0], after_attention[:, 0] + block.norm2(after_attention)[:, 0])
+        if block.leff is not None:
+            for param in block.leff.parameters():
+                param.add_(torch.randn_like(param))
+            changed = block(x)
+            assert torch.equal(changed[:, 0], out[:, 0])
+            assert (changed[:, 1:] - out[:, 1:]).abs().max() > 1e-3
+
+
+def test_ceit_layer_embedding_starts_at_zero_and_is_decayed():
+    """LCA's per-layer embedding (the official pos_layer_embed) is zero-initialised and not exempt from
+    weight decay; the position embedding and class token are exempt, as in DeiT and the official CeiT."""
+    model = build("ceit_tiny", 32, 3)
+    assert torch.equal(model.lca.layer_embed, torch.zeros_like(model.lca.layer_embed))
+    assert model.no_weight_decay() == {"pos_embed", "cls_token"}
 
 
 def test_ceit_last_layer_has_no_dead_leff():

@@ -12,6 +12,7 @@ import engine
 import models
 import train
 import train_competitive_distillation as competitive
+import train_mutual_learning as mutual
 import utils
 from helpers import assert_same_weights, read_rows, weights
 
@@ -272,3 +273,12 @@ def test_interval_lines_are_off_with_0_and_a_negative_interval_is_refused(tmp_pa
     assert " step " not in capsys.readouterr().out
     err = one_line_error(capsys, train, [*TINY, "--log-interval", "-1", "--out-dir", tmp_path / "x"])
     assert "--log-interval must be >= 0 (0 = off), got -1" in err
+
+
+@pytest.mark.parametrize("extra", [[], ["--sequential"]])
+def test_a_frozen_network_in_mutual_learning_keeps_its_weights(trained, tmp_path, extra):
+    single = trained[0]
+    run(mutual, [*TINY, "--models", "resnet20", "resnet20", "--init", f"1={single / 'last.pt'}", "--freeze", "1",
+                 "--epochs", "1", "--out-dir", tmp_path, *extra])
+    before, after = weights(single / "last.pt")[0], weights(tmp_path / "last.pt")[1]
+    assert all(torch.equal(value, after[key]) for key, value in before.items())
