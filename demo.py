@@ -52,7 +52,7 @@ def get_args_parser():
     add("--batch-size", type=int, default=256, help="evaluation batch size")
     add("--workers", type=int, default=None,
         help="DataLoader worker processes (image-folder datasets; default: min(8, CPUs) on CUDA, 2 on the CPU)")
-    add("--device", default="cpu", help="auto, cpu, cuda or cuda:N")
+    add("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N")
     return parser
 
 

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from utils import RunComplete, RunFailure, UsageError, all_reduce_sum, evaluate, sync_replicas, unwrap
+from utils import (RunComplete, RunFailure, UsageError, all_reduce_sum, evaluate, init_files, net_labels, sync_replicas,
+                   unwrap)
 
 CHECKPOINT_FORMAT = 1
 
@@ -59,18 +60,13 @@ class RunState:
     lock: tuple = None          # (path, content) of the run directory's lock, held by the main process
 
 
-def net_labels(names):
-    """Unique display labels: net0_resnet32, net1_vit_tiny, ..."""
-    return [f"net{i}_{name}" for i, name in enumerate(names)]
-
-
 def start_run(args, script, names, rt, info, nets, optimizers, *, steps_per_epoch, resumable):
     """Open the run directory and, with --resume, restore the group, its optimizers and `resumable`
     from the checkpoint; returns the RunState the loop's helpers take."""
     args.world_size = rt.world_size
     resume = resolve_resume(args)
     run_dir = args.out_dir or (os.path.dirname(os.path.abspath(resume)) if resume else
-                               os.path.join("runs", f"{script}-{args.dataset}-{'-'.join(names)}-"
+                               os.path.join("runs", f"{script}-{args.dataset}-{'-'.join(names).replace(':', '_')}-"
                                                     f"{datetime.datetime.now():%Y%m%d-%H%M%S}"))
     n = len(nets)
     run = RunState(args, rt, list(names), info, nets, optimizers, resumable, steps_per_epoch, run_dir, script,
@@ -86,7 +82,7 @@ def start_run(args, script, names, rt, info, nets, optimizers, *, steps_per_epoc
         atomic_save(best_ckpt, os.path.join(run_dir, "best.pt"))  # the new run directory is complete
     if rt.is_main:
         save_json(vars(args), os.path.join(run_dir, "args.json"))
-    print_main(rt, describe_run(run, resume))
+    print_main(rt, describe_run(run, resume), *describe_nets(run, resume))
     return run
 
 
@@ -220,7 +216,25 @@ def describe_run(run, resume):
             f"{info.train_size} train / {info.val_size} val / {info.test_size} test images{f' from {info.source}' if info.source else ''}, "
             f"{info.in_chans}x{info.img_size}px, {info.num_classes} classes, device {rt.device}, amp {rt.amp_dtype}, "
             f"{rt.world_size} process(es) x batch {args.batch_size} (global {args.batch_size * rt.world_size})"
-            f"{scaling}{', SyncBatchNorm' if rt.sync_bn else ''}; run dir {run.run_dir}")
+            f"{scaling}{', SyncBatchNorm' if rt.sync_bn else ''}, compile {'on' if rt.compile else 'off'}, "
+            f"CUDA graphs {'on' if rt.cuda_graphs else 'off'}; run dir {run.run_dir}")
+
+
+def describe_nets(run, resume):
+    """One startup line per network: parameters, where its weights come from, its optimizer and peak rate."""
+    init = init_files(run.args, len(run.nets)) if hasattr(run.args, "init") else {}
+    lines = []
+    for i, (label, net, optimizer) in enumerate(zip(run.labels, run.nets, run.optimizers)):
+        params = sum(p.numel() for p in unwrap(net).parameters())
+        start = ("weights of the checkpoint" if resume else
+                 f"initialised from {init[i][0]}{'@' + init[i][1] if init[i][1] else ''}" if i in init else "random initial weights")
+        if optimizer is None:
+            training = "frozen (--freeze: no optimizer, eval mode)"
+        else:
+            group = optimizer.param_groups[0]
+            training = f"{type(optimizer).__name__} peak lr {float(group['lr']):.4g}, weight decay {group['weight_decay']:g}"
+        lines.append(f"  {label}: {params / 1e6:.2f}M parameters, {start}, {training}")
+    return lines
 
 
 def print_main(rt, *lines):
@@ -294,13 +308,62 @@ def remaining_batches(run, loader, epoch, stop, stats):
         stats.load_state_dict(run.resumed["stats"])
     stats.first_step = skip
     start = now()
-    for step, batch in enumerate(progress(loader, progress_enabled(run.args, run.rt), desc=f"epoch {epoch + 1}")):
+    interval = log_interval(run.args) if run.rt.is_main else 0
+    lines = IntervalLog(run, epoch, skip, stats)
+    images = run.args.batch_size * run.rt.world_size  # the bar counts images, so its rate is images/s
+    for step, batch in enumerate(progress(loader, progress_enabled(run.args, run.rt), desc=f"epoch {epoch + 1}",
+                                          unit="img", unit_scale=images)):
         if step < skip:
             continue
         yield step, batch
+        if interval and (step + 1) % interval == 0:
+            lines.write(step + 1)
         if stop.requested(step):
             interrupt(run, stop, epoch, step + 1, stats)
     stats.seconds = now() - start
+
+
+# Steps between two --log-interval lines when stdout is not a terminal (a batch job's log file).
+LOG_INTERVAL = 50
+
+
+def log_interval(args):
+    """--log-interval, or its default: LOG_INTERVAL steps when stdout is not a terminal, 0 (off) on one."""
+    if getattr(args, "log_interval", None) is not None:
+        return args.log_interval
+    return 0 if sys.stdout.isatty() else LOG_INTERVAL
+
+
+class IntervalLog:
+    """The --log-interval lines of one epoch: the epoch's mean loss so far per network, the learning
+    rate, images/s since the last line, and the time left in the epoch and the run (training steps
+    only). Each line reads the device once (the loss sums, which waits for the queued steps);
+    between lines nothing is read."""
+
+    def __init__(self, run, epoch, first_step, stats):
+        self.run, self.epoch, self.stats = run, epoch, stats
+        self.step, self.time = first_step, time.perf_counter()
+
+    def write(self, step):
+        """Print the line after `step` steps of the epoch."""
+        run, stats = self.run, self.stats
+        loss = (stats.sums["loss"] / max(stats.steps, 1)).tolist() if "loss" in stats.sums else []  # the one read
+        seconds = time.perf_counter() - self.time
+        per_step = seconds / max(step - self.step, 1)
+        images = (step - self.step) * run.args.batch_size * run.rt.world_size / max(seconds, 1e-9)
+        # with --cuda-graphs a rate is a device tensor: its value was written by the host this step
+        lrs = [float(opt.param_groups[0]["lr"]) if opt is not None else 0.0 for opt in run.optimizers]
+        epoch_left = (run.steps_per_epoch - step) * per_step
+        run_left = epoch_left + (run.args.epochs - self.epoch - 1) * run.steps_per_epoch * per_step
+        print(f"epoch {self.epoch + 1}/{run.args.epochs} step {step}/{run.steps_per_epoch} | "
+              f"loss {' '.join(f'{v:.4f}' for v in loss)} | lr {' '.join(dict.fromkeys(f'{lr:.4g}' for lr in lrs))} | "
+              f"{images:.0f} img/s | ETA epoch {clock(epoch_left)}, run {clock(run_left)}", flush=True)
+        self.step, self.time = step, time.perf_counter()
+
+
+def clock(seconds):
+    """Seconds as H:MM:SS."""
+    return str(datetime.timedelta(seconds=round(seconds)))
 
 
 def evaluate_epoch(run, val_loader, test_loader, epoch):
@@ -311,8 +374,9 @@ def evaluate_epoch(run, val_loader, test_loader, epoch):
         run.args.stop_after is not None and epoch + 1 - run.start_epoch >= run.args.stop_after)
     if (epoch + 1) % getattr(run.args, "eval_every", 1) and not last:
         return {"val": None, "test": None}
-    val = evaluate(run.nets, val_loader, run.rt) if val_loader is not None else None
-    return {"val": val, "test": evaluate(run.nets, test_loader, run.rt)}
+    shown = progress_enabled(run.args, run.rt)
+    val = evaluate(run.nets, progress(val_loader, shown, desc="validation"), run.rt) if val_loader is not None else None
+    return {"val": val, "test": evaluate(run.nets, progress(test_loader, shown, desc="test"), run.rt)}
 
 
 def log_epoch(run, epoch, stats, evals, schedule):
@@ -590,7 +654,7 @@ def make_checkpoint(args, info, names, nets, optimizers, rt, *, epoch, step, ext
             "classes": list(info.classes), "mean": list(info.mean), "std": list(info.std),
             "args": {k: v for k, v in vars(args).items()}, "epoch": epoch, "step": step,
             "nets": [{k: v.detach().cpu() for k, v in unwrap(net).state_dict().items()} for net in nets],
-            "optimizers": [opt.state_dict() for opt in optimizers],
+            "optimizers": [opt.state_dict() if opt is not None else {} for opt in optimizers],  # {}: a --freeze network
             "rng": rng_state(rt), "extra": extra or {}}
 
 
@@ -605,8 +669,9 @@ def make_run_checkpoint(run, epoch, step, stats=None):
                               epoch=epoch, step=step, extra=extra), "script": run.script}
 
 
-# Flags that fix which images each step sees: a resumed run (mid-epoch ones above all) needs them unchanged.
-RESUME_MUST_MATCH = ("dataset", "batch_size", "train_subset", "split_seed", "val_size", "seed")
+# Flags that fix which images each step sees: a resumed run (mid-epoch ones above all) needs them
+# unchanged; and --freeze, which decides which networks have optimizer state in the checkpoint.
+RESUME_MUST_MATCH = ("dataset", "batch_size", "train_subset", "split_seed", "val_size", "seed", "freeze")
 
 
 def restore_checkpoint(ckpt, path, args, info, names, nets, optimizers, rt):
@@ -620,14 +685,16 @@ def restore_checkpoint(ckpt, path, args, info, names, nets, optimizers, rt):
     for flag in RESUME_MUST_MATCH:
         if flag in ckpt["args"] and ckpt["args"][flag] != getattr(args, flag, None):
             raise UsageError(f"--resume '{path}' was written with --{flag.replace('_', '-')} {ckpt['args'][flag]}; "
-                             f"this run has {getattr(args, flag, None)} (a resumed run must see the same data in the same batches)")
+                             f"this run has {getattr(args, flag, None)} (a resumed run must keep it: " +
+                             ("the same networks train" if flag == "freeze" else "the same data in the same batches") + ")")
     if ckpt["args"].get("world_size", 1) != rt.world_size:
         raise UsageError(f"--resume '{path}' was written by {ckpt['args'].get('world_size', 1)} processes; "
                          f"resume it with the same number (this run has {rt.world_size})")
     for net, state in zip(nets, ckpt["nets"]):
         unwrap(net).load_state_dict(state)
     for optimizer, state in zip(optimizers, ckpt["optimizers"]):
-        load_optimizer_state(optimizer, state)
+        if optimizer is not None:
+            load_optimizer_state(optimizer, state)
     set_rng_state(ckpt["rng"], rt)
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Set up this repository on a fresh machine: the Python requirements (plus pytest, matplotlib and
-# scipy with --test) into a Python environment, and on Debian/Ubuntu as root the Fashion-MNIST
+# Set up this repository on a fresh machine: the Python requirements (plus pytest, matplotlib,
+# scipy and timm with --test) into a Python environment, and on Debian/Ubuntu as root the Fashion-MNIST
 # package used by the quick start. Safe to run again: what is already there is left alone.
 #
 #   bash setup.sh            requirements.txt only
@@ -64,8 +64,8 @@ echo "setup: installing into $python ($("$python" --version 2>&1), $where)"
 pip=("$python" -m pip install --quiet --disable-pip-version-check)
 "${pip[@]}" -r requirements.txt
 if $test_deps; then
-    echo "setup: installing pytest, matplotlib and scipy (the tests also check demo.py's plots and SVHN files)"
-    "${pip[@]}" pytest matplotlib scipy
+    echo "setup: installing pytest, matplotlib, scipy and timm (the tests also check demo.py's plots, SVHN files and timm: models)"
+    "${pip[@]}" pytest matplotlib scipy timm
 fi
 
 fmnist=/usr/share/datasets/fashion-mnist

@@ -33,7 +33,7 @@ def main(args):
     names = utils.model_names(args)
     rt = utils.setup_runtime(args)
     data, (train_loader, val_loader, test_loader) = utils.setup_data(args, rt)
-    nets = utils.build_nets(names, data.info, rt, drop_path=args.drop_path)
+    nets = utils.build_nets(names, data.info, rt, args, drop_path=args.drop_path)
     optimizers, peak_lrs = utils.build_optimizers(args, nets, rt)
     schedule = utils.Schedule(args, optimizers, peak_lrs, len(train_loader))
     scaler = utils.make_scaler(rt)

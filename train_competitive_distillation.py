@@ -68,6 +68,7 @@ def competitive_step(nets, optimizers, scaler, inputs, labels, labels_perm, lams
     teachers = teacher_mask.sum(1)
     kd = (pairwise_kd(logits, args.temperature) * teacher_mask).sum(1) / teachers.clamp(min=1)
     loss = ce + args.kd_weight * kd                   # the leader's kd is 0: it trains on CE only
+    optimizers = [optimizer for optimizer in optimizers if optimizer is not None]  # a --freeze network has none
     for optimizer in optimizers:
         optimizer.zero_grad(set_to_none=True)
     # Every target in kd is detached, so one backward gives each network exactly its own gradient.
@@ -89,7 +90,7 @@ def main(args):
     names = utils.model_names(args)
     rt = utils.setup_runtime(args)
     data, (train_loader, val_loader, test_loader) = utils.setup_data(args, rt)
-    nets = utils.build_nets(names, data.info, rt, drop_path=args.drop_path)
+    nets = utils.build_nets(names, data.info, rt, args, drop_path=args.drop_path)
     optimizers, peak_lrs = utils.build_optimizers(args, nets, rt)
     schedule = utils.Schedule(args, optimizers, peak_lrs, len(train_loader))
     perturber = Perturber(every=args.perturb_every, ops=args.perturbations, num_nets=len(nets),

@@ -50,6 +50,7 @@ def mutual_step(nets, optimizers, scaler, inputs, labels, labels_perm, lams, arg
     # Every peer teaches: the mean over the n - 1 others (the diagonal KD(i <- i) is zero).
     kd = pairwise_kd(logits, args.temperature).sum(1) / (len(nets) - 1)
     loss = ce + args.kd_weight * kd
+    optimizers = [optimizer for optimizer in optimizers if optimizer is not None]  # a --freeze network has none
     for optimizer in optimizers:
         optimizer.zero_grad(set_to_none=True)
     # Every target in kd is detached, so one backward gives each network exactly its own gradient.
@@ -72,6 +73,8 @@ def sequential_mutual_step(nets, optimizers, scaler, inputs, labels, labels_perm
     for i, (net, optimizer) in enumerate(zip(nets, optimizers)):
         kd.append(sum(kd_loss(logits[i], targets[j], args.temperature) for j in range(len(nets)) if j != i)
                   / (len(nets) - 1))
+        if optimizer is None:  # a --freeze network: no update, and its predictions stay as they were
+            continue
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(ce[i] + args.kd_weight * kd[i]).backward()
         scaler.step(optimizer)
@@ -89,7 +92,7 @@ def main(args):
     names = utils.model_names(args)
     rt = utils.setup_runtime(args)
     data, (train_loader, val_loader, test_loader) = utils.setup_data(args, rt)
-    nets = utils.build_nets(names, data.info, rt, drop_path=args.drop_path)
+    nets = utils.build_nets(names, data.info, rt, args, drop_path=args.drop_path)
     optimizers, peak_lrs = utils.build_optimizers(args, nets, rt)
     schedule = utils.Schedule(args, optimizers, peak_lrs, len(train_loader))
     perturber = Perturber(every=args.perturb_every, ops=args.perturbations, num_nets=len(nets),

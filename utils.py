@@ -4,9 +4,11 @@ optimizers and learning-rate schedules, and evaluation. The helpers a script's l
 what makes a paradigm itself stays in its script."""
 import argparse
 import dataclasses
+import json
 import math
 import os
 import random
+import re
 import signal
 import sys
 from dataclasses import dataclass
@@ -46,7 +48,10 @@ def fail(message, code=2):
 def launch(main, parser, argv=None):
     """Parse argv and run main(args); what a user can cause ends in one line on stderr and a
     non-zero exit code (2 for bad input), never in a traceback."""
-    args = parser.parse_args(argv)
+    try:
+        args = parse_args(parser, argv)
+    except UsageError as error:
+        fail(str(error))
 
     def checked_main(args):
         rank = f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
@@ -81,6 +86,65 @@ def launch(main, parser, argv=None):
     return result
 
 
+def parse_args(parser, argv=None):
+    """parser.parse_args(argv) with the values of --config FILE (a run's args.json) as defaults, so
+    that the flags given on the command line override them."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    path = pre.parse_known_args(argv)[0].config
+    if path is not None and any(action.dest == "config" for action in parser._actions):
+        parser.set_defaults(**read_config(path, parser))
+    return parser.parse_args(argv)
+
+
+# args.json entries that belong to the run that wrote them, not to a run repeating it: its directory
+# (a repeat must not write over it), how it was resumed or stopped, and values recorded for the log.
+CONFIG_SKIPPED = ("config", "out_dir", "resume", "overwrite", "stop_after", "world_size")
+
+
+def read_config(path, parser):
+    """The flag values of --config FILE, checked against the parser's flags; UsageError in one line."""
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except OSError as error:
+        raise UsageError(f"--config '{path}': {error.strerror or error}") from None
+    except ValueError as error:
+        raise UsageError(f"--config '{path}' is not a JSON file of flag values ({error})") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"--config '{path}' must hold a JSON object of flag values, as a run's args.json does")
+    actions = {action.dest: action for action in parser._actions if action.option_strings}
+    defaults = {}
+    for key, value in config.items():
+        if key in CONFIG_SKIPPED:
+            continue
+        if key not in actions:
+            raise UsageError(f"--config '{path}': '{key}' is not a flag of {parser.prog} (an args.json of another script?)")
+        if not config_value_ok(actions[key], value):
+            raise UsageError(f"--config '{path}': {key} = {json.dumps(value)} is not a value of {actions[key].option_strings[0]}")
+        defaults[key] = [float(v) for v in value] if actions[key].type is float and isinstance(value, list) else \
+            float(value) if actions[key].type is float and value is not None else value
+    return defaults
+
+
+def config_value_ok(action, value):
+    """True when a JSON value is one that the flag could have given (type, list or not, choices)."""
+    if value is None:
+        return action.default is None
+    if action.nargs in ("+", "*") or isinstance(action, argparse._AppendAction):
+        if not isinstance(value, list):
+            return False
+        values = value
+    else:
+        values = [value]
+    kinds = {int: (int,), float: (int, float), None: (str,)}
+    if isinstance(action, (argparse.BooleanOptionalAction, argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        kinds = {None: (bool,)}
+    allowed = kinds.get(action.type, (str,))
+    return all(isinstance(v, allowed) and not (isinstance(v, bool) and bool not in allowed)
+               and (not action.choices or v in action.choices) for v in values)
+
+
 def out_of_memory_message(error):
     """One line for an allocation that failed (host or device memory)."""
     detail = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
@@ -107,7 +171,9 @@ class ListModels(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):
         aliases = ", ".join(f"{alias} = {name}" for alias, name in sorted(models.ALIASES.items()))
-        print("models: " + " ".join(models.list_models()) + f"\naliases: {aliases}")
+        print("models: " + " ".join(models.list_models()) + f"\naliases: {aliases}\n"
+              "tv:NAME (torchvision, random weights): " + " ".join(models.zoo.torchvision_models()) + "\n"
+              "timm:NAME (timm, random weights; pip install timm): any name of timm.list_models()")
         parser.exit()
 
 
@@ -130,7 +196,8 @@ def get_args_parser(description, *, group=False, epochs=200, batch_size=128, opt
 def add_model_flags(flags, group):
     """Which network(s): --model, or a group's --models (and the authors' pair spellings)."""
     add = flags.add_argument
-    names = "see --list-models"
+    names = (f"{', '.join(models.list_models())}; tv:NAME a torchvision model, timm:NAME a timm model; "
+             "aliases and zoo names: --list-models")
     if group:
         add("--models", nargs="+", metavar="NAME", help=f"the networks of the group (n >= 2; default: resnet32 resnet32; {names})")
         add("--model1", help="first network of a pair (authors' spelling; same as --models A B)")
@@ -138,9 +205,20 @@ def add_model_flags(flags, group):
         add("--teacher", help="first network of a pair (authors' spelling: roles are decided every step "
                               "by the competition, not by this name)")
         add("--student", help="second network of a pair (see --teacher)")
+        add("--freeze", nargs="+", type=int, default=[], metavar="NET",
+            help="networks (their index in the group, 0 = first) whose weights stay fixed: eval-mode BatchNorm "
+                 "and dropout, no optimizer, never a gradient; one trained frozen network makes competitive "
+                 "distillation classic offline distillation in which the student may still lead")
     else:
         add("--model", default="resnet32", help=f"network name or alias ({names})")
     add("--list-models", action=ListModels, help="print the model names and aliases, then exit")
+    add("--init", nargs="+", default=[], metavar="[NET=]FILE",
+        help="initial weights of network NET (its index in the group, 0 = first; may be left out with one network): "
+             "a checkpoint of this repository (best.pt, last.pt; FILE@K or FILE@LABEL picks one of its networks), "
+             "a state_dict file, or a torchvision/timm weight file (.pth, .safetensors)")
+    add("--reset-classifier", action=argparse.BooleanOptionalAction, default=False,
+        help="with --init: keep each initialised network's fresh classifier (its last layer, which outputs the "
+             "class logits) instead of loading it, for weights trained on another class count")
 
 
 def add_data_flags(flags):
@@ -209,6 +287,9 @@ def add_optimization_flags(flags, *, epochs, batch_size, optimizer, schedule, we
 def add_run_flags(flags):
     """Seeds, run directory, resume and output."""
     add = flags.add_argument
+    add("--config", default=None, metavar="FILE",
+        help="a run's args.json, whose values become this run's defaults (flags given here override them; "
+             "its out_dir, resume, overwrite and stop_after are not taken): repeat a run, or change one flag")
     add("--seed", type=int, default=0, help="seed of weights, data order, augmentation and perturbation")
     add("--deterministic", action=argparse.BooleanOptionalAction, default=False,
         help="deterministic kernels (slower); exact resume")
@@ -223,6 +304,9 @@ def add_run_flags(flags):
              "best.pt is chosen among the evaluated epochs")
     add("--progress", action=argparse.BooleanOptionalAction, default=None,
         help="tqdm progress bars (default: when stdout is a terminal)")
+    add("--log-interval", type=int, default=None, metavar="N",
+        help="print a line every N training steps: loss, lr, images/s, time left in the epoch and the run "
+             "(default: 50 when stdout is not a terminal, as in a batch job; 0 = off)")
 
 
 def add_speed_flags(flags):
@@ -297,6 +381,8 @@ def check_args(args):
         raise UsageError(f"--val-size must be >= 0, got {args.val_size}")
     if args.workers is not None and args.workers < 0:
         raise UsageError(f"--workers must be >= 0, got {args.workers}")
+    if args.log_interval is not None and args.log_interval < 0:
+        raise UsageError(f"--log-interval must be >= 0 (0 = off), got {args.log_interval}")
     if args.stop_after is not None and args.stop_after < 1:
         raise UsageError(f"--stop-after must be a positive integer, got {args.stop_after}")
     if args.resume == "auto" and args.out_dir is None:
@@ -317,9 +403,49 @@ def model_names(args):
         if len(given) < 2:
             raise UsageError(f"a group needs at least 2 networks, got {len(given)}: {' '.join(given)}")
     try:
-        return [models.resolve_name(name) for name in given]
+        names = [models.resolve_name(name) for name in given]
     except ValueError as error:
         raise UsageError(str(error)) from None
+    init_files(args, len(names))  # --init and --freeze are checked before the data is loaded
+    frozen_nets(args, len(names))
+    return names
+
+
+def init_files(args, n):
+    """--init as {network index: (file, pick)}, pick being the @K/@LABEL suffix or None; UsageError
+    for a network that is not in the group or named twice (the files are read by build_nets)."""
+    files = {}
+    for spec in args.init:
+        net, equals, path = spec.partition("=")
+        if not equals:
+            net, path = ("0" if n == 1 else None), spec
+        if net is None or not net.isdigit() or int(net) >= n:
+            raise UsageError(f"--init '{spec}': give NET=FILE with NET a network index of the group, 0..{n - 1}"
+                             + (" (with one network FILE alone is enough)" if n == 1 else ""))
+        path, at, pick = path.rpartition("@") if "@" in os.path.basename(path) else (path, "", None)
+        if int(net) in files:
+            raise UsageError(f"--init names network {net} twice; give one file per network")
+        files[int(net)] = (path, pick)
+    if args.reset_classifier and not files:
+        raise UsageError("--reset-classifier applies to networks initialised with --init; give --init NET=FILE")
+    return files
+
+
+def frozen_nets(args, n):
+    """--freeze as a set of network indices; UsageError for one outside the group or a group with no network left to train."""
+    frozen = set(getattr(args, "freeze", []))
+    bad = [i for i in frozen if not 0 <= i < n]
+    if bad:
+        raise UsageError(f"--freeze {bad[0]}: networks are numbered 0..{n - 1} in the group's order")
+    if len(frozen) == n:
+        raise UsageError(f"--freeze names all {n} networks: at least one must train")
+    return frozen
+
+
+def net_labels(names):
+    """Unique display labels: net0_resnet32, net1_vit_tiny, net2_tv_resnet18 (a zoo prefix's colon
+    is not allowed in TensorBoard tags), ..."""
+    return [f"net{i}_{name.replace(':', '_')}" for i, name in enumerate(names)]
 
 
 def per_net(values, n, flag):
@@ -544,8 +670,11 @@ def setup_data(args, rt):
         data = data or build(download=False)
     else:
         data = build(args.download)
-    if args.val_size is None:
-        args.val_size = data.info.val_size  # the data set's default, written as its value in args.json
+    # The data set's defaults, written as their values in args.json (so --config repeats the run)
+    for flag in ("img_size", "val_size", "num_classes"):
+        if getattr(args, flag) is None:
+            setattr(args, flag, getattr(data.info, flag))
+    args.eval_batch_size = args.eval_batch_size or 2 * args.batch_size
     if args.train_subset is not None:
         data = train_subset(data, args.train_subset)
     loaders = make_loaders(data, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
@@ -580,22 +709,30 @@ def train_subset(data, size):
     return dataclasses.replace(data, info=info, train=torch.utils.data.Subset(data.train, range(size)))
 
 
-def build_nets(names, info, rt, drop_path=0.0):
-    """Create the named networks for the dataset's geometry, on the device (DDP-wrapped under torchrun);
-    the transformers among them get stochastic depth `drop_path` (the CNNs have none)."""
+def build_nets(names, info, rt, args=None, drop_path=0.0):
+    """Create the named networks for the dataset's geometry, on the device (DDP-wrapped under
+    torchrun); the transformers among them get stochastic depth `drop_path` (the CNNs have none);
+    with `args`, --init gives them their initial weights and --freeze fixes some."""
+    init = init_files(args, len(names)) if args is not None else {}
+    frozen = frozen_nets(args, len(names)) if args is not None else set()
     nets = []
-    for name in names:
+    for i, name in enumerate(names):
         try:
             extra = {"drop_path_rate": drop_path} if models.resolve_name(name) in models.TRANSFORMERS else {}
             net = models.create_model(name, num_classes=info.num_classes, img_size=info.img_size,
                                       in_chans=info.in_chans, **extra)
         except ValueError as error:
             raise UsageError(str(error)) from None
+        if i in init:
+            load_initial_weights(net, *init[i], label=f"network {i} ({name})", reset_classifier=args.reset_classifier)
+        if i in frozen:
+            # eval mode: BatchNorm normalises with (and keeps) its running statistics, dropout is off
+            net.requires_grad_(False).eval()
         if rt.sync_bn:
             net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
         memory_format = torch.channels_last if rt.channels_last else torch.preserve_format
         net = net.to(rt.device, memory_format=memory_format)
-        if rt.distributed:
+        if rt.distributed and i not in frozen:  # (DDP refuses a module without trainable parameters)
             # One DDP per network: each averages its own gradients over the processes during the
             # group's single backward. Every registered model uses all its parameters in forward
             # (tests/test_models.py), so no unused-parameter search is needed.
@@ -609,6 +746,80 @@ def build_nets(names, info, rt, drop_path=0.0):
             net = torch.compile(net)
         nets.append(net)
     return nets
+
+
+def load_initial_weights(net, path, pick, *, label, reset_classifier):
+    """Load an --init file into `net`; UsageError naming the first tensor that is missing, left over
+    or of another shape (the classifier's are skipped with --reset-classifier)."""
+    state, own = read_weight_file(path, pick), net.state_dict()
+    head = classifier_keys(net)
+    skip = head if reset_classifier else set()
+    for key, value in own.items():
+        if key in skip:
+            continue
+        if key not in state:
+            raise UsageError(f"--init '{path}': {label} has a tensor '{key}' that the file lacks (weights of another architecture?)")
+        if state[key].shape != value.shape:
+            hint = "; --reset-classifier keeps a fresh classifier for another class count" if key in head else ""
+            raise UsageError(f"--init '{path}': tensor '{key}' is {tuple(state[key].shape)} in the file "
+                             f"but {tuple(value.shape)} in {label}{hint}")
+    extra = next((key for key in state if key not in own), None)
+    if extra is not None:
+        raise UsageError(f"--init '{path}': the file's tensor '{extra}' has no place in {label} (weights of another architecture?)")
+    net.load_state_dict({key: value for key, value in state.items() if key not in skip}, strict=False)
+
+
+def classifier_keys(net):
+    """State-dict keys of the network's classifier: timm's get_classifier(), else its last Linear or
+    Conv2d module (SqueezeNet's classifier is a 1x1 convolution)."""
+    head = net.get_classifier() if hasattr(net, "get_classifier") else None
+    last = None
+    for name, module in net.named_modules():
+        if module is head or (head is None and isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))):
+            last = name
+    return set() if not last else {f"{last}.{key}" for key in net.get_submodule(last).state_dict()}
+
+
+def read_weight_file(path, pick):
+    """The state dict of an --init file: one network of this repository's checkpoint (`pick`: index or
+    label), a plain state_dict (or one under 'state_dict'/'model', as timm's and torchvision's
+    reference training scripts save it) or a .safetensors file, without DDP's 'module.' and
+    torch.compile's '_orig_mod.' key prefixes."""
+    if not os.path.isfile(path):
+        raise UsageError(f"--init: weight file '{path}' does not exist")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            content = load_file(path)
+        else:
+            content = torch.load(path, map_location="cpu", weights_only=True)
+    except ImportError:
+        raise UsageError(f"--init '{path}': .safetensors files need the safetensors package: pip install safetensors") from None
+    except Exception as error:  # torch and safetensors raise several types for foreign or truncated files
+        raise UsageError(f"--init '{path}' is not a readable weight file ({type(error).__name__}); expected a "
+                         f"torch.save file of tensors (.pt, .pth) or a .safetensors file") from None
+    if isinstance(content, dict) and "nets" in content and "models" in content:
+        content = pick_network(content, path, pick)
+    elif pick is not None:
+        raise UsageError(f"--init '{path}@{pick}': @ picks a network of this repository's checkpoints; '{path}' is a plain weight file")
+    else:
+        content = next((content[key] for key in ("state_dict", "model") if isinstance(content, dict)
+                        and isinstance(content.get(key), dict)), content)
+    if not isinstance(content, dict) or not content or not all(isinstance(v, torch.Tensor) for v in content.values()):
+        raise UsageError(f"--init '{path}' holds no state_dict (a dict of tensor names to tensors)")
+    return {re.sub(r"^(module\.|_orig_mod\.)+", "", key): value for key, value in content.items()}
+
+
+def pick_network(ckpt, path, pick):
+    """One network's state dict of this repository's checkpoint: the only one, or `pick` (index or label)."""
+    labels = net_labels(ckpt["models"])
+    n = len(labels)
+    if pick is None and n > 1:
+        raise UsageError(f"--init '{path}' holds {n} networks ({', '.join(labels)}); pick one with {path}@K (0..{n - 1}) or {path}@LABEL")
+    index = 0 if pick is None else int(pick) if pick.isdigit() else labels.index(pick) if pick in labels else None
+    if index is None or index >= n:
+        raise UsageError(f"--init '{path}@{pick}': no such network; the file holds {', '.join(labels)} (pick by index 0..{n - 1} or label)")
+    return ckpt["nets"][index]
 
 
 def to_input(images, rt):
@@ -689,23 +900,28 @@ def use_fused(name, rt):
 
 
 def build_optimizers(args, nets, rt=None):
-    """One optimizer per network from the flags, peak lrs scaled to rt's processes; returns (optimizers, peak lrs)."""
+    """One optimizer per network from the flags, peak lrs scaled to rt's processes; returns (optimizers,
+    peak lrs). A network without trainable parameters (--freeze) gets None and a rate of 0."""
     n = len(nets)
     names = per_net(args.optimizer, n, "--optimizer")
-    lrs = per_net(args.lr, n, "--lr") if args.lr else [default_lr(name, args.batch_size) for name in names]
+    if not args.lr:  # the computed default is written back, so args.json records the rate the run used
+        defaults = [default_lr(name, args.batch_size) for name in names]
+        args.lr = defaults[:1] if len(set(defaults)) == 1 else defaults
+    lrs = per_net(args.lr, n, "--lr")
     if args.lr_scaling == "linear" and rt is not None:  # --batch-size is per process; the rate follows the global one
         lrs = [lr * rt.world_size for lr in lrs]
     decays = per_net(args.weight_decay, n, "--weight-decay")
     decay_all = getattr(args, "decay_norm_and_bias", None)
     capturable = rt is not None and rt.cuda_graphs
+    trainable = [any(p.requires_grad for p in unwrap(net).parameters()) for net in nets]
     # A transformer (it names its embeddings in no_weight_decay()) keeps the DeiT exemptions in any
     # group; a CNN is decayed everywhere, as in the CIFAR recipe; the flag overrides both.
     optimizers = [build_optimizer(net, name, lr, wd, momentum=args.momentum, nesterov=args.nesterov,
                                   decay_norm_and_bias=(not hasattr(unwrap(net), "no_weight_decay")
                                                        if decay_all is None else decay_all),
-                                  fused=use_fused(name, rt), capturable=capturable)
-                  for net, name, lr, wd in zip(nets, names, lrs, decays)]
-    return optimizers, lrs
+                                  fused=use_fused(name, rt), capturable=capturable) if train else None
+                  for net, name, lr, wd, train in zip(nets, names, lrs, decays, trainable)]
+    return optimizers, [lr if train else 0.0 for lr, train in zip(lrs, trainable)]
 
 
 class Schedule:
@@ -727,7 +943,8 @@ class Schedule:
         """Set every optimizer's rate for iteration `global_step`; returns the rates."""
         lrs = self.rates(global_step)
         for optimizer, lr in zip(self.optimizers, lrs):
-            set_lr(optimizer, lr)
+            if optimizer is not None:  # a --freeze network has none
+                set_lr(optimizer, lr)
         return lrs
 
 

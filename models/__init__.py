@@ -5,6 +5,9 @@ Contract (tested for every registered name in tests/test_models.py):
     forward(x: (B, in_chans, img_size, img_size)) -> logits (B, num_classes), train and eval mode.
 Geometry (strides, patch grid) is derived from img_size; a size a model cannot take raises
 ValueError with a readable message.
+
+Besides the registered names below, `tv:NAME` builds a torchvision classification model and
+`timm:NAME` a timm model, with random weights (models/zoo.py).
 """
 from .ceit import authors_ceit, ceit_base, ceit_small, ceit_tiny
 from .inception import inception_v1
@@ -12,6 +15,7 @@ from .mobilenet import authors_mobilenet, mobilenet_v1, mobilenet_v2
 from .resnet import resnet20, resnet32, resnet44, resnet56, resnet110, resnet1202
 from .vit import authors_vit, vit_base, vit_small, vit_tiny
 from .wideresnet import wrn_16_8, wrn_28_10, wrn_40_2
+from .zoo import create_zoo_model, is_zoo_name, resolve_zoo_name
 
 MODELS = {
     "resnet20": resnet20,
@@ -56,11 +60,14 @@ def list_models(aliases=False):
 
 
 def resolve_name(name):
-    """Canonical registry name for `name` or an alias; ValueError listing valid names otherwise."""
+    """Canonical registry name for `name` or an alias (or tv:/timm: zoo name); ValueError listing valid names otherwise."""
+    if is_zoo_name(name):
+        return resolve_zoo_name(name)
     key = name.lower().replace("-", "_")
     key = ALIASES.get(key, key)
     if key not in MODELS:
-        raise ValueError(f"unknown model '{name}'; choose from: {', '.join(list_models(aliases=True))}")
+        raise ValueError(f"unknown model '{name}'; choose from: {', '.join(list_models(aliases=True))}, "
+                         f"or tv:NAME (torchvision), timm:NAME (timm)")
     return key
 
 
@@ -69,4 +76,6 @@ def create_model(name, *, num_classes, img_size, in_chans, **kwargs):
     key = resolve_name(name)
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if is_zoo_name(key):
+        return create_zoo_model(key, num_classes=num_classes, img_size=img_size, in_chans=in_chans, **kwargs)
     return MODELS[key](num_classes=num_classes, img_size=img_size, in_chans=in_chans, **kwargs)
