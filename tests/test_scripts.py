@@ -120,9 +120,9 @@ def test_mutual_learning_three_networks_cuda_hidden(tmp_path):
 
 def test_authors_pair_flags():
     args = mutual.get_args_parser().parse_args(["--model1", "resnet", "--model2", "mobilenet", "--dataset", "cifar10"])
-    assert utils.model_names(args) == ["resnet32", "mobilenet_v1"]
+    assert utils.model_names(args) == ["resnet32", "mobilenet"]  # the authors' networks behind their names
     args = competitive.get_args_parser().parse_args(["--teacher", "resnet", "--student", "vit", "--dataset", "cifar10"])
-    assert utils.model_names(args) == ["resnet32", "vit_tiny"]
+    assert utils.model_names(args) == ["resnet32", "vit"]
     args = train.get_args_parser().parse_args(["--model", "resnet", "--dataset", "cifar10"])
     assert utils.model_names(args) == ["resnet32"]
 
