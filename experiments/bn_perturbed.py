@@ -12,16 +12,21 @@ perturbation, and measures test accuracy after it.
 """
 import argparse
 import copy
+import os
 import sys
 import types
 
-import torch
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run as `python experiments/bn_perturbed.py` from anywhere
+    sys.path.insert(0, ROOT)
 
-import demo
-import engine
-import utils
-from datasets import make_loaders
-from perturb import PERTURBATIONS, perturb
+import torch  # noqa: E402
+
+import demo  # noqa: E402
+import engine  # noqa: E402
+import utils  # noqa: E402
+from datasets import make_loaders  # noqa: E402
+from perturb import PERTURBATIONS, perturb  # noqa: E402
 
 
 def get_args_parser():

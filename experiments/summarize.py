@@ -22,6 +22,10 @@ BUDGET = ("dataset", "train_subset", "val_size", "img_size", "epochs", "batch_si
           "weight_decay", "schedule", "warmup_epochs", "amp")
 
 
+# Table order: the baselines first
+SCRIPT_ORDER = {"train": 0, "mutual": 1, "competitive": 2}
+
+
 class StudyError(Exception):
     pass
 
@@ -67,7 +71,7 @@ def mean_std(values):
 def summarize(runs):
     """One row per (configuration, network or ensemble): its per-seed accuracies and paired differences."""
     configs = {}
-    for run in runs:
+    for run in sorted(runs, key=lambda run: (SCRIPT_ORDER.get(run["script"], len(SCRIPT_ORDER)), run["config"])):
         configs.setdefault(run["config"], []).append(run)
     vanilla = {(run["models"][0], run["seed"]): run["accs"][0] for run in runs if run["script"] == "train"}
     dml = {(tuple(run["models"]), run["seed"]): run["accs"] for run in runs if run["script"] == "mutual"}
@@ -152,11 +156,15 @@ def plot(rows, path, title):
     os.replace(tmp, path)
 
 
-def main(argv=None):
+def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("study", help="the directory experiments/compare.py wrote")
     parser.add_argument("--png", default=None, help="dot plot to write (default: STUDY/study.png)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
     try:
         runs = load_runs(args.study)
         rows = summarize(runs)

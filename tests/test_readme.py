@@ -12,7 +12,8 @@ from datasets import DATASETS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = {"train.py", "train_mutual_learning.py", "train_competitive_distillation.py", "train_ceit.py",
-           "demo.py", "benchmarks/bench.py"}
+           "demo.py", "benchmarks/bench.py", "experiments/compare.py", "experiments/summarize.py",
+           "experiments/bn_perturbed.py"}
 
 
 # How a command may start our scripts: the environment setup.sh installed into (`.venv/bin/python`),
@@ -67,11 +68,16 @@ def test_readme_commands_use_the_environment_convention(launcher, script):
 def test_readme_command_parses(script, argv):
     module = importlib.import_module(script[:-3].replace("/", "."))
     args = module.get_args_parser().parse_args(argv)  # argparse exits (fails the test) on a bad flag
-    if hasattr(args, "dataset") and script != "benchmarks/bench.py":
+    if hasattr(args, "dataset") and script.startswith(("train", "demo")):
         assert args.dataset in DATASETS
     if script.startswith("train"):
         utils.check_args(args)
         assert utils.model_names(args)  # every model name resolves
+    if script == "experiments/compare.py":  # the flags after `--` parse for every run of the study
+        for *_, run in module.commands(args):
+            run_args = importlib.import_module(os.path.basename(run[1])[:-3]).get_args_parser().parse_args(run[2:])
+            utils.check_args(run_args)
+            assert utils.model_names(run_args)
 
 
 def test_readme_is_short_and_its_links_resolve():

@@ -1,0 +1,94 @@
+"""experiments/compare.py (the study's runs) and experiments/summarize.py (its table and plot)."""
+import json
+import math
+import os
+import sys
+
+import pytest
+from PIL import Image
+
+from helpers import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+import compare  # noqa: E402
+import summarize  # noqa: E402
+
+BUDGET = {"dataset": "fashion-mnist", "train_subset": 1000, "val_size": 0, "img_size": 28, "epochs": 40,
+          "batch_size": 128, "optimizer": ["sgd"], "lr": [0.1], "weight_decay": [0.0005], "schedule": "cosine",
+          "warmup_epochs": 1.0, "amp": "auto"}
+
+
+def write_run(study, config, seed, script, models, accs, **changes):
+    """A finished run directory as the training scripts leave it (only what summarize.py reads)."""
+    run_dir = os.path.join(study, config, f"seed{seed}")
+    os.makedirs(run_dir)
+    labels = [f"net{i}_{m}" for i, m in enumerate(models)] + (["ensemble"] if len(models) > 1 else [])
+    networks = [{"net": label, "model": (models + ["+".join(models)])[i], "final_test_acc": acc}
+                for i, (label, acc) in enumerate(zip(labels, accs))]
+    with open(os.path.join(run_dir, "results.json"), "w") as f:
+        json.dump({"script": script, "dataset": "fashion-mnist", "networks": networks}, f)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump({**BUDGET, "seed": seed, **changes}, f)
+
+
+@pytest.fixture
+def study(tmp_path):
+    root = str(tmp_path / "study")
+    for seed, (alone, dml, cd) in enumerate([(80.0, (81.0, 82.0, 83.0), (82.0, 84.0, 85.0)),
+                                             (81.0, (81.5, 80.5, 82.0), (83.0, 82.0, 84.0)),
+                                             (79.0, (80.0, 81.0, 81.5), (81.0, 80.0, 82.5))]):
+        write_run(root, "vanilla", seed, "train", ["resnet20"], [alone])
+        write_run(root, "dml", seed, "mutual", ["resnet20", "resnet20"], list(dml))
+        write_run(root, "cd", seed, "competitive", ["resnet20", "resnet20"], list(cd))
+    return root
+
+
+def test_mean_std_and_paired_differences_match_hand_computation(study):
+    rows = {(row["config"], row["label"]): row for row in summarize.summarize(summarize.load_runs(study))}
+    cd0 = rows[("cd", "net0 resnet20")]
+    assert cd0["values"] == {0: 82.0, 1: 83.0, 2: 81.0}
+    assert summarize.mean_std(list(cd0["values"].values())) == pytest.approx((82.0, 1.0))  # sample std
+    # paired with vanilla of the same seed: 82-80, 83-81, 81-79
+    assert cd0["vs_vanilla"] == pytest.approx([2.0, 2.0, 2.0])
+    # paired with DML's net0 of the same seed: 82-81, 83-81.5, 81-80
+    assert cd0["vs_dml"] == pytest.approx([1.0, 1.5, 1.0])
+    ensemble = rows[("cd", "ensemble")]
+    assert ensemble["vs_vanilla"] == pytest.approx([5.0, 3.0, 3.5]) and ensemble["vs_dml"] == pytest.approx([2.0, 2.0, 1.0])
+    mean, std = summarize.mean_std(ensemble["vs_dml"])
+    assert mean == pytest.approx(5 / 3) and std == pytest.approx(math.sqrt(((1 / 3) ** 2 * 2 + (2 / 3) ** 2) / 2))
+    assert rows[("vanilla", "net0 resnet20")]["vs_vanilla"] is None and rows[("dml", "ensemble")]["vs_dml"] is None
+
+
+def test_the_table_and_the_plot(study, capsys):
+    assert summarize.main([study]) == 0
+    out = capsys.readouterr().out
+    assert "| cd | net0 resnet20 | 82.00 ± 1.00 (n=3) | 82.00 / 83.00 / 81.00 | +2.00 ± 0.00 | +1.17 ± 0.29 |" in out
+    assert out.index("| vanilla |") < out.index("| dml |") < out.index("| cd |")  # baselines first
+    with Image.open(os.path.join(study, "study.png")) as image:
+        assert image.width > 500 and image.height > 9 * 20
+
+
+@pytest.mark.parametrize("change, flag", [({"dataset": "mnist"}, "--dataset"), ({"epochs": 20}, "--epochs"),
+                                          ({"train_subset": 2000}, "--train-subset")])
+def test_mixed_datasets_or_budgets_are_refused_in_one_line(study, capsys, change, flag):
+    write_run(study, "cd-3", 0, "competitive", ["resnet20"] * 3, [80.0] * 4, **change)
+    assert summarize.main([study]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"error: runs differ in {flag}")
+
+
+def test_an_empty_directory_is_one_line(tmp_path, capsys):
+    assert summarize.main([str(tmp_path)]) == 2
+    assert "no finished run" in capsys.readouterr().err
+
+
+def test_compare_runs_each_configuration_once_then_skips_it(tmp_path, capsys):
+    out = str(tmp_path / "study")
+    argv = ["--out", out, "--seeds", "0", "--configs", "vanilla", "--", "--dataset", "fake", "--img-size", "16",
+            "--train-subset", "64", "--val-size", "0", "--batch-size", "32", "--epochs", "1", "--workers", "0",
+            "--device", "cpu"]
+    assert compare.main(compare.get_args_parser().parse_args(argv)) == 0
+    assert os.path.exists(os.path.join(out, "vanilla", "seed0", "results.json"))
+    assert "--model resnet20" in open(os.path.join(out, "logs", "vanilla-seed0.log")).read()
+    assert compare.main(compare.get_args_parser().parse_args(argv)) == 0
+    assert "vanilla seed 0: done (already done)" in capsys.readouterr().out
