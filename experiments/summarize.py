@@ -141,6 +141,7 @@ def plot(rows, path, title):
         draw.line([(x(tick), top), (x(tick), top + line * len(rows))], fill=(225, 225, 225))
         draw.text((x(tick) - 8, top + line * len(rows) + 6), str(tick), fill="black", font=font)
     draw.text((left + width // 2 - 60, top + line * len(rows) + 24), "test accuracy (%)", fill="black", font=font)
+    draw.text((10, top + line * len(rows) + 24), "o one seed   | mean   - +-1 std", fill="black", font=font)
     for k, row in enumerate(rows):
         y = top + line * k + line // 2
         colour = (200, 60, 40) if row["label"] == "ensemble" else (40, 90, 180)
@@ -174,7 +175,7 @@ def main(argv=None):
     table = markdown(rows, runs)
     print(table)
     png = args.png or os.path.join(args.study, "study.png")
-    plot(rows, png, table.splitlines()[0][:110])
+    plot(rows, png, table.splitlines()[0].split("; last-epoch")[0] + "; last-epoch test accuracy")
     print(f"\nplot: {png}")
     return 0
 
