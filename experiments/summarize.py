@@ -126,6 +126,29 @@ def markdown(rows, runs):
     return "\n".join(lines)
 
 
+def compact(rows):
+    """The same numbers, one line per configuration (for a README): each network's accuracy and its
+    paired difference to the network alone, then the ensemble's, also paired with DML's ensemble."""
+    lines = ["| configuration | networks | − alone | ensemble | − best alone | − DML ensemble |",
+             "|---|---|---|---|---|---|"]
+    configs = {}
+    for row in rows:
+        configs.setdefault(row["config"], []).append(row)
+    for config, group in configs.items():
+        nets = [row for row in group if row["label"] != "ensemble"]
+        ensemble = next((row for row in group if row["label"] == "ensemble"), None)
+        models = " + ".join(row["label"].split()[1] for row in nets)
+        cells = [f"{config} ({models})", "; ".join(fmt(list(row["values"].values())) for row in nets),
+                 "; ".join(fmt(row["vs_vanilla"], sign=True) for row in nets) if nets[0]["vs_vanilla"] else "–"]
+        if ensemble is None:
+            cells += ["–", "–", "–"]
+        else:
+            cells += [fmt(list(ensemble["values"].values())), fmt(ensemble["vs_vanilla"], sign=True),
+                      fmt(ensemble["vs_dml"], sign=True)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(rows, path, title):
     """A dot plot (one line per row: a dot per seed, the mean as a bar, +-1 std as a line) as a PNG."""
     from PIL import Image, ImageDraw, ImageFont  # Pillow comes with torchvision
@@ -161,6 +184,7 @@ def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("study", help="the directory experiments/compare.py wrote")
     parser.add_argument("--png", default=None, help="dot plot to write (default: STUDY/study.png)")
+    parser.add_argument("--compact", action="store_true", help="also print one line per configuration")
     return parser
 
 
@@ -174,6 +198,8 @@ def main(argv=None):
         return 2
     table = markdown(rows, runs)
     print(table)
+    if args.compact:
+        print("\n" + compact(rows))
     png = args.png or os.path.join(args.study, "study.png")
     plot(rows, png, table.splitlines()[0].split("; last-epoch")[0] + "; last-epoch test accuracy")
     print(f"\nplot: {png}")

@@ -92,3 +92,10 @@ def test_compare_runs_each_configuration_once_then_skips_it(tmp_path, capsys):
     assert "--model resnet20" in open(os.path.join(out, "logs", "vanilla-seed0.log")).read()
     assert compare.main(compare.get_args_parser().parse_args(argv)) == 0
     assert "vanilla seed 0: done (already done)" in capsys.readouterr().out
+
+
+def test_the_compact_table_has_one_line_per_configuration(study):
+    lines = summarize.compact(summarize.summarize(summarize.load_runs(study))).splitlines()
+    assert len(lines) == 2 + 3
+    assert lines[4] == ("| cd (resnet20 + resnet20) | 82.00 ± 1.00; 82.00 ± 2.00 | +2.00 ± 0.00; +2.00 ± 1.73 | "
+                        "83.83 ± 1.26 | +3.83 ± 1.04 | +1.67 ± 0.58 |")  # by hand from the fixture
