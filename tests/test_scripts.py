@@ -426,7 +426,7 @@ def test_amp_auto_is_fp32_on_the_cpu_with_or_without_native_bf16(monkeypatch, na
 def test_one_download_per_file_system_under_torchrun(monkeypatch, rank, local_rank, downloads):
     """Rank 0 downloads first, then the first process of each other node; the rest only read."""
     events = []
-    data = argparse.Namespace(info=argparse.Namespace(val_size=0))
+    data = argparse.Namespace(info=argparse.Namespace(val_size=0, img_size=32, num_classes=10))
     monkeypatch.setattr(utils, "build_data", lambda *a, download, **k: events.append(("build", download)) or data)
     monkeypatch.setattr(utils.dist, "barrier", lambda: events.append("barrier"))
     monkeypatch.setattr(utils, "make_loaders", lambda *a, **k: ([0], None, None))
