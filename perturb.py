@@ -42,6 +42,16 @@ def _uniform(generator, ranges):
     return [low + (high - low) * x for (low, high), x in zip(ranges, u)]
 
 
+def add_perturbation_flags(add, *, every, every_help):
+    """The perturbation flags of the group scripts (`add`: an argument group's add_argument)."""
+    add("--perturb-every", type=int, default=every, help=every_help)
+    add("--perturbations", nargs="+", default=list(PERTURBATIONS), choices=PERTURBATIONS,
+        help="operations drawn uniformly for the perturbed network")
+    add("--update-bn-on-perturbed", action="store_true",
+        help="let a perturbed batch update its network's BatchNorm running statistics, as the authors' code did "
+             "(default: they skip it, so evaluations normalise with statistics of clean data only)")
+
+
 @contextlib.contextmanager
 def bn_statistics_kept(net):
     """Run the block without changing `net`'s BatchNorm running statistics (None: no network).

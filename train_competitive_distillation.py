@@ -13,7 +13,7 @@ import torch
 import engine
 import utils
 from losses import accuracy, mixed_cross_entropy, pairwise_kd
-from perturb import PERTURBATIONS, Perturber, bn_statistics_kept
+from perturb import Perturber, add_perturbation_flags, bn_statistics_kept
 
 
 def get_args_parser():
@@ -25,13 +25,8 @@ def get_args_parser():
              "best: only from the step's leader (paper text)")
     add("--kd-weight", type=float, default=1.0, help="weight w of the distillation term (authors: 1)")
     add("--temperature", type=float, default=1.0, help="distillation temperature T (authors: 1)")
-    add("--perturb-every", type=int, default=10,
-        help="perturb one random network every N steps of an epoch (authors: 10; 0 = off)")
-    add("--perturbations", nargs="+", default=list(PERTURBATIONS), choices=PERTURBATIONS,
-        help="operations drawn uniformly for the perturbed network")
-    add("--update-bn-on-perturbed", action="store_true",
-        help="let a perturbed batch update its network's BatchNorm running statistics, as the authors' code did "
-             "(default: they skip it, so evaluations normalise with statistics of clean data only)")
+    add_perturbation_flags(add, every=10, every_help="perturb one random network every N steps of an epoch "
+                                                     "(authors: 10; 0 = off)")
     return parser
 
 

@@ -15,7 +15,7 @@ import torch
 import engine
 import utils
 from losses import accuracy, kd_loss, mixed_cross_entropy, pairwise_kd
-from perturb import PERTURBATIONS, Perturber, bn_statistics_kept
+from perturb import Perturber, add_perturbation_flags, bn_statistics_kept
 
 
 def get_args_parser():
@@ -27,13 +27,8 @@ def get_args_parser():
     add("--sequential", action="store_true",
         help="update the networks one after the other, each distilling from the others' latest predictions "
              "(DML paper, Algorithm 1; one extra forward per network and step); default: all at once")
-    add("--perturb-every", type=int, default=0,
-        help="perturb one random network every N steps of an epoch (0 = plain DML; the authors' baseline used 10)")
-    add("--perturbations", nargs="+", default=list(PERTURBATIONS), choices=PERTURBATIONS,
-        help="operations drawn uniformly for the perturbed network")
-    add("--update-bn-on-perturbed", action="store_true",
-        help="let a perturbed batch update its network's BatchNorm running statistics, as the authors' code did "
-             "(default: they skip it, so evaluations normalise with statistics of clean data only)")
+    add_perturbation_flags(add, every=0, every_help="perturb one random network every N steps of an epoch "
+                                                    "(0 = plain DML; the authors' baseline used 10)")
     return parser
 
 

@@ -99,3 +99,20 @@ def test_the_compact_table_has_one_line_per_configuration(study):
     assert len(lines) == 2 + 3
     assert lines[4] == ("| cd (resnet20 + resnet20) | 82.00 ± 1.00; 82.00 ± 2.00 | +2.00 ± 0.00; +2.00 ± 1.73 | "
                         "83.83 ± 1.26 | +3.83 ± 1.04 | +1.67 ± 0.58 |")  # by hand from the fixture
+
+
+def test_bn_perturbed_reports_every_condition(tmp_path, capsys):
+    """experiments/bn_perturbed.py on a tiny trained run: one row per condition, and 'clean' is the reference."""
+    import bn_perturbed
+    import train
+    import utils
+    utils.launch(train.main, train.get_args_parser(), [
+        "--dataset", "fake", "--img-size", "16", "--train-subset", "64", "--val-size", "0", "--batch-size", "32",
+        "--device", "cpu", "--workers", "0", "--no-progress", "--model", "resnet20", "--epochs", "1",
+        "--out-dir", str(tmp_path / "run")])
+    capsys.readouterr()
+    assert bn_perturbed.main(bn_perturbed.get_args_parser().parse_args(
+        [str(tmp_path / "run" / "last.pt"), "--batches", "1", "--batch-size", "16"])) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "test acc" not in line]
+    assert [row.split(" | ")[0][2:] for row in rows] == ["as saved", "clean", *bn_perturbed.PERTURBATIONS]
+    assert rows[1].endswith("| +0.00 |")
