@@ -6,11 +6,15 @@ differences:
   - vs vanilla: the same architecture trained alone with the same seed (for an ensemble, the
     best of its members' architectures trained alone with that seed);
   - vs DML: the same network of the deep-mutual-learning run of the same models and seed.
-Every run must share the data and the budget (dataset, subset, epochs, batch, optimizer, schedule).
+Beside each network's test accuracy stands its last-epoch training accuracy (metrics.csv: the
+running accuracy over that epoch's augmented batches, in train mode, a competitive network's
+perturbed batches included), which shows how far the networks fit their training set. Every run must share the data and the budget (dataset, subset,
+epochs, batch, optimizer, schedule).
 
     python experiments/summarize.py runs/study --png docs/study.png
 """
 import argparse
+import csv
 import glob
 import json
 import math
@@ -31,8 +35,9 @@ class StudyError(Exception):
 
 
 def load_runs(study):
-    """Every finished run under `study`: dicts with config, seed, script, models, args and accs
-    (the networks' last-epoch test accuracies, then the ensemble's when there is one)."""
+    """Every finished run under `study`: dicts with config, seed, script, models, args, accs (the
+    networks' last-epoch test accuracies, then the ensemble's when there is one) and train (the
+    networks' last-epoch training accuracies; None where metrics.csv lacks them)."""
     runs = []
     for path in sorted(glob.glob(os.path.join(study, "*", "seed*", "results.json"))):
         run_dir = os.path.dirname(path)
@@ -44,11 +49,24 @@ def load_runs(study):
         models = [n["model"] for n in networks if n["net"] != "ensemble"]
         runs.append({"config": os.path.basename(os.path.dirname(run_dir)), "seed": args["seed"],
                      "script": results.get("script", "train" if len(models) == 1 else "?"), "models": models,
-                     "args": args, "accs": [n["final_test_acc"] for n in networks]})
+                     "args": args, "accs": [n["final_test_acc"] for n in networks],
+                     "train": last_train_accs(run_dir, [n["net"] for n in networks if n["net"] != "ensemble"])})
     if not runs:
         raise StudyError(f"no finished run (<config>/seed<k>/results.json) under '{study}'")
     check_same_budget(runs)
     return runs
+
+
+def last_train_accs(run_dir, labels):
+    """Each network's training accuracy in the last epoch of metrics.csv (None if absent)."""
+    path = os.path.join(run_dir, "metrics.csv")
+    if not os.path.exists(path):
+        return [None] * len(labels)
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    last = max((int(row["epoch"]) for row in rows), default=None)
+    accs = {row["net"]: float(row["train_acc"]) for row in rows if int(row["epoch"]) == last and row.get("train_acc")}
+    return [accs.get(label) for label in labels]
 
 
 def check_same_budget(runs):
@@ -90,7 +108,9 @@ def summarize(runs):
                 if all(a is not None for a in alone):
                     base[seed] = max(alone)
             mutual = {seed: dml[(tuple(models), seed)][i] for seed in values if (tuple(models), seed) in dml}
-            rows.append({"config": config, "script": group[0]["script"], "label": label, "values": values,
+            train = {run["seed"]: run["train"][i] for run in group
+                     if label != "ensemble" and run["train"][i] is not None}
+            rows.append({"config": config, "script": group[0]["script"], "label": label, "values": values, "train": train,
                          "vs_vanilla": paired(values, base) if group[0]["script"] != "train" else None,
                          "vs_dml": paired(values, mutual) if group[0]["script"] != "mutual" else None})
     return rows
@@ -117,11 +137,12 @@ def markdown(rows, runs):
              f"batch {first['batch_size']}, {'/'.join(first['optimizer'])} {first['schedule']}; seeds {seeds}; "
              "last-epoch test accuracy (%), mean ± std over seeds; paired differences per seed, then mean ± std",
              "",
-             "| configuration | network | test acc | per seed | − vanilla | − DML |",
-             "|---|---|---|---|---|---|"]
+             "| configuration | network | train acc | test acc | per seed | − vanilla | − DML |",
+             "|---|---|---|---|---|---|---|"]
     for row in rows:
         per_seed = " / ".join(f"{row['values'][s]:.2f}" for s in sorted(row["values"]))
-        lines.append(f"| {row['config']} | {row['label']} | {fmt(list(row['values'].values()))} (n={len(row['values'])}) | "
+        lines.append(f"| {row['config']} | {row['label']} | {fmt(list(row['train'].values()))} | "
+                     f"{fmt(list(row['values'].values()))} (n={len(row['values'])}) | "
                      f"{per_seed} | {fmt(row['vs_vanilla'], sign=True)} | {fmt(row['vs_dml'], sign=True)} |")
     return "\n".join(lines)
 
@@ -129,8 +150,8 @@ def markdown(rows, runs):
 def compact(rows):
     """The same numbers, one line per configuration (for a README): each network's accuracy and its
     paired difference to the network alone, then the ensemble's, also paired with DML's ensemble."""
-    lines = ["| configuration | networks | − alone | ensemble | − best alone | − DML ensemble |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| configuration | train acc | networks | − alone | ensemble | − best alone | − DML ensemble |",
+             "|---|---|---|---|---|---|---|"]
     configs = {}
     for row in rows:
         configs.setdefault(row["config"], []).append(row)
@@ -138,7 +159,8 @@ def compact(rows):
         nets = [row for row in group if row["label"] != "ensemble"]
         ensemble = next((row for row in group if row["label"] == "ensemble"), None)
         models = " + ".join(row["label"].split()[1] for row in nets)
-        cells = [f"{config} ({models})", "; ".join(fmt(list(row["values"].values())) for row in nets),
+        cells = [f"{config} ({models})", "; ".join(fmt(list(row["train"].values())) for row in nets),
+                 "; ".join(fmt(list(row["values"].values())) for row in nets),
                  "; ".join(fmt(row["vs_vanilla"], sign=True) for row in nets) if nets[0]["vs_vanilla"] else "–"]
         if ensemble is None:
             cells += ["–", "–", "–"]

@@ -18,8 +18,9 @@ BUDGET = {"dataset": "fashion-mnist", "train_subset": 1000, "val_size": 0, "img_
           "warmup_epochs": 1.0, "amp": "auto"}
 
 
-def write_run(study, config, seed, script, models, accs, **changes):
-    """A finished run directory as the training scripts leave it (only what summarize.py reads)."""
+def write_run(study, config, seed, script, models, accs, train=None, **changes):
+    """A finished run directory as the training scripts leave it (only what summarize.py reads);
+    `train`: the networks' last-epoch training accuracies, written to metrics.csv after a first epoch."""
     run_dir = os.path.join(study, config, f"seed{seed}")
     os.makedirs(run_dir)
     labels = [f"net{i}_{m}" for i, m in enumerate(models)] + (["ensemble"] if len(models) > 1 else [])
@@ -29,6 +30,12 @@ def write_run(study, config, seed, script, models, accs, **changes):
         json.dump({"script": script, "dataset": "fashion-mnist", "networks": networks}, f)
     with open(os.path.join(run_dir, "args.json"), "w") as f:
         json.dump({**BUDGET, "seed": seed, **changes}, f)
+    if train is not None:
+        with open(os.path.join(run_dir, "metrics.csv"), "w") as f:
+            f.write("epoch,net,model,train_acc,test_acc\n")
+            for epoch, values in ((1, [10.0] * len(train)), (2, train)):
+                f.writelines(f"{epoch},{label},{model},{acc},\n" for label, model, acc in zip(labels, models, values))
+            f.write(f"2,ensemble,{'+'.join(models)},,{accs[-1]}\n" if len(models) > 1 else "")
 
 
 @pytest.fixture
@@ -37,9 +44,9 @@ def study(tmp_path):
     for seed, (alone, dml, cd) in enumerate([(80.0, (81.0, 82.0, 83.0), (82.0, 84.0, 85.0)),
                                              (81.0, (81.5, 80.5, 82.0), (83.0, 82.0, 84.0)),
                                              (79.0, (80.0, 81.0, 81.5), (81.0, 80.0, 82.5))]):
-        write_run(root, "vanilla", seed, "train", ["resnet20"], [alone])
-        write_run(root, "dml", seed, "mutual", ["resnet20", "resnet20"], list(dml))
-        write_run(root, "cd", seed, "competitive", ["resnet20", "resnet20"], list(cd))
+        write_run(root, "vanilla", seed, "train", ["resnet20"], [alone], train=[99.0 + seed / 2])
+        write_run(root, "dml", seed, "mutual", ["resnet20", "resnet20"], list(dml))  # no metrics.csv
+        write_run(root, "cd", seed, "competitive", ["resnet20", "resnet20"], list(cd), train=[97.0 + seed, 100.0])
     return root
 
 
@@ -57,12 +64,17 @@ def test_mean_std_and_paired_differences_match_hand_computation(study):
     mean, std = summarize.mean_std(ensemble["vs_dml"])
     assert mean == pytest.approx(5 / 3) and std == pytest.approx(math.sqrt(((1 / 3) ** 2 * 2 + (2 / 3) ** 2) / 2))
     assert rows[("vanilla", "net0 resnet20")]["vs_vanilla"] is None and rows[("dml", "ensemble")]["vs_dml"] is None
+    # the last epoch's training accuracy, per seed; none for an ensemble or a run without metrics.csv
+    assert rows[("vanilla", "net0 resnet20")]["train"] == {0: 99.0, 1: 99.5, 2: 100.0}
+    assert cd0["train"] == {0: 97.0, 1: 98.0, 2: 99.0} and rows[("cd", "net1 resnet20")]["train"] == {0: 100.0, 1: 100.0, 2: 100.0}
+    assert ensemble["train"] == {} and rows[("dml", "net0 resnet20")]["train"] == {}
 
 
 def test_the_table_and_the_plot(study, capsys):
     assert summarize.main([study]) == 0
     out = capsys.readouterr().out
-    assert "| cd | net0 resnet20 | 82.00 ± 1.00 (n=3) | 82.00 / 83.00 / 81.00 | +2.00 ± 0.00 | +1.17 ± 0.29 |" in out
+    assert "| cd | net0 resnet20 | 98.00 ± 1.00 | 82.00 ± 1.00 (n=3) | 82.00 / 83.00 / 81.00 | +2.00 ± 0.00 | +1.17 ± 0.29 |" in out
+    assert "| dml | ensemble | – | 82.17 ± 0.76 (n=3) |" in out
     assert out.index("| vanilla |") < out.index("| dml |") < out.index("| cd |")  # baselines first
     with Image.open(os.path.join(study, "study.png")) as image:
         assert image.width > 500 and image.height > 9 * 20
@@ -97,7 +109,7 @@ def test_compare_runs_each_configuration_once_then_skips_it(tmp_path, capsys):
 def test_the_compact_table_has_one_line_per_configuration(study):
     lines = summarize.compact(summarize.summarize(summarize.load_runs(study))).splitlines()
     assert len(lines) == 2 + 3
-    assert lines[4] == ("| cd (resnet20 + resnet20) | 82.00 ± 1.00; 82.00 ± 2.00 | +2.00 ± 0.00; +2.00 ± 1.73 | "
+    assert lines[4] == ("| cd (resnet20 + resnet20) | 98.00 ± 1.00; 100.00 ± 0.00 | 82.00 ± 1.00; 82.00 ± 2.00 | +2.00 ± 0.00; +2.00 ± 1.73 | "
                         "83.83 ± 1.26 | +3.83 ± 1.04 | +1.67 ± 0.58 |")  # by hand from the fixture
 
 
