@@ -669,9 +669,11 @@ def make_run_checkpoint(run, epoch, step, stats=None):
                               epoch=epoch, step=step, extra=extra), "script": run.script}
 
 
-# Flags that fix which images each step sees: a resumed run (mid-epoch ones above all) needs them
-# unchanged; and --freeze, which decides which networks have optimizer state in the checkpoint.
-RESUME_MUST_MATCH = ("dataset", "batch_size", "train_subset", "split_seed", "val_size", "seed", "freeze")
+# Flags that fix which images each step sees, and how they are augmented: a resumed run (mid-epoch
+# ones above all) needs them unchanged; and --freeze, which decides which networks have optimizer
+# state in the checkpoint.
+RESUME_MUST_MATCH = ("dataset", "batch_size", "train_subset", "split_seed", "val_size", "seed", "crop", "rotate",
+                     "freeze")
 
 
 def restore_checkpoint(ckpt, path, args, info, names, nets, optimizers, rt):

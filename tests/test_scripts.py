@@ -320,6 +320,11 @@ def test_bad_resume_files(capsys, tmp_path):
                        "was written with --batch-size 32; this run has 16")
     expect_usage_error(capsys, train, [*TINY, "--model", "resnet20", "--epochs", "2", "--split-seed", "5", "--resume", last],
                        "--split-seed")
+    # the augmentation too: a resumed run trains on the same kind of images
+    expect_usage_error(capsys, train, [*TINY, "--model", "resnet20", "--epochs", "2", "--rotate", "10", "--resume", last],
+                       "was written with --rotate 0.0; this run has 10.0")
+    expect_usage_error(capsys, train, [*TINY, "--model", "resnet20", "--epochs", "2", "--no-crop", "--resume", last],
+                       "was written with --crop True; this run has False")
 
 
 def test_compile_flag_wraps_networks_but_not_checkpoints():
