@@ -8,7 +8,8 @@ differences:
   - vs DML: the same network of the deep-mutual-learning run of the same models and seed.
 Beside each network's test accuracy stands its last-epoch training accuracy (metrics.csv: the
 running accuracy over that epoch's augmented batches, in train mode, a competitive network's
-perturbed batches included), which shows how far the networks fit their training set. Every run must share the data and the budget (dataset, subset,
+perturbed batches included), which shows how far the networks fit their training set. For each competitive run it also prints how often the most
+frequent leader led (mean over epochs of train_leader_share). Every run must share the data and the budget (dataset, subset,
 epochs, batch, optimizer, schedule).
 
     python experiments/summarize.py runs/study --png docs/study.png
@@ -37,7 +38,8 @@ class StudyError(Exception):
 def load_runs(study):
     """Every finished run under `study`: dicts with config, seed, script, models, args, accs (the
     networks' last-epoch test accuracies, then the ensemble's when there is one) and train (the
-    networks' last-epoch training accuracies; None where metrics.csv lacks them)."""
+    networks' last-epoch training accuracies; None where metrics.csv lacks them) and leader (the
+    most frequent leader's share of the steps, for a competitive run)."""
     runs = []
     for path in sorted(glob.glob(os.path.join(study, "*", "seed*", "results.json"))):
         run_dir = os.path.dirname(path)
@@ -47,26 +49,39 @@ def load_runs(study):
             args = json.load(f)
         networks = results["networks"]
         models = [n["model"] for n in networks if n["net"] != "ensemble"]
+        labels, metrics = [n["net"] for n in networks if n["net"] != "ensemble"], read_metrics(run_dir)
         runs.append({"config": os.path.basename(os.path.dirname(run_dir)), "seed": args["seed"],
                      "script": results.get("script", "train" if len(models) == 1 else "?"), "models": models,
                      "args": args, "accs": [n["final_test_acc"] for n in networks],
-                     "train": last_train_accs(run_dir, [n["net"] for n in networks if n["net"] != "ensemble"])})
+                     "train": last_train_accs(metrics, labels), "leader": top_leader_share(metrics, labels)})
     if not runs:
         raise StudyError(f"no finished run (<config>/seed<k>/results.json) under '{study}'")
     check_same_budget(runs)
     return runs
 
 
-def last_train_accs(run_dir, labels):
-    """Each network's training accuracy in the last epoch of metrics.csv (None if absent)."""
+def read_metrics(run_dir):
+    """The rows of a run's metrics.csv ([] without one)."""
     path = os.path.join(run_dir, "metrics.csv")
     if not os.path.exists(path):
-        return [None] * len(labels)
+        return []
     with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+        return list(csv.DictReader(f))
+
+
+def last_train_accs(rows, labels):
+    """Each network's training accuracy in the last epoch of metrics.csv (None if absent)."""
     last = max((int(row["epoch"]) for row in rows), default=None)
     accs = {row["net"]: float(row["train_acc"]) for row in rows if int(row["epoch"]) == last and row.get("train_acc")}
     return [accs.get(label) for label in labels]
+
+
+def top_leader_share(rows, labels):
+    """A competitive run's most frequent leader: the largest mean over epochs of a network's share of
+    the steps it led (train_leader_share); None for a run that logs no leader."""
+    shares = [[float(row["train_leader_share"]) for row in rows if row["net"] == label and row.get("train_leader_share")]
+              for label in labels]
+    return max(sum(s) / len(s) for s in shares) if all(shares) and shares else None
 
 
 def check_same_budget(runs):
@@ -171,6 +186,17 @@ def compact(rows):
     return "\n".join(lines)
 
 
+def leadership(runs):
+    """One line per competitive configuration: per seed, the share of steps its most frequent leader led."""
+    lines = []
+    for config in sorted({run["config"] for run in runs if run["leader"] is not None}):
+        group = sorted((run for run in runs if run["config"] == config and run["leader"] is not None),
+                       key=lambda run: run["seed"])
+        lines.append(f"{config}: " + " / ".join(f"{run['leader']:.2f}" for run in group) +
+                     f" (seeds {', '.join(str(run['seed']) for run in group)})")
+    return "\n".join(lines)
+
+
 def plot(rows, path, title):
     """A dot plot (one line per row: a dot per seed, the mean as a bar, +-1 std as a line) as a PNG."""
     from PIL import Image, ImageDraw, ImageFont  # Pillow comes with torchvision
@@ -222,6 +248,9 @@ def main(argv=None):
     print(table)
     if args.compact:
         print("\n" + compact(rows))
+    leaders = leadership(runs)
+    if leaders:
+        print("\nshare of the steps led by the most frequent leader, mean over epochs, per seed:\n" + leaders)
     png = args.png or os.path.join(args.study, "study.png")
     plot(rows, png, table.splitlines()[0].split("; last-epoch")[0] + "; last-epoch test accuracy")
     print(f"\nplot: {png}")

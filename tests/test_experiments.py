@@ -18,9 +18,10 @@ BUDGET = {"dataset": "fashion-mnist", "train_subset": 1000, "val_size": 0, "img_
           "warmup_epochs": 1.0, "amp": "auto"}
 
 
-def write_run(study, config, seed, script, models, accs, train=None, **changes):
+def write_run(study, config, seed, script, models, accs, train=None, leader=None, **changes):
     """A finished run directory as the training scripts leave it (only what summarize.py reads);
-    `train`: the networks' last-epoch training accuracies, written to metrics.csv after a first epoch."""
+    `train` and `leader`: the networks' last-epoch training accuracies and leader shares, written to
+    metrics.csv after a first epoch (leader share 0.5 each)."""
     run_dir = os.path.join(study, config, f"seed{seed}")
     os.makedirs(run_dir)
     labels = [f"net{i}_{m}" for i, m in enumerate(models)] + (["ensemble"] if len(models) > 1 else [])
@@ -31,11 +32,13 @@ def write_run(study, config, seed, script, models, accs, train=None, **changes):
     with open(os.path.join(run_dir, "args.json"), "w") as f:
         json.dump({**BUDGET, "seed": seed, **changes}, f)
     if train is not None:
+        leader = leader or [""] * len(models)
         with open(os.path.join(run_dir, "metrics.csv"), "w") as f:
-            f.write("epoch,net,model,train_acc,test_acc\n")
-            for epoch, values in ((1, [10.0] * len(train)), (2, train)):
-                f.writelines(f"{epoch},{label},{model},{acc},\n" for label, model, acc in zip(labels, models, values))
-            f.write(f"2,ensemble,{'+'.join(models)},,{accs[-1]}\n" if len(models) > 1 else "")
+            f.write("epoch,net,model,train_acc,train_leader_share,test_acc\n")
+            for epoch, accs_, shares in ((1, [10.0] * len(train), [0.5 if s != "" else "" for s in leader]), (2, train, leader)):
+                f.writelines(f"{epoch},{label},{model},{acc},{share},\n"
+                             for label, model, acc, share in zip(labels, models, accs_, shares))
+            f.write(f"2,ensemble,{'+'.join(models)},,,{accs[-1]}\n" if len(models) > 1 else "")
 
 
 @pytest.fixture
@@ -46,7 +49,8 @@ def study(tmp_path):
                                              (79.0, (80.0, 81.0, 81.5), (81.0, 80.0, 82.5))]):
         write_run(root, "vanilla", seed, "train", ["resnet20"], [alone], train=[99.0 + seed / 2])
         write_run(root, "dml", seed, "mutual", ["resnet20", "resnet20"], list(dml))  # no metrics.csv
-        write_run(root, "cd", seed, "competitive", ["resnet20", "resnet20"], list(cd), train=[97.0 + seed, 100.0])
+        write_run(root, "cd", seed, "competitive", ["resnet20", "resnet20"], list(cd), train=[97.0 + seed, 100.0],
+                  leader=[1.0 - seed / 2, seed / 2])
     return root
 
 
@@ -68,6 +72,14 @@ def test_mean_std_and_paired_differences_match_hand_computation(study):
     assert rows[("vanilla", "net0 resnet20")]["train"] == {0: 99.0, 1: 99.5, 2: 100.0}
     assert cd0["train"] == {0: 97.0, 1: 98.0, 2: 99.0} and rows[("cd", "net1 resnet20")]["train"] == {0: 100.0, 1: 100.0, 2: 100.0}
     assert ensemble["train"] == {} and rows[("dml", "net0 resnet20")]["train"] == {}
+
+
+def test_leadership_is_the_most_frequent_leaders_mean_share(study):
+    runs = summarize.load_runs(study)
+    # epoch shares (0.5, 1 - seed/2) for net0 and (0.5, seed/2) for net1: means 0.75, 0.5, 0.75 (net1 in seed 2)
+    assert [run["leader"] for run in sorted(runs, key=lambda run: run["seed"]) if run["config"] == "cd"] == [0.75, 0.5, 0.75]
+    assert all(run["leader"] is None for run in runs if run["config"] != "cd")  # no leader column
+    assert summarize.leadership(runs) == "cd: 0.75 / 0.50 / 0.75 (seeds 0, 1, 2)"
 
 
 def test_the_table_and_the_plot(study, capsys):
