@@ -6,7 +6,7 @@ finished (results.json) is skipped and an interrupted one resumes, so the comman
 until everything is done. Then `python experiments/summarize.py OUT` makes the table and the figure.
 
     python experiments/compare.py --out runs/study --seeds 0 1 2 --jobs 2 -- \\
-        --dataset fashion-mnist --train-subset 1000 --val-size 0 --epochs 40 --eval-every 40
+        --dataset fashion-mnist --train-subset 512 --val-size 0 --epochs 120 --eval-every 120 --optimizer adamw
 
 Edit CONFIGS to compare other groups; NET and OTHER stand for --net and --other-net.
 """
