@@ -8,9 +8,10 @@ differences:
   - vs DML: the same network of the deep-mutual-learning run of the same models and seed.
 Beside each network's test accuracy stands its last-epoch training accuracy (metrics.csv: the
 running accuracy over that epoch's augmented batches, in train mode, a competitive network's
-perturbed batches included), which shows how far the networks fit their training set. For each competitive run it also prints how often the most
-frequent leader led (mean over epochs of train_leader_share). Every run must share the data and the budget (dataset, subset,
-epochs, batch, optimizer, schedule).
+perturbed batches included), which shows how far the networks fit their training set. For each
+competitive run it also prints how often the most frequent leader led (mean over epochs of
+train_leader_share). Every run must share the data and the budget (dataset, subset, epochs,
+batch, optimizer, schedule).
 
     python experiments/summarize.py runs/study --png docs/study.png
 """
@@ -37,9 +38,9 @@ class StudyError(Exception):
 
 def load_runs(study):
     """Every finished run under `study`: dicts with config, seed, script, models, args, accs (the
-    networks' last-epoch test accuracies, then the ensemble's when there is one) and train (the
+    networks' last-epoch test accuracies, then the ensemble's when there is one), train (the
     networks' last-epoch training accuracies; None where metrics.csv lacks them) and leader (the
-    most frequent leader's share of the steps, for a competitive run)."""
+    most frequent leader's share of the steps in a competitive run, else None)."""
     runs = []
     for path in sorted(glob.glob(os.path.join(study, "*", "seed*", "results.json"))):
         run_dir = os.path.dirname(path)
