@@ -11,7 +11,6 @@ classified instead (no dataset needed).
     python demo.py runs/my-run --images cat.jpg dog.png --topk 5
 """
 import argparse
-import csv
 import dataclasses
 import math
 import os
@@ -248,26 +247,6 @@ def short(name, length=24):
 # ----------------------------------------------------------------------------------------------
 # Training curves from metrics.csv
 # ----------------------------------------------------------------------------------------------
-def taught_by_keys(row):
-    """The competitive script's teacher-matrix columns in a metrics.csv row (train_taught_by_net<j>)."""
-    return sorted((key for key in row if key.startswith("train_taught_by_net")), key=lambda key: int(key[19:]))
-
-
-def read_metrics(run_dir):
-    """{network label: {column: [(epoch, value), ...]}} from a run's metrics.csv; None without one."""
-    path = os.path.join(run_dir, "metrics.csv")
-    if not os.path.isfile(path):
-        return None
-    series = {}
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            columns = series.setdefault(row["net"], {})
-            for key in ("val_acc", "test_acc", "train_leader_share", *taught_by_keys(row)):
-                if row.get(key):
-                    columns.setdefault(key, []).append((int(row["epoch"]), float(row[key])))
-    return {net: {k: sorted(v) for k, v in columns.items()} for net, columns in series.items()}
-
-
 def teacher_matrix(series):
     """(network labels, matrix) with matrix[i][j] the share of training steps in which network j taught
     network i, averaged over the run's epochs; None for a run without the competitive script's columns."""
@@ -292,7 +271,7 @@ def draw_teacher_matrix(ax, nets, matrix):
 def plot_curves(runs, path):
     """Plot each run's per-network validation accuracy (and leader share) over epochs to `path`.
 
-    runs: {run directory: read_metrics(...)}. Returns False when matplotlib is not installed.
+    runs: {run directory: engine.read_metrics(...)}. Returns False when matplotlib is not installed.
     """
     try:
         import matplotlib  # noqa: F401  (optional; imported first so a blocked or broken install is caught)
@@ -419,7 +398,7 @@ def main(args):
     runs = {}
     for _, directory in sources:
         directory = os.path.abspath(directory)
-        if directory not in runs and (series := read_metrics(directory)):
+        if directory not in runs and (series := engine.read_metrics(directory)):
             runs[directory] = series
     if runs:  # checkpoint files kept outside a run directory have no metrics to plot
         curves = args.curves or os.path.join(run_dir, "curves.png")

@@ -490,6 +490,22 @@ def finish(run):
 # ----------------------------------------------------------------------------------------------
 # metrics.csv and TensorBoard
 # ----------------------------------------------------------------------------------------------
+def read_metrics(run_dir):
+    """{network label: {column: [(epoch, value), ...]}} from a run's metrics.csv: every numeric column
+    a network's rows have values in, by epoch; None without the file."""
+    path = os.path.join(run_dir, "metrics.csv")
+    if not os.path.isfile(path):
+        return None
+    series = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            columns = series.setdefault(row["net"], {})
+            for key, value in row.items():
+                if key not in (None, "epoch", "net", "model") and value:
+                    columns.setdefault(key, []).append((int(row["epoch"]), float(value)))
+    return {net: {key: sorted(values) for key, values in columns.items()} for net, columns in series.items()}
+
+
 class MetricsLog:
     """metrics.csv (one row per epoch per network, plus the ensemble; its columns are the names the
     rows carry) and TensorBoard scalars, written by the main process."""

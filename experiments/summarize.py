@@ -16,12 +16,14 @@ batch, optimizer, schedule).
     python experiments/summarize.py runs/study --png docs/study.png
 """
 import argparse
-import csv
 import glob
 import json
 import math
 import os
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from engine import read_metrics  # noqa: E402
 
 # args.json fields that must agree across a study's runs (the same data and budget)
 BUDGET = ("dataset", "train_subset", "val_size", "img_size", "epochs", "batch_size", "optimizer", "lr",
@@ -50,39 +52,27 @@ def load_runs(study):
             args = json.load(f)
         networks = results["networks"]
         models = [n["model"] for n in networks if n["net"] != "ensemble"]
-        labels, metrics = [n["net"] for n in networks if n["net"] != "ensemble"], read_metrics(run_dir)
+        labels, series = [n["net"] for n in networks if n["net"] != "ensemble"], read_metrics(run_dir) or {}
         runs.append({"config": os.path.basename(os.path.dirname(run_dir)), "seed": args["seed"],
                      "script": results.get("script", "train" if len(models) == 1 else "?"), "models": models,
                      "args": args, "accs": [n["final_test_acc"] for n in networks],
-                     "train": last_train_accs(metrics, labels), "leader": top_leader_share(metrics, labels)})
+                     "train": last_train_accs(series, labels), "leader": top_leader_share(series, labels)})
     if not runs:
         raise StudyError(f"no finished run (<config>/seed<k>/results.json) under '{study}'")
     check_same_budget(runs)
     return runs
 
 
-def read_metrics(run_dir):
-    """The rows of a run's metrics.csv ([] without one)."""
-    path = os.path.join(run_dir, "metrics.csv")
-    if not os.path.exists(path):
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+def last_train_accs(series, labels):
+    """Each network's training accuracy in its last epoch (None where metrics.csv has none)."""
+    return [series[label]["train_acc"][-1][1] if "train_acc" in series.get(label, {}) else None for label in labels]
 
 
-def last_train_accs(rows, labels):
-    """Each network's training accuracy in the last epoch of metrics.csv (None if absent)."""
-    last = max((int(row["epoch"]) for row in rows), default=None)
-    accs = {row["net"]: float(row["train_acc"]) for row in rows if int(row["epoch"]) == last and row.get("train_acc")}
-    return [accs.get(label) for label in labels]
-
-
-def top_leader_share(rows, labels):
+def top_leader_share(series, labels):
     """A competitive run's most frequent leader: the largest mean over epochs of a network's share of
     the steps it led (train_leader_share); None for a run that logs no leader."""
-    shares = [[float(row["train_leader_share"]) for row in rows if row["net"] == label and row.get("train_leader_share")]
-              for label in labels]
-    return max(sum(s) / len(s) for s in shares) if all(shares) and shares else None
+    shares = [[value for _, value in series.get(label, {}).get("train_leader_share", [])] for label in labels]
+    return max(sum(s) / len(s) for s in shares) if shares and all(shares) else None
 
 
 def check_same_budget(runs):
@@ -164,9 +154,10 @@ def markdown(rows, runs):
 
 
 def compact(rows):
-    """The same numbers, one line per configuration (for a README): each network's accuracy and its
-    paired difference to the network alone, then the ensemble's, also paired with DML's ensemble."""
-    lines = ["| configuration | train acc | networks | − alone | ensemble | − best alone | − DML ensemble |",
+    """The same numbers, one line per configuration (for a README): each network's training and test
+    accuracy and its paired difference to the network alone, then the ensemble's test accuracy, also
+    paired with DML's ensemble."""
+    lines = ["| configuration | train acc | test acc | − alone | ensemble | − best alone | − DML ensemble |",
              "|---|---|---|---|---|---|---|"]
     configs = {}
     for row in rows:

@@ -196,7 +196,7 @@ def test_run_directory_without_matplotlib(runs, tmp_path, capsys, monkeypatch):
 def test_teacher_matrix_of_a_competitive_run(runs, cli):
     """metrics.csv's taught_by columns form the teacher matrix: nobody teaches itself, and each
     learner's row sums to its mean number of teachers (train_teachers)."""
-    series = demo.read_metrics(str(runs[0]))
+    series = engine.read_metrics(str(runs[0]))
     nets, matrix = demo.teacher_matrix(series)
     assert nets == ["net0_resnet20", "net1_resnet20"]
     assert matrix[0][0] == matrix[1][1] == 0
@@ -204,7 +204,7 @@ def test_teacher_matrix_of_a_competitive_run(runs, cli):
         with open(runs[0] / "metrics.csv", newline="") as f:
             teachers = [float(r["train_teachers"]) for r in csv.DictReader(f) if r["net"] == net]
         assert sum(row) == pytest.approx(sum(teachers) / len(teachers), abs=1e-5)
-    assert demo.teacher_matrix(demo.read_metrics(str(runs[1]))) is None  # a single network has none
+    assert demo.teacher_matrix(engine.read_metrics(str(runs[1]))) is None  # a single network has none
     if importlib.util.find_spec("matplotlib"):
         with Image.open(runs[0] / "curves.png") as image:
             assert image.width >= 3 * 600  # accuracy, leadership and the teacher matrix

@@ -32,13 +32,15 @@ def write_run(study, config, seed, script, models, accs, train=None, leader=None
     with open(os.path.join(run_dir, "args.json"), "w") as f:
         json.dump({**BUDGET, "seed": seed, **changes}, f)
     if train is not None:
-        leader = leader or [""] * len(models)
+        none = [""] * len(models)
+        rows = [(1, [10.0] * len(models), [0.5] * len(models) if leader else none), (2, train, leader or none)]
         with open(os.path.join(run_dir, "metrics.csv"), "w") as f:
             f.write("epoch,net,model,train_acc,train_leader_share,test_acc\n")
-            for epoch, accs_, shares in ((1, [10.0] * len(train), [0.5 if s != "" else "" for s in leader]), (2, train, leader)):
+            for epoch, epoch_train, epoch_leader in rows:
                 f.writelines(f"{epoch},{label},{model},{acc},{share},\n"
-                             for label, model, acc, share in zip(labels, models, accs_, shares))
-            f.write(f"2,ensemble,{'+'.join(models)},,,{accs[-1]}\n" if len(models) > 1 else "")
+                             for label, model, acc, share in zip(labels, models, epoch_train, epoch_leader))
+            if len(models) > 1:
+                f.write(f"2,ensemble,{'+'.join(models)},,,{accs[-1]}\n")
 
 
 @pytest.fixture
