@@ -19,10 +19,13 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torchvision import transforms
 
-import engine
+import checkpoints
+import flags
+import metrics
 import models
 import utils
 from datasets import build_data, data_from_arrays, make_loaders
+from models.weights import net_labels
 
 RIGHT, WRONG, TEXT = (0, 130, 0), (200, 0, 0), (0, 0, 0)
 TILE_SIDE = 128  # displayed image size in the grid: 32-px images become visible, 224-px ones fit
@@ -31,7 +34,7 @@ TILE_SIDE = 128  # displayed image size in the grid: 32-px images become visible
 def get_args_parser():
     """Flags: what to load, what to show and where to write it."""
     parser = argparse.ArgumentParser(description="Load trained networks, show and save their predictions.",
-                                     formatter_class=utils.HelpFormatter)
+                                     formatter_class=flags.HelpFormatter)
     add = parser.add_argument
     add("checkpoints", nargs="+", metavar="RUN_DIR_OR_CHECKPOINT",
         help="a run directory (its checkpoint chosen by --which) or checkpoint files; all their networks form one group")
@@ -59,9 +62,9 @@ def check_args(args):
     """Reject flag values that cannot work, with one line saying what is accepted."""
     for name in ("topk", "num_images", "batch_size"):
         if getattr(args, name) < 1:
-            raise utils.UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+            raise flags.UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     if args.workers is not None and args.workers < 0:
-        raise utils.UsageError(f"--workers must be >= 0, got {args.workers}")
+        raise flags.UsageError(f"--workers must be >= 0, got {args.workers}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -74,9 +77,9 @@ def resolve_checkpoint(path, which):
         for name in names:
             if os.path.isfile(os.path.join(path, name)):
                 return os.path.join(path, name), path
-        raise utils.UsageError(f"'{path}' holds no {' or '.join(names)}: not a run directory of this repository's scripts")
+        raise flags.UsageError(f"'{path}' holds no {' or '.join(names)}: not a run directory of this repository's scripts")
     if not os.path.exists(path):
-        raise utils.UsageError(f"'{path}' does not exist")
+        raise flags.UsageError(f"'{path}' does not exist")
     return path, os.path.dirname(os.path.abspath(path))
 
 
@@ -91,13 +94,13 @@ def check_group(paths, ckpts):
     for path, ckpt in zip(paths[1:], ckpts[1:]):
         if any(ckpt[k] != ckpts[0][k] for k in keys):
             detail = " with other class names" if describe(ckpt) == describe(ckpts[0]) else ""
-            raise utils.UsageError(f"'{path}' was trained on {describe(ckpt)} but '{paths[0]}' on "
+            raise flags.UsageError(f"'{path}' was trained on {describe(ckpt)} but '{paths[0]}' on "
                                    f"{describe(ckpts[0])}{detail}; a group must share dataset, classes and input size")
 
 
 def net_epochs(ckpt):
     """Per network, the training it had when saved: '12', or '12+40 steps' for a mid-epoch stop."""
-    best = ckpt["extra"].get("best")
+    best = ckpt["state"].get("best")
     # best.pt (the only checkpoint without optimizer state) holds each network at its own best epoch.
     if not ckpt["optimizers"] and best is not None:
         return [str(epoch) for epoch in best["epoch"]]
@@ -116,7 +119,7 @@ def build_group(paths, ckpts, device):
                 net.load_state_dict(state)
             except (ValueError, RuntimeError) as error:
                 # a renamed model or changed architecture since training: say which network, briefly
-                raise utils.UsageError(f"'{path}' network {i} ({name}) cannot be rebuilt: "
+                raise flags.UsageError(f"'{path}' network {i} ({name}) cannot be rebuilt: "
                                        f"{str(error).splitlines()[0][:160]}") from None
             nets.append(net.to(device).eval())
     return nets
@@ -144,7 +147,7 @@ def load_test_data(ckpt, args):
                       split_seed=train_args.get("split_seed", 0), download=download,
                       num_classes=train_args.get("num_classes"))
     if list(data.info.classes) != list(ckpt["classes"]):
-        raise utils.UsageError(f"the {ckpt['dataset']} classes found in '{data_dir}' are not the {ckpt['num_classes']} "
+        raise flags.UsageError(f"the {ckpt['dataset']} classes found in '{data_dir}' are not the {ckpt['num_classes']} "
                                "the checkpoint was trained on; point --data-dir at the training data")
     stored = dataclasses.replace(data.info, mean=tuple(ckpt["mean"]), std=tuple(ckpt["std"]))
     if stored != data.info:
@@ -161,19 +164,19 @@ def load_images(paths, ckpt):
     """User image files as the networks expect them: (normalised batch, displayable PIL images)."""
     mode = {1: "L", 3: "RGB"}.get(ckpt["in_chans"])
     if mode is None:
-        raise utils.UsageError(f"--images needs networks with 1 or 3 input channels, these have {ckpt['in_chans']}")
+        raise flags.UsageError(f"--images needs networks with 1 or 3 input channels, these have {ckpt['in_chans']}")
     # Resize the short side and crop the centre: keeps the aspect ratio, like the eval transform.
     geometry = transforms.Compose([transforms.Resize(ckpt["img_size"]), transforms.CenterCrop(ckpt["img_size"])])
     finish = transforms.Compose([transforms.ToTensor(), transforms.Normalize(ckpt["mean"], ckpt["std"])])
     shown, tensors = [], []
     for path in paths:
         if not os.path.isfile(path):
-            raise utils.UsageError(f"image '{path}' does not exist")
+            raise flags.UsageError(f"image '{path}' does not exist")
         try:
             with Image.open(path) as image:
                 image = geometry(image.convert(mode))
         except (OSError, ValueError) as error:
-            raise utils.UsageError(f"'{path}' is not a readable image ({' '.join(str(error).split())[:120]})") from None
+            raise flags.UsageError(f"'{path}' is not a readable image ({' '.join(str(error).split())[:120]})") from None
         shown.append(image)
         tensors.append(finish(image))
     return torch.stack(tensors), shown
@@ -271,7 +274,7 @@ def draw_teacher_matrix(ax, nets, matrix):
 def plot_curves(runs, path):
     """Plot each run's per-network validation accuracy (and leader share) over epochs to `path`.
 
-    runs: {run directory: engine.read_metrics(...)}. Returns False when matplotlib is not installed.
+    runs: {run directory: metrics.read_metrics(...)}. Returns False when matplotlib is not installed.
     """
     try:
         import matplotlib  # noqa: F401  (optional; imported first so a blocked or broken install is caught)
@@ -374,12 +377,12 @@ def main(args):
     device = utils.resolve_device(args.device)
     sources = [resolve_checkpoint(path, args.which) for path in args.checkpoints]
     paths = [path for path, _ in sources]
-    ckpts = [engine.load_checkpoint(path) for path in paths]
+    ckpts = [checkpoints.load_checkpoint(path) for path in paths]
     check_group(paths, ckpts)
     ckpt = ckpts[0]
     batch, shown = load_images(args.images, ckpt) if args.images else (None, None)  # fail before heavy work
     names = [name for c in ckpts for name in c["models"]]
-    labels = engine.net_labels(names)  # numbered across checkpoints, so two runs' net0 stay apart
+    labels = net_labels(names)  # numbered across checkpoints, so two runs' net0 stay apart
     epochs = [epoch for c in ckpts for epoch in net_epochs(c)]
     start = 0
     for path, c in zip(paths, ckpts):
@@ -398,7 +401,7 @@ def main(args):
     runs = {}
     for _, directory in sources:
         directory = os.path.abspath(directory)
-        if directory not in runs and (series := engine.read_metrics(directory)):
+        if directory not in runs and (series := metrics.read_metrics(directory)):
             runs[directory] = series
     if runs:  # checkpoint files kept outside a run directory have no metrics to plot
         curves = args.curves or os.path.join(run_dir, "curves.png")
@@ -409,4 +412,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    utils.launch(main, get_args_parser())
+    flags.launch(main, get_args_parser())

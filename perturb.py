@@ -8,6 +8,7 @@ seeded torch.Generator so that a run, and a resumed run, is reproducible.
 import contextlib
 import functools
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -106,6 +107,22 @@ def _rotate(x, degrees, fill):
     return (rotated - fill) * mask + fill
 
 
+def _color_jitter_blur(x, param_generator):
+    """ColorJitter(0.25, 0.15, 0.15, 0.15) then GaussianBlur((7, 9), (0.1, 2.0)) on a [0,1] float batch,
+    one draw of the factors for the whole batch."""
+    brightness, contrast, saturation, hue, sigma = _uniform(
+        param_generator, (BRIGHTNESS, CONTRAST, SATURATION, HUE, BLUR_SIGMA))
+    x = TF.adjust_brightness(x, brightness)
+    x = TF.adjust_contrast(x, contrast)
+    if x.shape[-3] == 3:  # saturation and hue do not exist for grey images
+        x = TF.adjust_saturation(x, saturation)
+        x = TF.adjust_hue(x, hue)
+    # A kernel wider than 2*size-1 cannot be reflect-padded; only tiny test images need this.
+    height, width = x.shape[-2:]
+    kernel = [min(BLUR_KERNEL[0], 2 * width - 1), min(BLUR_KERNEL[1], 2 * height - 1)]
+    return TF.gaussian_blur(x, kernel, [sigma, sigma])
+
+
 def perturb(images, labels, op, *, mean, std, generator, param_generator=None):
     """Apply perturbation `op` to a normalised batch; return (images, labels_perm, lam).
 
@@ -145,17 +162,7 @@ def perturb(images, labels, op, *, mean, std, generator, param_generator=None):
     elif op == "gaussian_noise":
         x = x + NOISE_STD * torch.randn(x.shape, generator=generator, device=device, dtype=work_dtype)
     elif op == "color_jitter_blur":
-        brightness, contrast, saturation, hue, sigma = _uniform(
-            param_generator, (BRIGHTNESS, CONTRAST, SATURATION, HUE, BLUR_SIGMA))
-        x = TF.adjust_brightness(x, brightness)
-        x = TF.adjust_contrast(x, contrast)
-        if channels == 3:  # saturation and hue do not exist for grey images
-            x = TF.adjust_saturation(x, saturation)
-            x = TF.adjust_hue(x, hue)
-        # A kernel wider than 2*size-1 cannot be reflect-padded; only tiny test images need this.
-        height, width = x.shape[-2:]
-        kernel = [min(BLUR_KERNEL[0], 2 * width - 1), min(BLUR_KERNEL[1], 2 * height - 1)]
-        x = TF.gaussian_blur(x, kernel, [sigma, sigma])
+        x = _color_jitter_blur(x, param_generator)
     elif op == "rotation":
         (angle,) = _uniform(param_generator, [(-MAX_ROTATION, MAX_ROTATION)])
         # Corners that rotate in from outside get the dataset's mean colour, i.e. 0 once normalised.
@@ -163,6 +170,17 @@ def perturb(images, labels, op, *, mean, std, generator, param_generator=None):
 
     x = ((x.clamp(0, 1) - mean_t) / std_t).to(images.dtype)
     return x, labels, lam
+
+
+class PerturbedBatch(NamedTuple):
+    """One step's inputs for a group: inputs[i] is network i's batch (the perturbed network's
+    differs), lams (num_nets,) on the device the mixup weight of each network's loss (1 for a clean
+    batch), labels_perm the mixup partners' labels (the labels themselves otherwise), net the
+    perturbed network's index (a host int; -1 when the step is clean)."""
+    inputs: list
+    labels_perm: torch.Tensor
+    lams: torch.Tensor
+    net: int
 
 
 class Perturber:
@@ -188,9 +206,9 @@ class Perturber:
     `state_dict()` holds the two host generator states, the seed and the step count, so a resumed run
     continues exactly, on the same device or another one.
 
-    Calling it returns (net, images_p, labels_perm, lam); feed images_p to network `net` and use
-    losses.mixed_cross_entropy(logits, labels, labels_perm, lam) as its loss, which is plain CE unless the
-    operation was mixup. Unperturbed steps return the inputs themselves and lam = 1.
+    Calling it returns a PerturbedBatch: network i trains on inputs[i] with the loss
+    losses.mixed_cross_entropy(logits_i, labels, labels_perm, lams[i]), which is plain CE unless
+    network i got a mixup batch. Unperturbed steps return the batch itself for every network.
     """
 
     def __init__(self, *, every, ops, num_nets, seed, mean, std, device, rank=None):
@@ -232,29 +250,16 @@ class Perturber:
         self.perturbed_steps += 1
 
     def __call__(self, step, images, labels):
-        """Return (net, images_p, labels_perm, lam) for step `step`; net is -1 when nothing is perturbed."""
+        """The group's inputs at step `step`: a PerturbedBatch (no host synchronisation)."""
         net, op = self.choose(step)
+        lams = torch.ones(self.num_nets, device=images.device)
         if op is None:
-            return -1, images, labels, torch.ones((), dtype=torch.float32, device=images.device)
+            return PerturbedBatch([images] * self.num_nets, labels, lams, -1)
         self._reseed_device_generator()
         images_p, labels_perm, lam = perturb(images, labels, op, mean=self.mean, std=self.std,
                                              generator=self.device_generator, param_generator=self.param_generator)
-        return net, images_p, labels_perm, lam
-
-    def group_batch(self, step, images, labels):
-        """One step's inputs for the whole group: (inputs, labels_perm, lams, net).
-
-        inputs[i] is network i's batch (the perturbed network's differs); lams (num_nets,) on the
-        device holds the mixup weight of each network's loss, 1 for a clean batch, so every loss is
-        losses.mixed_cross_entropy(logits_i, labels, labels_perm, lams[i]); net is the perturbed
-        network's index (a host int), -1 when the step is clean. No host synchronisation.
-        """
-        net, images_p, labels_perm, lam = self(step, images, labels)
-        lams = torch.ones(self.num_nets, device=images.device)
-        if net >= 0:
-            lams[net] = lam
-        inputs = [images_p if i == net else images for i in range(self.num_nets)]
-        return inputs, labels_perm, lams, net
+        lams[net] = lam
+        return PerturbedBatch([images_p if i == net else images for i in range(self.num_nets)], labels_perm, lams, net)
 
     def state_dict(self):
         """The two host generator states (CPU uint8 tensors), and the seed and step count that key the
@@ -268,12 +273,4 @@ class Perturber:
         # A checkpoint may have been loaded with map_location onto the device; set_state wants CPU.
         self.host_generator.set_state(state["host_generator"].cpu())
         self.param_generator.set_state(state["param_generator"].cpu())
-        if "perturbed_steps" in state:
-            self.seed, self.perturbed_steps = int(state["seed"]), int(state["perturbed_steps"])
-        else:
-            # An older checkpoint saved the device generator's own state instead, which cannot be
-            # set on another device (a CPU state is 5056 bytes, a CUDA one 16) and is no longer used.
-            self.perturbed_steps = 0
-            print("perturbation: the checkpoint predates per-step noise seeds; noise and mixup draws "
-                  f"restart from seed {self.seed}'s first perturbed step (the network and operation "
-                  "draws continue exactly)")
+        self.seed, self.perturbed_steps = int(state["seed"]), int(state["perturbed_steps"])

@@ -5,10 +5,14 @@ mixup/cutmix and drop-path.
     python train_ceit.py --model ceit_tiny --dataset cifar100
     python train_ceit.py --model ceit --dataset imagenet --data-dir /data/imagenet --img-size 224
 """
+import functools
+import random
+import sys
 
 import torch
 
 import engine
+import flags
 import models
 import utils
 from losses import accuracy, soft_target_cross_entropy
@@ -16,7 +20,7 @@ from losses import accuracy, soft_target_cross_entropy
 
 def get_args_parser():
     """Flags: the shared ones with the CeiT/DeiT recipe as defaults, plus mixup/cutmix/drop-path."""
-    parser = utils.get_args_parser(
+    parser = flags.get_args_parser(
         "Train a CeiT or ViT with the transformer recipe.", epochs=300, optimizer="adamw",
         weight_decay=0.05, warmup_epochs=5, label_smoothing=0.1)
     parser.set_defaults(model="ceit")
@@ -26,6 +30,19 @@ def get_args_parser():
     add("--mix-prob", type=float, default=1.0, help="probability that a batch is mixed at all (DeiT: 1.0)")
     add("--switch-prob", type=float, default=0.5, help="probability of cutmix rather than mixup when both are on (DeiT: 0.5)")
     return parser
+
+
+class HostRandom(random.Random):
+    """random.Random for host-side draws (no device synchronisation) whose state goes into
+    checkpoints like the other resumable objects (state_dict/load_state_dict)."""
+
+    def state_dict(self):
+        """The Mersenne Twister state, as a list of ints."""
+        return list(self.getstate()[1])
+
+    def load_state_dict(self, state):
+        """Restore what state_dict() returned."""
+        self.setstate((3, tuple(state), None))
 
 
 def mix_batch(images, labels, num_classes, args, rng):
@@ -70,42 +87,47 @@ def transformer_step(net, optimizer, scaler, images, targets, labels, args, rt):
 
 def main(args):
     """Train one transformer on args.dataset; returns the results dict."""
-    utils.check_args(args)
-    names = utils.model_names(args)
-    if names[0] not in models.TRANSFORMERS:
-        raise utils.UsageError(f"train_ceit.py trains transformers ({', '.join(sorted(models.TRANSFORMERS))}); "
-                               f"use train.py for {names[0]}")
+    group = flags.check_args(args)
+    if not models.is_transformer(group.names[0]):
+        raise flags.UsageError(f"train_ceit.py trains transformers ({', '.join(sorted(models.TRANSFORMERS))}); "
+                               f"use train.py for {group.names[0]}")
     if args.lr is None:  # DeiT's linear scaling rule: 5e-4 per 512 images
         args.lr = [5e-4 * args.batch_size / 512]
     rt = utils.setup_runtime(args)
     data, (train_loader, val_loader, test_loader) = utils.setup_data(args, rt)
-    nets = utils.build_nets(names, data.info, rt, args, drop_path=args.drop_path)
+    nets = utils.build_nets(group, data.info, rt, drop_path=args.drop_path)
     optimizers, peak_lrs = utils.build_optimizers(args, nets, rt)
     schedule = utils.Schedule(args, optimizers, peak_lrs, len(train_loader))
     scaler = utils.make_scaler(rt)
-    mix_rng = utils.HostRandom(args.seed)  # host-side draws of lam and boxes: no device synchronisation
-    run = engine.start_run(args, "ceit", names, rt, data.info, nets, optimizers, steps_per_epoch=len(train_loader),
-                           resumable={"scaler": scaler, "mix_rng": mix_rng})
-    # The whole step; with --cuda-graphs captured once and replayed (engine.CapturedStep).
-    train_step = engine.CapturedStep(
-        lambda images, targets, labels: transformer_step(nets[0], optimizers[0], scaler, images, targets, labels, args, rt),
-        enabled=rt.cuda_graphs)
+    mix_rng = HostRandom(args.seed)  # host-side draws of lam and boxes: no device synchronisation
+    run = engine.start_run(args, "ceit", group, rt, data.info, nets, optimizers, steps_per_epoch=len(train_loader),
+                           state={"scaler": scaler, "mix_rng": mix_rng})
+    train_step = functools.partial(transformer_step, nets[0], optimizers[0], scaler, args=args, rt=rt)
+    if rt.cuda_graphs:  # captured once, then replayed
+        train_step = utils.CapturedStep(train_step)
 
     with engine.StopRequest(rt) as stop:
         for epoch in range(run.start_epoch, args.epochs):
-            stats = engine.EpochStats(rt)
-            for step, (images, labels) in engine.remaining_batches(run, train_loader, epoch, stop, stats):
+            stats = engine.epoch_stats(run, epoch)  # on a mid-epoch resume: the epoch's statistics so far
+            for step, (images, labels) in engine.batches(run, train_loader, epoch):
                 schedule.step(epoch * len(train_loader) + step)
                 # Mixup/cutmix draws happen on the host, outside the captured step.
                 images, targets = mix_batch(images, labels, data.info.num_classes, args, mix_rng)
                 stats.add(train_step(images, targets, labels))
+                engine.log_step(run, epoch, step, stats)
+                if stop.requested(step):  # SIGINT/SIGTERM: save last.pt and exit (130/143)
+                    sys.exit(engine.save_and_stop(run, stop, epoch, step + 1, stats))
             evals = engine.evaluate_epoch(run, val_loader, test_loader, epoch)
-            engine.log_epoch(run, epoch, stats, evals, schedule)
-            engine.save_checkpoints(run, epoch, evals)
-            if engine.stop_after_epoch(run, epoch, stop):
+            rows = engine.log_epoch(run, epoch, stats, evals, schedule)
+            if engine.diverged(rows):  # NaN/inf: stop before saving anything of this epoch (exit 3)
+                raise engine.divergence(run, epoch, stats, rows)
+            run.checkpoints.save(epoch, evals)
+            if stop.requested() and epoch + 1 < args.epochs:
+                sys.exit(engine.save_and_stop(run, stop, epoch + 1, 0))
+            if engine.stop_after(run, epoch):  # --stop-after N epochs in this invocation
                 break
     return engine.finish(run)
 
 
 if __name__ == "__main__":
-    utils.launch(main, get_args_parser())
+    flags.launch(main, get_args_parser())

@@ -8,9 +8,13 @@ steps one random network sees a perturbed copy of the batch (stochastic perturba
     python train_competitive_distillation.py --models resnet32 resnet32 --dataset cifar100
     python train_competitive_distillation.py --teacher resnet --student vit --dataset cifar10
 """
+import functools
+import sys
+
 import torch
 
 import engine
+import flags
 import utils
 from losses import accuracy, mixed_cross_entropy, pairwise_kd
 from perturb import Perturber, add_perturbation_flags, bn_statistics_kept
@@ -18,7 +22,7 @@ from perturb import Perturber, add_perturbation_flags, bn_statistics_kept
 
 def get_args_parser():
     """Flags: the shared ones plus the competition, distillation and perturbation settings."""
-    parser = utils.get_args_parser("Competitive distillation of a group of networks.", group=True)
+    parser = flags.get_args_parser("Competitive distillation of a group of networks.", group=True)
     add = parser.add_argument_group("competitive distillation").add_argument
     add("--teacher-rule", default="better", choices=["better", "best"],
         help="better: learn from every network with a lower loss (authors' code); "
@@ -81,40 +85,45 @@ def competitive_step(nets, optimizers, scaler, inputs, labels, labels_perm, lams
 
 def main(args):
     """Train the group on args.dataset with competitive distillation; returns the results dict."""
-    utils.check_args(args)
-    names = utils.model_names(args)
+    group = flags.check_args(args)
     rt = utils.setup_runtime(args)
     data, (train_loader, val_loader, test_loader) = utils.setup_data(args, rt)
-    nets = utils.build_nets(names, data.info, rt, args, drop_path=args.drop_path)
+    nets = utils.build_nets(group, data.info, rt, drop_path=args.drop_path)
     optimizers, peak_lrs = utils.build_optimizers(args, nets, rt)
     schedule = utils.Schedule(args, optimizers, peak_lrs, len(train_loader))
     perturber = Perturber(every=args.perturb_every, ops=args.perturbations, num_nets=len(nets),
                           seed=args.seed, mean=data.info.mean, std=data.info.std, device=rt.device)
     scaler = utils.make_scaler(rt)
-    run = engine.start_run(args, "competitive", names, rt, data.info, nets, optimizers, steps_per_epoch=len(train_loader),
-                           resumable={"scaler": scaler, "perturber": perturber})
-    # The whole group step; with --cuda-graphs captured once and replayed (engine.CapturedStep).
-    train_step = engine.CapturedStep(
-        lambda labels, labels_perm, lams, *inputs: competitive_step(
-            nets, optimizers, scaler, inputs, labels, labels_perm, lams, args, rt), enabled=rt.cuda_graphs)
+    run = engine.start_run(args, "competitive", group, rt, data.info, nets, optimizers, steps_per_epoch=len(train_loader),
+                           state={"scaler": scaler, "perturber": perturber})
+    train_step = functools.partial(competitive_step, nets, optimizers, scaler, args=args, rt=rt)
+    if rt.cuda_graphs:  # the whole group step captured once, then replayed
+        train_step = utils.CapturedStep(train_step)
 
     with engine.StopRequest(rt) as stop:
         for epoch in range(run.start_epoch, args.epochs):
-            stats = engine.EpochStats(rt)
-            for step, (images, labels) in engine.remaining_batches(run, train_loader, epoch, stop, stats):
+            stats = engine.epoch_stats(run, epoch)  # on a mid-epoch resume: the epoch's statistics so far
+            for step, (images, labels) in engine.batches(run, train_loader, epoch):
                 schedule.step(epoch * len(train_loader) + step)
-                # Every --perturb-every steps one random network gets a perturbed batch (section 3.2).
-                inputs, labels_perm, lams, perturbed = perturber.group_batch(step, images, labels)
+                # Every --perturb-every steps one random network gets a perturbed batch (section 3.2) ...
+                batch = perturber(step, images, labels)
                 # ... whose BatchNorm running statistics skip that batch (unless --update-bn-on-perturbed)
-                with bn_statistics_kept(nets[perturbed] if perturbed >= 0 and not args.update_bn_on_perturbed else None):
-                    stats.add(train_step(labels, labels_perm, lams, *inputs))
+                with bn_statistics_kept(nets[batch.net] if batch.net >= 0 and not args.update_bn_on_perturbed else None):
+                    stats.add(train_step(batch.inputs, labels, batch.labels_perm, batch.lams))
+                engine.log_step(run, epoch, step, stats)
+                if stop.requested(step):  # SIGINT/SIGTERM: save last.pt and exit (130/143)
+                    sys.exit(engine.save_and_stop(run, stop, epoch, step + 1, stats))
             evals = engine.evaluate_epoch(run, val_loader, test_loader, epoch)
-            engine.log_epoch(run, epoch, stats, evals, schedule)
-            engine.save_checkpoints(run, epoch, evals)
-            if engine.stop_after_epoch(run, epoch, stop):
+            rows = engine.log_epoch(run, epoch, stats, evals, schedule)
+            if engine.diverged(rows):  # NaN/inf: stop before saving anything of this epoch (exit 3)
+                raise engine.divergence(run, epoch, stats, rows)
+            run.checkpoints.save(epoch, evals)
+            if stop.requested() and epoch + 1 < args.epochs:
+                sys.exit(engine.save_and_stop(run, stop, epoch + 1, 0))
+            if engine.stop_after(run, epoch):  # --stop-after N epochs in this invocation
                 break
     return engine.finish(run)
 
 
 if __name__ == "__main__":
-    utils.launch(main, get_args_parser())
+    flags.launch(main, get_args_parser())

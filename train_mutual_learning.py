@@ -10,9 +10,13 @@ here unless --perturb-every.
     python train_mutual_learning.py --models resnet32 mobilenet_v1 --dataset cifar100
     python train_mutual_learning.py --model1 resnet --model2 mobilenet --dataset cifar10
 """
+import functools
+import sys
+
 import torch
 
 import engine
+import flags
 import utils
 from losses import accuracy, kd_loss, mixed_cross_entropy, pairwise_kd
 from perturb import Perturber, add_perturbation_flags, bn_statistics_kept
@@ -20,7 +24,7 @@ from perturb import Perturber, add_perturbation_flags, bn_statistics_kept
 
 def get_args_parser():
     """Flags: the shared ones plus the distillation and (optional) perturbation settings."""
-    parser = utils.get_args_parser("Deep mutual learning of a group of networks.", group=True)
+    parser = flags.get_args_parser("Deep mutual learning of a group of networks.", group=True)
     add = parser.add_argument_group("mutual learning").add_argument
     add("--kd-weight", type=float, default=1.0, help="weight w of the distillation term (DML: 1)")
     add("--temperature", type=float, default=1.0, help="distillation temperature T (DML: 1)")
@@ -83,41 +87,46 @@ def sequential_mutual_step(nets, optimizers, scaler, inputs, labels, labels_perm
 
 def main(args):
     """Train the group on args.dataset with deep mutual learning; returns the results dict."""
-    utils.check_args(args)
-    names = utils.model_names(args)
+    group = flags.check_args(args)
     rt = utils.setup_runtime(args)
     data, (train_loader, val_loader, test_loader) = utils.setup_data(args, rt)
-    nets = utils.build_nets(names, data.info, rt, args, drop_path=args.drop_path)
+    nets = utils.build_nets(group, data.info, rt, drop_path=args.drop_path)
     optimizers, peak_lrs = utils.build_optimizers(args, nets, rt)
     schedule = utils.Schedule(args, optimizers, peak_lrs, len(train_loader))
     perturber = Perturber(every=args.perturb_every, ops=args.perturbations, num_nets=len(nets),
                           seed=args.seed, mean=data.info.mean, std=data.info.std, device=rt.device)
     scaler = utils.make_scaler(rt)
-    run = engine.start_run(args, "mutual", names, rt, data.info, nets, optimizers, steps_per_epoch=len(train_loader),
-                           resumable={"scaler": scaler, "perturber": perturber})
-    # The whole group step; with --cuda-graphs captured once and replayed (engine.CapturedStep).
+    run = engine.start_run(args, "mutual", group, rt, data.info, nets, optimizers, steps_per_epoch=len(train_loader),
+                           state={"scaler": scaler, "perturber": perturber})
     group_step = sequential_mutual_step if args.sequential else mutual_step
-    train_step = engine.CapturedStep(
-        lambda labels, labels_perm, lams, *inputs: group_step(
-            nets, optimizers, scaler, inputs, labels, labels_perm, lams, args, rt), enabled=rt.cuda_graphs)
+    train_step = functools.partial(group_step, nets, optimizers, scaler, args=args, rt=rt)
+    if rt.cuda_graphs:  # the whole group step captured once, then replayed
+        train_step = utils.CapturedStep(train_step)
 
     with engine.StopRequest(rt) as stop:
         for epoch in range(run.start_epoch, args.epochs):
-            stats = engine.EpochStats(rt)
-            for step, (images, labels) in engine.remaining_batches(run, train_loader, epoch, stop, stats):
+            stats = engine.epoch_stats(run, epoch)  # on a mid-epoch resume: the epoch's statistics so far
+            for step, (images, labels) in engine.batches(run, train_loader, epoch):
                 schedule.step(epoch * len(train_loader) + step)
-                # With --perturb-every N, one random network gets a perturbed batch every N steps.
-                inputs, labels_perm, lams, perturbed = perturber.group_batch(step, images, labels)
+                # With --perturb-every N, one random network gets a perturbed batch every N steps ...
+                batch = perturber(step, images, labels)
                 # ... whose BatchNorm running statistics skip that batch (unless --update-bn-on-perturbed)
-                with bn_statistics_kept(nets[perturbed] if perturbed >= 0 and not args.update_bn_on_perturbed else None):
-                    stats.add(train_step(labels, labels_perm, lams, *inputs))
+                with bn_statistics_kept(nets[batch.net] if batch.net >= 0 and not args.update_bn_on_perturbed else None):
+                    stats.add(train_step(batch.inputs, labels, batch.labels_perm, batch.lams))
+                engine.log_step(run, epoch, step, stats)
+                if stop.requested(step):  # SIGINT/SIGTERM: save last.pt and exit (130/143)
+                    sys.exit(engine.save_and_stop(run, stop, epoch, step + 1, stats))
             evals = engine.evaluate_epoch(run, val_loader, test_loader, epoch)
-            engine.log_epoch(run, epoch, stats, evals, schedule)
-            engine.save_checkpoints(run, epoch, evals)
-            if engine.stop_after_epoch(run, epoch, stop):
+            rows = engine.log_epoch(run, epoch, stats, evals, schedule)
+            if engine.diverged(rows):  # NaN/inf: stop before saving anything of this epoch (exit 3)
+                raise engine.divergence(run, epoch, stats, rows)
+            run.checkpoints.save(epoch, evals)
+            if stop.requested() and epoch + 1 < args.epochs:
+                sys.exit(engine.save_and_stop(run, stop, epoch + 1, 0))
+            if engine.stop_after(run, epoch):  # --stop-after N epochs in this invocation
                 break
     return engine.finish(run)
 
 
 if __name__ == "__main__":
-    utils.launch(main, get_args_parser())
+    flags.launch(main, get_args_parser())

@@ -1,16 +1,12 @@
-"""Plumbing shared by every training script: flags, device and precision, data and model setup,
-optimizers and learning-rate schedules, and evaluation. The helpers a script's loop calls
-(batches, logging, checkpoints, resume) are in engine.py, the paper's losses in losses.py, and
-what makes a paradigm itself stays in its script."""
-import argparse
+"""The one room of setup every training script shares: device, precision and data parallelism;
+the data, the networks and their optimizers; the learning-rate schedule; evaluation; and the
+capture of a whole step in a CUDA graph. The command line is flags.py, the loop's helpers
+engine.py, checkpoints checkpoints.py, the papers' losses losses.py."""
 import dataclasses
-import json
 import math
 import os
 import random
-import re
-import signal
-import sys
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,433 +16,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import models
-from datasets import DatasetError, build_data, data_from_arrays, make_loaders
-
-class UsageError(Exception):
-    """A user-facing, one-line error: bad flag values, a wrong checkpoint, missing data (exit code 2)."""
-
-
-class RunFailure(Exception):
-    """A run that cannot go on, said in one line: a full or read-only disk (exit code 1), or
-    training that diverged (exit code 3, so that a job scheduler can tell it apart)."""
-
-    def __init__(self, message, exit_code=1):
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-class RunComplete(Exception):
-    """--resume auto found a run that has already trained every epoch: nothing to do (exit code 0)."""
-
-
-def fail(message, code=2):
-    """Print `error: message` on one line to stderr and exit with `code`."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(code)
-
-
-def launch(main, parser, argv=None):
-    """Parse argv and run main(args); what a user can cause ends in one line on stderr and a
-    non-zero exit code (2 for bad input), never in a traceback."""
-    try:
-        args = parse_args(parser, argv)
-    except UsageError as error:
-        fail(str(error))
-
-    def checked_main(args):
-        rank = f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-        try:
-            return main(args)
-        except (UsageError, DatasetError) as error:
-            fail(rank + str(error))
-        except RunFailure as error:
-            fail(rank + str(error), error.exit_code)
-        except RunComplete as error:
-            print(str(error), flush=True)
-            return None
-        except KeyboardInterrupt:  # a second Ctrl-C while a step ran: the first one had not been honoured yet
-            for sig in (signal.SIGINT, signal.SIGTERM):  # a third one must not interrupt the exit
-                signal.signal(sig, signal.SIG_IGN)
-            fail(rank + "interrupted twice: stopped at once; last.pt holds the state of the last completed epoch", 130)
-        except (MemoryError, torch.OutOfMemoryError) as error:
-            fail(rank + out_of_memory_message(error), 1)
-        except RuntimeError as error:
-            if "can't allocate memory" not in str(error) and "out of memory" not in str(error):
-                raise
-            fail(rank + out_of_memory_message(error), 1)
-
-    if "TORCHELASTIC_RUN_ID" in os.environ:
-        # Under torchrun, record() saves a crashing rank's traceback for the launcher's
-        # end-of-job summary, whose "Root Cause" names the rank that failed first.
-        from torch.distributed.elastic.multiprocessing.errors import record
-        checked_main = record(checked_main)
-    result = checked_main(args)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return result
-
-
-def parse_args(parser, argv=None):
-    """parser.parse_args(argv) with the values of --config FILE (a run's args.json) as defaults, so
-    that the flags given on the command line override them."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config")
-    path = pre.parse_known_args(argv)[0].config
-    if path is not None and any(action.dest == "config" for action in parser._actions):
-        parser.set_defaults(**read_config(path, parser))
-    return parser.parse_args(argv)
-
-
-# args.json entries that belong to the run that wrote them, not to a run repeating it: its directory
-# (a repeat must not write over it), how it was resumed or stopped, and values recorded for the log.
-CONFIG_SKIPPED = ("config", "out_dir", "resume", "overwrite", "stop_after", "world_size")
-
-
-def read_config(path, parser):
-    """The flag values of --config FILE, checked against the parser's flags; UsageError in one line."""
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except OSError as error:
-        raise UsageError(f"--config '{path}': {error.strerror or error}") from None
-    except ValueError as error:
-        raise UsageError(f"--config '{path}' is not a JSON file of flag values ({error})") from None
-    if not isinstance(config, dict):
-        raise UsageError(f"--config '{path}' must hold a JSON object of flag values, as a run's args.json does")
-    actions = {action.dest: action for action in parser._actions if action.option_strings}
-    defaults = {}
-    for key, value in config.items():
-        if key in CONFIG_SKIPPED:
-            continue
-        if key not in actions:
-            raise UsageError(f"--config '{path}': '{key}' is not a flag of {parser.prog} (an args.json of another script?)")
-        if not config_value_ok(actions[key], value):
-            raise UsageError(f"--config '{path}': {key} = {json.dumps(value)} is not a value of {actions[key].option_strings[0]}")
-        defaults[key] = [float(v) for v in value] if actions[key].type is float and isinstance(value, list) else \
-            float(value) if actions[key].type is float and value is not None else value
-    return defaults
-
-
-def config_value_ok(action, value):
-    """True when a JSON value is one that the flag could have given (type, list or not, choices)."""
-    if value is None:
-        return action.default is None
-    if action.nargs in ("+", "*") or isinstance(action, argparse._AppendAction):
-        if not isinstance(value, list):
-            return False
-        values = value
-    else:
-        values = [value]
-    kinds = {int: (int,), float: (int, float), None: (str,)}
-    if isinstance(action, (argparse.BooleanOptionalAction, argparse._StoreTrueAction, argparse._StoreFalseAction)):
-        kinds = {None: (bool,)}
-    allowed = kinds.get(action.type, (str,))
-    return all(isinstance(v, allowed) and not (isinstance(v, bool) and bool not in allowed)
-               and (not action.choices or v in action.choices) for v in values)
-
-
-def out_of_memory_message(error):
-    """One line for an allocation that failed (host or device memory)."""
-    detail = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
-    return f"out of memory ({detail}); lower --batch-size, --eval-batch-size or --img-size"
-
-
-# ----------------------------------------------------------------------------------------------
-# Flags
-# ----------------------------------------------------------------------------------------------
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each flag's default, unless it is None or the help text already states it."""
-
-    def _get_help_string(self, action):
-        if action.default is None or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
-class ListModels(argparse.Action):
-    """--list-models: print the registered model names and aliases, then exit."""
-
-    def __init__(self, option_strings, dest, **kwargs):
-        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        aliases = ", ".join(f"{alias} = {name}" for alias, name in sorted(models.ALIASES.items()))
-        print("models: " + " ".join(models.list_models()) + f"\naliases: {aliases}\n"
-              "tv:NAME (torchvision, random weights): " + " ".join(models.zoo.torchvision_models()) + "\n"
-              "timm:NAME (timm, random weights; pip install timm): any name of timm.list_models()")
-        parser.exit()
-
-
-def get_args_parser(description, *, group=False, epochs=200, batch_size=128, optimizer="sgd",
-                    schedule="cosine", weight_decay=5e-4, warmup_epochs=1.0, label_smoothing=0.0):
-    """The flags every script shares, in groups; scripts add their own group and may change the
-    recipe defaults given here."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
-    add_model_flags(parser.add_argument_group("model"), group)
-    add_data_flags(parser.add_argument_group("data"))
-    add_optimization_flags(parser.add_argument_group("optimization"), epochs=epochs, batch_size=batch_size,
-                           optimizer=optimizer, schedule=schedule, weight_decay=weight_decay,
-                           warmup_epochs=warmup_epochs, label_smoothing=label_smoothing)
-    add_run_flags(parser.add_argument_group("run"))
-    add_speed_flags(parser.add_argument_group("speed"))
-    add_distributed_flags(parser.add_argument_group("distributed (under torchrun)"))
-    return parser
-
-
-def add_model_flags(flags, group):
-    """Which network(s): --model, or a group's --models (and the authors' pair spellings)."""
-    add = flags.add_argument
-    names = (f"{', '.join(models.list_models())}; tv:NAME a torchvision model, timm:NAME a timm model; "
-             "aliases and zoo names: --list-models")
-    if group:
-        add("--models", nargs="+", metavar="NAME", help=f"the networks of the group (n >= 2; default: resnet32 resnet32; {names})")
-        add("--model1", help="first network of a pair (authors' spelling; same as --models A B)")
-        add("--model2", help="second network of a pair")
-        add("--teacher", help="first network of a pair (authors' spelling: roles are decided every step "
-                              "by the competition, not by this name)")
-        add("--student", help="second network of a pair (see --teacher)")
-        add("--freeze", nargs="+", type=int, default=[], metavar="NET",
-            help="networks (their index in the group, 0 = first) whose weights stay fixed: eval-mode BatchNorm "
-                 "and dropout, no optimizer, never a gradient; one trained frozen network makes competitive "
-                 "distillation classic offline distillation in which the student may still lead")
-    else:
-        add("--model", default="resnet32", help=f"network name or alias ({names})")
-    add("--list-models", action=ListModels, help="print the model names and aliases, then exit")
-    add("--init", nargs="+", default=[], metavar="[NET=]FILE",
-        help="initial weights of network NET (its index in the group, 0 = first; may be left out with one network): "
-             "a checkpoint of this repository (best.pt, last.pt; FILE@K or FILE@LABEL picks one of its networks), "
-             "a state_dict file, or a torchvision/timm weight file (.pth, .safetensors)")
-    add("--reset-classifier", action=argparse.BooleanOptionalAction, default=False,
-        help="with --init: keep each initialised network's fresh classifier (its last layer, which outputs the "
-             "class logits) instead of loading it, for weights trained on another class count")
-
-
-def add_data_flags(flags):
-    """Data set, split and input size."""
-    add = flags.add_argument
-    add("--dataset", default="cifar10", help="cifar10, cifar100, fashion-mnist, mnist, svhn, imagenet, imagefolder, fake")
-    add("--data-dir", default="./data", help="where datasets are looked for and downloaded")
-    add("--download", action=argparse.BooleanOptionalAction, default=True,
-        help="download missing datasets when the network allows")
-    add("--img-size", type=int, default=None,
-        help="input size fed to the networks (default: the dataset's native size; the authors used 224 for CIFAR-100)")
-    add("--val-size", type=int, default=None,
-        help="images held out from the training set to select the best checkpoint "
-             "(default: 5000 for CIFAR, MNIST-likes and SVHN, 0 otherwise)")
-    add("--split-seed", type=int, default=0, help="seed of the train/validation split (fixed across runs so runs compare)")
-    add("--train-subset", type=int, default=None,
-        help="train on only the first N images of the training split (quick experiments; validation and test sets stay whole)")
-    add("--crop", action=argparse.BooleanOptionalAction, default=True,
-        help="train on random crops of the zero-padded image (4 px on CIFAR and SVHN, 2 on MNIST-likes, the usual "
-             "CIFAR augmentation); --no-crop trains on whole images, as the authors did on CIFAR-100 (in-memory sets "
-             "only: image folders always use RandomResizedCrop)")
-    add("--rotate", type=float, default=0.0, metavar="DEG",
-        help="train: rotate each image by an angle uniform in [-DEG, DEG] at the input size, nearest sampling, "
-             "black corners (torchvision's RandomRotation; the authors used 15); default 0: off")
-    add("--num-classes", type=int, default=None, help="class count of the synthetic 'fake' dataset (other datasets set their own)")
-    add("--loader", default="auto", choices=["auto", "gpu", "torch"],
-        help="gpu: dataset held on the device with batched augmentation there (in-memory sets); torch: DataLoader with workers")
-    add("--workers", type=int, default=None,
-        help="DataLoader worker processes (torch loader; default: min(8, CPUs per process of this node) on CUDA, 2 on the CPU)")
-    add("--skip-bad-images", action=argparse.BooleanOptionalAction, default=True,
-        help="image folders: replace an unreadable image file (truncated, not an image) by the next image, with a "
-             "warning naming it, as timm does; --no-skip-bad-images stops at the first with one line naming it")
-
-
-def add_optimization_flags(flags, *, epochs, batch_size, optimizer, schedule, weight_decay, warmup_epochs, label_smoothing):
-    """The recipe: epochs, batch, optimizer, learning-rate schedule, regularisation."""
-    add = flags.add_argument
-    add("--epochs", type=int, default=epochs, help="training epochs")
-    add("--batch-size", type=int, default=batch_size, help="training batch size (per process)")
-    add("--eval-batch-size", type=int, default=None, help="evaluation batch size (default: 2 x batch size)")
-    add("--optimizer", nargs="+", default=[optimizer], choices=["sgd", "adamw", "adam"],
-        help="optimizer, one for all networks or one per network")
-    add("--lr", nargs="+", type=float, default=None,
-        help="learning rate, one or one per network (default: sgd 0.1 x batch/128, adam/adamw 1e-3)")
-    add("--weight-decay", nargs="+", type=float, default=[weight_decay],
-        help="weight decay, one or one per network (decoupled for AdamW)")
-    add("--momentum", type=float, default=0.9, help="SGD momentum")
-    add("--nesterov", action=argparse.BooleanOptionalAction, default=True, help="Nesterov momentum for SGD")
-    add("--schedule", default=schedule, choices=["cosine", "step", "constant"],
-        help="learning-rate schedule, stepped every iteration")
-    add("--warmup-epochs", type=float, default=warmup_epochs,
-        help="linear warm-up length in epochs (1 for the CNN recipe: at lr 0.1 a network that distils "
-             "from a peer in its first steps can otherwise diverge)")
-    add("--milestones", nargs="+", type=float, default=[0.5, 0.75], help="step schedule: decay points as fractions of training")
-    add("--gamma", type=float, default=0.1, help="step schedule: decay factor at each milestone")
-    add("--min-lr", type=float, default=0.0, help="cosine schedule: final learning rate as a fraction of the peak")
-    add("--label-smoothing", type=float, default=label_smoothing, help="label smoothing of the cross-entropy")
-    add("--drop-path", type=float, default=0.1,
-        help="stochastic depth of the transformers (ViT/CeiT), rising linearly to this rate in the last "
-             "block (DeiT/CeiT: 0.1); CNNs have none")
-    add("--decay-norm-and-bias", action=argparse.BooleanOptionalAction, default=None,
-        help="weight decay on norms, biases and embeddings too (default: not for transformers, as in "
-             "DeiT/CeiT; for CNNs, as in the CIFAR recipe)")
-
-
-def add_run_flags(flags):
-    """Seeds, run directory, resume and output."""
-    add = flags.add_argument
-    add("--config", default=None, metavar="FILE",
-        help="a run's args.json, whose values become this run's defaults (flags given here override them; "
-             "its out_dir, resume, overwrite and stop_after are not taken): repeat a run, or change one flag")
-    add("--seed", type=int, default=0, help="seed of weights, data order, augmentation and perturbation")
-    add("--deterministic", action=argparse.BooleanOptionalAction, default=False,
-        help="deterministic kernels (slower); exact resume")
-    add("--out-dir", default=None, help="run directory (default: runs/<script>-<dataset>-<models>-<time>)")
-    add("--resume", default=None, help="checkpoint to continue from, or 'auto' for <out-dir>/last.pt when it exists")
-    add("--overwrite", action="store_true",
-        help="start afresh in a --out-dir that holds an earlier run, deleting that run's files (without it such a directory is refused)")
-    add("--stop-after", type=int, default=None,
-        help="stop this invocation after N epochs (for time-limited jobs); continue with --resume")
-    add("--eval-every", type=int, default=1,
-        help="evaluate (validation and test sets) every N epochs and always after the last one; "
-             "best.pt is chosen among the evaluated epochs")
-    add("--progress", action=argparse.BooleanOptionalAction, default=None,
-        help="tqdm progress bars (default: when stdout is a terminal)")
-    add("--log-interval", type=int, default=None, metavar="N",
-        help="print a line every N training steps: loss, lr, images/s, time left in the epoch and the run "
-             "(default: 50 when stdout is not a terminal, as in a batch job; 0 = off)")
-
-
-def add_speed_flags(flags):
-    """Device, precision, memory format, compilation and CUDA graphs."""
-    add = flags.add_argument
-    add("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    add("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"],
-        help="autocast precision (auto: bf16 on CUDA, none on CPU)")
-    add("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-        help="channels_last memory format (faster convolutions on CPU and GPU)")
-    add("--cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
-        help="capture each whole training step in one CUDA graph and replay it (CUDA, one process, fp32/bf16)")
-    add("--compile", action=argparse.BooleanOptionalAction, default=False,
-        help="torch.compile every network for training (costs a compilation of a minute or more)")
-
-
-def add_distributed_flags(flags):
-    """Data parallelism under torchrun."""
-    add = flags.add_argument
-    add("--sync-bn", action=argparse.BooleanOptionalAction, default=False,
-        help="normalise BatchNorm with statistics of the global batch (SyncBatchNorm, GPUs only); "
-             "off: each process uses its own batch's statistics, running statistics follow rank 0 (DDP's default)")
-    add("--lr-scaling", default="linear", choices=["linear", "none"],
-        help="with K processes, linear multiplies the peak lr (--lr, or its default computed from the "
-             "per-process batch) by K, so K processes x batch B follow the recipe of one process with batch K*B "
-             "(Goyal et al. 2017; DeiT); none uses the rate as given")
-
-
-# Ranges of the numeric flags: a flag outside its range is refused in one line.
-def _positive(v): return v > 0
-def _non_negative(v): return v >= 0
-def _fraction(v): return 0 <= v <= 1
-def _below_one(v): return 0 <= v < 1
-def _half_turn(v): return 0 <= v <= 180
-
-
-FLAG_RANGES = {
-    "lr": (_positive, "positive"), "weight_decay": (_non_negative, ">= 0"), "momentum": (_below_one, "in [0, 1)"),
-    "warmup_epochs": (_non_negative, ">= 0"), "min_lr": (_fraction, "in [0, 1]"),
-    "label_smoothing": (_below_one, "in [0, 1)"), "gamma": (_positive, "positive"), "milestones": (_fraction, "in [0, 1]"),
-    "kd_weight": (_non_negative, ">= 0"), "temperature": (_positive, "positive"), "mixup": (_non_negative, ">= 0"),
-    "cutmix": (_non_negative, ">= 0"), "mix_prob": (_fraction, "in [0, 1]"), "switch_prob": (_fraction, "in [0, 1]"),
-    "drop_path": (_below_one, "in [0, 1)"), "rotate": (_half_turn, "in [0, 180] (degrees)"),
-}
-
-
-def check_numbers(args):
-    """Every float flag is a finite number within its range (NaN, inf and negative rates are refused)."""
-    for name, value in vars(args).items():
-        values = value if isinstance(value, list) else [value]
-        if not values or not all(isinstance(v, float) for v in values):
-            continue
-        flag = "--" + name.replace("_", "-")
-        for v in values:
-            if not math.isfinite(v):
-                raise UsageError(f"{flag} must be a finite number, got {v}")
-            if name in FLAG_RANGES and not FLAG_RANGES[name][0](v):
-                raise UsageError(f"{flag} must be {FLAG_RANGES[name][1]}, got {v}")
-
-
-def check_args(args):
-    """Reject flag values that cannot work, with one line saying what is accepted."""
-    check_numbers(args)
-    for name in ("epochs", "batch_size", "eval_every"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
-    if args.eval_batch_size is not None and args.eval_batch_size < 1:
-        raise UsageError(f"--eval-batch-size must be a positive integer, got {args.eval_batch_size}")
-    if args.img_size is not None and args.img_size < 8:
-        raise UsageError(f"--img-size must be >= 8, got {args.img_size}")
-    if args.val_size is not None and args.val_size < 0:
-        raise UsageError(f"--val-size must be >= 0, got {args.val_size}")
-    if args.workers is not None and args.workers < 0:
-        raise UsageError(f"--workers must be >= 0, got {args.workers}")
-    if args.log_interval is not None and args.log_interval < 0:
-        raise UsageError(f"--log-interval must be >= 0 (0 = off), got {args.log_interval}")
-    if args.stop_after is not None and args.stop_after < 1:
-        raise UsageError(f"--stop-after must be a positive integer, got {args.stop_after}")
-    if args.resume == "auto" and args.out_dir is None:
-        raise UsageError("--resume auto needs --out-dir (the run directory to continue)")
-    if getattr(args, "perturb_every", 0) < 0:
-        raise UsageError(f"--perturb-every must be >= 0 (0 disables perturbation), got {args.perturb_every}")
-
-
-def model_names(args):
-    """Canonical names of the run's networks, from --model or a group's --models/--model1/... flags."""
-    if hasattr(args, "model"):
-        given = [args.model]
-    else:
-        pair = [getattr(args, k) for k in ("model1", "model2", "teacher", "student") if getattr(args, k)]
-        if args.models and pair:
-            raise UsageError("name the group either with --models or with --model1/--model2 (--teacher/--student), not both")
-        given = args.models or pair or ["resnet32", "resnet32"]
-        if len(given) < 2:
-            raise UsageError(f"a group needs at least 2 networks, got {len(given)}: {' '.join(given)}")
-    try:
-        names = [models.resolve_name(name) for name in given]
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-    init_files(args, len(names))  # --init and --freeze are checked before the data is loaded
-    frozen_nets(args, len(names))
-    return names
-
-
-def init_files(args, n):
-    """--init as {network index: (file, pick)}, pick being the @K/@LABEL suffix or None; UsageError
-    for a network that is not in the group or named twice (the files are read by build_nets)."""
-    files = {}
-    for spec in args.init:
-        net, equals, path = spec.partition("=")
-        if not equals:
-            net, path = ("0" if n == 1 else None), spec
-        if net is None or not net.isdigit() or int(net) >= n:
-            raise UsageError(f"--init '{spec}': give NET=FILE with NET a network index of the group, 0..{n - 1}"
-                             + (" (with one network FILE alone is enough)" if n == 1 else ""))
-        path, at, pick = path.rpartition("@") if "@" in os.path.basename(path) else (path, "", None)
-        if int(net) in files:
-            raise UsageError(f"--init names network {net} twice; give one file per network")
-        files[int(net)] = (path, pick)
-    if args.reset_classifier and not files:
-        raise UsageError("--reset-classifier applies to networks initialised with --init; give --init NET=FILE")
-    return files
-
-
-def frozen_nets(args, n):
-    """--freeze as a set of network indices; UsageError for one outside the group or a group with no network left to train."""
-    frozen = set(getattr(args, "freeze", []))
-    bad = [i for i in frozen if not 0 <= i < n]
-    if bad:
-        raise UsageError(f"--freeze {bad[0]}: networks are numbered 0..{n - 1} in the group's order")
-    if len(frozen) == n:
-        raise UsageError(f"--freeze names all {n} networks: at least one must train")
-    return frozen
-
-
-def net_labels(names):
-    """Unique display labels: net0_resnet32, net1_vit_tiny, net2_tv_resnet18 (a zoo prefix's colon
-    is not allowed in TensorBoard tags), ..."""
-    return [f"net{i}_{name.replace(':', '_')}" for i, name in enumerate(names)]
-
+from datasets import build_data, data_from_arrays, make_loaders
+from flags import Group, UsageError
+from models.weights import load_initial_weights
 
 def per_net(values, n, flag):
     """Broadcast a one-or-per-network flag value to a list of length n."""
@@ -460,7 +32,6 @@ def per_net(values, n, flag):
 def default_lr(optimizer, batch_size):
     """Default peak rate: SGD 0.1 x batch/128 (linear scaling rule), Adam/AdamW 1e-3."""
     return 0.1 * batch_size / 128 if optimizer == "sgd" else 1e-3
-
 
 # ----------------------------------------------------------------------------------------------
 # Device, precision, seeding, data parallelism
@@ -505,27 +76,6 @@ def resolve_device(name, local_rank=None):
     if device.type == "cuda" and (local_rank is not None or device.index is None):
         device = torch.device("cuda", torch.cuda.current_device() if local_rank is None else local_rank)
     return device
-
-
-def cpu_has_native_bf16():
-    """True when this CPU has bf16 dot-product instructions (x86 AVX512-BF16 or AMX-BF16); False
-    when they are missing or cannot be queried. bench.py reports it with its CPU rows: even with
-    AVX512-BF16, bf16 autocast trained the CIFAR ResNets no faster than fp32 (docs/speed.md).
-    torch's public torch.backends.cpu.get_cpu_capability() names only the vector width, so this asks
-    the cpuinfo queries behind it, which are private and were renamed between releases: guarded."""
-    cpu = getattr(torch._C, "_cpu", None)
-    try:
-        flags = cpu._get_cpu_capability()  # recent torch: a dict of cpuinfo's flags
-        return bool(flags.get("avx512_bf16") or flags.get("amx_bf16"))
-    except (AttributeError, RuntimeError):
-        pass
-    for query in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):  # older torch
-        try:
-            if getattr(cpu, query)():
-                return True
-        except (AttributeError, RuntimeError):
-            pass
-    return False
 
 
 def setup_runtime(args):
@@ -584,19 +134,6 @@ def autocast(rt):
 def make_scaler(rt):
     """Gradient scaler for fp16 autocast (a pass-through otherwise)."""
     return torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
-
-
-class HostRandom(random.Random):
-    """random.Random for host-side draws (no device synchronisation) whose state goes into
-    checkpoints like the other resumable objects (state_dict/load_state_dict)."""
-
-    def state_dict(self):
-        """The Mersenne Twister state, as a list of ints."""
-        return list(self.getstate()[1])
-
-    def load_state_dict(self, state):
-        """Restore what state_dict() returned."""
-        self.setstate((3, tuple(state), None))
 
 
 def all_reduce_sum(tensor, rt):
@@ -709,30 +246,30 @@ def train_subset(data, size):
     return dataclasses.replace(data, info=info, train=torch.utils.data.Subset(data.train, range(size)))
 
 
-def build_nets(names, info, rt, args=None, drop_path=0.0):
-    """Create the named networks for the dataset's geometry, on the device (DDP-wrapped under
-    torchrun); the transformers among them get stochastic depth `drop_path` (the CNNs have none);
-    with `args`, --init gives them their initial weights and --freeze fixes some."""
-    init = init_files(args, len(names)) if args is not None else {}
-    frozen = frozen_nets(args, len(names)) if args is not None else set()
+def build_nets(group, info, rt, drop_path=0.0):
+    """Create the networks of `group` (a flags.Group, or a list of model names) for the dataset's
+    geometry, on the device (DDP-wrapped under torchrun); the transformers among them get stochastic
+    depth `drop_path` (the CNNs have none); --init gives some their initial weights, --freeze fixes some."""
+    group = group if isinstance(group, Group) else Group(list(group))
     nets = []
-    for i, name in enumerate(names):
+    for i, name in enumerate(group.names):
         try:
-            extra = {"drop_path_rate": drop_path} if models.resolve_name(name) in models.TRANSFORMERS else {}
+            extra = {"drop_path_rate": drop_path} if models.is_transformer(models.resolve_name(name)) else {}
             net = models.create_model(name, num_classes=info.num_classes, img_size=info.img_size,
                                       in_chans=info.in_chans, **extra)
+            if i in group.init:
+                load_initial_weights(net, *group.init[i], label=f"network {i} ({name})",
+                                     reset_classifier=group.reset_classifier)
         except ValueError as error:
             raise UsageError(str(error)) from None
-        if i in init:
-            load_initial_weights(net, *init[i], label=f"network {i} ({name})", reset_classifier=args.reset_classifier)
-        if i in frozen:
+        if i in group.frozen:
             # eval mode: BatchNorm normalises with (and keeps) its running statistics, dropout is off
             net.requires_grad_(False).eval()
         if rt.sync_bn:
             net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
         memory_format = torch.channels_last if rt.channels_last else torch.preserve_format
         net = net.to(rt.device, memory_format=memory_format)
-        if rt.distributed and i not in frozen:  # (DDP refuses a module without trainable parameters)
+        if rt.distributed and i not in group.frozen:  # (DDP refuses a module without trainable parameters)
             # One DDP per network: each averages its own gradients over the processes during the
             # group's single backward. Every registered model uses all its parameters in forward
             # (tests/test_models.py), so no unused-parameter search is needed.
@@ -746,80 +283,6 @@ def build_nets(names, info, rt, args=None, drop_path=0.0):
             net = torch.compile(net)
         nets.append(net)
     return nets
-
-
-def load_initial_weights(net, path, pick, *, label, reset_classifier):
-    """Load an --init file into `net`; UsageError naming the first tensor that is missing, left over
-    or of another shape (the classifier's are skipped with --reset-classifier)."""
-    state, own = read_weight_file(path, pick), net.state_dict()
-    head = classifier_keys(net)
-    skip = head if reset_classifier else set()
-    for key, value in own.items():
-        if key in skip:
-            continue
-        if key not in state:
-            raise UsageError(f"--init '{path}': {label} has a tensor '{key}' that the file lacks (weights of another architecture?)")
-        if state[key].shape != value.shape:
-            hint = "; --reset-classifier keeps a fresh classifier for another class count" if key in head else ""
-            raise UsageError(f"--init '{path}': tensor '{key}' is {tuple(state[key].shape)} in the file "
-                             f"but {tuple(value.shape)} in {label}{hint}")
-    extra = next((key for key in state if key not in own), None)
-    if extra is not None:
-        raise UsageError(f"--init '{path}': the file's tensor '{extra}' has no place in {label} (weights of another architecture?)")
-    net.load_state_dict({key: value for key, value in state.items() if key not in skip}, strict=False)
-
-
-def classifier_keys(net):
-    """State-dict keys of the network's classifier: timm's get_classifier(), else its last Linear or
-    Conv2d module (SqueezeNet's classifier is a 1x1 convolution)."""
-    head = net.get_classifier() if hasattr(net, "get_classifier") else None
-    last = None
-    for name, module in net.named_modules():
-        if module is head or (head is None and isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))):
-            last = name
-    return set() if not last else {f"{last}.{key}" for key in net.get_submodule(last).state_dict()}
-
-
-def read_weight_file(path, pick):
-    """The state dict of an --init file: one network of this repository's checkpoint (`pick`: index or
-    label), a plain state_dict (or one under 'state_dict'/'model', as timm's and torchvision's
-    reference training scripts save it) or a .safetensors file, without DDP's 'module.' and
-    torch.compile's '_orig_mod.' key prefixes."""
-    if not os.path.isfile(path):
-        raise UsageError(f"--init: weight file '{path}' does not exist")
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            content = load_file(path)
-        else:
-            content = torch.load(path, map_location="cpu", weights_only=True)
-    except ImportError:
-        raise UsageError(f"--init '{path}': .safetensors files need the safetensors package: pip install safetensors") from None
-    except Exception as error:  # torch and safetensors raise several types for foreign or truncated files
-        raise UsageError(f"--init '{path}' is not a readable weight file ({type(error).__name__}); expected a "
-                         f"torch.save file of tensors (.pt, .pth) or a .safetensors file") from None
-    if isinstance(content, dict) and "nets" in content and "models" in content:
-        content = pick_network(content, path, pick)
-    elif pick is not None:
-        raise UsageError(f"--init '{path}@{pick}': @ picks a network of this repository's checkpoints; '{path}' is a plain weight file")
-    else:
-        content = next((content[key] for key in ("state_dict", "model") if isinstance(content, dict)
-                        and isinstance(content.get(key), dict)), content)
-    if not isinstance(content, dict) or not content or not all(isinstance(v, torch.Tensor) for v in content.values()):
-        raise UsageError(f"--init '{path}' holds no state_dict (a dict of tensor names to tensors)")
-    return {re.sub(r"^(module\.|_orig_mod\.)+", "", key): value for key, value in content.items()}
-
-
-def pick_network(ckpt, path, pick):
-    """One network's state dict of this repository's checkpoint: the only one, or `pick` (index or label)."""
-    labels = net_labels(ckpt["models"])
-    n = len(labels)
-    if pick is None and n > 1:
-        raise UsageError(f"--init '{path}' holds {n} networks ({', '.join(labels)}); pick one with {path}@K (0..{n - 1}) or {path}@LABEL")
-    index = 0 if pick is None else int(pick) if pick.isdigit() else labels.index(pick) if pick in labels else None
-    if index is None or index >= n:
-        raise UsageError(f"--init '{path}@{pick}': no such network; the file holds {', '.join(labels)} (pick by index 0..{n - 1} or label)")
-    return ckpt["nets"][index]
 
 
 def to_input(images, rt):
@@ -914,10 +377,10 @@ def build_optimizers(args, nets, rt=None):
     decay_all = getattr(args, "decay_norm_and_bias", None)
     capturable = rt is not None and rt.cuda_graphs
     trainable = [any(p.requires_grad for p in unwrap(net).parameters()) for net in nets]
-    # A transformer (it names its embeddings in no_weight_decay()) keeps the DeiT exemptions in any
-    # group; a CNN is decayed everywhere, as in the CIFAR recipe; the flag overrides both.
+    # A transformer keeps the DeiT exemptions in any group; a CNN is decayed everywhere, as in the
+    # CIFAR recipe; the flag overrides both.
     optimizers = [build_optimizer(net, name, lr, wd, momentum=args.momentum, nesterov=args.nesterov,
-                                  decay_norm_and_bias=(not hasattr(unwrap(net), "no_weight_decay")
+                                  decay_norm_and_bias=(not models.is_transformer(unwrap(net))
                                                        if decay_all is None else decay_all),
                                   fused=use_fused(name, rt), capturable=capturable) if train else None
                   for net, name, lr, wd, train in zip(nets, names, lrs, decays, trainable)]
@@ -987,3 +450,57 @@ def evaluate(nets, loader, rt):
         net.train(mode)
     return [{"loss": s[0] / max(s[3], 1), "acc": 100 * s[1] / max(s[3], 1), "top5": 100 * s[2] / max(s[3], 1)}
             for s in sums]
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA-graph capture of a whole step (--cuda-graphs)
+# ----------------------------------------------------------------------------------------------
+class CapturedStep:
+    """Runs a training step captured once in a CUDA graph and then replayed (--cuda-graphs).
+
+    `step(*arguments)` is one whole optimisation step of the group (every forward, the losses and
+    a paradigm's selection of teachers, one backward, every optimizer step, the statistics) written
+    without host synchronisation: fixed shapes, no `.item()`, no Python branch on tensor values,
+    learning rates held in device tensors (fused optimizers read them on the device). Its arguments
+    are tensors or lists of tensors. The first `warmup` calls run eagerly on a side stream (cuDNN
+    autotuning, optimizer state allocation); the next call records the graph, and every later call
+    copies its tensors into the graph's static inputs and replays it: one launch instead of
+    thousands, no Python in the loop.
+    """
+
+    def __init__(self, step, *, warmup=3):
+        self.step, self.warmup = step, warmup
+        self.calls, self.graph, self.static_inputs, self.static_output = 0, None, None, None
+
+    def __call__(self, *arguments):
+        if self.graph is None and self.calls < self.warmup:
+            self.calls += 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side), warnings.catch_warnings():
+                # capturable optimizers (Adam, AdamW) warn when stepped outside a capture: expected here
+                warnings.filterwarnings("ignore", message="This instance was constructed with capturable=True")
+                output = self.step(*arguments)
+            torch.cuda.current_stream().wait_stream(side)
+            return output
+        tensors = _flat_tensors(arguments)
+        if self.graph is None:
+            self.static_inputs = [t.clone() for t in tensors]
+            static = iter(self.static_inputs)
+            static_arguments = [[next(static) for _ in a] if isinstance(a, (list, tuple)) else next(static)
+                                for a in arguments]
+            self.graph = torch.cuda.CUDAGraph()
+            # thread_local: CUDA calls of other threads (the torch loader's pin-memory thread) may
+            # go on during the capture; the default global mode would abort it.
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self.static_output = self.step(*static_arguments)
+        else:
+            for static, tensor in zip(self.static_inputs, tensors, strict=True):
+                static.copy_(tensor, non_blocking=True)
+        self.graph.replay()
+        return self.static_output
+
+
+def _flat_tensors(arguments):
+    """The tensors of a step's arguments (each a tensor or a list of tensors), in order."""
+    return [t for a in arguments for t in (a if isinstance(a, (list, tuple)) else [a])]

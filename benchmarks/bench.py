@@ -17,6 +17,7 @@ Variants, all on synthetic data of a chosen shape (the numbers describe speed, n
     python benchmarks/bench.py --device cpu --variants reference default --amp none bf16
 """
 import argparse
+import functools
 import os
 import platform
 import statistics
@@ -31,7 +32,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import checkpoints  # noqa: E402
 import engine  # noqa: E402
+import flags  # noqa: E402
 import models  # noqa: E402
 import train_competitive_distillation as competitive  # noqa: E402
 import train_mutual_learning as mutual  # noqa: E402
@@ -47,7 +50,7 @@ PRECISIONS = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 def get_args_parser():
     """Benchmark flags."""
     parser = argparse.ArgumentParser(description="Images/s of group training steps.",
-                                     formatter_class=utils.HelpFormatter)
+                                     formatter_class=flags.HelpFormatter)
     add = parser.add_argument
     add("--paradigm", default="competitive", choices=sorted(PARADIGMS), help="which group step to time")
     add("--models", nargs="+", default=["resnet32", "resnet32"], help="the group")
@@ -138,11 +141,11 @@ def repository_steps(args, device, compile_nets, amp):
     """A step function running the scripts' own code path (loader, perturbation, group step) at
     autocast precision `amp` (as the scripts' --amp); its `precision` attribute names the one used."""
     module = PARADIGMS[args.paradigm]
-    flags = ["--models", *args.models, "--batch-size", str(args.batch_size), "--device", str(device),
+    argv = ["--models", *args.models, "--batch-size", str(args.batch_size), "--device", str(device),
              "--perturb-every", str(args.perturb_every), "--amp", amp]
     if compile_nets and device.type == "cuda":
-        flags.append("--cuda-graphs")
-    script_args = module.get_args_parser().parse_args(flags)
+        argv.append("--cuda-graphs")
+    script_args = module.get_args_parser().parse_args(argv)
     rt = utils.setup_runtime(script_args)
     data = synthetic_data(args)
     train_loader, _, _ = make_loaders(data, batch_size=args.batch_size, loader="gpu", device=device, seed=0)
@@ -159,17 +162,15 @@ def repository_steps(args, device, compile_nets, amp):
     group_step = module.competitive_step if args.paradigm == "competitive" else module.mutual_step
     stats = engine.EpochStats(rt)
     state = {"step": 0}
-
-    def core(labels, labels_perm, lams, *inputs):
-        return group_step(nets, optimizers, scaler, inputs, labels, labels_perm, lams, script_args, rt)
-
-    captured = engine.CapturedStep(core, enabled=rt.cuda_graphs)
+    train_step = functools.partial(group_step, nets, optimizers, scaler, args=script_args, rt=rt)
+    if rt.cuda_graphs:
+        train_step = utils.CapturedStep(train_step)
 
     def step():
         images, labels = next(batches)
-        inputs, labels_perm, lams, _ = perturber.group_batch(state["step"], images, labels)
+        batch = perturber(state["step"], images, labels)
         state["step"] += 1
-        stats.add(captured(labels, labels_perm, lams, *inputs))
+        stats.add(train_step(batch.inputs, labels, batch.labels_perm, batch.lams))
 
     step.precision = PRECISIONS[rt.amp_dtype]
     return step
@@ -231,10 +232,31 @@ def run_config(args, device, report):
     return run
 
 
+def cpu_has_native_bf16():
+    """True when this CPU has bf16 dot-product instructions (x86 AVX512-BF16 or AMX-BF16); False
+    when they are missing or cannot be queried. Reported with the CPU rows: even with AVX512-BF16,
+    bf16 autocast trained the CIFAR ResNets no faster than fp32 (docs/speed.md). torch's public
+    torch.backends.cpu.get_cpu_capability() names only the vector width, so this asks the cpuinfo
+    queries behind it, which are private and were renamed between releases: guarded."""
+    cpu = getattr(torch._C, "_cpu", None)
+    try:
+        capability = cpu._get_cpu_capability()  # recent torch: a dict of cpuinfo's flags
+        return bool(capability.get("avx512_bf16") or capability.get("amx_bf16"))
+    except (AttributeError, RuntimeError):
+        pass
+    for query in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):  # older torch
+        try:
+            if getattr(cpu, query)():
+                return True
+        except (AttributeError, RuntimeError):
+            pass
+    return False
+
+
 def describe(device):
     """The device, torch version and host, for every reported figure."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads, "
-                                                                           f"{'' if utils.cpu_has_native_bf16() else 'no '}native bf16)")
+                                                                           f"{'' if cpu_has_native_bf16() else 'no '}native bf16)")
     return {"device": name, "torch": torch.__version__, "python": platform.python_version()}
 
 
@@ -262,7 +284,7 @@ def main(args):
             peak = f"{r['peak_mem_mib']:.0f}" if r["peak_mem_mib"] else "-"
             print(f"{head} {r['images_per_s']:>10.0f} {ratio:>6} {r['warmup_s']:>9.1f} {peak:>9}", flush=True)
         if args.json:
-            engine.save_json({**info, "runs": runs + [run]}, args.json)
+            checkpoints.save_json({**info, "runs": runs + [run]}, args.json)
 
     for config in configs:
         torch._dynamo.reset()  # forget the previous configuration's compiled graphs (and their memory)
@@ -271,4 +293,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    utils.launch(main, get_args_parser())
+    flags.launch(main, get_args_parser())

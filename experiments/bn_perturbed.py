@@ -22,8 +22,8 @@ if ROOT not in sys.path:  # run as `python experiments/bn_perturbed.py` from any
 
 import torch  # noqa: E402
 
+import checkpoints  # noqa: E402
 import demo  # noqa: E402
-import engine  # noqa: E402
 import utils  # noqa: E402
 from datasets import make_loaders  # noqa: E402
 from perturb import PERTURBATIONS, perturb  # noqa: E402
@@ -40,7 +40,7 @@ def get_args_parser():
 
 
 def main(args):
-    ckpt = engine.load_checkpoint(args.checkpoint)
+    ckpt = checkpoints.load_checkpoint(args.checkpoint)
     data = demo.load_test_data(ckpt, types.SimpleNamespace(download=None, data_dir=args.data_dir))
     train_loader, _, test_loader = make_loaders(data, batch_size=args.batch_size, device="cpu", seed=args.seed, workers=0)
     rt = utils.Runtime(torch.device("cpu"), None, False)

@@ -23,7 +23,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from engine import read_metrics  # noqa: E402
+from metrics import read_metrics  # noqa: E402
 
 # args.json fields that must agree across a study's runs (the same data and budget)
 BUDGET = ("dataset", "train_subset", "val_size", "img_size", "epochs", "batch_size", "optimizer", "lr",

@@ -9,6 +9,7 @@ ValueError with a readable message.
 Besides the registered names below, `tv:NAME` builds a torchvision classification model and
 `timm:NAME` a timm model, with random weights (models/zoo.py).
 """
+from . import ceit, vit
 from .ceit import authors_ceit, ceit_base, ceit_small, ceit_tiny
 from .inception import inception_v1
 from .mobilenet import authors_mobilenet, mobilenet_v1, mobilenet_v2
@@ -50,7 +51,18 @@ ALIASES = {
     "googlenet": "inception_v1",
 }
 
-TRANSFORMERS = {"vit", "vit_tiny", "vit_small", "vit_base", "ceit", "ceit_tiny", "ceit_small", "ceit_base"}
+# The registered transformers: the models of vit.py and ceit.py.
+TRANSFORMERS = frozenset(name for name, build in MODELS.items() if build.__module__ in (vit.__name__, ceit.__name__))
+
+
+def is_transformer(model):
+    """True for a transformer, given a registered name or a built module: the name is one of
+    TRANSFORMERS; the module names the parameters the DeiT recipe exempts from weight decay
+    (no_weight_decay(), as the transformers here and timm's do). Transformers get stochastic depth
+    (--drop-path) and the DeiT decay exemptions; CNNs neither."""
+    if isinstance(model, str):
+        return model in TRANSFORMERS
+    return hasattr(model, "no_weight_decay")
 
 
 def list_models(aliases=False):

@@ -14,8 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoints
 import demo
 import engine
+import flags
+import metrics
 import train
 import train_competitive_distillation as cd
 import utils
@@ -58,7 +61,7 @@ def loose(runs, tmp_path_factory):
 
 def run_demo(argv):
     """demo.py in-process, the way its __main__ runs it (user errors exit with code 2)."""
-    return utils.launch(demo.main, demo.get_args_parser(), [str(a) for a in argv])
+    return flags.launch(demo.main, demo.get_args_parser(), [str(a) for a in argv])
 
 
 def table(stdout):
@@ -128,7 +131,7 @@ def test_user_images_give_topk(loose, tmp_path, capsys):
     run_demo([loose[0], "--images", colour, grey, "--topk", 2, "--out", out_png])
     out = capsys.readouterr().out
     assert "test set" not in out  # user images replace the test-set evaluation
-    classes = engine.load_checkpoint(loose[0])["classes"]
+    classes = checkpoints.load_checkpoint(loose[0])["classes"]
     lines = out.splitlines()
     for path in (colour, grey):
         start = lines.index(str(path))
@@ -155,7 +158,7 @@ def test_two_checkpoints_form_one_group(runs, loose, tmp_path, capsys):
 
 
 def test_mismatched_checkpoints_are_refused(runs, tmp_path, capsys):
-    ckpt = engine.load_checkpoint(runs[1] / "last.pt")
+    ckpt = checkpoints.load_checkpoint(runs[1] / "last.pt")
     ckpt["img_size"] = 16
     other = tmp_path / "other.pt"
     torch.save(ckpt, other)
@@ -185,7 +188,7 @@ def test_run_directory_without_matplotlib(runs, tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "c.png").exists()
     # everything else still works: a run directory means its best.pt, each network at its best epoch
     assert f"{runs[0] / 'best.pt'}:" in out
-    best = engine.load_checkpoint(runs[0] / "best.pt")["extra"]["best"]
+    best = checkpoints.load_checkpoint(runs[0] / "best.pt")["state"]["best"]
     rows = table(out)
     for i, net in enumerate(["net0_resnet20", "net1_resnet20"]):
         assert rows[net][1] == str(best["epoch"][i])
@@ -196,7 +199,7 @@ def test_run_directory_without_matplotlib(runs, tmp_path, capsys, monkeypatch):
 def test_teacher_matrix_of_a_competitive_run(runs, cli):
     """metrics.csv's taught_by columns form the teacher matrix: nobody teaches itself, and each
     learner's row sums to its mean number of teachers (train_teachers)."""
-    series = engine.read_metrics(str(runs[0]))
+    series = metrics.read_metrics(str(runs[0]))
     nets, matrix = demo.teacher_matrix(series)
     assert nets == ["net0_resnet20", "net1_resnet20"]
     assert matrix[0][0] == matrix[1][1] == 0
@@ -204,7 +207,7 @@ def test_teacher_matrix_of_a_competitive_run(runs, cli):
         with open(runs[0] / "metrics.csv", newline="") as f:
             teachers = [float(r["train_teachers"]) for r in csv.DictReader(f) if r["net"] == net]
         assert sum(row) == pytest.approx(sum(teachers) / len(teachers), abs=1e-5)
-    assert demo.teacher_matrix(engine.read_metrics(str(runs[1]))) is None  # a single network has none
+    assert demo.teacher_matrix(metrics.read_metrics(str(runs[1]))) is None  # a single network has none
     if importlib.util.find_spec("matplotlib"):
         with Image.open(runs[0] / "curves.png") as image:
             assert image.width >= 3 * 600  # accuracy, leadership and the teacher matrix

@@ -15,7 +15,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
+import checkpoints
 import engine
+import flags
 import helpers
 import train_competitive_distillation as competitive
 import utils
@@ -65,7 +67,7 @@ def single_process_evaluation(run_dir, args):
     args = competitive.get_args_parser().parse_args(args)  # its flags cover the mutual runs' too
     rt = utils.Runtime(CPU, None, args.channels_last)
     data, (_, val_loader, test_loader) = utils.setup_data(args, rt)
-    nets = utils.build_nets(utils.model_names(args), data.info, rt)
+    nets = utils.build_nets(flags.model_names(args), data.info, rt)
     for net, state in zip(nets, weights(os.path.join(run_dir, "last.pt"))):
         net.load_state_dict(state)
     return utils.evaluate(nets, val_loader, rt), utils.evaluate(nets, test_loader, rt)
@@ -106,7 +108,7 @@ def test_competitive_two_processes(straight_run):
         assert sum(float(r["train_leader_share"]) for r in nets) == pytest.approx(1.0)
         assert sum(float(r["train_teachers"]) for r in nets) == pytest.approx(1.0)
     # the replica guard ran after every epoch (it raises on a mismatch); rank 0's checkpoint is whole
-    assert engine.load_checkpoint(str(out / "last.pt"))["args"]["world_size"] == 2
+    assert checkpoints.load_checkpoint(str(out / "last.pt"))["args"]["world_size"] == 2
     assert_logged_metrics_count_every_sample_once(out, LONG)
 
 
@@ -114,7 +116,7 @@ def test_resume_with_another_process_count_is_refused(straight_run, tmp_path):
     out, _ = straight_run
     args = competitive.get_args_parser().parse_args(
         [*LONG, "--epochs", "3", "--resume", str(out / "last.pt"), "--out-dir", str(tmp_path)])
-    with pytest.raises(utils.UsageError, match=r"written by 2 processes; resume it with the same number \(this run has 1\)"):
+    with pytest.raises(flags.UsageError, match=r"written by 2 processes; resume it with the same number \(this run has 1\)"):
         competitive.main(args)
 
 
@@ -174,7 +176,7 @@ def test_killed_rank_ends_the_job_then_resume_auto_finishes(tmp_path, straight_r
     # be stamped before the launcher notices the kill. One summary entry ("[k]:" blocks) must say it.
     summary = stderr[stderr.index("Root Cause") if "Failures:" not in stderr else stderr.index("Failures:"):]
     assert re.search(r"rank\s+:\s+1 [^\[]*Signal 9 \(SIGKILL\)", summary), stderr
-    ckpt = engine.load_checkpoint(str(out / "last.pt"))  # the last complete checkpoint: epoch 1's
+    ckpt = checkpoints.load_checkpoint(str(out / "last.pt"))  # the last complete checkpoint: epoch 1's
     assert (ckpt["epoch"], ckpt["step"]) == (1, 0)
     assert [r["epoch"] for r in read_rows(out)] == ["1"] * 3
     result = torchrun("train_competitive_distillation.py", [*LONG, "--out-dir", str(out), "--resume", "auto"])
@@ -245,7 +247,8 @@ def perturbation_draws(rt):
     images = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     labels = torch.arange(8)
     return {"rank": perturber.rank, "ops": [chooser.choose(step)[1] for step in range(24)],
-            "draws": [perturber(step, images, labels) for step in range(24)]}
+            "draws": [(b.net, b.inputs[max(b.net, 0)], b.labels_perm, b.lams[max(b.net, 0)])
+                      for b in (perturber(step, images, labels) for step in range(24))]}
 
 
 def group_args(names, batch_size, *extra):
@@ -403,7 +406,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(ranks):
 def test_sync_bn_is_refused_on_the_cpu(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     args = group_args(["resnet20", "resnet20"], 8, "--sync-bn")
-    with pytest.raises(utils.UsageError, match="--sync-bn needs CUDA"):
+    with pytest.raises(flags.UsageError, match="--sync-bn needs CUDA"):
         utils.setup_runtime(args)
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import engine
+import flags
 import train
 import train_competitive_distillation as competitive
 import utils
@@ -119,5 +120,5 @@ def test_eval_every_skips_evaluations_but_never_the_last_epoch(tmp_path, capsys)
     results = run_main(train, [*TINY, "--model", "resnet20", "--epochs", "3", "--eval-every", "5", "--stop-after", "1",
                                "--out-dir", str(out)])
     assert [bool(row["test_acc"]) for row in read_rows(out)] == [True]
-    with pytest.raises(utils.UsageError, match="--eval-every must be a positive integer"):
+    with pytest.raises(flags.UsageError, match="--eval-every must be a positive integer"):
         run_main(train, [*TINY, "--model", "resnet20", "--eval-every", "0"])

@@ -130,9 +130,9 @@ def test_the_compact_table_has_one_line_per_configuration(study):
 def test_bn_perturbed_reports_every_condition(tmp_path, capsys):
     """experiments/bn_perturbed.py on a tiny trained run: one row per condition, and 'clean' is the reference."""
     import bn_perturbed
+    import flags
     import train
-    import utils
-    utils.launch(train.main, train.get_args_parser(), [
+    flags.launch(train.main, train.get_args_parser(), [
         "--dataset", "fake", "--img-size", "16", "--train-subset", "64", "--val-size", "0", "--batch-size", "32",
         "--device", "cpu", "--workers", "0", "--no-progress", "--model", "resnet20", "--epochs", "1",
         "--out-dir", str(tmp_path / "run")])

@@ -6,7 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoints
 import engine
+import flags
 import models
 import train
 import train_competitive_distillation as competitive
@@ -67,9 +69,9 @@ def test_resume_keeps_this_runs_kernels_and_rate_tensor(name, written, resumed):
     net.load_state_dict(writer_net.state_dict())
     optimizer = utils.build_optimizer(net, name, 0.1, 1e-4, **KERNELS[resumed])
     built = [dict(group) for group in optimizer.param_groups]
-    engine.load_optimizer_state(optimizer, writer.state_dict())
+    checkpoints.load_optimizer_state(optimizer, writer.state_dict())
     for group, before in zip(optimizer.param_groups, built):
-        for key in engine.RUN_OWNED_GROUP_KEYS:
+        for key in checkpoints.RUN_OWNED_GROUP_KEYS:
             assert group.get(key) is before.get(key), key  # the same objects, the lr tensor included
     moment = "momentum_buffer" if name == "sgd" else "exp_avg"
     written = next(iter(writer.state.values()))[moment]
@@ -153,7 +155,7 @@ def test_fp16_scaled_steps_skip_an_overflowing_first_step_cleanly(monkeypatch):
 
 def test_cuda_graphs_refused_on_the_cpu(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        utils.launch(train.main, train.get_args_parser(), ["--dataset", "fake", "--device", "cpu", "--cuda-graphs"])
+        flags.launch(train.main, train.get_args_parser(), ["--dataset", "fake", "--device", "cpu", "--cuda-graphs"])
     assert exit_info.value.code == 2
     assert "--cuda-graphs needs one CUDA process" in capsys.readouterr().err
 
@@ -238,12 +240,12 @@ def test_captured_competitive_step_matches_eager_on_gpu(optimizer, amp_dtype):
     (eager_nets, eager_opts), (graph_nets, graph_opts) = group(), group()
 
     def core(nets, optimizers):
-        def step(labels, labels_perm, lams, *inputs):
+        def step(inputs, labels, labels_perm, lams):
             return competitive.competitive_step(nets, optimizers, scaler, [utils.to_input(x, rt) for x in inputs],
                                                 labels, labels_perm, lams, args, rt)
         return step
 
-    captured = engine.CapturedStep(core(graph_nets, graph_opts), enabled=True, warmup=2)
+    captured = utils.CapturedStep(core(graph_nets, graph_opts), warmup=2)
     eager = core(eager_nets, eager_opts)
     generator = torch.Generator(device).manual_seed(0)
     for step in range(8):
@@ -254,8 +256,8 @@ def test_captured_competitive_step_matches_eager_on_gpu(optimizer, amp_dtype):
         perm = torch.randperm(16, device=device, generator=generator)
         lams = torch.tensor([1.0, 0.3 if step == 5 else 1.0], device=device)
         mixed = 0.3 * images + 0.7 * images[perm] if step == 5 else images
-        expected = eager(labels, labels[perm], lams, images, mixed)
-        got = captured(labels, labels[perm], lams, images, mixed)
+        expected = eager([images, mixed], labels, labels[perm], lams)
+        got = captured([images, mixed], labels, labels[perm], lams)
         assert torch.allclose(got, expected, rtol=stats_tol, atol=stats_tol), (step, got, expected)
         assert torch.equal(got[:, 5], expected[:, 5])  # the same leader every step
     for a, b in zip(eager_nets, graph_nets):
@@ -332,7 +334,7 @@ def test_benchmark_reference_uses_the_same_optimizer_family(made_optimizers):
 def test_benchmark_refuses_a_missing_device(capsys):
     from benchmarks import bench
     with pytest.raises(SystemExit) as exit_info:
-        utils.launch(bench.main, bench.get_args_parser(), ["--device", "cuda:0" if not torch.cuda.is_available() else "tpu"])
+        flags.launch(bench.main, bench.get_args_parser(), ["--device", "cuda:0" if not torch.cuda.is_available() else "tpu"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.startswith("error: --device")
 

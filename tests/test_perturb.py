@@ -1,4 +1,5 @@
 """Tests for perturb.py: the stochastic perturbation (paper section 3.2) (CPU, a few seconds)."""
+import copy
 import io
 import math
 
@@ -7,10 +8,11 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 
+import checkpoints
 from losses import mixed_cross_entropy
 from perturb import PERTURBATIONS, Perturber, bn_statistics_kept, perturb
 
-RANDOM_OPS = ("mixup", "gaussian_noise", "color_jitter_blur", "rotation")
+RANDOM_OPS = tuple(op for op in PERTURBATIONS if op not in ("hflip", "vflip"))  # the ops that draw random numbers
 STATS = {1: ((0.2860,), (0.3530,)),                                  # Fashion-MNIST
          3: ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))}    # CIFAR-10
 # Rounding of a normalised bf16 value (|x| < 3, 8-bit mantissa) seen in pixel units (std < 0.36).
@@ -220,18 +222,25 @@ def make_perturber(**overrides):
     return Perturber(**kwargs)
 
 
+def perturbed(perturber, step, images, labels):
+    """(net, the perturbed network's images, labels_perm, its lam) of one step; (-1, images, labels, 1) when clean."""
+    batch = perturber(step, images, labels)
+    net = batch.net
+    return net, batch.inputs[max(net, 0)], batch.labels_perm, batch.lams[max(net, 0)]
+
+
 def test_perturber_only_on_multiples_of_every():
     perturber = make_perturber(every=4)
     images, labels = batch(3, size=(2, 8, 8))
     for step in range(13):
-        net, images_p, labels_perm, lam = perturber(step, images, labels)
+        net, images_p, labels_perm, lam = perturbed(perturber, step, images, labels)
         if step % 4:
             assert net == -1 and images_p is images and labels_perm is labels and lam.item() == 1.0
         else:
             assert 0 <= net < 3 and images_p.shape == images.shape
     disabled = make_perturber(every=0)
     for step in range(5):
-        net, images_p, labels_perm, lam = disabled(step, images, labels)
+        net, images_p, labels_perm, lam = perturbed(disabled, step, images, labels)
         assert net == -1 and images_p is images and labels_perm is labels
         assert lam.dtype == torch.float32 and lam.item() == 1.0
 
@@ -255,7 +264,7 @@ def test_perturber_draws_only_from_given_ops():
 
 
 def sequence(perturber, steps, images, labels):
-    return [perturber(step, images, labels) for step in steps]
+    return [perturbed(perturber, step, images, labels) for step in steps]
 
 
 def assert_same(first, second):
@@ -308,7 +317,7 @@ def test_perturber_rejects_bad_arguments(overrides, message):
 def test_perturber_with_no_ops_is_fine_when_disabled():
     perturber = make_perturber(every=0, ops=())
     images, labels = batch(1, size=(2, 8, 8))
-    assert perturber(0, images, labels)[0] == -1
+    assert perturber(0, images, labels).net == -1
 
 
 @pytest.mark.parametrize("op", ["rotation", "color_jitter_blur"])
@@ -325,18 +334,21 @@ def test_scalar_parameters_come_from_the_param_generator(op):
     assert not torch.equal(outs[0], other)
 
 
-def test_group_batch_feeds_the_perturbed_network_only():
+def test_the_group_batch_feeds_the_perturbed_network_only():
     images, labels = batch(3, size=(6, 8, 8))
     perturber = make_perturber(every=1, seed=1, ops=["mixup"], num_nets=3)
-    reference = make_perturber(every=1, seed=1, ops=["mixup"], num_nets=3)
     for step in range(4):
-        net, images_p, labels_perm, lam = reference(step, images, labels)
-        inputs, perm, lams, perturbed = perturber.group_batch(step, images, labels)
+        reference = copy.deepcopy(perturber)  # the same draws through perturb() itself
+        net, op = reference.choose(step)
+        reference._reseed_device_generator()
+        images_p, labels_perm, lam = perturb(images, labels, op, mean=STATS[3][0], std=STATS[3][1],
+                                             generator=reference.device_generator, param_generator=reference.param_generator)
+        inputs, perm, lams, perturbed_net = perturber(step, images, labels)
         assert len(inputs) == 3 and all(inputs[i] is images for i in range(3) if i != net)
         assert torch.equal(inputs[net], images_p) and torch.equal(perm, labels_perm)
-        assert lams.tolist() == [lam.item() if i == net else 1.0 for i in range(3)] and perturbed == net
-    clean_inputs, _, clean_lams, perturbed = make_perturber(every=0, seed=1, num_nets=3).group_batch(0, images, labels)
-    assert all(x is images for x in clean_inputs) and clean_lams.tolist() == [1.0, 1.0, 1.0] and perturbed == -1
+        assert lams.tolist() == [lam.item() if i == net else 1.0 for i in range(3)] and perturbed_net == net
+    clean_inputs, _, clean_lams, perturbed_net = make_perturber(every=0, seed=1, num_nets=3)(0, images, labels)
+    assert all(x is images for x in clean_inputs) and clean_lams.tolist() == [1.0, 1.0, 1.0] and perturbed_net == -1
 
 
 @pytest.mark.parametrize("dtype, atol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
@@ -363,7 +375,7 @@ def test_perturbed_steps_make_no_tensor_from_python_numbers_on_the_device(monkey
     perturber = make_perturber(every=1)
     for op in PERTURBATIONS:
         perturber.ops = (op,)
-        perturber.group_batch(0, images, labels)
+        perturber(0, images, labels)
     made = []
 
     def guarded(make):
@@ -378,7 +390,7 @@ def test_perturbed_steps_make_no_tensor_from_python_numbers_on_the_device(monkey
     for op in PERTURBATIONS:
         perturber.ops = (op,)
         for step in range(3):
-            inputs, _, _, _ = perturber.group_batch(step, images, labels)
+            inputs, _, _, _ = perturber(step, images, labels)
             assert any(x is not images for x in inputs), op  # the step was perturbed
     assert made == []
 
@@ -395,24 +407,6 @@ def test_device_randomness_does_not_depend_on_the_device_generator_state():
     assert_same(sequence(scrambled, range(6), images, labels), straight)
     state = make_perturber(every=1).state_dict()
     assert set(state) == {"host_generator", "param_generator", "seed", "perturbed_steps"}
-
-
-def test_checkpoint_of_the_old_format_with_a_cuda_generator_state_loads(capsys):
-    """Older checkpoints held the device generator's own state: a CUDA one (16 bytes) given to a CPU
-    generator raised RuntimeError. Now it loads, the host draws continue exactly, and one line says
-    that the noise stream restarts."""
-    images, labels = batch(3, size=(4, 8, 8))
-    writer = make_perturber(every=1, seed=3)
-    sequence(writer, range(5), images, labels)
-    old_state = {"host_generator": writer.host_generator.get_state(),
-                 "param_generator": writer.param_generator.get_state(),
-                 "device_generator": torch.zeros(16, dtype=torch.uint8)}   # a CUDA generator's size
-    expected = [writer.choose(step) for step in range(5, 15)]
-    resumed = make_perturber(every=1, seed=3)
-    resumed.load_state_dict(old_state)
-    lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 1 and "noise and mixup draws restart" in lines[0]
-    assert [resumed.choose(step) for step in range(5, 15)] == expected
 
 
 @pytest.mark.parametrize("op", PERTURBATIONS)
@@ -465,6 +459,6 @@ def test_a_perturbed_batch_skips_its_networks_bn_statistics(script, update, tmp_
             "--device", "cpu", "--workers", "0", "--no-progress", "--models", "resnet20", "resnet20", "--epochs", "1",
             "--perturb-every", "1", "--out-dir", str(tmp_path / "run")] + (["--update-bn-on-perturbed"] if update else [])
     module.main(module.get_args_parser().parse_args(args))
-    nets = engine.load_checkpoint(str(tmp_path / "run" / "last.pt"))["nets"]
+    nets = checkpoints.load_checkpoint(str(tmp_path / "run" / "last.pt"))["nets"]
     fresh = [torch.equal(net["features.1.running_mean"], torch.zeros_like(net["features.1.running_mean"])) for net in nets]
     assert fresh == [not update, False]

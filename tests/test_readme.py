@@ -3,6 +3,7 @@ import glob
 import importlib
 import os
 import re
+import flags
 import shlex
 
 import pytest
@@ -71,13 +72,13 @@ def test_readme_command_parses(script, argv):
     if hasattr(args, "dataset") and script.startswith(("train", "demo")):
         assert args.dataset in DATASETS
     if script.startswith("train"):
-        utils.check_args(args)
-        assert utils.model_names(args)  # every model name resolves
+        flags.check_args(args)
+        assert flags.model_names(args)  # every model name resolves
     if script == "experiments/compare.py":  # the flags after `--` parse for every run of the study
         for *_, run in module.commands(args):
             run_args = importlib.import_module(os.path.basename(run[1])[:-3]).get_args_parser().parse_args(run[2:])
-            utils.check_args(run_args)
-            assert utils.model_names(run_args)
+            flags.check_args(run_args)
+            assert flags.model_names(run_args)
 
 
 def test_readme_is_short_and_its_links_resolve():

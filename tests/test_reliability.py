@@ -1,6 +1,7 @@
 """What a user can get wrong or go through (divergence, reused and shared run directories, full
 disks, bad checkpoints, repeated signals) ends in one line and a documented exit code, and never
 costs a run's saved work."""
+import checkpoints
 import errno
 import os
 import signal
@@ -13,6 +14,8 @@ import pytest
 import torch
 
 import engine
+import flags
+import metrics
 import train
 import train_ceit
 import train_competitive_distillation as competitive
@@ -29,7 +32,7 @@ def launch(capsys, module, args, code):
     """Run a script in-process as from a shell; asserts its exit code and one stderr line, returns that line."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        utils.launch(module.main, module.get_args_parser(), [str(a) for a in args])
+        flags.launch(module.main, module.get_args_parser(), [str(a) for a in args])
     assert exit_info.value.code == code
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: "), err
@@ -38,7 +41,7 @@ def launch(capsys, module, args, code):
 
 def train_once(out, *extra, epochs=1):
     """A finished one-network run in `out`."""
-    return utils.launch(train.main, train.get_args_parser(), [*TINY, "--model", "resnet20", "--epochs", str(epochs),
+    return flags.launch(train.main, train.get_args_parser(), [*TINY, "--model", "resnet20", "--epochs", str(epochs),
                                                                 "--out-dir", str(out), *extra])
 
 
@@ -64,8 +67,8 @@ def test_divergence_in_a_later_epoch_keeps_the_good_checkpoint(capsys, tmp_path,
     monkeypatch.setattr(competitive, "competitive_step", poisoned)
     err = launch(capsys, competitive, [*PAIR, "--epochs", "3", "--out-dir", tmp_path], code=3)
     assert "epoch 2 (first at step 1)" in err and str(tmp_path / "last.pt") in err
-    best = engine.load_checkpoint(str(tmp_path / "best.pt"))
-    last = engine.load_checkpoint(str(tmp_path / "last.pt"))
+    best = checkpoints.load_checkpoint(str(tmp_path / "best.pt"))
+    last = checkpoints.load_checkpoint(str(tmp_path / "last.pt"))
     assert best["epoch"] == last["epoch"] == 1
     assert all(torch.isfinite(t).all() for state in last["nets"] for t in state.values() if t.is_floating_point())
 
@@ -93,9 +96,9 @@ def test_a_used_run_directory_is_refused_unless_resumed_or_overwritten(capsys, t
     train_once(tmp_path)
     err = launch(capsys, train, [*TINY, "--model", "resnet20", "--epochs", "1", "--out-dir", tmp_path], code=2)
     assert "holds an earlier run" in err and "--resume auto" in err and "--overwrite" in err
-    first = engine.load_checkpoint(str(tmp_path / "best.pt"))["nets"]
+    first = checkpoints.load_checkpoint(str(tmp_path / "best.pt"))["nets"]
     train_once(tmp_path, "--overwrite", "--seed", "1")  # starts afresh: the old best.pt is gone with the rest
-    second = engine.load_checkpoint(str(tmp_path / "best.pt"))["nets"]
+    second = checkpoints.load_checkpoint(str(tmp_path / "best.pt"))["nets"]
     assert not torch.equal(first[0]["fc.weight"], second[0]["fc.weight"])
     assert [r["epoch"] for r in read_rows(tmp_path)] == ["1"]
     events = [name for name in os.listdir(tmp_path) if name.startswith("events.out")]
@@ -197,7 +200,7 @@ def test_a_second_ctrl_c_does_not_lose_the_state(tmp_path):
     stdout, stderr = process.communicate(timeout=300)
     assert process.returncode == 130, stdout + stderr
     assert "Traceback" not in stderr, stderr
-    assert engine.load_checkpoint(str(out / "last.pt"))["epoch"] >= 1
+    assert checkpoints.load_checkpoint(str(out / "last.pt"))["epoch"] >= 1
 
 
 # 4., 9. and 11. data ---------------------------------------------------------------------------------
@@ -208,7 +211,7 @@ FOLDER = ["--dataset", "imagefolder", "--img-size", "16", "--val-size", "2", "--
 def test_unreadable_images_are_skipped_with_a_counted_warning(capfd, tmp_path):
     bad = write_broken_image_tree(tmp_path / "data")
     # Two epochs read every file twice, through two worker processes per loader (capfd: their stderr too).
-    results = utils.launch(train.main, train.get_args_parser(), [
+    results = flags.launch(train.main, train.get_args_parser(), [
         *FOLDER, "--data-dir", str(tmp_path / "data"), "--workers", "2", "--epochs", "2", "--out-dir", str(tmp_path / "run")])
     assert results["epochs"] == 2
     warnings = [line for line in capfd.readouterr().err.splitlines() if line.startswith("warning: skipped")]
@@ -233,7 +236,7 @@ def test_a_data_dir_that_is_a_file_is_one_line(capsys, tmp_path):
 
 def test_the_startup_line_names_the_files_read(capsys, tmp_path):
     write_mnist_like(tmp_path / "data", train=80, high=147)  # the four .gz files right in --data-dir
-    utils.launch(train.main, train.get_args_parser(), [
+    flags.launch(train.main, train.get_args_parser(), [
         *TINY, "--dataset", "fashion-mnist", "--img-size", "28", "--train-subset", "32", "--val-size", "16",
         "--model", "resnet20", "--epochs", "1", "--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "run")])
     startup = capsys.readouterr().out.splitlines()[0]
@@ -257,7 +260,7 @@ def test_resume_auto_on_a_complete_run_exits_0(capsys, tmp_path):
 
 def test_resume_refuses_other_data_seed_or_script(capsys, tmp_path):
     run_dir = tmp_path / "run"
-    utils.launch(competitive.main, competitive.get_args_parser(),
+    flags.launch(competitive.main, competitive.get_args_parser(),
                  [*PAIR, "--epochs", "1", "--out-dir", str(run_dir)])
     last = run_dir / "last.pt"
     assert "--val-size" in launch(capsys, competitive, [*PAIR, "--epochs", "2", "--val-size", "16", "--resume", last], 2)
@@ -281,11 +284,11 @@ def test_a_resumed_run_purges_tensorboard_points_it_redoes(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     rt = utils.Runtime(torch.device("cpu"), None, False)
     row = {"epoch": 1, "net": "net0_x", "model": "x"}
-    killed = engine.MetricsLog(str(tmp_path), rt, 0, resumed=False)
+    killed = metrics.MetricsLog(str(tmp_path), rt, 0, resumed=False)
     killed.write(1, [{**row, "train_loss": 5.0}])
     killed.write(2, [{**row, "epoch": 2, "train_loss": 6.0}])
     killed.close()
-    resumed = engine.MetricsLog(str(tmp_path), rt, 0, resumed=True)
+    resumed = metrics.MetricsLog(str(tmp_path), rt, 0, resumed=True)
     resumed.write(1, [{**row, "train_loss": 1.0}])
     resumed.close()
     events = EventAccumulator(str(tmp_path))

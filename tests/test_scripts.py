@@ -13,7 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoints
 import engine
+import flags
 import models
 import train
 import train_competitive_distillation as competitive
@@ -59,7 +61,7 @@ def test_train_end_to_end_cuda_hidden(tmp_path):
     assert [(r["epoch"], r["net"]) for r in rows] == [("1", "net0_resnet20"), ("2", "net0_resnet20")]
     results = json.loads((out / "results.json").read_text())
     assert results["networks"][0]["final_test_acc"] == pytest.approx(float(rows[-1]["test_acc"]), abs=1e-3)
-    ckpt = engine.load_checkpoint(str(out / "last.pt"))
+    ckpt = checkpoints.load_checkpoint(str(out / "last.pt"))
     assert ckpt["models"] == ["resnet20"] and ckpt["epoch"] == 2 and ckpt["num_classes"] == 10
 
 
@@ -120,11 +122,11 @@ def test_mutual_learning_three_networks_cuda_hidden(tmp_path):
 
 def test_authors_pair_flags():
     args = mutual.get_args_parser().parse_args(["--model1", "resnet", "--model2", "mobilenet", "--dataset", "cifar10"])
-    assert utils.model_names(args) == ["resnet32", "mobilenet"]  # the authors' networks behind their names
+    assert flags.model_names(args) == ["resnet32", "mobilenet"]  # the authors' networks behind their names
     args = competitive.get_args_parser().parse_args(["--teacher", "resnet", "--student", "vit", "--dataset", "cifar10"])
-    assert utils.model_names(args) == ["resnet32", "vit"]
+    assert flags.model_names(args) == ["resnet32", "vit"]
     args = train.get_args_parser().parse_args(["--model", "resnet", "--dataset", "cifar10"])
-    assert utils.model_names(args) == ["resnet32"]
+    assert flags.model_names(args) == ["resnet32"]
 
 
 def test_ceit_end_to_end_cuda_hidden(tmp_path):
@@ -144,7 +146,7 @@ def test_a_transformer_in_a_group_gets_the_transformer_recipe(flag, vit_groups):
     args = competitive.get_args_parser().parse_args(["--models", "resnet20", "vit_tiny", "--dataset", "fake", *flag])
     info = types.SimpleNamespace(num_classes=10, img_size=32, in_chans=3)
     rt = utils.Runtime(torch.device("cpu"), None, False)
-    nets = utils.build_nets(utils.model_names(args), info, rt, drop_path=args.drop_path)
+    nets = utils.build_nets(flags.model_names(args), info, rt, drop_path=args.drop_path)
     assert nets[1].blocks[-1].drop_path.rate == pytest.approx(0.1) and nets[1].blocks[0].drop_path.rate == 0
     optimizers, _ = utils.build_optimizers(args, nets, rt)
     assert [group["weight_decay"] for group in optimizers[0].param_groups] == [5e-4]
@@ -227,7 +229,7 @@ def test_sigterm_saves_a_loadable_checkpoint(tmp_path):
     process, stdout, stderr = interrupt_during_epoch_two(out, signal.SIGTERM)
     assert process.returncode == 143, stdout + stderr
     assert "SIGTERM: stopped at epoch 2" in stdout
-    ckpt = engine.load_checkpoint(str(out / "last.pt"))
+    ckpt = checkpoints.load_checkpoint(str(out / "last.pt"))
     assert ckpt["epoch"] == 1 and ckpt["step"] >= 1
     assert [r["epoch"] for r in read_rows(out)] == ["1", "1", "1"]   # epoch 1's rows kept, whole
     assert not [name for name in os.listdir(out) if ".tmp" in name]
@@ -239,7 +241,7 @@ def test_ctrl_c_mid_epoch_then_resume_equals_straight_run(tmp_path):
     assert process.returncode == 130, stdout + stderr
     last = [line for line in stdout.splitlines() if "state saved to" in line]
     assert len(last) == 1 and "--resume" in last[0], stdout
-    assert engine.load_checkpoint(str(out / "last.pt"))["step"] >= 1
+    assert checkpoints.load_checkpoint(str(out / "last.pt"))["step"] >= 1
     # continue with the printed command, then compare with an uninterrupted run
     command = last[0].split("continue with: ", 1)[1].split()
     assert command[:2] == ["python", "train_competitive_distillation.py"]
@@ -257,7 +259,7 @@ def test_ctrl_c_mid_epoch_then_resume_equals_straight_run(tmp_path):
 def expect_usage_error(capsys, module, args, *fragments):
     """The script exits with code 2 and one stderr line containing every fragment."""
     with pytest.raises(SystemExit) as exit_info:
-        utils.launch(module.main, module.get_args_parser(), args)
+        flags.launch(module.main, module.get_args_parser(), args)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: "), err
@@ -327,14 +329,29 @@ def test_bad_resume_files(capsys, tmp_path):
                        "was written with --crop True; this run has False")
 
 
+def test_a_resume_keeps_the_perturbation_schedule(capsys, tmp_path):
+    """--perturb-every and --perturbations decide which steps and networks see perturbed batches: a
+    resume that changes either is refused in one line."""
+    run_dir = tmp_path / "run"
+    group = [*TINY, "--models", "resnet20", "resnet20"]
+    run_main(competitive, [*group, "--epochs", "1", "--out-dir", str(run_dir)])
+    last = str(run_dir / "last.pt")
+    expect_usage_error(capsys, competitive, [*group, "--epochs", "2", "--perturb-every", "5", "--resume", last],
+                       "was written with --perturb-every 10; this run has 5", "the same perturbation schedule")
+    expect_usage_error(capsys, competitive, [*group, "--epochs", "2", "--perturbations", "hflip", "--resume", last],
+                       "was written with --perturbations", "this run has ['hflip']")
+
+
 def test_compile_flag_wraps_networks_but_not_checkpoints():
     """--compile wraps each network; checkpoints and evaluation see the plain module's names."""
     rt = utils.Runtime(torch.device("cpu"), None, False, compile=True)
     info = argparse.Namespace(num_classes=3, img_size=16, in_chans=3)
     net = utils.build_nets(["resnet20"], info, rt)[0]
     assert hasattr(net, "_orig_mod")  # compiled lazily: nothing is compiled until the first forward
-    ckpt = engine.make_checkpoint(argparse.Namespace(), argparse.Namespace(**vars(info), name="x", classes=(), mean=(), std=()),
-                                  ["resnet20"], [net], [], rt, epoch=0, step=0)
+    saver = checkpoints.Checkpoints("unused", script="train", args=argparse.Namespace(), names=["resnet20"], nets=[net],
+                                    info=argparse.Namespace(**vars(info), name="x", classes=(), mean=(), std=()),
+                                    optimizers=[], rt=rt, state={})
+    ckpt = saver.checkpoint(0, 0)
     plain = models.create_model("resnet20", num_classes=3, img_size=16, in_chans=3)
     plain.load_state_dict(ckpt["nets"][0])  # strict: the checkpoint has the plain module's names
     parser = train.get_args_parser()
@@ -398,11 +415,11 @@ def test_resolve_device(monkeypatch):
     assert utils.resolve_device("cuda", local_rank=3) == torch.device("cuda:3")
     assert utils.resolve_device("cpu", local_rank=3) == torch.device("cpu")
     for bad in ("gpu", "meta", "mps"):
-        with pytest.raises(utils.UsageError, match="--device must be auto, cpu, cuda or cuda:N"):
+        with pytest.raises(flags.UsageError, match="--device must be auto, cpu, cuda or cuda:N"):
             utils.resolve_device(bad)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert utils.resolve_device("auto") == torch.device("cpu")
-    with pytest.raises(utils.UsageError, match="no CUDA device is available"):
+    with pytest.raises(flags.UsageError, match="no CUDA device is available"):
         utils.resolve_device("cuda")
 
 
@@ -415,14 +432,16 @@ def test_resolve_device(monkeypatch):
     (argparse.Namespace(), False),                                                                            # no query at all
 ], ids=["avx512-bf16", "amx-bf16", "avx512-only", "old-amx", "old-none", "unknown"])
 def test_native_bf16_detection(monkeypatch, cpu, native):
+    from benchmarks import bench
     monkeypatch.setattr(torch._C, "_cpu", cpu)
-    assert utils.cpu_has_native_bf16() is native
+    assert bench.cpu_has_native_bf16() is native
 
 
 @pytest.mark.parametrize("native", [True, False])
 def test_amp_auto_is_fp32_on_the_cpu_with_or_without_native_bf16(monkeypatch, native):
     """bf16 autocast trained no faster than fp32 on an AVX512-BF16 CPU (docs/speed.md), so auto stays fp32."""
-    monkeypatch.setattr(utils, "cpu_has_native_bf16", lambda: native)
+    from benchmarks import bench
+    monkeypatch.setattr(bench, "cpu_has_native_bf16", lambda: native)
     args = train.get_args_parser().parse_args(["--device", "cpu"])
     assert args.amp == "auto" and utils.setup_runtime(args).amp_dtype is None
 

@@ -7,8 +7,10 @@ import re
 import pytest
 import torch
 
+import checkpoints
 import demo
 import engine
+import flags
 import models
 import train
 import train_competitive_distillation as competitive
@@ -24,7 +26,7 @@ needs_timm = pytest.mark.skipif(not HAVE_TIMM, reason="timm is not installed (pi
 
 def run(module, argv):
     """A script in-process, as from a shell."""
-    return utils.launch(module.main, module.get_args_parser(), [str(a) for a in argv])
+    return flags.launch(module.main, module.get_args_parser(), [str(a) for a in argv])
 
 
 def one_line_error(capsys, module, argv, code=2):
@@ -84,7 +86,7 @@ def test_a_zoo_group_trains_resumes_and_loads_in_demo(tmp_path, capsys):
     names = ["resnet20", "tv:mobilenet_v3_small"] + (["timm:test_vit"] if HAVE_TIMM else [])
     argv = [*TINY, "--models", *names, "--epochs", "2", "--out-dir", tmp_path]
     run(competitive, [*argv, "--stop-after", "1"])
-    assert engine.load_checkpoint(str(tmp_path / "last.pt"))["models"] == names
+    assert checkpoints.load_checkpoint(str(tmp_path / "last.pt"))["models"] == names
     result = run(competitive, [*argv, "--resume", "auto"])
     assert [row["epoch"] for row in read_rows(tmp_path)][-1] == "2"
     assert [entry["model"] for entry in result["networks"][:-1]] == names
@@ -109,23 +111,23 @@ def trained(tmp_path_factory):
 def initialised_group(argv):
     """The networks a competitive run with `argv` starts from, and the test loader it would use."""
     args = competitive.get_args_parser().parse_args([str(a) for a in argv])
-    names = utils.model_names(args)
+    group = flags.check_args(args)
     rt = utils.setup_runtime(args)
     data, (_, _, test_loader) = utils.setup_data(args, rt)
-    return utils.build_nets(names, data.info, rt, args), test_loader, rt
+    return utils.build_nets(group, data.info, rt), test_loader, rt
 
 
 def test_init_from_a_train_run_reproduces_its_test_accuracy_at_step_0(trained, tmp_path):
     single, pair, test_acc = trained
     # the same weights from its last.pt, from a plain state_dict saved by DDP under "state_dict", and from the pair's net1
-    state = engine.load_checkpoint(str(single / "last.pt"))["nets"][0]
+    state = checkpoints.load_checkpoint(str(single / "last.pt"))["nets"][0]
     torch.save({"state_dict": {f"module.{key}": value for key, value in state.items()}}, tmp_path / "plain.pth")
     nets, test_loader, rt = initialised_group([*TINY, "--models", "resnet20", "resnet20", "resnet20", "--init",
                                                f"0={single / 'last.pt'}", f"1={tmp_path / 'plain.pth'}",
                                                f"2={pair / 'last.pt'}@net1_resnet20"])
     results = utils.evaluate(nets, test_loader, rt)
     assert results[0]["acc"] == results[1]["acc"] == test_acc
-    pair_state = engine.load_checkpoint(str(pair / "last.pt"))["nets"][1]
+    pair_state = checkpoints.load_checkpoint(str(pair / "last.pt"))["nets"][1]
     assert all(torch.equal(value, pair_state[key]) for key, value in nets[2].state_dict().items())
 
 
@@ -135,7 +137,7 @@ def test_reset_classifier_takes_weights_trained_for_another_class_count(trained,
     err = one_line_error(capsys, competitive, [*argv, "--out-dir", tmp_path / "refused"])
     assert "tensor 'fc.weight' is (10, 64) in the file but (5, 64) in network 0 (resnet20)" in err and "--reset-classifier" in err
     nets, _, _ = initialised_group([*argv, "--reset-classifier"])
-    state = engine.load_checkpoint(str(single / "last.pt"))["nets"][0]
+    state = checkpoints.load_checkpoint(str(single / "last.pt"))["nets"][0]
     assert torch.equal(nets[0].state_dict()["features.0.weight"], state["features.0.weight"])
     assert nets[0].fc.weight.shape == (5, 64)
 
@@ -155,7 +157,7 @@ def test_a_frozen_network_never_changes_nor_gets_a_gradient(trained, tmp_path, m
     run(competitive, [*TINY, "--models", "resnet20", "resnet20", "--init", f"0={single / 'last.pt'}", "--freeze", "0",
                       "--epochs", "2", "--out-dir", tmp_path])
     assert len(steps) == 4
-    before, after = engine.load_checkpoint(str(single / "last.pt")), engine.load_checkpoint(str(tmp_path / "last.pt"))
+    before, after = checkpoints.load_checkpoint(str(single / "last.pt")), checkpoints.load_checkpoint(str(tmp_path / "last.pt"))
     assert before["nets"][0].keys() == after["nets"][0].keys()
     assert all(torch.equal(value, after["nets"][0][key]) for key, value in before["nets"][0].items())  # BatchNorm statistics too
     assert after["optimizers"][0] == {} and after["optimizers"][1]
@@ -184,7 +186,7 @@ def test_bad_init_and_freeze_flags_are_one_line_errors(trained, tmp_path, capsys
     single, pair, _ = trained
     (tmp_path / "notes.txt").write_text("not weights")
     torch.save(torch.zeros(3), tmp_path / "tensor.pt")
-    state = engine.load_checkpoint(str(single / "last.pt"))["nets"][0]
+    state = checkpoints.load_checkpoint(str(single / "last.pt"))["nets"][0]
     torch.save(state, tmp_path / "plain.pt")
     torch.save({**state, "extra.weight": torch.zeros(1)}, tmp_path / "wider.pt")
     paths = dict(single=single / "last.pt", pair=pair / "last.pt", text=tmp_path / "notes.txt",

@@ -1,0 +1,442 @@
+"""The command line every script shares: its flags, their validation, --config replay, and
+`launch`, which turns what a user can cause into one line on stderr and an exit code.
+
+Exit codes: 0 done (or nothing left to do), 1 the run cannot go on (disk full or read-only, out of
+memory), 2 bad input (flags, files, data), 3 training diverged, 130/143 stopped by SIGINT/SIGTERM
+with the state saved.
+"""
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+
+import models
+from datasets import DATASETS, DatasetError
+
+class UsageError(Exception):
+    """A user-facing, one-line error: bad flag values, a wrong checkpoint, missing data (exit code 2)."""
+
+
+class RunFailure(Exception):
+    """A run that cannot go on, said in one line: a full or read-only disk (exit code 1), or
+    training that diverged (exit code 3, so that a job scheduler can tell it apart)."""
+
+    def __init__(self, message, exit_code=1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class RunComplete(Exception):
+    """--resume auto found a run that has already trained every epoch: nothing to do (exit code 0)."""
+
+
+def fail(message, code=2):
+    """Print `error: message` on one line to stderr and exit with `code`."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def launch(main, parser, argv=None):
+    """Parse argv and run main(args); what a user can cause ends in one line on stderr and a
+    non-zero exit code (2 for bad input), never in a traceback."""
+    try:
+        args = parse_args(parser, argv)
+    except UsageError as error:
+        fail(str(error))
+
+    def checked_main(args):
+        rank = f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        try:
+            return main(args)
+        except (UsageError, DatasetError) as error:
+            fail(rank + str(error))
+        except RunFailure as error:
+            fail(rank + str(error), error.exit_code)
+        except RunComplete as error:
+            print(str(error), flush=True)
+            return None
+        except KeyboardInterrupt:  # a second Ctrl-C while a step ran: the first one had not been honoured yet
+            for sig in (signal.SIGINT, signal.SIGTERM):  # a third one must not interrupt the exit
+                signal.signal(sig, signal.SIG_IGN)
+            fail(rank + "interrupted twice: stopped at once; last.pt holds the state of the last completed epoch", 130)
+        except (MemoryError, torch.OutOfMemoryError) as error:
+            fail(rank + out_of_memory_message(error), 1)
+        except RuntimeError as error:
+            if "can't allocate memory" not in str(error) and "out of memory" not in str(error):
+                raise
+            fail(rank + out_of_memory_message(error), 1)
+
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        # Under torchrun, record() saves a crashing rank's traceback for the launcher's
+        # end-of-job summary, whose "Root Cause" names the rank that failed first.
+        from torch.distributed.elastic.multiprocessing.errors import record
+        checked_main = record(checked_main)
+    result = checked_main(args)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return result
+
+
+def parse_args(parser, argv=None):
+    """parser.parse_args(argv) with the values of --config FILE (a run's args.json) as defaults, so
+    that the flags given on the command line override them."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    path = pre.parse_known_args(argv)[0].config
+    if path is not None and any(action.dest == "config" for action in parser._actions):
+        parser.set_defaults(**read_config(path, parser))
+    return parser.parse_args(argv)
+
+
+# args.json entries that belong to the run that wrote them, not to a run repeating it: its directory
+# (a repeat must not write over it), how it was resumed or stopped, and values recorded for the log.
+CONFIG_SKIPPED = ("config", "out_dir", "resume", "overwrite", "stop_after", "world_size")
+
+
+def read_config(path, parser):
+    """The flag values of --config FILE, checked against the parser's flags; UsageError in one line."""
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except OSError as error:
+        raise UsageError(f"--config '{path}': {error.strerror or error}") from None
+    except ValueError as error:
+        raise UsageError(f"--config '{path}' is not a JSON file of flag values ({error})") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"--config '{path}' must hold a JSON object of flag values, as a run's args.json does")
+    actions = {action.dest: action for action in parser._actions if action.option_strings}
+    defaults = {}
+    for key, value in config.items():
+        if key in CONFIG_SKIPPED:
+            continue
+        if key not in actions:
+            raise UsageError(f"--config '{path}': '{key}' is not a flag of {parser.prog} (an args.json of another script?)")
+        if not config_value_ok(actions[key], value):
+            raise UsageError(f"--config '{path}': {key} = {json.dumps(value)} is not a value of {actions[key].option_strings[0]}")
+        defaults[key] = [float(v) for v in value] if actions[key].type is float and isinstance(value, list) else \
+            float(value) if actions[key].type is float and value is not None else value
+    return defaults
+
+
+def config_value_ok(action, value):
+    """True when a JSON value is one that the flag could have given (type, list or not, choices)."""
+    if value is None:
+        return action.default is None
+    if action.nargs in ("+", "*") or isinstance(action, argparse._AppendAction):
+        if not isinstance(value, list):
+            return False
+        values = value
+    else:
+        values = [value]
+    kinds = {int: (int,), float: (int, float), None: (str,)}
+    if isinstance(action, (argparse.BooleanOptionalAction, argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        kinds = {None: (bool,)}
+    allowed = kinds.get(action.type, (str,))
+    return all(isinstance(v, allowed) and not (isinstance(v, bool) and bool not in allowed)
+               and (not action.choices or v in action.choices) for v in values)
+
+
+def out_of_memory_message(error):
+    """One line for an allocation that failed (host or device memory)."""
+    detail = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+    return f"out of memory ({detail}); lower --batch-size, --eval-batch-size or --img-size"
+
+
+# ----------------------------------------------------------------------------------------------
+# Flags
+# ----------------------------------------------------------------------------------------------
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, unless it is None or the help text already states it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class ListModels(argparse.Action):
+    """--list-models: print the registered model names and aliases, then exit."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        aliases = ", ".join(f"{alias} = {name}" for alias, name in sorted(models.ALIASES.items()))
+        print("models: " + " ".join(models.list_models()) + f"\naliases: {aliases}\n"
+              "tv:NAME (torchvision, random weights): " + " ".join(models.zoo.torchvision_models()) + "\n"
+              "timm:NAME (timm, random weights; pip install timm): any name of timm.list_models()")
+        parser.exit()
+
+
+def get_args_parser(description, *, group=False, epochs=200, batch_size=128, optimizer="sgd",
+                    schedule="cosine", weight_decay=5e-4, warmup_epochs=1.0, label_smoothing=0.0):
+    """The flags every script shares, in groups; scripts add their own group and may change the
+    recipe defaults given here."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    add_model_flags(parser.add_argument_group("model"), group)
+    add_data_flags(parser.add_argument_group("data"))
+    add_optimization_flags(parser.add_argument_group("optimization"), epochs=epochs, batch_size=batch_size,
+                           optimizer=optimizer, schedule=schedule, weight_decay=weight_decay,
+                           warmup_epochs=warmup_epochs, label_smoothing=label_smoothing)
+    add_run_flags(parser.add_argument_group("run"))
+    add_speed_flags(parser.add_argument_group("speed"))
+    add_distributed_flags(parser.add_argument_group("distributed (under torchrun)"))
+    return parser
+
+
+def add_model_flags(flags, group):
+    """Which network(s): --model, or a group's --models (and the authors' pair spellings)."""
+    add = flags.add_argument
+    names = (f"{', '.join(models.list_models())}; tv:NAME a torchvision model, timm:NAME a timm model; "
+             "aliases and zoo names: --list-models")
+    if group:
+        add("--models", nargs="+", metavar="NAME", help=f"the networks of the group (n >= 2; default: resnet32 resnet32; {names})")
+        add("--model1", help="first network of a pair (authors' spelling; same as --models A B)")
+        add("--model2", help="second network of a pair")
+        add("--teacher", help="first network of a pair (authors' spelling: roles are decided every step "
+                              "by the competition, not by this name)")
+        add("--student", help="second network of a pair (see --teacher)")
+        add("--freeze", nargs="+", type=int, default=[], metavar="NET",
+            help="networks (their index in the group, 0 = first) whose weights stay fixed: eval-mode BatchNorm "
+                 "and dropout, no optimizer, never a gradient; one trained frozen network makes competitive "
+                 "distillation classic offline distillation in which the student may still lead")
+    else:
+        add("--model", default="resnet32", help=f"network name or alias ({names})")
+    add("--list-models", action=ListModels, help="print the model names and aliases, then exit")
+    add("--init", nargs="+", default=[], metavar="[NET=]FILE",
+        help="initial weights of network NET (its index in the group, 0 = first; may be left out with one network): "
+             "a checkpoint of this repository (best.pt, last.pt; FILE@K or FILE@LABEL picks one of its networks), "
+             "a state_dict file, or a torchvision/timm weight file (.pth, .safetensors)")
+    add("--reset-classifier", action=argparse.BooleanOptionalAction, default=False,
+        help="with --init: keep each initialised network's fresh classifier (its last layer, which outputs the "
+             "class logits) instead of loading it, for weights trained on another class count")
+
+
+def add_data_flags(flags):
+    """Data set, split and input size."""
+    add = flags.add_argument
+    add("--dataset", default="cifar10", help=", ".join(DATASETS))
+    add("--data-dir", default="./data", help="where datasets are looked for and downloaded")
+    add("--download", action=argparse.BooleanOptionalAction, default=True,
+        help="download missing datasets when the network allows")
+    add("--img-size", type=int, default=None,
+        help="input size fed to the networks (default: the dataset's native size; the authors used 224 for CIFAR-100)")
+    add("--val-size", type=int, default=None,
+        help="images held out from the training set to select the best checkpoint "
+             "(default: 5000 for CIFAR, MNIST-likes and SVHN, 0 otherwise)")
+    add("--split-seed", type=int, default=0, help="seed of the train/validation split (fixed across runs so runs compare)")
+    add("--train-subset", type=int, default=None,
+        help="train on only the first N images of the training split (quick experiments; validation and test sets stay whole)")
+    add("--crop", action=argparse.BooleanOptionalAction, default=True,
+        help="train on random crops of the zero-padded image (4 px on CIFAR and SVHN, 2 on MNIST-likes, the usual "
+             "CIFAR augmentation); --no-crop trains on whole images, as the authors did on CIFAR-100 (in-memory sets "
+             "only: image folders always use RandomResizedCrop)")
+    add("--rotate", type=float, default=0.0, metavar="DEG",
+        help="train: rotate each image by an angle uniform in [-DEG, DEG] at the input size, nearest sampling, "
+             "black corners (torchvision's RandomRotation; the authors used 15); default 0: off")
+    add("--num-classes", type=int, default=None, help="class count of the synthetic 'fake' dataset (other datasets set their own)")
+    add("--loader", default="auto", choices=["auto", "gpu", "torch"],
+        help="gpu: dataset held on the device with batched augmentation there (in-memory sets); torch: DataLoader with workers")
+    add("--workers", type=int, default=None,
+        help="DataLoader worker processes (torch loader; default: min(8, CPUs per process of this node) on CUDA, 2 on the CPU)")
+    add("--skip-bad-images", action=argparse.BooleanOptionalAction, default=True,
+        help="image folders: replace an unreadable image file (truncated, not an image) by the next image, with a "
+             "warning naming it, as timm does; --no-skip-bad-images stops at the first with one line naming it")
+
+
+def add_optimization_flags(flags, *, epochs, batch_size, optimizer, schedule, weight_decay, warmup_epochs, label_smoothing):
+    """The recipe: epochs, batch, optimizer, learning-rate schedule, regularisation."""
+    add = flags.add_argument
+    add("--epochs", type=int, default=epochs, help="training epochs")
+    add("--batch-size", type=int, default=batch_size, help="training batch size (per process)")
+    add("--eval-batch-size", type=int, default=None, help="evaluation batch size (default: 2 x batch size)")
+    add("--optimizer", nargs="+", default=[optimizer], choices=["sgd", "adamw", "adam"],
+        help="optimizer, one for all networks or one per network")
+    add("--lr", nargs="+", type=float, default=None,
+        help="learning rate, one or one per network (default: sgd 0.1 x batch/128, adam/adamw 1e-3)")
+    add("--weight-decay", nargs="+", type=float, default=[weight_decay],
+        help="weight decay, one or one per network (decoupled for AdamW)")
+    add("--momentum", type=float, default=0.9, help="SGD momentum")
+    add("--nesterov", action=argparse.BooleanOptionalAction, default=True, help="Nesterov momentum for SGD")
+    add("--schedule", default=schedule, choices=["cosine", "step", "constant"],
+        help="learning-rate schedule, stepped every iteration")
+    add("--warmup-epochs", type=float, default=warmup_epochs,
+        help="linear warm-up length in epochs (1 for the CNN recipe: at lr 0.1 a network that distils "
+             "from a peer in its first steps can otherwise diverge)")
+    add("--milestones", nargs="+", type=float, default=[0.5, 0.75], help="step schedule: decay points as fractions of training")
+    add("--gamma", type=float, default=0.1, help="step schedule: decay factor at each milestone")
+    add("--min-lr", type=float, default=0.0, help="cosine schedule: final learning rate as a fraction of the peak")
+    add("--label-smoothing", type=float, default=label_smoothing, help="label smoothing of the cross-entropy")
+    add("--drop-path", type=float, default=0.1,
+        help="stochastic depth of the transformers (ViT/CeiT), rising linearly to this rate in the last "
+             "block (DeiT/CeiT: 0.1); CNNs have none")
+    add("--decay-norm-and-bias", action=argparse.BooleanOptionalAction, default=None,
+        help="weight decay on norms, biases and embeddings too (default: not for transformers, as in "
+             "DeiT/CeiT; for CNNs, as in the CIFAR recipe)")
+
+
+def add_run_flags(flags):
+    """Seeds, run directory, resume and output."""
+    add = flags.add_argument
+    add("--config", default=None, metavar="FILE",
+        help="a run's args.json, whose values become this run's defaults (flags given here override them; "
+             "its out_dir, resume, overwrite and stop_after are not taken): repeat a run, or change one flag")
+    add("--seed", type=int, default=0, help="seed of weights, data order, augmentation and perturbation")
+    add("--deterministic", action=argparse.BooleanOptionalAction, default=False,
+        help="deterministic kernels (slower); exact resume")
+    add("--out-dir", default=None, help="run directory (default: runs/<script>-<dataset>-<models>-<time>)")
+    add("--resume", default=None, help="checkpoint to continue from, or 'auto' for <out-dir>/last.pt when it exists")
+    add("--overwrite", action="store_true",
+        help="start afresh in a --out-dir that holds an earlier run, deleting that run's files (without it such a directory is refused)")
+    add("--stop-after", type=int, default=None,
+        help="stop this invocation after N epochs (for time-limited jobs); continue with --resume")
+    add("--eval-every", type=int, default=1,
+        help="evaluate (validation and test sets) every N epochs and always after the last one; "
+             "best.pt is chosen among the evaluated epochs")
+    add("--progress", action=argparse.BooleanOptionalAction, default=None,
+        help="tqdm progress bars (default: when stdout is a terminal)")
+    add("--log-interval", type=int, default=None, metavar="N",
+        help="print a line every N training steps: loss, lr, images/s, time left in the epoch and the run "
+             "(default: 50 when stdout is not a terminal, as in a batch job; 0 = off)")
+
+
+def add_speed_flags(flags):
+    """Device, precision, memory format, compilation and CUDA graphs."""
+    add = flags.add_argument
+    add("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"],
+        help="autocast precision (auto: bf16 on CUDA, none on CPU)")
+    add("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+        help="channels_last memory format (faster convolutions on CPU and GPU)")
+    add("--cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
+        help="capture each whole training step in one CUDA graph and replay it (CUDA, one process, fp32/bf16)")
+    add("--compile", action=argparse.BooleanOptionalAction, default=False,
+        help="torch.compile every network for training (costs a compilation of a minute or more)")
+
+
+def add_distributed_flags(flags):
+    """Data parallelism under torchrun."""
+    add = flags.add_argument
+    add("--sync-bn", action=argparse.BooleanOptionalAction, default=False,
+        help="normalise BatchNorm with statistics of the global batch (SyncBatchNorm, GPUs only); "
+             "off: each process uses its own batch's statistics, running statistics follow rank 0 (DDP's default)")
+    add("--lr-scaling", default="linear", choices=["linear", "none"],
+        help="with K processes, linear multiplies the peak lr (--lr, or its default computed from the "
+             "per-process batch) by K, so K processes x batch B follow the recipe of one process with batch K*B "
+             "(Goyal et al. 2017; DeiT); none uses the rate as given")
+
+
+# Ranges of the numeric flags: a flag outside its range is refused in one line.
+def _positive(v): return v > 0
+def _non_negative(v): return v >= 0
+def _fraction(v): return 0 <= v <= 1
+def _below_one(v): return 0 <= v < 1
+def _half_turn(v): return 0 <= v <= 180
+
+
+FLAG_RANGES = {
+    "lr": (_positive, "positive"), "weight_decay": (_non_negative, ">= 0"), "momentum": (_below_one, "in [0, 1)"),
+    "warmup_epochs": (_non_negative, ">= 0"), "min_lr": (_fraction, "in [0, 1]"),
+    "label_smoothing": (_below_one, "in [0, 1)"), "gamma": (_positive, "positive"), "milestones": (_fraction, "in [0, 1]"),
+    "kd_weight": (_non_negative, ">= 0"), "temperature": (_positive, "positive"), "mixup": (_non_negative, ">= 0"),
+    "cutmix": (_non_negative, ">= 0"), "mix_prob": (_fraction, "in [0, 1]"), "switch_prob": (_fraction, "in [0, 1]"),
+    "drop_path": (_below_one, "in [0, 1)"), "rotate": (_half_turn, "in [0, 180] (degrees)"),
+}
+
+
+def check_numbers(args):
+    """Every float flag is a finite number within its range (NaN, inf and negative rates are refused)."""
+    for name, value in vars(args).items():
+        values = value if isinstance(value, list) else [value]
+        if not values or not all(isinstance(v, float) for v in values):
+            continue
+        flag = "--" + name.replace("_", "-")
+        for v in values:
+            if not math.isfinite(v):
+                raise UsageError(f"{flag} must be a finite number, got {v}")
+            if name in FLAG_RANGES and not FLAG_RANGES[name][0](v):
+                raise UsageError(f"{flag} must be {FLAG_RANGES[name][1]}, got {v}")
+
+
+class Group(NamedTuple):
+    """The run's networks as the command line names them, checked: canonical model names, the --init
+    file of each initialised network {index: (path, pick)} (pick: the @K/@LABEL suffix or None),
+    and the --freeze indices."""
+    names: list
+    init: dict = {}
+    frozen: frozenset = frozenset()
+    reset_classifier: bool = False
+
+
+def check_args(args):
+    """Reject flag values that cannot work, with one line saying what is accepted; returns the
+    run's Group (--model or --models, --init and --freeze parsed here, once, before any data loads)."""
+    check_numbers(args)
+    for name in ("epochs", "batch_size", "eval_every"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    for name, low, meaning in (("eval_batch_size", 1, "a positive integer"), ("img_size", 8, ">= 8"),
+                               ("val_size", 0, ">= 0"), ("workers", 0, ">= 0"),
+                               ("log_interval", 0, ">= 0 (0 = off)"), ("stop_after", 1, "a positive integer")):
+        if getattr(args, name) is not None and getattr(args, name) < low:
+            raise UsageError(f"--{name.replace('_', '-')} must be {meaning}, got {getattr(args, name)}")
+    if args.resume == "auto" and args.out_dir is None:
+        raise UsageError("--resume auto needs --out-dir (the run directory to continue)")
+    if getattr(args, "perturb_every", 0) < 0:
+        raise UsageError(f"--perturb-every must be >= 0 (0 disables perturbation), got {args.perturb_every}")
+    names = model_names(args)
+    return Group(names, init_files(args, len(names)), frozen_nets(args, len(names)), args.reset_classifier)
+
+
+def model_names(args):
+    """Canonical names of the run's networks, from --model or a group's --models/--model1/... flags."""
+    if hasattr(args, "model"):
+        given = [args.model]
+    else:
+        pair = [getattr(args, k) for k in ("model1", "model2", "teacher", "student") if getattr(args, k)]
+        if args.models and pair:
+            raise UsageError("name the group either with --models or with --model1/--model2 (--teacher/--student), not both")
+        given = args.models or pair or ["resnet32", "resnet32"]
+        if len(given) < 2:
+            raise UsageError(f"a group needs at least 2 networks, got {len(given)}: {' '.join(given)}")
+    try:
+        return [models.resolve_name(name) for name in given]
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
+def init_files(args, n):
+    """--init as {network index: (file, pick)}, pick being the @K/@LABEL suffix or None; UsageError
+    for a network that is not in the group or named twice (the files are read by utils.build_nets)."""
+    files = {}
+    for spec in args.init:
+        net, equals, path = spec.partition("=")
+        if not equals:
+            net, path = ("0" if n == 1 else None), spec
+        if net is None or not net.isdigit() or int(net) >= n:
+            raise UsageError(f"--init '{spec}': give NET=FILE with NET a network index of the group, 0..{n - 1}"
+                             + (" (with one network FILE alone is enough)" if n == 1 else ""))
+        path, at, pick = path.rpartition("@") if "@" in os.path.basename(path) else (path, "", None)
+        if int(net) in files:
+            raise UsageError(f"--init names network {net} twice; give one file per network")
+        files[int(net)] = (path, pick)
+    if args.reset_classifier and not files:
+        raise UsageError("--reset-classifier applies to networks initialised with --init; give --init NET=FILE")
+    return files
+
+
+def frozen_nets(args, n):
+    """--freeze as a set of network indices; UsageError for one outside the group or a group with no network left to train."""
+    frozen = frozenset(getattr(args, "freeze", []))
+    bad = [i for i in frozen if not 0 <= i < n]
+    if bad:
+        raise UsageError(f"--freeze {bad[0]}: networks are numbered 0..{n - 1} in the group's order")
+    if len(frozen) == n:
+        raise UsageError(f"--freeze names all {n} networks: at least one must train")
+    return frozen

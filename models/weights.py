@@ -1,0 +1,87 @@
+"""Weight files for --init: one network of this repository's checkpoints, a plain state_dict, or a
+torchvision/timm weight file (.pth, .safetensors), checked tensor by tensor against the network.
+Problems raise ValueError with a one-line message."""
+import os
+import re
+
+import torch
+
+
+def net_labels(names):
+    """Unique display labels: net0_resnet32, net1_vit_tiny, net2_tv_resnet18 (a zoo prefix's colon
+    is not allowed in TensorBoard tags), ..."""
+    return [f"net{i}_{name.replace(':', '_')}" for i, name in enumerate(names)]
+
+
+def load_initial_weights(net, path, pick, *, label, reset_classifier):
+    """Load an --init file into `net`; ValueError naming the first tensor that is missing, left over
+    or of another shape (the classifier's are skipped with --reset-classifier)."""
+    state, own = read_weight_file(path, pick), net.state_dict()
+    head = classifier_keys(net)
+    skip = head if reset_classifier else set()
+    for key, value in own.items():
+        if key in skip:
+            continue
+        if key not in state:
+            raise ValueError(f"--init '{path}': {label} has a tensor '{key}' that the file lacks (weights of another architecture?)")
+        if state[key].shape != value.shape:
+            hint = "; --reset-classifier keeps a fresh classifier for another class count" if key in head else ""
+            raise ValueError(f"--init '{path}': tensor '{key}' is {tuple(state[key].shape)} in the file "
+                             f"but {tuple(value.shape)} in {label}{hint}")
+    extra = next((key for key in state if key not in own), None)
+    if extra is not None:
+        raise ValueError(f"--init '{path}': the file's tensor '{extra}' has no place in {label} (weights of another architecture?)")
+    net.load_state_dict({key: value for key, value in state.items() if key not in skip}, strict=False)
+
+
+def classifier_keys(net):
+    """State-dict keys of the network's classifier: timm's get_classifier(), else its last Linear or
+    Conv2d module (SqueezeNet's classifier is a 1x1 convolution)."""
+    head = net.get_classifier() if hasattr(net, "get_classifier") else None
+    last = None
+    for name, module in net.named_modules():
+        if module is head or (head is None and isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))):
+            last = name
+    return set() if not last else {f"{last}.{key}" for key in net.get_submodule(last).state_dict()}
+
+
+def read_weight_file(path, pick):
+    """The state dict of an --init file: one network of this repository's checkpoint (`pick`: index or
+    label), a plain state_dict (or one under 'state_dict'/'model', as timm's and torchvision's
+    reference training scripts save it) or a .safetensors file, without DDP's 'module.' and
+    torch.compile's '_orig_mod.' key prefixes."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--init: weight file '{path}' does not exist")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            content = load_file(path)
+        else:
+            content = torch.load(path, map_location="cpu", weights_only=True)
+    except ImportError:
+        raise ValueError(f"--init '{path}': .safetensors files need the safetensors package: pip install safetensors") from None
+    except Exception as error:  # torch and safetensors raise several types for foreign or truncated files
+        raise ValueError(f"--init '{path}' is not a readable weight file ({type(error).__name__}); expected a "
+                         f"torch.save file of tensors (.pt, .pth) or a .safetensors file") from None
+    if isinstance(content, dict) and "nets" in content and "models" in content:
+        content = pick_network(content, path, pick)
+    elif pick is not None:
+        raise ValueError(f"--init '{path}@{pick}': @ picks a network of this repository's checkpoints; '{path}' is a plain weight file")
+    else:
+        content = next((content[key] for key in ("state_dict", "model") if isinstance(content, dict)
+                        and isinstance(content.get(key), dict)), content)
+    if not isinstance(content, dict) or not content or not all(isinstance(v, torch.Tensor) for v in content.values()):
+        raise ValueError(f"--init '{path}' holds no state_dict (a dict of tensor names to tensors)")
+    return {re.sub(r"^(module\.|_orig_mod\.)+", "", key): value for key, value in content.items()}
+
+
+def pick_network(ckpt, path, pick):
+    """One network's state dict of this repository's checkpoint: the only one, or `pick` (index or label)."""
+    labels = net_labels(ckpt["models"])
+    n = len(labels)
+    if pick is None and n > 1:
+        raise ValueError(f"--init '{path}' holds {n} networks ({', '.join(labels)}); pick one with {path}@K (0..{n - 1}) or {path}@LABEL")
+    index = 0 if pick is None else int(pick) if pick.isdigit() else labels.index(pick) if pick in labels else None
+    if index is None or index >= n:
+        raise ValueError(f"--init '{path}@{pick}': no such network; the file holds {', '.join(labels)} (pick by index 0..{n - 1} or label)")
+    return ckpt["nets"][index]
