@@ -42,3 +42,76 @@ def soft_target_cross_entropy(logits, targets):
 def accuracy(logits, labels):
     """Top-1 accuracy in % over the last-but-one axis: (B, C) -> scalar, (n, B, C) -> (n,)."""
     return (logits.argmax(-1) == labels).float().mean(-1) * 100
+
+def sigmoid_rampup(epoch, rampup_epochs):
+    """w(e) = exp(-5 (1 - clip(e, 0, R) / R)^2), and 1.0 when R = 0 (no ramp-up).
+
+    The ramp-up of Laine & Aila 2017 (arXiv 1610.02242) that ONE and OKDDip put on their
+    distillation terms, as in utils/ramps.py of github.com/Lan1991Xu/ONE_NeurIPS2018 @54afde30 and
+    train_GL.py of github.com/DefangChen/OKDDip @c6a05de8: e is the 0-based epoch (both loops run
+    `for epoch in range(start_epoch, epochs)` from 0), so w(0) = exp(-5) and w(e) = 1 from e = R.
+    """
+    if rampup_epochs == 0:
+        return 1.0
+    phase = 1.0 - min(max(epoch, 0.0), rampup_epochs) / rampup_epochs
+    return torch.tensor(-5.0 * phase * phase, dtype=torch.float64).exp().item()
+
+
+def kd_loss_soft(student_logits, teacher_logits, temperature=1.0, detach_teacher=True):
+    """KD(student <- teacher) = T^2 KL(p_teacher || p_student), summed over classes, batch mean;
+    with detach_teacher=False the gradient also flows into the teacher.
+
+    OKDDip (Chen et al., AAAI 2020, arXiv 1912.00350) does not detach its teachers: in the official
+    code (github.com/DefangChen/OKDDip @c6a05de8, utils.py KL_Loss) the KD term is the only way the
+    attention projections learn. That code adds 1e-7 to the teacher's probabilities; this does not.
+    """
+    if detach_teacher:
+        teacher_logits = teacher_logits.detach()
+    log_p = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_q = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return temperature**2 * F.kl_div(log_p, log_q, log_target=True, reduction="batchmean")
+
+
+def kdcl_teacher(logits, labels, mode):
+    """KDCL's ensemble teacher (Guo et al., "Online Knowledge Distillation via Collaborative
+    Learning", CVPR 2020, pp. 11020-11029) from n networks' logits (n, B, C); detached, (B, C).
+
+    naive:    per sample, the logits of the network with the lowest cross-entropy on that sample
+              (ties: the lowest index);
+    minlogit: z_t[c] = min_k (z_k[c] - z_k[y]), so z_t[y] = 0 and CE(z_t) <= min_k CE(z_k) per sample;
+    mean:     the mean of the logits, not one of the paper's variants but the teacher of the unofficial
+              reimplementation (github.com/shaoeric/Online-Knowledge-Distillation-via-Collaborative-Learning
+              @1ba54615, train.py).
+    The paper's Linear and General variants are not here: the readable sources do not fix their
+    constraints and solver.
+    """
+    logits = logits.detach()
+    if mode == "naive":
+        ce = -F.log_softmax(logits.float(), dim=-1).gather(-1, labels.expand(len(logits), -1)[..., None])[..., 0]
+        best = ce.argmin(dim=0)                                       # (B,), first index on ties
+        return logits[best, torch.arange(logits.shape[1], device=logits.device)]
+    if mode == "minlogit":
+        target = logits.gather(-1, labels.expand(len(logits), -1)[..., None])   # (n, B, 1): z_k[y]
+        return (logits - target).min(dim=0).values
+    if mode == "mean":
+        return logits.mean(dim=0)
+    raise ValueError(f"kdcl_teacher: unknown mode '{mode}'; choose from: naive, minlogit, mean")
+
+
+def gated_ensemble(branch_logits, gate):
+    """ONE's teacher z_e = sum_i g_i z_i per sample (Lan et al., NeurIPS 2018, arXiv 1806.04606):
+    branch logits (m, B, C) and gate (B, m) -> (B, C)."""
+    return torch.einsum("mbc,bm->bc", branch_logits, gate)
+
+
+def peer_attention_weights(queries, keys):
+    """OKDDip's alpha_ab = softmax over b of q_a . k_b (Chen et al., AAAI 2020, arXiv 1912.00350):
+    queries and keys (p, B, d) -> (B, p, p), rows summing to 1; a attends to itself too, and
+    there is no 1/sqrt(d) scaling, as in the official resnet_GL.py (github.com/DefangChen/OKDDip @c6a05de8)."""
+    return F.softmax(torch.einsum("abd,ebd->bae", queries, keys), dim=-1)
+
+
+def peer_teachers(attention, peer_logits):
+    """OKDDip's peer teachers t_a = sum_b alpha_ab z_b: attention (B, p, p) and peer logits (p, B, C)
+    -> (p, B, C); not detached here (the official code trains through them)."""
+    return torch.einsum("bae,ebc->abc", attention, peer_logits)

@@ -1,0 +1,134 @@
+"""Branched networks for the online-distillation baselines ONE and OKDDip.
+
+One registered CIFAR ResNet or Wide ResNet is cut in two: the stem and stages 1-2 are a shared
+trunk; each of m branches is its own copy of stage 3 (for a WRN with the final BN-ReLU), global
+average pooling and a classifier. This is the layout of ONE (Lan, Zhu & Gong, NeurIPS 2018,
+arXiv 1806.04606; github.com/Lan1991Xu/ONE_NeurIPS2018 @54afde30, models/cifar/resnet.py)
+and of OKDDip (Chen et al., AAAI 2020, arXiv 1912.00350; github.com/DefangChen/OKDDip
+@c6a05de8, models/model_cifar/resnet_GL.py). Both official codes use projection (1x1 conv + BN)
+shortcuts; the branches here keep the base network of models/resnet.py (option-A shortcuts), so a
+branch is exactly the registered network and its weights load into `models.create_model(base)`.
+
+Optional parts:
+- gate (ONE): softmax(ReLU(BN1d(Linear(C2, m)(pool(stage-2 output))))), one weight per sample
+  and branch; the gated ensemble of the branches' logits is ONE's teacher (losses.gated_ensemble).
+- peer attention (OKDDip): query and key projections Linear(C3, C3 // 8, bias=False) shared by the
+  peers, applied to each peer's pooled stage-3 features (losses.peer_attention_weights).
+
+`forward(x)` returns the deployed branch's logits only (the repository's model contract);
+`forward_branches(x)` returns every branch's logits, the gate and the pooled features for the
+training scripts.
+"""
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# The registered networks whose layers are one flat `features` Sequential (stem, three stages of
+# blocks, for a WRN a final BN-ReLU) followed by `fc`, which is what the cut below relies on.
+BRANCHABLE = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet1202",
+              "wrn_16_8", "wrn_28_10", "wrn_40_2")
+
+
+class BranchOutputs(NamedTuple):
+    """Every branch's output: logits (m, B, C), gate (B, m) or None, pooled stage-3 features (m, B, C3)."""
+    logits: torch.Tensor
+    gate: Optional[torch.Tensor]
+    features: torch.Tensor
+
+
+def stage3_start(features):
+    """Index in a base network's `features` of stage 3's first block: the second block of stride 2."""
+    downsampling = [index for index, module in enumerate(features)
+                    if hasattr(module, "conv1") and module.conv1.stride[0] == 2]
+    if len(downsampling) != 2:
+        raise ValueError(f"expected two stride-2 blocks (the first of stages 2 and 3), found {len(downsampling)}")
+    return downsampling[1]
+
+
+class BranchedNet(nn.Module):
+    """A shared trunk (stem + stages 1-2) and m branches (stage 3 + pool + classifier).
+
+    `networks` are m base networks of one architecture, each freshly initialised: the trunk is
+    taken from the first, branch i's stage 3 and classifier from network i, so each branch starts
+    as an independent initialisation of the base network. `deployed` is the branch that `forward`
+    runs and `deployed_state_dict` exports: branch 0 for ONE (its "branch 1"); the last branch,
+    the group leader, for OKDDip (peers 0..m-2, leader m-1, as in the official resnet_GL.py).
+    `create_branched` also sets `base`, the registry name of the base network.
+    """
+
+    def __init__(self, networks, *, gate=False, peer_attention=False, deployed=0):
+        super().__init__()
+        branches = len(networks)
+        if not -branches <= deployed < branches:
+            raise ValueError(f"deployed must name one of the {branches} branches, got {deployed}")
+        self.deployed = deployed % branches
+        self.stage3_start = stage3_start(networks[0].features)
+        self.trunk = nn.Sequential(*networks[0].features[:self.stage3_start])
+        self.stages = nn.ModuleList(nn.Sequential(*network.features[self.stage3_start:]) for network in networks)
+        self.heads = nn.ModuleList(network.fc for network in networks)
+        trunk_channels = networks[0].features[self.stage3_start].conv1.in_channels    # C2
+        feature_channels = networks[0].fc.in_features                                # C3
+        # PyTorch's default Linear/BatchNorm1d initialisation, as in both official codes (their
+        # init loops touch only Conv2d and BatchNorm2d).
+        self.gate = (nn.Sequential(nn.Linear(trunk_channels, branches), nn.BatchNorm1d(branches), nn.ReLU())
+                     if gate else None)
+        self.query = self.key = None
+        if peer_attention:
+            self.query = nn.Linear(feature_channels, feature_channels // 8, bias=False)
+            self.key = nn.Linear(feature_channels, feature_channels // 8, bias=False)
+
+    @property
+    def branches(self):
+        """Number of branches m."""
+        return len(self.stages)
+
+    def forward(self, x):
+        """The deployed branch's logits (B, num_classes); the other branches are not run."""
+        features = self.stages[self.deployed](self.trunk(x)).mean(dim=(2, 3))
+        return self.heads[self.deployed](features)
+
+    def forward_branches(self, x):
+        """Every branch's logits, the gate (None without one) and the pooled stage-3 features."""
+        shared = self.trunk(x)
+        gate = None
+        if self.gate is not None:
+            # ONE's gate reads the globally pooled trunk (stage-2) output; softmax over branches.
+            gate = F.softmax(self.gate(shared.mean(dim=(2, 3))), dim=1)
+        features = torch.stack([stage(shared).mean(dim=(2, 3)) for stage in self.stages])
+        logits = torch.stack([head(branch) for head, branch in zip(self.heads, features)])
+        return BranchOutputs(logits, gate, features)
+
+    def peer_projections(self, features):
+        """OKDDip's queries and keys (..., C3 // 8) of pooled features (..., C3), shared by all peers."""
+        if self.query is None:
+            raise ValueError("peer_projections needs a network built with peer_attention=True")
+        return self.query(features), self.key(features)
+
+    def deployed_state_dict(self):
+        """The trunk and the deployed branch under the base network's names (`features.N.*`, `fc.*`),
+        loadable with strict=True into `models.create_model(base, ...)`."""
+        state = {f"features.{key}": value for key, value in self.trunk.state_dict().items()}
+        for key, value in self.stages[self.deployed].state_dict().items():
+            index, rest = key.split(".", 1)
+            state[f"features.{int(index) + self.stage3_start}.{rest}"] = value
+        state.update({f"fc.{key}": value for key, value in self.heads[self.deployed].state_dict().items()})
+        return state
+
+
+def create_branched(base, *, branches, num_classes, img_size, in_chans, gate=False,
+                    peer_attention=False, deployed=0):
+    """A BranchedNet of `branches` branches on the registered network `base` (or an alias)."""
+    from . import create_model, is_zoo_name, resolve_name   # here: models/__init__.py may import this file
+
+    key = None if is_zoo_name(base) else resolve_name(base)
+    if key not in BRANCHABLE:
+        raise ValueError(f"create_branched: '{base}' cannot branch; choose from: {', '.join(BRANCHABLE)}")
+    if not isinstance(branches, int) or branches < 2:
+        raise ValueError(f"create_branched: branches must be an integer >= 2, got {branches}")
+    networks = [create_model(key, num_classes=num_classes, img_size=img_size, in_chans=in_chans)
+                for _ in range(branches)]
+    model = BranchedNet(networks, gate=gate, peer_attention=peer_attention, deployed=deployed)
+    model.base = key
+    return model
