@@ -3,13 +3,11 @@
 `build_data(name, data_dir)` returns a `Data`: torch Datasets for train / val / test plus, for the
 sets small enough to live in memory (CIFAR, MNIST-likes, SVHN, fake), the raw uint8 arrays.
 The Datasets apply the authors' PIL-based torchvision transforms; datasets/loaders.py feeds them."""
-import gzip
 import http.client
-import math
-import pickle
-import struct
+import importlib.util
 import sys
 import tarfile
+import tempfile
 import zlib
 from dataclasses import dataclass
 from functools import partial
@@ -22,6 +20,8 @@ import torchvision
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import transforms
+from torchvision.datasets.mnist import read_image_file, read_label_file
+from torchvision.datasets.utils import extract_archive
 
 DATASETS = ("cifar10", "cifar100", "fashion-mnist", "mnist", "svhn", "imagenet", "imagefolder", "fake")
 
@@ -230,8 +230,18 @@ class ArrayDataset(Dataset):
 
 # ----------------------------------------------------------------------------------------------
 # The in-memory sources: each returns ({"train": (uint8 N,C,H,W, int64 N), "test": ...}, class names,
-# the directory read)
+# the directory read). torchvision reads the files and downloads missing ones.
 # ----------------------------------------------------------------------------------------------
+# The torchvision datasets behind each name. CIFAR and SVHN check every file's md5 on each load, so the
+# tests put subclasses without that check here for their small files in the same formats.
+TORCHVISION_DATASETS = {
+    "cifar10": torchvision.datasets.CIFAR10,
+    "cifar100": torchvision.datasets.CIFAR100,
+    "fashion-mnist": torchvision.datasets.FashionMNIST,
+    "mnist": torchvision.datasets.MNIST,
+    "svhn": torchvision.datasets.SVHN,
+}
+
 # Torchvision's mirrors can fail in several ways (DNS, HTTP, truncated or corrupt archive, md5).
 _DOWNLOAD_ERRORS = (OSError, RuntimeError, EOFError, tarfile.TarError, zlib.error, http.client.HTTPException)
 
@@ -257,65 +267,78 @@ def _download(root, fetch):
         return reason if len(reason) <= 200 else reason[:197] + "..."
 
 
-def _not_found(title, looked, download, reason, how):
-    """The one-line error for a dataset that is neither on disk nor downloadable."""
+def _unavailable(title, problem, download, reason, how):
+    """The one-line error for a dataset whose files are missing or corrupt and could not be downloaded."""
     why = "download disabled" if not download else f"download failed ({reason})"
-    return DatasetError(f"{title} not found ({looked}); {why}; {how}, or use --dataset fake for synthetic data")
+    return DatasetError(f"{title} {problem}; {why}; {how}, or use --dataset fake for synthetic data")
 
 
-_CIFAR = {
-    "cifar10": dict(tv=torchvision.datasets.CIFAR10, folder="cifar-10-batches-py",
-                    train=[f"data_batch_{i}" for i in range(1, 6)], test=["test_batch"], meta="batches.meta",
-                    labels="labels", names="label_names"),
-    "cifar100": dict(tv=torchvision.datasets.CIFAR100, folder="cifar-100-python", train=["train"], test=["test"],
-                     meta="meta", labels="fine_labels", names="fine_label_names"),
-}
+def _problem(folder, filenames):
+    """What is wrong with the files torchvision refused: some are missing, or (all there) they fail its md5 check."""
+    missing = [name for name in filenames if not (folder / name).is_file()]
+    if missing:
+        return f"not found (looked for {', '.join(missing)} in {folder})"
+    return f"files in {folder} are corrupt (torchvision's md5 check failed)"
 
 
-def _unpickle(path):
-    """One CIFAR python batch; the files are Python 2 pickles, hence latin1 and str-or-bytes keys."""
-    with open(path, "rb") as f:
-        content = pickle.load(f, encoding="latin1")
-    return {key.decode() if isinstance(key, bytes) else key: value for key, value in content.items()}
+def _torchvision_splits(name, root, download, splits, problem, how):
+    """torchvision's dataset `name` for each split (constructor kwargs), read from root; files that are
+    missing or fail the md5 check are downloaded first when download is on, else a one-line DatasetError."""
+    tv = TORCHVISION_DATASETS[name]
+
+    def build(**extra):
+        return {split: tv(str(root), **kwargs, **extra) for split, kwargs in splits.items()}
+
+    try:
+        return build()
+    except RuntimeError:  # torchvision's "Dataset not found or corrupted"
+        built = {}
+    reason = _download(root, lambda: built.update(build(download=True))) if download else None
+    if download and reason is None:
+        return built
+    raise _unavailable(_SPECS[name].title, problem, download, reason, how)
 
 
 def _load_cifar(name, root, download):
-    """CIFAR-10/100 from torchvision's extracted python batches, parsed here (no md5 check on local files)."""
-    layout, title = _CIFAR[name], _SPECS[name].title
-    folder = root / layout["folder"]
-    files = layout["train"] + layout["test"] + [layout["meta"]]
-    reason = None
-    if not all((folder / f).is_file() for f in files) and download:
-        tv = layout["tv"]
-        reason = _download(root, lambda: torchvision.datasets.utils.download_and_extract_archive(
-            tv.url, str(root), filename=tv.filename, md5=tv.tgz_md5))
-    if not all((folder / f).is_file() for f in files):
-        how = f"extract {layout['tv'].filename} from https://www.cs.toronto.edu/~kriz/cifar.html into {root}"
-        raise _not_found(title, f"looked for {', '.join(files)} in {folder}", download, reason, how)
+    """CIFAR-10/100 read by torchvision from its extracted python batches in data_dir (downloaded when missing)."""
+    tv = TORCHVISION_DATASETS[name]
+    folder = root / tv.base_folder
+    files = [filename for filename, _ in tv.train_list + tv.test_list] + [tv.meta["filename"]]
+    how = f"extract {tv.filename} from https://www.cs.toronto.edu/~kriz/cifar.html into {root}"
+    splits = _torchvision_splits(name, root, download, {"train": dict(train=True), "test": dict(train=False)},
+                                 _problem(folder, files), how)
+    # torchvision holds the images as (N, H, W, C); the batches store them channel-major, as used here.
+    arrays = {split: (torch.from_numpy(np.ascontiguousarray(dataset.data.transpose(0, 3, 1, 2))),
+                      torch.as_tensor(dataset.targets, dtype=torch.int64))
+              for split, dataset in splits.items()}
+    return arrays, [str(c) for c in splits["train"].classes], folder
 
-    def split(filenames):
-        batches = [_unpickle(folder / f) for f in filenames]
-        images = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches]).reshape(-1, 3, 32, 32)
-        labels = np.concatenate([np.asarray(b[layout["labels"]], dtype=np.int64) for b in batches])
-        return torch.from_numpy(images), torch.from_numpy(labels)
 
-    try:
-        arrays = {"train": split(layout["train"]), "test": split(layout["test"])}
-        classes = [str(c) for c in _unpickle(folder / layout["meta"])[layout["names"]]]
-    except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as error:
-        raise DatasetError(f"{title} files in {folder} are corrupt ({error!r}); delete and fetch them again") from None
-    return arrays, classes, folder
+def _load_svhn(root, download):
+    """SVHN train/test read by torchvision from its .mat files in data_dir (with scipy; `extra` is unused)."""
+    if importlib.util.find_spec("scipy") is None:
+        raise DatasetError("SVHN is stored as MATLAB .mat files, which need scipy: pip install scipy")
+    tv = TORCHVISION_DATASETS["svhn"]
+    files = [tv.split_list[split][1] for split in ("train", "test")]
+    how = f"place train_32x32.mat and test_32x32.mat from http://ufldl.stanford.edu/housenumbers/ in {root}"
+    splits = _torchvision_splits("svhn", root, download, {"train": dict(split="train"), "test": dict(split="test")},
+                                 _problem(root, files), how)
+    # torchvision has already turned the label 10 (SVHN's digit 0) into 0 and the images into (N, C, H, W).
+    arrays = {split: (torch.from_numpy(np.ascontiguousarray(dataset.data)),
+                      torch.from_numpy(dataset.labels.reshape(-1)))
+              for split, dataset in splits.items()}
+    return arrays, [str(digit) for digit in range(10)], root
 
 
 _IDX_STEMS = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-_IDX_CLASSES = {
-    "fashion-mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                      "Ankle boot"),
-    "mnist": tuple(str(digit) for digit in range(10)),
-}
+# torchvision's Fashion-MNIST names; its MNIST names are "0 - zero", ..., here just the digits.
+_IDX_CLASSES = {"fashion-mnist": tuple(torchvision.datasets.FashionMNIST.classes),
+                "mnist": tuple(str(digit) for digit in range(10))}
+# What torchvision's IDX reader and gunzip raise on a file that is not (a whole) IDX file of bytes.
+_IDX_ERRORS = (AssertionError, KeyError, TypeError, ValueError, RuntimeError, OSError, EOFError, zlib.error)
 
 
 def _idx_file(directory, stem):
@@ -326,29 +349,27 @@ def _idx_file(directory, stem):
     return None
 
 
-def _read_idx(path):
-    """An IDX file of unsigned bytes (the MNIST format: 0, 0, 0x08, ndim, big-endian int32 sizes, data)."""
-    opener = gzip.open if path.suffix == ".gz" else open
+def _read_idx(path, reader):
+    """One IDX file read by torchvision's MNIST `reader` (read_image_file or read_label_file).
+
+    That reader takes an uncompressed file, as torchvision's own download leaves in <Class>/raw; a
+    gzipped one (Debian ships only those) is decompressed by torchvision into a temporary directory."""
     try:
-        with opener(path, "rb") as f:
-            content = f.read()
-    except (OSError, EOFError, zlib.error) as error:
-        raise DatasetError(f"cannot read {path} ({error}); delete it and fetch it again") from None
-    if len(content) < 4 or content[:3] != b"\x00\x00\x08":
-        raise DatasetError(f"{path} is not an IDX file of unsigned bytes")
-    ndim = content[3]
-    shape = struct.unpack(f">{ndim}I", content[4 : 4 + 4 * ndim])
-    pixels = np.frombuffer(content, dtype=np.uint8, offset=4 + 4 * ndim)
-    if pixels.size != math.prod(shape):
-        raise DatasetError(f"{path} is truncated: header says {shape}, found {pixels.size} bytes")
-    return torch.from_numpy(pixels.reshape(shape).copy())  # copy: frombuffer of bytes is read-only
+        if path.suffix != ".gz":
+            return reader(str(path))
+        with tempfile.TemporaryDirectory() as scratch:
+            return reader(extract_archive(str(path), scratch))
+    except _IDX_ERRORS as error:
+        why = " ".join(str(error).split()) or type(error).__name__
+        raise DatasetError(f"cannot read {path} as an IDX file of unsigned bytes ({why[:120]}); "
+                           "delete it and fetch it again") from None
 
 
 def _load_idx_set(name, root, download):
     """MNIST or Fashion-MNIST from data_dir (torchvision's layout, data_dir/<name>, or the four files in
-    data_dir itself), then Debian's package, then a download."""
-    tv = torchvision.datasets.FashionMNIST if name == "fashion-mnist" else torchvision.datasets.MNIST
-    candidates = [root / tv.__name__ / "raw", root / name, root]
+    data_dir itself), then Debian's package, then a torchvision download."""
+    tv = TORCHVISION_DATASETS[name]
+    candidates = [root / tv.__name__ / "raw", root / name, root]  # the first is where torchvision downloads to
     if name == "fashion-mnist":
         candidates.append(DEBIAN_FASHION_MNIST)
     stems = [stem for pair in _IDX_STEMS.values() for stem in pair]
@@ -365,13 +386,13 @@ def _load_idx_set(name, root, download):
         how = f"place the four files in {root / name}"
         if name == "fashion-mnist":
             how = f"install them with `apt-get install dataset-fashion-mnist` (into {DEBIAN_FASHION_MNIST}) or {how}"
-        raise _not_found(_SPECS[name].title, looked, download, reason, how)
+        raise _unavailable(_SPECS[name].title, f"not found ({looked})", download, reason, how)
 
     arrays = {}
     for split, (image_stem, label_stem) in _IDX_STEMS.items():
-        images = _read_idx(_idx_file(directory, image_stem))
-        labels = _read_idx(_idx_file(directory, label_stem)).long()
-        if images.ndim != 3 or labels.shape != images.shape[:1]:
+        images = _read_idx(_idx_file(directory, image_stem), read_image_file)
+        labels = _read_idx(_idx_file(directory, label_stem), read_label_file)
+        if labels.shape != images.shape[:1]:
             shapes = f"{tuple(images.shape)} images, {tuple(labels.shape)} labels"
             raise DatasetError(f"{directory}: {split} files do not match ({shapes})")
         arrays[split] = (images.unsqueeze(1), labels)
@@ -390,33 +411,6 @@ def _check_idx_set(name, directory, images):
         raise DatasetError(f"the IDX files in {directory} have mean pixel {mean:.3f}, {_SPECS[name].title}'s is {expected:.3f}: "
                            f"{looks} (MNIST and Fashion-MNIST share file names); put {_SPECS[name].title}'s files "
                            f"in {directory / name}")
-
-
-def _load_svhn(root, download):
-    """SVHN train/test from torchvision's .mat files in data_dir (read with scipy; the `extra` split is unused)."""
-    try:
-        import scipy.io
-    except ImportError:
-        raise DatasetError("SVHN is stored as MATLAB .mat files, which need scipy: pip install scipy") from None
-    split_files = {split: torchvision.datasets.SVHN.split_list[split] for split in ("train", "test")}
-    reason = None
-    for url, filename, md5 in split_files.values():
-        if not (root / filename).is_file() and download and reason is None:
-            reason = _download(root, partial(torchvision.datasets.utils.download_url, url, str(root), filename, md5))
-    missing = [filename for _, filename, _ in split_files.values() if not (root / filename).is_file()]
-    if missing:
-        how = f"place train_32x32.mat and test_32x32.mat from http://ufldl.stanford.edu/housenumbers/ in {root}"
-        raise _not_found("SVHN", f"looked for {', '.join(missing)} in {root}", download, reason, how)
-    arrays = {}
-    for split, (_, filename, _) in split_files.items():
-        try:
-            content = scipy.io.loadmat(root / filename)
-        except (ValueError, OSError) as error:
-            raise DatasetError(f"cannot read {root / filename} ({error}); delete it and fetch it again") from None
-        images = np.ascontiguousarray(content["X"].transpose(3, 2, 0, 1))  # (H, W, C, N) -> (N, C, H, W)
-        labels = content["y"].reshape(-1).astype(np.int64) % 10  # SVHN labels the digit 0 as 10
-        arrays[split] = (torch.from_numpy(images), torch.from_numpy(labels))
-    return arrays, [str(digit) for digit in range(10)], root
 
 
 _IN_MEMORY_SOURCES = {

@@ -10,8 +10,9 @@ Three changes to ViT/DeiT, one per section of the paper:
 - Layer-wise Class-token Attention (sec. 3.3): the last layer's class token attends over the class
   tokens of all layers, and that result is classified.
 Unlike the competitive-distillation authors' version, forward returns logits only (theirs returned a
-tuple), and the token grid is computed from img_size (never a fixed 14x14). Their network is `ceit`:
-CeiT-T with a 32-channel I2T stem and no LCA (the class token of the last layer is classified).
+tuple), and the token grid is computed from img_size (never a fixed 14x14). Their network is `ceit`
+(authors_ceit): CeiT-T with a 32-channel I2T stem, no LCA, and their own encoder layer, in which the
+class token skips the LeFF stage altogether (CeiTBlock's authors_layer).
 """
 import torch
 from torch import nn
@@ -75,20 +76,25 @@ class ImageToTokens(nn.Module):
 
 
 class LocallyEnhancedFeedForward(nn.Module):
-    """LeFF (sec. 3.2): expand, depthwise 3x3 conv over the token grid, project; BN after each step."""
+    """LeFF (sec. 3.2): expand, depthwise 3x3 conv over the token grid, project; BN after each step.
 
-    def __init__(self, dim, grid_size, mlp_ratio=MLP_RATIO, drop_rate=0.0):
+    output_gelu adds a GELU after the last BN and depthwise_bias=False drops the depthwise conv's bias
+    (BN follows it): both as in the competitive-distillation authors' LeFF."""
+
+    def __init__(self, dim, grid_size, mlp_ratio=MLP_RATIO, drop_rate=0.0, *, output_gelu=False, depthwise_bias=True):
         super().__init__()
         hidden_dim = dim * mlp_ratio
         self.grid_size = grid_size
         self.expand = nn.Linear(dim, hidden_dim)
         self.expand_bn = nn.BatchNorm1d(hidden_dim)
         # groups=channels: each channel mixes only with its 3x3 spatial neighbourhood (the "local" part).
-        self.depthwise = nn.Conv2d(hidden_dim, hidden_dim, kernel_size=3, padding=1, groups=hidden_dim)
+        self.depthwise = nn.Conv2d(hidden_dim, hidden_dim, kernel_size=3, padding=1, groups=hidden_dim,
+                                   bias=depthwise_bias)
         self.depthwise_bn = nn.BatchNorm2d(hidden_dim)
         self.project = nn.Linear(hidden_dim, dim)
         self.project_bn = nn.BatchNorm1d(dim)
         self.act = nn.GELU()
+        self.output_act = nn.GELU() if output_gelu else nn.Identity()
         self.drop = nn.Dropout(drop_rate)
 
     def forward(self, patches):
@@ -100,24 +106,43 @@ class LocallyEnhancedFeedForward(nn.Module):
         x = x.reshape(batch, -1, self.grid_size, self.grid_size)
         x = self.act(self.depthwise_bn(self.depthwise(x)))
         x = self.project(x.flatten(2).transpose(1, 2))
-        x = self.project_bn(x.transpose(1, 2)).transpose(1, 2)
+        x = self.output_act(self.project_bn(x.transpose(1, 2))).transpose(1, 2)
         return self.drop(x)
 
 
 class CeiTBlock(nn.Module):
-    """CeiT encoder layer: pre-norm self-attention over all tokens, then pre-norm LeFF on the patch tokens."""
+    """CeiT encoder layer: pre-norm self-attention over all tokens, then pre-norm LeFF on the patch tokens.
+
+    authors_layer=True gives the competitive-distillation authors' layer (XiaoleiDiao/Competitive-
+    Distillation, commit 298039f: TransformerLeFF in models/CeiT.py, Attention and LeFF in
+    models/component_.py): the class token skips the LeFF stage (its LayerNorm, LeFF and residual add)
+    and leaves the layer as attention left it; q, k and v have no bias; LeFF ends in BN + GELU, has no
+    depthwise bias and no dropout."""
 
     def __init__(self, dim, num_heads, grid_size, mlp_ratio=MLP_RATIO, drop_rate=0.0, drop_path_rate=0.0,
-                 with_leff=True):
+                 with_leff=True, authors_layer=False):
         super().__init__()
+        self.class_token_skips_leff = authors_layer
         self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
-        self.attn = Attention(dim, num_heads, drop_rate)
+        self.attn = Attention(dim, num_heads, drop_rate, qkv_bias=not authors_layer)
         self.drop_path = DropPath(drop_path_rate)
-        self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
-        self.leff = LocallyEnhancedFeedForward(dim, grid_size, mlp_ratio, drop_rate) if with_leff else None
+        # The authors' class token never reaches norm2, so a layer without LeFF has no use for it.
+        self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS) if with_leff or not authors_layer else None
+        self.leff = None
+        if with_leff:
+            leff_options = dict(output_gelu=True, depthwise_bias=False) if authors_layer else {}
+            self.leff = LocallyEnhancedFeedForward(dim, grid_size, mlp_ratio, 0.0 if authors_layer else drop_rate,
+                                                   **leff_options)
 
     def forward(self, x):
         x = x + self.drop_path(self.attn(self.norm1(x)))
+        if self.class_token_skips_leff:
+            # The authors' layer: x = leff(x[:, 1:]); x = cat(cls, x), with the LeFF stage's LayerNorm and
+            # residual inside their `leff`, so only the patch tokens change.
+            if self.leff is None:
+                return x
+            patches = x[:, 1:]
+            return torch.cat([x[:, :1], patches + self.drop_path(self.leff(self.norm2(patches)))], dim=1)
         normed = self.norm2(x)
         # Sec. 3.2: LeFF maps the patch tokens on their grid and passes the class token through, so the
         # residual update of the class token is LN2(cls) itself (the official release does the same).
@@ -153,10 +178,12 @@ class LayerClassAttention(nn.Module):
 
 
 class CeiT(nn.Module):
-    """CeiT classifier: I2T tokens + class token + learned positions, chained LeFF blocks, LCA, head."""
+    """CeiT classifier: I2T tokens + class token + learned positions, chained LeFF blocks, LCA, head.
+
+    authors_layers=True builds every layer as the competitive-distillation authors' (CeiTBlock)."""
 
     def __init__(self, *, num_classes, img_size, in_chans, dim, num_heads, depth=DEPTH, mlp_ratio=MLP_RATIO,
-                 drop_rate=0.0, drop_path_rate=0.0, stem_channels=STEM_CHANNELS, lca=True):
+                 drop_rate=0.0, drop_path_rate=0.0, stem_channels=STEM_CHANNELS, lca=True, authors_layers=False):
         super().__init__()
         if img_size < 1 or in_chans < 1:
             raise ValueError(f"img_size and in_chans must be positive, got {img_size} and {in_chans}")
@@ -175,7 +202,8 @@ class CeiT(nn.Module):
         # The last layer gets no LeFF: its output patch tokens are read by nothing (LCA and the head
         # read class tokens), so a LeFF there could never affect the logits or get a gradient.
         self.blocks = nn.ModuleList(
-            CeiTBlock(dim, num_heads, self.grid_size, mlp_ratio, drop_rate, rate, with_leff=index < depth - 1)
+            CeiTBlock(dim, num_heads, self.grid_size, mlp_ratio, drop_rate, rate, with_leff=index < depth - 1,
+                      authors_layer=authors_layers)
             for index, rate in enumerate(rates)
         )
         # Without LCA the last layer's class token is classified, as in ViT.
@@ -229,9 +257,17 @@ def ceit_base(*, num_classes, img_size, in_chans, **kwargs):
 
 
 def authors_ceit(*, num_classes, img_size, in_chans, **kwargs):
-    """The competitive-distillation authors' `ceit`: CeiT-T (dim 192, 12 layers, 3 heads, 4x4 token
-    patches) with a 32-channel I2T stem and no layer-wise class-token attention; kwargs as ceit_tiny."""
+    """The competitive-distillation authors' `ceit` (their CeiT(img_size, 4, num_classes), models/CeiT.py of
+    XiaoleiDiao/Competitive-Distillation, commit 298039f): CeiT-T (dim 192, 12 layers, 3 heads, 4x4 token
+    patches) with a 32-channel I2T stem, no layer-wise class-token attention, and their encoder layer
+    (CeiTBlock's authors_layer: the class token skips LeFF; LeFF ends in BN + GELU); kwargs as ceit_tiny.
+
+    Left out, as they cannot change the logits: the stem conv's bias (BatchNorm cancels it) and the
+    last layer's LeFF stage (its patch tokens are read by nothing; their feature output fed only a
+    commented-out loss). Kept from this module: the geometry from img_size (stem padding 3 and a padded
+    max-pool; theirs pads 4 and 0, the same 56x56 map at 224 px), LayerNorm eps 1e-6 (theirs 1e-5) and
+    DeiT's initialisation (theirs drew the class token and positions from N(0, 1))."""
     check_kwargs("ceit", kwargs, ("drop_rate", "drop_path_rate"))
     dim, num_heads = VARIANTS["tiny"]
     return CeiT(num_classes=num_classes, img_size=img_size, in_chans=in_chans, dim=dim, num_heads=num_heads,
-                stem_channels=32, lca=False, **kwargs)
+                stem_channels=32, lca=False, authors_layers=True, **kwargs)

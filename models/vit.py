@@ -1,9 +1,10 @@
 """Vision Transformer (Dosovitskiy et al. 2021) in the DeiT configuration (Touvron et al. 2021).
 
 A pre-norm transformer over non-overlapping image patches, classified from a class token.
-Two bugs of the authors' ViT are fixed here: the blocks are chained (each block's output is the
-next block's input; theirs applied every block to the embedding, so only the last one mattered),
-and queries, keys and values have separate projections (theirs shared one).
+Two bugs of the competitive-distillation authors' ViT are fixed here: the blocks are chained (each
+block's output is the next block's input; theirs applied every block to the embedding, so only the
+last one mattered), and queries, keys and values have separate projections (theirs shared one).
+`vit_*` are DeiT's variants; `authors_vit` (registry name `vit`) is the authors' ViT-Base.
 
 The building blocks (DropPath, Attention, Mlp, init_transformer_weights, check_input, ...) are reused
 by models/ceit.py.
@@ -96,16 +97,18 @@ class DropPath(nn.Module):
 class Attention(nn.Module):
     """Multi-head scaled dot-product attention with separate query, key and value projections."""
 
-    def __init__(self, dim, num_heads, drop_rate=0.0):
+    def __init__(self, dim, num_heads, drop_rate=0.0, *, attn_drop_rate=0.0, qkv_bias=True, proj_bias=True):
         super().__init__()
         if dim % num_heads != 0:
             raise ValueError(f"embedding dim {dim} is not divisible by {num_heads} heads")
+        check_rate("attn_drop_rate", attn_drop_rate)
         self.num_heads = num_heads
         # Three independent projections: a single shared one (the authors' bug) makes q = k = v.
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.proj = nn.Linear(dim, dim)
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.k = nn.Linear(dim, dim, bias=qkv_bias)
+        self.v = nn.Linear(dim, dim, bias=qkv_bias)
+        self.attn_drop_rate = attn_drop_rate  # dropout on the attention probabilities (training only)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(drop_rate)
 
     def _split_heads(self, x):
@@ -118,37 +121,45 @@ class Attention(nn.Module):
         q = self._split_heads(self.q(x))
         k = self._split_heads(self.k(context))
         v = self._split_heads(self.v(context))
-        # softmax(q k^T / sqrt(head_dim)) v, fused where the backend allows it.
-        out = F.scaled_dot_product_attention(q, k, v)
+        # softmax(q k^T / sqrt(head_dim)) v, fused where the backend allows it; dropout_p drops
+        # attention probabilities after the softmax, as nn.Dropout on them would.
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop_rate if self.training else 0.0)
         batch, _, tokens, _ = out.shape
         out = out.transpose(1, 2).reshape(batch, tokens, -1)
         return self.proj_drop(self.proj(out))
 
+    def extra_repr(self):
+        return f"attn_drop_rate={self.attn_drop_rate}"
+
 
 class Mlp(nn.Module):
-    """Transformer feed-forward network: Linear, GELU, Linear (ViT eq. 3)."""
+    """Transformer feed-forward network: Linear, GELU, Linear (ViT eq. 3), dropout after each Linear."""
 
-    def __init__(self, dim, hidden_dim, drop_rate=0.0):
+    def __init__(self, dim, hidden_dim, drop_rate=0.0, *, hidden_dropout=True):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.act = nn.GELU()
+        # DeiT/timm drop the hidden activations too; the competitive-distillation authors' ViT does not.
+        self.hidden_drop = nn.Dropout(drop_rate) if hidden_dropout else nn.Identity()
         self.fc2 = nn.Linear(hidden_dim, dim)
         self.drop = nn.Dropout(drop_rate)
 
     def forward(self, x):
-        x = self.drop(self.act(self.fc1(x)))
+        x = self.hidden_drop(self.act(self.fc1(x)))
         return self.drop(self.fc2(x))
 
 
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)) (ViT eqs. 2-3)."""
 
-    def __init__(self, dim, num_heads, mlp_ratio=MLP_RATIO, drop_rate=0.0, drop_path_rate=0.0):
+    def __init__(self, dim, num_heads, mlp_ratio=MLP_RATIO, drop_rate=0.0, drop_path_rate=0.0, *,
+                 attn_drop_rate=0.0, hidden_dropout=True, attn_bias=True):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
-        self.attn = Attention(dim, num_heads, drop_rate)
+        self.attn = Attention(dim, num_heads, drop_rate, attn_drop_rate=attn_drop_rate, qkv_bias=attn_bias,
+                              proj_bias=attn_bias)
         self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
-        self.mlp = Mlp(dim, dim * mlp_ratio, drop_rate)
+        self.mlp = Mlp(dim, dim * mlp_ratio, drop_rate, hidden_dropout=hidden_dropout)
         self.drop_path = DropPath(drop_path_rate)
 
     def forward(self, x):
@@ -177,10 +188,15 @@ class PatchEmbed(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """ViT classifier: patch tokens + class token + learned positions, chained pre-norm blocks, class-token head."""
+    """ViT classifier: patch tokens + class token + learned positions, chained pre-norm blocks, class-token head.
+
+    Dropout at drop_rate after the position embedding, the attention output and both MLP layers (DeiT);
+    attn_drop_rate drops attention probabilities; hidden_dropout=False spares the MLP's hidden layer and
+    attn_bias=False removes the biases of the q, k, v and output projections (the authors' `vit`)."""
 
     def __init__(self, *, num_classes, img_size, in_chans, dim, num_heads, depth=DEPTH, mlp_ratio=MLP_RATIO,
-                 patch_size=None, drop_rate=0.0, drop_path_rate=0.0):
+                 patch_size=None, drop_rate=0.0, drop_path_rate=0.0, attn_drop_rate=0.0, hidden_dropout=True,
+                 attn_bias=True):
         super().__init__()
         if img_size < 1 or in_chans < 1:
             raise ValueError(f"img_size and in_chans must be positive, got {img_size} and {in_chans}")
@@ -199,7 +215,8 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patches, dim))
         self.pos_drop = nn.Dropout(drop_rate)
         self.blocks = nn.ModuleList(
-            Block(dim, num_heads, mlp_ratio, drop_rate, rate)
+            Block(dim, num_heads, mlp_ratio, drop_rate, rate, attn_drop_rate=attn_drop_rate,
+                  hidden_dropout=hidden_dropout, attn_bias=attn_bias)
             for rate in drop_path_schedule(drop_path_rate, depth)
         )
         self.norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
@@ -254,7 +271,20 @@ def vit_base(*, num_classes, img_size, in_chans, **kwargs):
 
 
 def authors_vit(*, num_classes, img_size, in_chans, **kwargs):
-    """The competitive-distillation authors' `vit`: a ViT-Base (dim 768, 12 blocks, 12 heads, MLP 3072)
-    with 16x16 patches at every input size (a 2x2 grid at 32 px; they trained CIFAR-100 at 224 px) and
-    dropout 0.1, with their two bugs fixed (see the module docstring). Same kwargs as vit_base."""
-    return _vit("base", num_classes, img_size, in_chans, **{"patch_size": 16, "drop_rate": 0.1, **kwargs})
+    """The competitive-distillation authors' `vit`: their ViT-Base with its two bugs fixed (module docstring).
+
+    Its layers, as in models/vit.py of XiaoleiDiao/Competitive-Distillation (commit 298039f): dim 768,
+    12 blocks, 12 heads, MLP 3072, 16x16 patches at every input size (a 2x2 grid at 32 px; they trained
+    CIFAR-100 at 224 px); q/k/v and output projections without bias (their `qkv_weights` and `dense`);
+    one dropout rate, 0.1, after the position embedding, on the attention probabilities, after the
+    attention output and after the MLP's second Linear, none in the MLP's hidden layer.
+    Kept from DeiT: the standard pre-norm block (their block re-normalises the attention sublayer with a
+    second LayerNorm inside their MultiHeadAttention and uses one LayerNorm before both sublayers; the
+    parameter count is the same), LayerNorm eps 1e-6 (theirs 1e-5) and DeiT's initialisation.
+    kwargs: patch_size, drop_rate (that one rate), drop_path_rate."""
+    check_kwargs("vit", kwargs, ("patch_size", "drop_rate", "drop_path_rate"))
+    options = {"patch_size": 16, "drop_rate": 0.1, **kwargs}
+    dim, num_heads = VARIANTS["base"]
+    return VisionTransformer(num_classes=num_classes, img_size=img_size, in_chans=in_chans, dim=dim,
+                             num_heads=num_heads, attn_drop_rate=options["drop_rate"], hidden_dropout=False,
+                             attn_bias=False, **options)

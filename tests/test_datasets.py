@@ -1,14 +1,19 @@
 """Tests for datasets/: every source in its real on-disk format, the split, and both loader paths (CPU, seconds)."""
+import gzip
 import importlib.util
+import io
 import pickle
 import re
+import struct
 import sys
+import tarfile
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torchvision
 import torchvision.transforms.functional as TF
 import torchvision.transforms.v2.functional as F2
 from PIL import Image
@@ -31,6 +36,24 @@ def no_debian_fashion_mnist(monkeypatch, tmp_path):
     monkeypatch.setattr(sources, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian-package")
 
 
+def without_md5_checks(tv):
+    """torchvision's CIFAR or SVHN class with its per-file md5 checks off (its reading and downloading
+    unchanged): the small files written here are in the real format but are not the real files."""
+    if hasattr(tv, "split_list"):  # SVHN: {split: [url, filename, md5]}
+        fields = {"split_list": {split: [url, filename, None] for split, (url, filename, _) in tv.split_list.items()}}
+    else:  # CIFAR: [[filename, md5], ...] and the metadata file's md5
+        fields = {"train_list": [[f, None] for f, _ in tv.train_list], "test_list": [[f, None] for f, _ in tv.test_list],
+                  "meta": {**tv.meta, "md5": None}}
+    return type(tv.__name__, (tv,), fields)
+
+
+@pytest.fixture(autouse=True)
+def small_files_pass_torchvision(monkeypatch):
+    """The md5-free readers for every test here (test_real_torchvision_checks_md5 restores the real one)."""
+    for name in ("cifar10", "cifar100", "svhn"):
+        monkeypatch.setitem(sources.TORCHVISION_DATASETS, name, without_md5_checks(sources.TORCHVISION_DATASETS[name]))
+
+
 # ---------------------------------------------------------------------------------------------
 # Writers for the real on-disk formats
 # ---------------------------------------------------------------------------------------------
@@ -43,29 +66,29 @@ def coded_cifar_images(count, start):
 
 
 def write_cifar10(root, per_file=10):
-    """cifar-10-batches-py: data_batch_1..5, test_batch, batches.meta (Python pickles of dicts)."""
+    """cifar-10-batches-py: data_batch_1..5, test_batch, batches.meta (pickled dicts, protocol 2 as the real
+    ones; str keys, which is what the real files' Python 2 strings load as with encoding="latin1")."""
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
     for number, name in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]):
         rows = coded_cifar_images(per_file, number * per_file)
         batch = {"batch_label": name, "labels": [int(r[0]) % 10 for r in rows], "data": rows,
                  "filenames": [f"{i}.png" for i in range(per_file)]}
-        (folder / name).write_bytes(pickle.dumps(batch))
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
     names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": names, "num_vis": 3072}))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": names, "num_vis": 3072}, protocol=2))
 
 
 def write_cifar100(root, train=20, test=10):
-    """cifar-100-python: train, test, meta; labels under fine_labels (keys as bytes, like a Python 2 pickle)."""
+    """cifar-100-python: train, test, meta; labels under fine_labels (pickled as write_cifar10's)."""
     folder = root / "cifar-100-python"
     folder.mkdir(parents=True)
     for name, count, start in (("train", train, 0), ("test", test, train)):
         rows = coded_cifar_images(count, start)
-        batch = {b"data": rows, b"fine_labels": [(int(r[0]) * 7) % 100 for r in rows],
-                 b"coarse_labels": [0] * count}
-        (folder / name).write_bytes(pickle.dumps(batch))
-    meta = {b"fine_label_names": [f"class{i}" for i in range(100)], b"coarse_label_names": ["x"] * 20}
-    (folder / "meta").write_bytes(pickle.dumps(meta))
+        batch = {"data": rows, "fine_labels": [(int(r[0]) * 7) % 100 for r in rows], "coarse_labels": [0] * count}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    meta = {"fine_label_names": [f"class{i}" for i in range(100)], "coarse_label_names": ["x"] * 20}
+    (folder / "meta").write_bytes(pickle.dumps(meta, protocol=2))
 
 
 def write_svhn(root, train=12, test=6):
@@ -189,6 +212,89 @@ def test_svhn_without_scipy_says_pip_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "scipy.io", None)
     with pytest.raises(DatasetError, match="pip install scipy"):
         build_data("svhn", tmp_path, download=False)
+
+
+# The hand parsers this repository used before torchvision read these formats (kept here, small, as the
+# reference): the arrays torchvision's readers give must be exactly theirs.
+
+def reference_cifar(folder, train_files, test_files, label_key):
+    """CIFAR python batches: latin1 pickles, rows of 3072 channel-major bytes -> (N, 3, 32, 32), labels int64."""
+    def split(files):
+        batches = []
+        for name in files:
+            with open(folder / name, "rb") as f:
+                batches.append({k.decode() if isinstance(k, bytes) else k: v
+                                for k, v in pickle.load(f, encoding="latin1").items()})
+        images = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches]).reshape(-1, 3, 32, 32)
+        return images, np.concatenate([np.asarray(b[label_key], dtype=np.int64) for b in batches])
+    return {"train": split(train_files), "test": split(test_files)}
+
+
+def reference_idx(folder):
+    """IDX files (plain or .gz): 0, 0, 0x08, ndim, big-endian int32 sizes, then the bytes; images get a channel axis."""
+    def read(stem):
+        path = folder / stem if (folder / stem).is_file() else folder / f"{stem}.gz"
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+            content = f.read()
+        assert content[:3] == b"\x00\x00\x08"
+        ndim = content[3]
+        shape = struct.unpack(f">{ndim}I", content[4:4 + 4 * ndim])
+        return np.frombuffer(content, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape).copy()
+    return {split: (read(f"{prefix}-images-idx3-ubyte")[:, None], read(f"{prefix}-labels-idx1-ubyte").astype(np.int64))
+            for split, prefix in (("train", "train"), ("test", "t10k"))}
+
+
+def reference_svhn(root):
+    """SVHN .mat files: X (H, W, C, N) -> (N, C, H, W), y (N, 1) in 1..10 -> y % 10."""
+    import scipy.io
+
+    arrays = {}
+    for split in ("train", "test"):
+        content = scipy.io.loadmat(root / f"{split}_32x32.mat")
+        arrays[split] = (np.ascontiguousarray(content["X"].transpose(3, 2, 0, 1)),
+                         content["y"].reshape(-1).astype(np.int64) % 10)
+    return arrays
+
+
+@pytest.mark.parametrize("name, write, reference", [
+    ("cifar10", write_cifar10, lambda root: reference_cifar(
+        root / "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels")),
+    ("cifar100", write_cifar100, lambda root: reference_cifar(root / "cifar-100-python", ["train"], ["test"], "fine_labels")),
+    ("mnist", lambda root: write_mnist_like(root / "MNIST" / "raw", compress=False), lambda root: reference_idx(root / "MNIST" / "raw")),
+    ("fashion-mnist", lambda root: write_mnist_like(root / "fashion-mnist"), lambda root: reference_idx(root / "fashion-mnist")),
+    pytest.param("svhn", write_svhn, reference_svhn, marks=pytest.mark.skipif(not HAS_SCIPY, reason="needs scipy")),
+])
+def test_torchvision_reads_exactly_what_the_hand_parser_read(tmp_path, name, write, reference):
+    """Same uint8 (N, C, H, W) images, same int64 labels, same order, for every split."""
+    write(tmp_path)
+    data = build_data(name, tmp_path, val_size=0, download=False)
+    expected = reference(tmp_path)
+    for split in ("train", "test"):
+        images, labels = data.arrays[split]
+        assert images.dtype == torch.uint8 and labels.dtype == torch.int64 and images.ndim == 4
+        assert torch.equal(images, torch.from_numpy(expected[split][0]))
+        assert torch.equal(labels, torch.from_numpy(expected[split][1]))
+
+
+@pytest.mark.parametrize("name, write", [("cifar10", write_cifar10), ("cifar100", write_cifar100),
+                                         pytest.param("svhn", write_svhn, marks=pytest.mark.skipif(not HAS_SCIPY, reason="needs scipy"))])
+def test_real_torchvision_checks_md5(tmp_path, monkeypatch, name, write):
+    """torchvision's own class refuses files that are not the published ones: a one-line error that says so."""
+    monkeypatch.setitem(sources.TORCHVISION_DATASETS, name, getattr(torchvision.datasets, {
+        "cifar10": "CIFAR10", "cifar100": "CIFAR100", "svhn": "SVHN"}[name]))
+    write(tmp_path)
+    with pytest.raises(DatasetError, match=r"are corrupt \(torchvision's md5 check failed\); download disabled") as error:
+        build_data(name, tmp_path, download=False)
+    assert "\n" not in str(error.value) and "--dataset fake" in str(error.value)
+
+
+def test_an_unreadable_idx_file_is_one_line(tmp_path):
+    write_mnist_like(tmp_path / "mnist", compress=False)
+    path = tmp_path / "mnist" / "train-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:1000])  # truncated
+    with pytest.raises(DatasetError, match=re.escape(f"cannot read {path} as an IDX file")) as error:
+        build_data("mnist", tmp_path, download=False)
+    assert "\n" not in str(error.value)
 
 
 @pytest.mark.parametrize("name, test_split", [("imagefolder", "test"), ("imagefolder", "val"), ("imagenet", "val")])
@@ -674,3 +780,59 @@ def test_failed_download_leaves_no_partial_files(tmp_path, monkeypatch, name, di
         assert sorted(p.name for p in root.rglob("*")) == ["MNIST", "notes.txt"]
     else:
         assert not root.exists()
+
+
+class ServedResponse:
+    """Stands in for urlopen's response: the bytes the test publishes under the URL's file name (no network)."""
+
+    def __init__(self, request, published):
+        self.url = request.full_url if hasattr(request, "full_url") else request
+        content = published[self.url.rsplit("/", 1)[-1]]
+        self.length, self.content = len(content), io.BytesIO(content)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def read(self, size=-1):
+        return self.content.read(size)
+
+
+def publish(name, folder):
+    """Small files in the published formats, as (file name -> bytes, the arrays the hand parser read from them)."""
+    if name == "cifar10":
+        write_cifar10(folder)
+        archive = io.BytesIO()
+        with tarfile.open(fileobj=archive, mode="w:gz") as tar:
+            tar.add(folder / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+        return {"cifar-10-python.tar.gz": archive.getvalue()}, reference_cifar(
+            folder / "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels")
+    if name == "mnist":
+        write_mnist_like(folder)
+        return {path.name: path.read_bytes() for path in folder.glob("*.gz")}, reference_idx(folder)
+    write_svhn(folder)
+    return {path.name: path.read_bytes() for path in folder.glob("*.mat")}, reference_svhn(folder)
+
+
+@pytest.mark.parametrize("name, landed", [("cifar10", "cifar-10-batches-py"), ("mnist", "MNIST/raw"),
+                                          pytest.param("svhn", ".", marks=pytest.mark.skipif(not HAS_SCIPY, reason="needs scipy"))])
+def test_missing_files_are_downloaded_by_torchvision(tmp_path, monkeypatch, name, landed):
+    """With download on, torchvision fetches what is missing into its own layout, and that is what is read
+    (the published files' md5s, which torchvision checks, are the real ones': not checked here)."""
+    published, expected = publish(name, tmp_path / "published")
+    tv = sources.TORCHVISION_DATASETS[name]
+    fields = {}  # SVHN's file md5s are off already (without_md5_checks)
+    if name == "cifar10":
+        fields = {"tgz_md5": None}
+    elif name == "mnist":
+        fields = {"resources": [(filename, None) for filename, _ in tv.resources]}
+    monkeypatch.setitem(sources.TORCHVISION_DATASETS, name, type(tv.__name__, (tv,), fields))
+    monkeypatch.setattr(urllib.request, "urlopen", lambda request, *args, **kwargs: ServedResponse(request, published))
+    root = tmp_path / "data"
+    data = build_data(name, root, val_size=0, download=True)
+    assert data.info.source == str(root / landed)
+    for split in ("train", "test"):
+        assert torch.equal(data.arrays[split][0], torch.from_numpy(expected[split][0]))
+        assert torch.equal(data.arrays[split][1], torch.from_numpy(expected[split][1]))

@@ -231,13 +231,16 @@ def test_aliases_and_transformers_name_registered_models():
 def test_authors_networks():
     """`vit`, `mobilenet` and `ceit` are the competitive-distillation authors' networks: a ViT-Base with
     16x16 patches and dropout 0.1 at every size, MobileNet V1 with its stride-1 stem at every size, and
-    CeiT-T with a 32-channel stem and no LCA; the DeiT/CeiT-paper variants keep their own names."""
+    CeiT-T with a 32-channel stem and no LCA; the DeiT/CeiT-paper variants keep their own names.
+    (Their layers in detail, and exact parameter counts: tests/test_transformers.py.)"""
     vit = models.create_model("vit", num_classes=10, img_size=32, in_chans=3)
     assert vit.patch_size == 16 and vit.num_patches == 4 and len(vit.blocks) == 12
     assert vit.blocks[0].attn.q.in_features == 768 and vit.blocks[0].mlp.fc1.out_features == 3072
-    assert vit.pos_drop.p == 0.1 and vit.blocks[0].mlp.drop.p == 0.1
-    assert parameter_count(vit) == parameter_count(
-        models.create_model("vit_base", num_classes=10, img_size=32, in_chans=3, patch_size=16))
+    assert vit.pos_drop.p == 0.1 and vit.blocks[0].attn.attn_drop_rate == 0.1 and vit.blocks[0].mlp.drop.p == 0.1
+    assert isinstance(vit.blocks[0].mlp.hidden_drop, torch.nn.Identity)
+    base = models.create_model("vit_base", num_classes=10, img_size=32, in_chans=3, patch_size=16)
+    # vit_base's q, k, v and output projections carry a bias (768 values each, 12 blocks); the authors' do not.
+    assert parameter_count(vit) == parameter_count(base) - 12 * 4 * 768
     with pytest.raises(ValueError, match="multiple of 16"):
         models.create_model("vit", num_classes=10, img_size=28, in_chans=1)
     mobilenet = models.create_model("mobilenet", num_classes=10, img_size=224, in_chans=3)

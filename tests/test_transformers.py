@@ -244,13 +244,13 @@ def test_attention_matches_hand_computation():
 # ---------------------------------------------------------------- gradients
 
 
-@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("name", TINY + ["ceit"])
 def test_every_parameter_receives_a_gradient(name):
     model = build(name, 28, 1).train()
     logits = model(images(2, 1, 28))
     F.cross_entropy(logits, torch.tensor([0, 5])).backward()
     names = [n for n, _ in model.named_parameters()]
-    if name.startswith("ceit"):
+    if name == "ceit_tiny":
         assert any(n.startswith("lca.attn.") for n in names) and any(n.startswith("lca.mlp.") for n in names)
         assert "lca.layer_embed" in names
     for param_name, param in model.named_parameters():
@@ -363,6 +363,120 @@ def test_drop_path_identity_in_eval_active_in_train(name):
         assert torch.equal(plain(x), first)
 
 
+# ---------------------------------------------------------------- the competitive-distillation authors' networks
+# Their code: github.com/XiaoleiDiao/Competitive-Distillation at commit 298039f (models/vit.py, models/CeiT.py,
+# models/component_.py).
+
+
+def test_authors_vit_dropout_sits_where_theirs_does():
+    """Their one rate, 0.1: after the position embedding, on the attention probabilities, after the attention
+    output and after the MLP's second Linear; none in the MLP's hidden layer. No bias on q, k, v and output."""
+    with torch.device("meta"):
+        model = build("vit", 32, 3)
+        other_rate = build("vit", 32, 3, drop_rate=0.2)
+    assert model.pos_drop.p == 0.1
+    for block in model.blocks:
+        assert block.attn.attn_drop_rate == 0.1 and block.attn.proj_drop.p == 0.1
+        assert isinstance(block.mlp.hidden_drop, torch.nn.Identity) and block.mlp.drop.p == 0.1
+        assert all(layer.bias is None for layer in (block.attn.q, block.attn.k, block.attn.v, block.attn.proj))
+    assert other_rate.pos_drop.p == 0.2 and other_rate.blocks[5].attn.attn_drop_rate == 0.2
+    assert other_rate.blocks[5].mlp.drop.p == 0.2 and isinstance(other_rate.blocks[5].mlp.hidden_drop, torch.nn.Identity)
+    # DeiT's variants keep DeiT's dropout: the MLP's hidden layer too, not the attention probabilities.
+    with torch.device("meta"):
+        deit = build("vit_base", 32, 3, drop_rate=0.1)
+    assert deit.blocks[0].mlp.hidden_drop.p == 0.1 and deit.blocks[0].attn.attn_drop_rate == 0.0
+    assert deit.blocks[0].attn.q.bias is not None
+
+
+def test_attention_dropout_drops_probabilities():
+    """With every value vector equal to c, each query's output is c times the sum of its kept, rescaled
+    probabilities: a multiple of c per head (dropout on the output would zero single entries instead)."""
+    torch.manual_seed(0)
+    attention = Attention(dim=8, num_heads=2, attn_drop_rate=0.5)
+    c = torch.arange(1.0, 9.0)
+    with torch.no_grad():
+        attention.v.weight.zero_()
+        attention.v.bias.copy_(c)
+        attention.proj.weight.copy_(torch.eye(8))
+        attention.proj.bias.zero_()
+    x = torch.randn(4, 6, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(attention.eval()(x), c.expand(4, 6, 8))
+        out = attention.train()(x)
+    factors = (out / c).reshape(4, 6, 2, 4)  # (batch, query, head, head_dim)
+    torch.testing.assert_close(factors, factors[..., :1].expand_as(factors))
+    assert (factors[..., 0] - 1).abs().max() > 0.1
+
+
+def test_authors_vit_mlp_hidden_layer_is_not_dropped():
+    """In training the MLP's output entries are either dropped (0) or the eval output scaled by 1 / 0.9:
+    nothing before fc2 was dropped."""
+    with torch.device("meta"):  # only one MLP is needed: build the 86 M-parameter model without memory
+        mlp = build("vit", 32, 3).blocks[0].mlp
+    mlp = mlp.to_empty(device="cpu")
+    torch.manual_seed(0)
+    for param in mlp.parameters():
+        torch.nn.init.normal_(param, std=0.05)
+    x = torch.randn(2, 5, 768)
+    with torch.no_grad():
+        expected = mlp.eval()(x) / 0.9
+        out = mlp.train()(x)
+    kept = out != 0
+    assert 0.8 < kept.float().mean() < 0.97
+    torch.testing.assert_close(out[kept], expected[kept])
+
+
+def test_authors_ceit_layers():
+    """Their TransformerLeFF layer: q, k, v without bias (to_qkv, bias=False), output projection with
+    one; LeFF = Linear + BN1d + GELU, depthwise conv without bias + BN2d + GELU, Linear + BN1d + GELU, no
+    dropout; a 32-channel stem and no LCA. The official CeiT keeps its own LeFF (no final GELU)."""
+    model = build("ceit", 32, 3)
+    assert model.i2t.conv.out_channels == 32 and model.lca is None
+    for block in model.blocks:
+        assert block.class_token_skips_leff
+        assert block.attn.q.bias is None and block.attn.k.bias is None and block.attn.v.bias is None
+        assert block.attn.proj.bias is not None and block.attn.attn_drop_rate == 0.0
+    for block in model.blocks[:-1]:
+        leff = block.leff
+        assert isinstance(leff.project_bn, torch.nn.BatchNorm1d) and isinstance(leff.output_act, torch.nn.GELU)
+        assert leff.depthwise.bias is None and leff.drop.p == 0.0
+    # The last layer's LeFF stage (LayerNorm included) cannot reach the logits, so it is left out.
+    assert model.blocks[-1].leff is None and model.blocks[-1].norm2 is None
+    # drop_rate does not reach their LeFF, which has no dropout.
+    assert build("ceit", 32, 3, drop_rate=0.3).blocks[0].leff.drop.p == 0.0
+    official = build("ceit_tiny", 32, 3).blocks[0]
+    assert isinstance(official.leff.output_act, torch.nn.Identity) and official.leff.depthwise.bias is not None
+    assert official.attn.q.bias is not None and not official.class_token_skips_leff
+    # Functionally: their LeFF ends in a GELU, whose outputs are never below its minimum, -0.17.
+    patches = torch.randn(2, 64, 192, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert model.blocks[0].leff.train()(patches).min() >= -0.17
+        assert official.leff.train()(patches).min() < -1
+
+
+@pytest.mark.parametrize("index", [0, 5, -1])  # layers with LeFF, and the last one (without)
+def test_authors_ceit_class_token_skips_leff(index):
+    """Their layer: x = leff(x[:, 1:]); x = cat(cls, x). The class token leaves the layer exactly as
+    attention left it (not cls + LN2(cls) as in the official release); LeFF changes only the patches."""
+    model = build("ceit", 32, 3).train()  # train mode: their BatchNorms see the batch
+    block = model.blocks[index]
+    x = torch.randn(2, 1 + 64, 192, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        after_attention = x + block.attn(block.norm1(x))
+        out = block(x)
+        assert torch.equal(out[:, 0], after_attention[:, 0])
+        if block.leff is None:
+            assert torch.equal(out, after_attention)
+            return
+        for param in [*block.norm2.parameters(), *block.leff.parameters()]:
+            param.add_(torch.randn_like(param))
+        changed = block(x)
+    assert torch.equal(changed[:, 0], out[:, 0])
+    assert (changed[:, 1:] - out[:, 1:]).abs().max() > 1e-3
+    # The patch tokens take the pre-norm LeFF stage with its residual: patches + LeFF(LN2(patches)).
+    torch.testing.assert_close(changed[:, 1:], after_attention[:, 1:] + block.leff(block.norm2(after_attention[:, 1:])))
+
+
 # ---------------------------------------------------------------- parameter counts
 
 # DeiT's published counts at 224 px and 1000 classes (timm's deit_*_patch16_224): exact.
@@ -385,3 +499,40 @@ def test_ceit_parameter_count_matches_paper(name):
         model = build(name, 224, 3, num_classes=1000)
     dead_leff = count(model.blocks[0].leff) + count(model.blocks[0].norm2)  # omitted from the last layer
     assert round((count(model) + dead_leff) / 1e6, 1) == CEIT_PAPER_MILLIONS[name]
+
+
+# The authors' CeiT(224, 4, 100), their CIFAR-100 network, counted from their definitions (models/CeiT.py and
+# models/component_.py at 298039f): stem Conv2d(3, 32, 7) with bias 4,736, BatchNorm2d(32) 64, patch
+# Linear(32*4*4, 192) 98,496, positions 197*192 = 37,824, class token 192; each of 12 layers: LayerNorm 384,
+# to_qkv 192*576 = 110,592 (no bias), to_out 192*192 + 192 = 37,056, LayerNorm 384, LeFF 306,240 (up 192*768 + 768
+# = 148,224, BN 1,536, depthwise 768*9 = 6,912 without bias, BN 1,536, down 768*192 + 192 = 147,648, BN 384):
+# 454,656; head LayerNorm 384 + Linear 192*100 + 100 = 19,300. Sum 5,616,868 (their utils.py notes torchsummary's
+# 5,578,852, which does not see the class token and positions: 5,616,868 - 38,016).
+AUTHORS_CEIT_PARAMS = 5_616_868
+# The authors' ViT(224, 100) (models/vit.py at 298039f): patch Conv2d(3, 768, 16) 590,592, class token 768,
+# positions 197*768 = 151,296; each of 12 blocks: LayerNorm 1,536, qkv_weights 768*768 = 589,824 (one projection
+# shared by q, k, v; no bias), dense 589,824 (no bias), LayerNorm 1,536, MLP 768*3072 + 3072 + 3072*768 + 768 =
+# 4,722,432: 5,905,152; LayerNorm 1,536, head 768*100 + 100 = 76,900. Sum 71,682,916 (their utils.py notes
+# torchsummary's 85,705,060, which counts the shared projection thrice and the shared LayerNorm twice per block
+# and does not see the class token and positions).
+AUTHORS_VIT_PARAMS = 71_682_916
+
+
+def test_authors_ceit_parameter_count():
+    """The authors' count less what cannot change the logits: the stem conv's bias (BatchNorm cancels it,
+    32) and the last layer's LeFF stage (LayerNorm 384 + LeFF 306,240; its patch tokens are read by nothing)."""
+    with torch.device("meta"):
+        model = build("ceit", 224, 3, num_classes=100)
+    leff_stage = count(model.blocks[0].norm2) + count(model.blocks[0].leff)
+    assert (count(model.blocks[0].norm2), count(model.blocks[0].leff)) == (384, 306_240)
+    assert count(model.blocks[0]) == 454_656 and count(model.blocks[-1]) == 454_656 - leff_stage
+    assert count(model.i2t) == 4_736 - 32 + 64 + 98_496
+    assert count(model) == AUTHORS_CEIT_PARAMS - 32 - leff_stage == 5_310_212
+
+
+def test_authors_vit_parameter_count():
+    """The authors' count plus the bug fix: separate key and value projections (768*768 each, 12 blocks)."""
+    with torch.device("meta"):
+        model = build("vit", 224, 3, num_classes=100)
+    assert count(model.blocks[0]) == 5_905_152 + 2 * 768 * 768
+    assert count(model) == AUTHORS_VIT_PARAMS + 12 * 2 * 768 * 768 == 85_838_692
