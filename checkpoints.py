@@ -28,14 +28,14 @@ CHECKPOINT_KEYS = ("models", "num_classes", "img_size", "in_chans", "dataset", "
 
 # What a run writes into its directory (--overwrite deletes these, and nothing else).
 RUN_FILES = ("args.json", "metrics.csv", "last.pt", "best.pt", "results.json", "events.out.tfevents.*",
-             "predictions.png", "curves.png")
+             "predictions.png", "curves.png", "deployed.pt")
 LOCK_FILE = ".lock"
 
 # Flags that fix which images each step sees, how they are augmented and perturbed: a resumed run
 # (mid-epoch ones above all) needs them unchanged; and --freeze, which decides which networks have
 # optimizer state in the checkpoint.
 RESUME_MUST_MATCH = ("dataset", "batch_size", "train_subset", "split_seed", "val_size", "seed", "crop", "rotate",
-                     "freeze", "perturb_every", "perturbations")
+                     "views", "freeze", "perturb_every", "perturbations")
 
 # The group settings that belong to this run, not to the run that wrote the checkpoint: the kernels
 # (foreach on the CPU, fused on CUDA, capturable with --cuda-graphs) and the rate holder (a device tensor that a

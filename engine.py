@@ -20,7 +20,7 @@ import checkpoints
 from metrics import MetricsLog
 from flags import RunFailure, UsageError
 from models.weights import net_labels
-from utils import all_reduce_sum, evaluate, sync_replicas, unwrap
+from utils import all_reduce_sum, evaluate, group_outputs, sync_replicas, unwrap
 
 
 # ----------------------------------------------------------------------------------------------
@@ -40,7 +40,9 @@ class RunState:
     run_dir: str
     checkpoints: object          # checkpoints.Checkpoints of run_dir
     metrics: object = None       # MetricsLog
-    labels: list = field(default_factory=list)
+    labels: list = field(default_factory=list)     # the members' row labels: the networks, or a network's branches
+    models: list = field(default_factory=list)     # each member's architecture
+    outputs: object = group_outputs                # evaluation: utils.evaluate's `outputs` for the members
     start_epoch: int = 0         # epochs completed before this invocation
     start_step: int = 0          # steps of epoch `start_epoch` completed before it (mid-epoch resume)
     resumed: dict = field(default_factory=dict)    # the resumed checkpoint's "state" (fresh run: empty)
@@ -50,9 +52,15 @@ class RunState:
     interval: dict = field(default_factory=dict)   # the --log-interval line's last (step, time)
 
 
-def start_run(args, script, group, rt, info, nets, optimizers, *, steps_per_epoch, state):
+def start_run(args, script, group, rt, info, nets, optimizers, *, steps_per_epoch, state, members=None,
+              outputs=group_outputs):
     """Open the run directory and, with --resume, restore the group, its optimizers and `state` (the
-    script's own objects with state_dict()/load_state_dict()) from the checkpoint; returns the RunState."""
+    script's own objects with state_dict()/load_state_dict()) from the checkpoint; returns the RunState.
+
+    The run's members, one metrics row each (plus an ensemble row when there are several), are its
+    networks; a branched network names its branches instead: members = [(label, architecture), ...],
+    the first the deployed one (best.pt selects on it), and `outputs` evaluates them (utils.evaluate).
+    """
     args.world_size = rt.world_size
     resume = checkpoints.resolve_resume(args)
     run_dir = args.out_dir or (os.path.dirname(os.path.abspath(resume)) if resume else
@@ -60,8 +68,9 @@ def start_run(args, script, group, rt, info, nets, optimizers, *, steps_per_epoc
                                                     f"{datetime.datetime.now():%Y%m%d-%H%M%S}"))
     saver = checkpoints.Checkpoints(run_dir, script=script, args=args, info=info, names=group.names, nets=nets,
                                     optimizers=optimizers, rt=rt, state=state)
+    members = members or list(zip(net_labels(group.names), group.names))
     run = RunState(args, rt, script, list(group.names), info, nets, optimizers, steps_per_epoch, run_dir, saver,
-                   labels=net_labels(group.names))
+                   labels=[label for label, _ in members], models=[model for _, model in members], outputs=outputs)
     if resume:
         run.start_epoch, run.start_step, run.resumed = saver.restore(resume)
     if rt.distributed:
@@ -278,8 +287,12 @@ def evaluate_epoch(run, val_loader, test_loader, epoch):
     if (epoch + 1) % getattr(run.args, "eval_every", 1) and not last_epoch_here(run, epoch):
         return {"val": None, "test": None}
     shown = progress_enabled(run.args, run.rt)
-    val = evaluate(run.nets, progress(val_loader, shown, desc="validation"), run.rt) if val_loader is not None else None
-    return {"val": val, "test": evaluate(run.nets, progress(test_loader, shown, desc="test"), run.rt)}
+    results = {}
+    for split, loader in (("val", val_loader), ("test", test_loader)):
+        results[split] = None if loader is None else evaluate(
+            run.nets, progress(loader, shown, desc="validation" if split == "val" else split), run.rt,
+            outputs=run.outputs, members=len(run.labels))
+    return results
 
 
 def log_epoch(run, epoch, stats, evals, schedule):
@@ -290,16 +303,16 @@ def log_epoch(run, epoch, stats, evals, schedule):
     seconds = run.train_seconds
     lrs = schedule.rates((epoch + 1) * run.steps_per_epoch - 1)   # the rate of the epoch's last step
     train = stats.means()
-    rows = []
-    for i, label in enumerate(run.labels + (["ensemble"] if len(run.nets) > 1 else [])):
-        row = {"epoch": epoch + 1, "net": label, "model": run.names[i] if i < len(run.names) else "+".join(run.names)}
-        if i < len(run.nets):
-            row["lr"] = lrs[i]
+    rows, members = [], len(run.labels)
+    for i, label in enumerate(run.labels + (["ensemble"] if members > 1 else [])):
+        row = {"epoch": epoch + 1, "net": label, "model": run.models[i] if i < members else "+".join(run.names)}
+        if i < members:
+            row["lr"] = lrs[min(i, len(lrs) - 1)]  # a branched network's branches share its optimizer
             row.update({f"train_{name}": value for name, value in train[i].items()})
         for split, result in evals.items():
             if result is not None:
                 row.update({f"{split}_{name}": value for name, value in result[i].items()})
-        if i < len(run.nets):
+        if i < members:
             row["epoch_time_s"] = seconds
             row["images_per_s"] = steps * run.args.batch_size * run.rt.world_size / seconds
         rows.append(row)

@@ -160,6 +160,14 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose usage errors (unknown flag, bad choice, missing value) are one line on
+    stderr, `error: PROG: ...`, and exit code 2, like every other bad input; --help shows the usage."""
+
+    def error(self, message):
+        fail(f"{self.prog}: {message} (see --help)")
+
+
 class ListModels(argparse.Action):
     """--list-models: print the registered model names and aliases, then exit."""
 
@@ -170,16 +178,18 @@ class ListModels(argparse.Action):
         aliases = ", ".join(f"{alias} = {name}" for alias, name in sorted(models.ALIASES.items()))
         print("models: " + " ".join(models.list_models()) + f"\naliases: {aliases}\n"
               "tv:NAME (torchvision, random weights): " + " ".join(models.zoo.torchvision_models()) + "\n"
-              "timm:NAME (timm, random weights; pip install timm): any name of timm.list_models()")
+              "timm:NAME (timm, random weights; pip install timm): any name of timm.list_models()\n"
+              "one:BASE:M, okddip:BASE:M (the branched networks of train_one.py, train_okddip.py) on BASE: "
+              + " ".join(models.BRANCHABLE))
         parser.exit()
 
 
-def get_args_parser(description, *, group=False, epochs=200, batch_size=128, optimizer="sgd",
+def get_args_parser(description, *, group=False, authors_pair=True, epochs=200, batch_size=128, optimizer="sgd",
                     schedule="cosine", weight_decay=5e-4, warmup_epochs=1.0, label_smoothing=0.0):
     """The flags every script shares, in groups; scripts add their own group and may change the
     recipe defaults given here."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
-    add_model_flags(parser.add_argument_group("model"), group)
+    parser = ArgumentParser(description=description, formatter_class=HelpFormatter)
+    add_model_flags(parser.add_argument_group("model"), group, authors_pair)
     add_data_flags(parser.add_argument_group("data"))
     add_optimization_flags(parser.add_argument_group("optimization"), epochs=epochs, batch_size=batch_size,
                            optimizer=optimizer, schedule=schedule, weight_decay=weight_decay,
@@ -190,8 +200,9 @@ def get_args_parser(description, *, group=False, epochs=200, batch_size=128, opt
     return parser
 
 
-def add_model_flags(flags, group):
-    """Which network(s): --model, or a group's --models (and the authors' pair spellings)."""
+def add_model_flags(flags, group, authors_pair=True):
+    """Which network(s): --model, or a group's --models (and the pair spellings --model1/--model2 and,
+    with authors_pair, the competitive-distillation authors' --teacher/--student)."""
     add = flags.add_argument
     names = (f"{', '.join(models.list_models())}; tv:NAME a torchvision model, timm:NAME a timm model; "
              "aliases and zoo names: --list-models")
@@ -199,9 +210,13 @@ def add_model_flags(flags, group):
         add("--models", nargs="+", metavar="NAME", help=f"the networks of the group (n >= 2; default: resnet32 resnet32; {names})")
         add("--model1", help="first network of a pair (authors' spelling; same as --models A B)")
         add("--model2", help="second network of a pair")
-        add("--teacher", help="first network of a pair (authors' spelling: roles are decided every step "
-                              "by the competition, not by this name)")
-        add("--student", help="second network of a pair (see --teacher)")
+        if authors_pair:
+            add("--teacher", help="first network of a pair (authors' spelling: roles are decided every step "
+                                  "by the competition, not by this name)")
+            add("--student", help="second network of a pair (see --teacher)")
+        add("--views", default="same", choices=["same", "independent"],
+            help="same: every network trains on the same augmented batch (DML, competitive distillation); "
+                 "independent: each network on its own random augmentation of the batch's images (KDCL)")
         add("--freeze", nargs="+", type=int, default=[], metavar="NET",
             help="networks (their index in the group, 0 = first) whose weights stay fixed: eval-mode BatchNorm "
                  "and dropout, no optimizer, never a gradient; one trained frozen network makes competitive "
@@ -399,7 +414,7 @@ def model_names(args):
     if hasattr(args, "model"):
         given = [args.model]
     else:
-        pair = [getattr(args, k) for k in ("model1", "model2", "teacher", "student") if getattr(args, k)]
+        pair = [getattr(args, k) for k in ("model1", "model2", "teacher", "student") if getattr(args, k, None)]
         if args.models and pair:
             raise UsageError("name the group either with --models or with --model1/--model2 (--teacher/--student), not both")
         given = args.models or pair or ["resnet32", "resnet32"]

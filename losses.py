@@ -1,17 +1,28 @@
-"""The losses of the paper, as small pure functions.
+"""The losses of the papers, as small pure functions: competitive distillation and deep mutual learning,
+and the online-distillation baselines (ONE, KDCL, OKDDip) at the end.
 
 KD(i <- j) = T^2 * KL(sg(p_j) || p_i) with p = softmax(z / T), summed over classes and averaged
 over the batch (Hinton et al. 2015; deep mutual learning, Zhang et al. 2018; competitive
 distillation, Shi et al. 2025, section 3); sg() is stop-gradient.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
 
-def kd_loss(student_logits, teacher_logits, temperature=1.0):
-    """KD(student <- teacher) = T^2 KL(sg(p_teacher) || p_student), summed over classes, batch mean."""
+def kd_loss(student_logits, teacher_logits, temperature=1.0, detach_teacher=True):
+    """KD(student <- teacher) = T^2 KL(sg(p_teacher) || p_student), summed over classes, batch mean;
+    with detach_teacher=False, T^2 KL(p_teacher || p_student) and the gradient also flows into the teacher.
+
+    OKDDip (Chen et al., AAAI 2020, arXiv 1912.00350) does not detach its teachers: in the official
+    code (github.com/DefangChen/OKDDip @c6a05de8, utils.py KL_Loss) the KD term is the only way the
+    attention projections learn. That code adds 1e-7 to the teacher's probabilities; this does not.
+    """
+    if detach_teacher:
+        teacher_logits = teacher_logits.detach()
     log_p = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_q = F.log_softmax(teacher_logits.float().detach() / temperature, dim=-1)
+    log_q = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     return temperature**2 * F.kl_div(log_p, log_q, log_target=True, reduction="batchmean")
 
 
@@ -43,6 +54,14 @@ def accuracy(logits, labels):
     """Top-1 accuracy in % over the last-but-one axis: (B, C) -> scalar, (n, B, C) -> (n,)."""
     return (logits.argmax(-1) == labels).float().mean(-1) * 100
 
+
+def mixed_accuracy(logits, labels, labels_perm, lams):
+    """Top-1 accuracy in % of batches that may be mixup batches, weighted as their loss is:
+    lam * acc(labels) + (1 - lam) * acc(labels_perm); plain accuracy when lam = 1.
+    (n, B, C) logits with (n,) lams -> (n,); (B, C) with a scalar lam -> scalar."""
+    return lams * accuracy(logits, labels) + (1 - lams) * accuracy(logits, labels_perm)
+
+
 def sigmoid_rampup(epoch, rampup_epochs):
     """w(e) = exp(-5 (1 - clip(e, 0, R) / R)^2), and 1.0 when R = 0 (no ramp-up).
 
@@ -54,22 +73,7 @@ def sigmoid_rampup(epoch, rampup_epochs):
     if rampup_epochs == 0:
         return 1.0
     phase = 1.0 - min(max(epoch, 0.0), rampup_epochs) / rampup_epochs
-    return torch.tensor(-5.0 * phase * phase, dtype=torch.float64).exp().item()
-
-
-def kd_loss_soft(student_logits, teacher_logits, temperature=1.0, detach_teacher=True):
-    """KD(student <- teacher) = T^2 KL(p_teacher || p_student), summed over classes, batch mean;
-    with detach_teacher=False the gradient also flows into the teacher.
-
-    OKDDip (Chen et al., AAAI 2020, arXiv 1912.00350) does not detach its teachers: in the official
-    code (github.com/DefangChen/OKDDip @c6a05de8, utils.py KL_Loss) the KD term is the only way the
-    attention projections learn. That code adds 1e-7 to the teacher's probabilities; this does not.
-    """
-    if detach_teacher:
-        teacher_logits = teacher_logits.detach()
-    log_p = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_q = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    return temperature**2 * F.kl_div(log_p, log_q, log_target=True, reduction="batchmean")
+    return math.exp(-5.0 * phase * phase)
 
 
 def kdcl_teacher(logits, labels, mode):

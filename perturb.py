@@ -186,9 +186,11 @@ class PerturbedBatch(NamedTuple):
 class Perturber:
     """Choose the perturbed step and network and perturb that network's batch (section 3.2).
 
-    At step indices `step` (counted within the epoch) with `step % every == 0`, one network index
-    is drawn uniformly from range(num_nets) and one operation uniformly from `ops`; on every other
-    step, and always when `every == 0`, nothing is perturbed and the network index is -1.
+    At the run's global steps `step` (counted over the whole run, not within the epoch) with
+    `step % every == 0`, one network index is drawn uniformly from range(num_nets) and one
+    operation uniformly from `ops`; on every other step, and always when `every == 0`, nothing is
+    perturbed and the network index is -1. One step in `every` is perturbed whatever the epoch's
+    length (the authors counted within the epoch, the same rate only for long epochs).
 
     The randomness, all derived from `seed`:
     - a host (CPU) generator draws the network and the operation. Those draws never depend on
@@ -250,16 +252,17 @@ class Perturber:
         self.perturbed_steps += 1
 
     def __call__(self, step, images, labels):
-        """The group's inputs at step `step`: a PerturbedBatch (no host synchronisation)."""
+        """The group's inputs at step `step`: a PerturbedBatch (no host synchronisation). `images` is
+        the batch, or a list of one view of it per network (--views independent)."""
+        inputs = list(images) if isinstance(images, (list, tuple)) else [images] * self.num_nets
         net, op = self.choose(step)
-        lams = torch.ones(self.num_nets, device=images.device)
+        lams = torch.ones(self.num_nets, device=inputs[0].device)
         if op is None:
-            return PerturbedBatch([images] * self.num_nets, labels, lams, -1)
+            return PerturbedBatch(inputs, labels, lams, -1)
         self._reseed_device_generator()
-        images_p, labels_perm, lam = perturb(images, labels, op, mean=self.mean, std=self.std,
-                                             generator=self.device_generator, param_generator=self.param_generator)
-        lams[net] = lam
-        return PerturbedBatch([images_p if i == net else images for i in range(self.num_nets)], labels_perm, lams, net)
+        inputs[net], labels_perm, lams[net] = perturb(inputs[net], labels, op, mean=self.mean, std=self.std,
+                                                      generator=self.device_generator, param_generator=self.param_generator)
+        return PerturbedBatch(inputs, labels_perm, lams, net)
 
     def state_dict(self):
         """The two host generator states (CPU uint8 tensors), and the seed and step count that key the

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Set up this repository on a fresh machine: the Python requirements (plus pytest, matplotlib,
-# scipy and timm with --test) into a Python environment, and on Debian/Ubuntu as root the Fashion-MNIST
-# package used by the quick start. Safe to run again: what is already there is left alone.
+# Set up this repository on a fresh machine: the Python requirements (matplotlib included, for
+# demo.py's curves; plus pytest, scipy and timm with --test) into a Python environment, and on
+# Debian/Ubuntu as root the Fashion-MNIST package used by the quick start. Safe to run again: what is
+# already there is left alone.
 #
 #   bash setup.sh            requirements.txt only
 #   bash setup.sh --test     and what the test suite needs
@@ -64,8 +65,8 @@ echo "setup: installing into $python ($("$python" --version 2>&1), $where)"
 pip=("$python" -m pip install --quiet --disable-pip-version-check)
 "${pip[@]}" -r requirements.txt
 if $test_deps; then
-    echo "setup: installing pytest, matplotlib, scipy and timm (the tests also check demo.py's plots, SVHN files and timm: models)"
-    "${pip[@]}" pytest matplotlib scipy timm
+    echo "setup: installing pytest, scipy and timm (the tests also check SVHN files and timm: models)"
+    "${pip[@]}" pytest scipy timm
 fi
 
 fmnist=/usr/share/datasets/fashion-mnist

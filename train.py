@@ -1,34 +1,42 @@
 """Vanilla training of one network with cross-entropy: the baseline row of every comparison,
-with the same data, schedule, logging and checkpoints as the collaborative scripts.
+with the same data, schedule, logging and checkpoints as the collaborative scripts. With
+--perturb-every N the network trains on a perturbed batch every N steps (the competitive
+perturbation used as a data augmentation alone: the control that tells it apart from distillation).
 
     python train.py --model resnet32 --dataset cifar100
 """
 import functools
 import sys
 
-import torch.nn.functional as F
-
 import engine
 import flags
 import utils
-from losses import accuracy
+from losses import mixed_accuracy, mixed_cross_entropy
+from perturb import Perturber, add_perturbation_flags, bn_statistics_kept
 
 
 def get_args_parser():
-    """Flags: the shared ones (flags.get_args_parser) with the standard CIFAR recipe as defaults."""
-    return flags.get_args_parser("Train one network with cross-entropy.")
+    """Flags: the shared ones (flags.get_args_parser) with the standard CIFAR recipe as defaults, and
+    the (optional) perturbation."""
+    parser = flags.get_args_parser("Train one network with cross-entropy.")
+    add = parser.add_argument_group("perturbation (a control: the competitive perturbation alone)").add_argument
+    add_perturbation_flags(add, every=0, every_help="perturb the batch every N steps, counted over the whole run "
+                                                    "(0 = off; a network of a competitive group of n networks "
+                                                    "perturbed every N steps sees one in n*N)")
+    return parser
 
 
-def vanilla_step(net, optimizer, scaler, images, labels, args, rt):
-    """One optimisation step of one network; returns its statistics on the device."""
+def vanilla_step(net, optimizer, scaler, images, labels, labels_perm, lam, args, rt):
+    """One optimisation step of one network; returns its statistics on the device. lam < 1 and
+    labels_perm: a mixup batch, whose loss is lam * CE(y) + (1 - lam) * CE(y_perm)."""
     with utils.autocast(rt):
         logits = net(utils.to_input(images, rt)).float()
-    loss = F.cross_entropy(logits, labels, label_smoothing=args.label_smoothing)
+    loss = mixed_cross_entropy(logits, labels, labels_perm, lam, label_smoothing=args.label_smoothing)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
-    return {"loss": loss.detach(), "acc": accuracy(logits, labels)}
+    return {"loss": loss.detach(), "acc": mixed_accuracy(logits, labels, labels_perm, lam)}
 
 
 def main(args):
@@ -39,9 +47,11 @@ def main(args):
     nets = utils.build_nets(group, data.info, rt, drop_path=args.drop_path)
     optimizers, peak_lrs = utils.build_optimizers(args, nets, rt)
     schedule = utils.Schedule(args, optimizers, peak_lrs, len(train_loader))
+    perturber = Perturber(every=args.perturb_every, ops=args.perturbations, num_nets=1,
+                          seed=args.seed, mean=data.info.mean, std=data.info.std, device=rt.device)
     scaler = utils.make_scaler(rt)
     run = engine.start_run(args, "train", group, rt, data.info, nets, optimizers, steps_per_epoch=len(train_loader),
-                           state={"scaler": scaler})
+                           state={"scaler": scaler, "perturber": perturber})
     train_step = functools.partial(vanilla_step, nets[0], optimizers[0], scaler, args=args, rt=rt)
     if rt.cuda_graphs:  # captured once, then replayed
         train_step = utils.CapturedStep(train_step)
@@ -50,8 +60,11 @@ def main(args):
         for epoch in range(run.start_epoch, args.epochs):
             stats = engine.epoch_stats(run, epoch)  # on a mid-epoch resume: the epoch's statistics so far
             for step, (images, labels) in engine.batches(run, train_loader, epoch):
-                schedule.step(epoch * len(train_loader) + step)
-                stats.add(train_step(images, labels))
+                global_step = epoch * len(train_loader) + step
+                schedule.step(global_step)
+                batch = perturber(global_step, images, labels)  # the batch itself unless --perturb-every
+                with bn_statistics_kept(nets[0] if batch.net >= 0 and not args.update_bn_on_perturbed else None):
+                    stats.add(train_step(batch.inputs[0], labels, batch.labels_perm, batch.lams[0]))
                 engine.log_step(run, epoch, step, stats)
                 if stop.requested(step):  # SIGINT/SIGTERM: save last.pt and exit (130/143)
                     sys.exit(engine.save_and_stop(run, stop, epoch, step + 1, stats))

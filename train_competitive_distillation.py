@@ -16,7 +16,7 @@ import torch
 import engine
 import flags
 import utils
-from losses import accuracy, mixed_cross_entropy, pairwise_kd
+from losses import mixed_accuracy, mixed_cross_entropy, pairwise_kd
 from perturb import Perturber, add_perturbation_flags, bn_statistics_kept
 
 
@@ -29,7 +29,7 @@ def get_args_parser():
              "best: only from the step's leader (paper text)")
     add("--kd-weight", type=float, default=1.0, help="weight w of the distillation term (authors: 1)")
     add("--temperature", type=float, default=1.0, help="distillation temperature T (authors: 1)")
-    add_perturbation_flags(add, every=10, every_help="perturb one random network every N steps of an epoch "
+    add_perturbation_flags(add, every=10, every_help="perturb one random network every N steps, counted over the whole run "
                                                      "(authors: 10; 0 = off)")
     return parser
 
@@ -79,7 +79,8 @@ def competitive_step(nets, optimizers, scaler, inputs, labels, labels_perm, lams
     leader = (torch.arange(len(nets), device=ce.device) == ranking_ce.argmin()).float()
     # Who learned from whom: taught_by_net<j>[i] = 1 when network j taught network i at this step.
     taught_by = {f"taught_by_net{j}": teacher_mask[:, j] for j in range(len(nets))}
-    return {"loss": loss.detach(), "ce": ce.detach(), "kd": kd.detach(), "acc": accuracy(logits, labels),
+    return {"loss": loss.detach(), "ce": ce.detach(), "kd": kd.detach(),
+            "acc": mixed_accuracy(logits, labels, labels_perm, lams),  # a mixup batch's weighted as its loss
             "leader_share": leader, "teachers": teachers, **taught_by}
 
 
@@ -87,7 +88,8 @@ def main(args):
     """Train the group on args.dataset with competitive distillation; returns the results dict."""
     group = flags.check_args(args)
     rt = utils.setup_runtime(args)
-    data, (train_loader, val_loader, test_loader) = utils.setup_data(args, rt)
+    views = len(group.names) if args.views == "independent" else 1  # one augmented copy per network, or one for all
+    data, (train_loader, val_loader, test_loader) = utils.setup_data(args, rt, views)
     nets = utils.build_nets(group, data.info, rt, drop_path=args.drop_path)
     optimizers, peak_lrs = utils.build_optimizers(args, nets, rt)
     schedule = utils.Schedule(args, optimizers, peak_lrs, len(train_loader))
@@ -104,9 +106,10 @@ def main(args):
         for epoch in range(run.start_epoch, args.epochs):
             stats = engine.epoch_stats(run, epoch)  # on a mid-epoch resume: the epoch's statistics so far
             for step, (images, labels) in engine.batches(run, train_loader, epoch):
-                schedule.step(epoch * len(train_loader) + step)
+                global_step = epoch * len(train_loader) + step
+                schedule.step(global_step)
                 # Every --perturb-every steps one random network gets a perturbed batch (section 3.2) ...
-                batch = perturber(step, images, labels)
+                batch = perturber(global_step, images, labels)
                 # ... whose BatchNorm running statistics skip that batch (unless --update-bn-on-perturbed)
                 with bn_statistics_kept(nets[batch.net] if batch.net >= 0 and not args.update_bn_on_perturbed else None):
                     stats.add(train_step(batch.inputs, labels, batch.labels_perm, batch.lams))

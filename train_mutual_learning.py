@@ -18,7 +18,7 @@ import torch
 import engine
 import flags
 import utils
-from losses import accuracy, kd_loss, mixed_cross_entropy, pairwise_kd
+from losses import kd_loss, mixed_accuracy, mixed_cross_entropy, pairwise_kd
 from perturb import Perturber, add_perturbation_flags, bn_statistics_kept
 
 
@@ -31,7 +31,7 @@ def get_args_parser():
     add("--sequential", action="store_true",
         help="update the networks one after the other, each distilling from the others' latest predictions "
              "(DML paper, Algorithm 1; one extra forward per network and step); default: all at once")
-    add_perturbation_flags(add, every=0, every_help="perturb one random network every N steps of an epoch "
+    add_perturbation_flags(add, every=0, every_help="perturb one random network every N steps, counted over the whole run "
                                                     "(0 = plain DML; the authors' baseline used 10)")
     return parser
 
@@ -57,7 +57,8 @@ def mutual_step(nets, optimizers, scaler, inputs, labels, labels_perm, lams, arg
     for optimizer in optimizers:
         scaler.step(optimizer)
     scaler.update()
-    return {"loss": loss.detach(), "ce": ce.detach(), "kd": kd.detach(), "acc": accuracy(logits, labels)}
+    return {"loss": loss.detach(), "ce": ce.detach(), "kd": kd.detach(),
+            "acc": mixed_accuracy(logits, labels, labels_perm, lams)}
 
 
 def sequential_mutual_step(nets, optimizers, scaler, inputs, labels, labels_perm, lams, args, rt):
@@ -82,14 +83,16 @@ def sequential_mutual_step(nets, optimizers, scaler, inputs, labels, labels_perm
                 targets[i] = net(utils.to_input(inputs[i], rt)).float()
     scaler.update()
     ce, kd = torch.stack(ce).detach(), torch.stack(kd).detach()
-    return {"loss": ce + args.kd_weight * kd, "ce": ce, "kd": kd, "acc": accuracy(torch.stack(logits).detach(), labels)}
+    return {"loss": ce + args.kd_weight * kd, "ce": ce, "kd": kd,
+            "acc": mixed_accuracy(torch.stack(logits).detach(), labels, labels_perm, lams)}
 
 
 def main(args):
     """Train the group on args.dataset with deep mutual learning; returns the results dict."""
     group = flags.check_args(args)
     rt = utils.setup_runtime(args)
-    data, (train_loader, val_loader, test_loader) = utils.setup_data(args, rt)
+    views = len(group.names) if args.views == "independent" else 1  # one augmented copy per network, or one for all
+    data, (train_loader, val_loader, test_loader) = utils.setup_data(args, rt, views)
     nets = utils.build_nets(group, data.info, rt, drop_path=args.drop_path)
     optimizers, peak_lrs = utils.build_optimizers(args, nets, rt)
     schedule = utils.Schedule(args, optimizers, peak_lrs, len(train_loader))
@@ -107,9 +110,10 @@ def main(args):
         for epoch in range(run.start_epoch, args.epochs):
             stats = engine.epoch_stats(run, epoch)  # on a mid-epoch resume: the epoch's statistics so far
             for step, (images, labels) in engine.batches(run, train_loader, epoch):
-                schedule.step(epoch * len(train_loader) + step)
+                global_step = epoch * len(train_loader) + step
+                schedule.step(global_step)
                 # With --perturb-every N, one random network gets a perturbed batch every N steps ...
-                batch = perturber(step, images, labels)
+                batch = perturber(global_step, images, labels)
                 # ... whose BatchNorm running statistics skip that batch (unless --update-bn-on-perturbed)
                 with bn_statistics_kept(nets[batch.net] if batch.net >= 0 and not args.update_bn_on_perturbed else None):
                     stats.add(train_step(batch.inputs, labels, batch.labels_perm, batch.lams))

@@ -187,8 +187,9 @@ def sync_replicas(nets, rt, epoch):
 # ----------------------------------------------------------------------------------------------
 # Data and networks
 # ----------------------------------------------------------------------------------------------
-def setup_data(args, rt):
-    """Build the dataset and its train/val/test loaders from the flags."""
+def setup_data(args, rt, views=1):
+    """Build the dataset and its train/val/test loaders from the flags; with views > 1 every training
+    batch holds that many independently augmented copies of its images (--views independent)."""
     def build(download):
         return build_data(args.dataset, args.data_dir, img_size=args.img_size, val_size=args.val_size,
                           split_seed=args.split_seed, download=download, num_classes=args.num_classes,
@@ -216,7 +217,7 @@ def setup_data(args, rt):
         data = train_subset(data, args.train_subset)
     loaders = make_loaders(data, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
                            loader=args.loader, device=rt.device, workers=resolve_workers(args.workers, rt.device), seed=args.seed,
-                           drop_last=True, rank=rt.rank, world_size=rt.world_size)
+                           drop_last=True, rank=rt.rank, world_size=rt.world_size, views=views)
     if len(loaders[0]) == 0:
         raise UsageError(f"--batch-size {args.batch_size} is larger than this process's share of the "
                          f"{data.info.train_size} training images")
@@ -422,27 +423,37 @@ def topk_correct(logits, labels, ks=(1, 5)):
     return torch.stack([hits[..., :min(k, k_max)].any(-1).sum(-1) for k in ks], dim=-1)
 
 
+def group_outputs(nets, images):
+    """The default evaluation outputs: each network's logits (n, B, C) and the group's averaged
+    softmax (B, C), its ensemble."""
+    logits = torch.stack([net(images) for net in nets]).float()
+    return logits, logits.softmax(-1).mean(0)
+
+
 @torch.no_grad()
-def evaluate(nets, loader, rt):
-    """Loss, top-1 and top-5 (%) of each network and of the group's averaged softmax (ensemble)."""
+def evaluate(nets, loader, rt, outputs=group_outputs, members=None):
+    """Loss, top-1 and top-5 (%) of each member and of the ensemble: a list of k + 1 dicts.
+
+    outputs(nets, images) -> (logits of the k = `members` members (k, B, C), ensemble probabilities
+    (B, C)); by default the members are the networks (k = len(nets)) and the ensemble their averaged
+    softmax, while a branched network (ONE, OKDDip) evaluates each branch and its own ensemble.
+    """
     # The plain modules: DDP's forward would broadcast buffers, a collective that hangs when the
     # unpadded evaluation shards give the processes different numbers of batches.
     nets = [unwrap(net) for net in nets]
     modes = [net.training for net in nets]
     for net in nets:
         net.eval()
-    n = len(nets)
-    sums = torch.zeros(n + 1, 4, device=rt.device, dtype=torch.float64)  # loss, top1, top5, count
+    k = len(nets) if members is None else members
+    sums = torch.zeros(k + 1, 4, device=rt.device, dtype=torch.float64)  # loss, top1, top5, count
     for images, labels in loader:
-        images = to_input(images, rt)
         with autocast(rt):
-            logits = torch.stack([net(images) for net in nets]).float()
-        probs = logits.softmax(-1).mean(0)
-        losses = torch.stack([F.cross_entropy(z, labels, reduction="sum") for z in logits])
-        sums[:n, 0] += losses
-        sums[n, 0] += F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum")
-        sums[:n, 1:3] += topk_correct(logits, labels)
-        sums[n, 1:3] += topk_correct(probs, labels)
+            logits, probs = outputs(nets, to_input(images, rt))
+        logits, probs = logits.float(), probs.float()
+        sums[:k, 0] += torch.stack([F.cross_entropy(z, labels, reduction="sum") for z in logits])
+        sums[k, 0] += F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum")
+        sums[:k, 1:3] += topk_correct(logits, labels)
+        sums[k, 1:3] += topk_correct(probs, labels)
         sums[:, 3] += labels.numel()
     all_reduce_sum(sums, rt)
     sums = sums.tolist()

@@ -32,12 +32,18 @@ def _epoch_indices(size, *, shuffle, seed, epoch, rank, world_size):
 # ----------------------------------------------------------------------------------------------
 # The torch path: a DataLoader over the PIL-transform Datasets
 # ----------------------------------------------------------------------------------------------
-class _EpochSampler(Sampler):
-    """Indices from _epoch_indices; with item_seeds, (index, seed) pairs that seed each item's augmentation."""
+def _view_seed(seed, epoch, view):
+    """The seed of view `view`'s augmentation draws in `epoch`: view 0 is the single view's stream."""
+    return mix_seed(seed, epoch, AUGMENT_STREAM) if view == 0 else mix_seed(seed, epoch, AUGMENT_STREAM, view)
 
-    def __init__(self, size, *, shuffle, seed, rank, world_size, item_seeds):
+
+class _EpochSampler(Sampler):
+    """Indices from _epoch_indices; with item_seeds, (index, seed) pairs that seed each item's augmentation
+    ((index, (seed of view 0, seed of view 1, ...)) with several views)."""
+
+    def __init__(self, size, *, shuffle, seed, rank, world_size, item_seeds, views=1):
         self.size, self.shuffle, self.seed, self.rank, self.world_size = size, shuffle, seed, rank, world_size
-        self.item_seeds = item_seeds
+        self.item_seeds, self.views = item_seeds, views
         self.epoch = 0
 
     def set_epoch(self, epoch):
@@ -56,9 +62,9 @@ class _EpochSampler(Sampler):
             return iter(indices.tolist())
         # Drawn for the whole dataset and looked up by index: sample i's augmentation in an epoch does
         # not depend on the rank count, the worker count or which worker fetches it.
-        generator = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, AUGMENT_STREAM))
-        seeds = torch.randint(2**62, (self.size,), generator=generator)
-        return iter(zip(indices.tolist(), seeds[indices].tolist(), strict=True))
+        seeds = [torch.randint(2**62, (self.size,), generator=torch.Generator().manual_seed(
+            _view_seed(self.seed, self.epoch, view)))[indices].tolist() for view in range(self.views)]
+        return iter(zip(indices.tolist(), seeds[0] if self.views == 1 else zip(*seeds), strict=True))
 
 
 class _SeededItems(Dataset):
@@ -72,6 +78,12 @@ class _SeededItems(Dataset):
 
     def __getitem__(self, key):
         index, seed = key
+        if isinstance(seed, tuple):  # several views: one augmented copy per seed, one label
+            views = [self._fetch(index, view_seed) for view_seed in seed]
+            return tuple(image for image, _ in views), views[0][1]
+        return self._fetch(index, seed)
+
+    def _fetch(self, index, seed):
         # torchvision's random transforms draw from the global CPU generator. Seeding it per item makes
         # augmentation independent of workers and of the training loop's own RNG use; restoring it keeps
         # the main process's stream untouched when workers=0. (torch.manual_seed would also reseed CUDA
@@ -86,12 +98,13 @@ class _SeededItems(Dataset):
 
 
 class TorchLoader:
-    """A DataLoader over the PIL-transform Datasets (the reference pipeline), reproducible per (seed, epoch)."""
+    """A DataLoader over the PIL-transform Datasets (the reference pipeline), reproducible per (seed, epoch).
+    With views > 1 (training only) a batch's images are a list: `views` independently augmented copies."""
 
-    def __init__(self, dataset, *, batch_size, train, drop_last, device, workers, seed, rank, world_size):
+    def __init__(self, dataset, *, batch_size, train, drop_last, device, workers, seed, rank, world_size, views=1):
         self.device, self.seed = device, seed
         self.sampler = _EpochSampler(len(dataset), shuffle=train, seed=seed, rank=rank, world_size=world_size,
-                                     item_seeds=train)
+                                     item_seeds=train, views=views)
         # The generator only sets the workers' base seed (our sampler does not use it); reseeded per
         # epoch anyway so that nothing in a worker depends on history.
         self.generator = torch.Generator()
@@ -112,7 +125,9 @@ class TorchLoader:
     def __iter__(self):
         try:
             for images, labels in self.loader:
-                yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+                images = ([view.to(self.device, non_blocking=True) for view in images] if isinstance(images, list)
+                          else images.to(self.device, non_blocking=True))
+                yield images, labels.to(self.device, non_blocking=True)
         except DatasetError as error:
             # Raised in a worker process, it is re-raised here with the worker's traceback in its
             # message, whose last line ends with the error's own one line.
@@ -156,12 +171,13 @@ def _rotate(images, angles):
 
 
 class GpuLoader:
-    """Batches cut from a uint8 split held on `device`, augmented and normalised by batched tensor ops."""
+    """Batches cut from a uint8 split held on `device`, augmented and normalised by batched tensor ops.
+    With views > 1 (training only) a batch's images are a list: `views` independently augmented copies."""
 
-    def __init__(self, images, labels, info, *, batch_size, train, drop_last, device, seed, rank, world_size):
+    def __init__(self, images, labels, info, *, batch_size, train, drop_last, device, seed, rank, world_size, views=1):
         self.images, self.labels = images.to(device), labels.to(device)
         self.info, self.batch_size, self.train, self.device, self.seed = info, batch_size, train, device, seed
-        self.drop_last, self.rank, self.world_size = drop_last and train, rank, world_size
+        self.drop_last, self.rank, self.world_size, self.views = drop_last and train, rank, world_size, views
         # Fold ToTensor's 1/255 into Normalize: x_norm = x * scale + shift.
         std = torch.tensor(info.std, device=device).view(1, -1, 1, 1)
         self.scale = 1 / (255 * std)
@@ -181,44 +197,52 @@ class GpuLoader:
         count = self._samples()
         return count // self.batch_size if self.drop_last else math.ceil(count / self.batch_size)
 
+    def _draws(self, view):
+        """One view's augmentation for the epoch, one draw per dataset index (looked up by index, as on
+        the torch path): (crop offsets, flips or None, angles or None)."""
+        size, pad = len(self.labels), self.info.crop_padding
+        generator = torch.Generator(device=self.device).manual_seed(_view_seed(self.seed, self.epoch, view))
+        if pad:
+            offsets = torch.randint(2 * pad + 1, (size, 2), generator=generator, device=self.device)
+        else:  # --no-crop: the whole image (read in place, flipped or not)
+            offsets = torch.zeros((size, 2), dtype=torch.long, device=self.device)
+        flips = torch.rand(size, generator=generator, device=self.device) < 0.5 if self.info.hflip else None
+        angles = None
+        if self.info.rotate:  # uniform in [-rotate, rotate], as torchvision's RandomRotation draws it
+            angles = torch.empty(size, device=self.device).uniform_(-self.info.rotate, self.info.rotate, generator=generator)
+        return offsets, flips, angles
+
+    def _batch(self, batch, draws):
+        """The images of dataset indices `batch`, augmented by `draws` (None: evaluation), normalised."""
+        images, pad = self.images[batch], self.info.crop_padding
+        offsets, flips, angles = draws if draws is not None else (None, None, None)
+        if draws is not None and (pad or flips is not None):
+            images = _crop_flip(images, offsets[batch], None if flips is None else flips[batch], pad)
+        images = images.float()
+        if self.info.img_size != self.info.native_size:
+            size_out = (self.info.img_size, self.info.img_size)
+            images = F.interpolate(images, size=size_out, mode="bilinear", align_corners=False, antialias=True)
+        if angles is not None:  # after the resize (the torch path's order), before Normalize: fill 0 is black
+            images = _rotate(images, angles[batch])
+        return images.mul_(self.scale).add_(self.shift)
+
     def __iter__(self):
-        size = len(self.labels)
-        indices = _epoch_indices(size, shuffle=self.train, seed=self.seed, epoch=self.epoch, rank=self.rank,
+        indices = _epoch_indices(len(self.labels), shuffle=self.train, seed=self.seed, epoch=self.epoch, rank=self.rank,
                                  world_size=self.world_size).to(self.device)
-        pad, offsets, flips, angles = self.info.crop_padding, None, None, None
-        if self.train:
-            # One draw per dataset index for the epoch (looked up by index, as on the torch path).
-            augment_seed = mix_seed(self.seed, self.epoch, AUGMENT_STREAM)
-            generator = torch.Generator(device=self.device).manual_seed(augment_seed)
-            if pad:
-                offsets = torch.randint(2 * pad + 1, (size, 2), generator=generator, device=self.device)
-            else:  # --no-crop: the whole image (read in place, flipped or not)
-                offsets = torch.zeros((size, 2), dtype=torch.long, device=self.device)
-            if self.info.hflip:
-                flips = torch.rand(size, generator=generator, device=self.device) < 0.5
-            if self.info.rotate:  # uniform in [-rotate, rotate], as torchvision's RandomRotation draws it
-                angles = torch.empty(size, device=self.device).uniform_(-self.info.rotate, self.info.rotate,
-                                                                        generator=generator)
+        draws = [self._draws(view) for view in range(self.views)] if self.train else [None]
         for batch_number in range(len(self)):
             batch = indices[batch_number * self.batch_size : (batch_number + 1) * self.batch_size]
-            images = self.images[batch]
-            if self.train and (pad or flips is not None):
-                images = _crop_flip(images, offsets[batch], None if flips is None else flips[batch], pad)
-            images = images.float()
-            if self.info.img_size != self.info.native_size:
-                size_out = (self.info.img_size, self.info.img_size)
-                images = F.interpolate(images, size=size_out, mode="bilinear", align_corners=False, antialias=True)
-            if angles is not None:  # after the resize (the torch path's order), before Normalize: fill 0 is black
-                images = _rotate(images, angles[batch])
-            yield images.mul_(self.scale).add_(self.shift), self.labels[batch]
+            views = [self._batch(batch, view_draws) for view_draws in draws]
+            yield views if len(views) > 1 else views[0], self.labels[batch]
 
 
 # ----------------------------------------------------------------------------------------------
 # Choosing a path
 # ----------------------------------------------------------------------------------------------
 def make_loaders(data, *, batch_size, eval_batch_size=None, loader="auto", device, workers=2, seed=0,
-                 drop_last=True, rank=0, world_size=1):
-    """(train, val, test) loaders of batches on `device` ("auto": gpu path when in memory); val None without a split."""
+                 drop_last=True, rank=0, world_size=1, views=1):
+    """(train, val, test) loaders of batches on `device` ("auto": gpu path when in memory); val None without a split.
+    views > 1: each training batch holds `views` independently augmented copies of its images (a list)."""
     device = torch.device(device)
     if loader == "auto":
         loader = "gpu" if data.info.in_memory else "torch"
@@ -235,10 +259,10 @@ def make_loaders(data, *, batch_size, eval_batch_size=None, loader="auto", devic
     def build(split, dataset, train):
         if dataset is None:
             return None
-        size = batch_size if train else eval_batch_size
+        size, count = (batch_size, views) if train else (eval_batch_size, 1)
         if loader == "gpu":
             images, labels = data.arrays[split]
-            return GpuLoader(images, labels, data.info, batch_size=size, train=train, **common)
-        return TorchLoader(dataset, batch_size=size, train=train, workers=workers, **common)
+            return GpuLoader(images, labels, data.info, batch_size=size, train=train, views=count, **common)
+        return TorchLoader(dataset, batch_size=size, train=train, workers=workers, views=count, **common)
 
     return build("train", data.train, True), build("val", data.val, False), build("test", data.test, False)

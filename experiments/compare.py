@@ -1,17 +1,19 @@
-"""Run plain training, deep mutual learning and competitive distillation side by side, for several seeds.
+"""Run competitive distillation, its controls and the other online-distillation methods side by side, for several seeds.
 
 Every configuration of CONFIGS below trains with the same data, budget and recipe (the flags after
 `--`, passed to every run), once per seed, into OUT/<config>/seed<k>; logs go to OUT/logs. A run that
-finished (results.json) is skipped and an interrupted one resumes, so the command can be repeated
-until everything is done. Then `python experiments/summarize.py OUT` makes the table and the figure.
+finished (results.json) is skipped and any other one continues (--resume auto), so the command can
+be repeated, on any machine, until everything is done. Then `python experiments/summarize.py OUT`
+makes the table and the figure.
 
-    python experiments/compare.py --out runs/study --seeds 0 1 2 --jobs 2 -- \\
-        --dataset fashion-mnist --train-subset 512 --val-size 0 --epochs 120 --eval-every 120 --optimizer adamw
+    python experiments/compare.py --out runs/study --seeds 0 1 2 --jobs 2 --configs vanilla dml cd -- \\
+        --dataset fashion-mnist --train-subset 512 --epochs 120 --eval-every 120
 
 Edit CONFIGS to compare other groups; NET and OTHER stand for --net and --other-net.
 """
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -19,16 +21,40 @@ from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# name -> (script, its own flags)
+# name -> (script, its own flags); NET and OTHER stand for --net and --other-net. With the scripts'
+# defaults a competitive pair perturbs one of its two networks every 10 steps, so each network sees
+# one perturbed step in 20: the rate of the single-network and independent controls.
 CONFIGS = {
+    # controls: one network, n networks that do not distil (same batches; ensembles of as many networks)
     "vanilla": ("train.py", ["--model", "NET"]),
+    "vanilla-perturb": ("train.py", ["--model", "NET", "--perturb-every", "20"]),
     "vanilla-other": ("train.py", ["--model", "OTHER"]),
+    "independent": ("train_mutual_learning.py", ["--models", "NET", "NET", "--kd-weight", "0"]),
+    "independent-perturb": ("train_mutual_learning.py", ["--models", "NET", "NET", "--kd-weight", "0",
+                                                         "--perturb-every", "10"]),
+    "independent-3": ("train_mutual_learning.py", ["--models", "NET", "NET", "NET", "--kd-weight", "0"]),
+    "independent-hetero": ("train_mutual_learning.py", ["--models", "NET", "OTHER", "--kd-weight", "0"]),
+    # deep mutual learning, without and with the competitive perturbation
     "dml": ("train_mutual_learning.py", ["--models", "NET", "NET"]),
+    "dml-perturb": ("train_mutual_learning.py", ["--models", "NET", "NET", "--perturb-every", "10"]),
+    # competitive distillation
     "cd": ("train_competitive_distillation.py", ["--models", "NET", "NET"]),
     "cd-no-perturb": ("train_competitive_distillation.py", ["--models", "NET", "NET", "--perturb-every", "0"]),
     "cd-3": ("train_competitive_distillation.py", ["--models", "NET", "NET", "NET"]),
     "cd-hetero": ("train_competitive_distillation.py", ["--models", "NET", "OTHER"]),
+    # the other online-distillation methods, each with its own published constants
+    "kdcl-naive": ("train_kdcl.py", ["--models", "NET", "NET", "--teacher", "naive"]),
+    "kdcl-minlogit": ("train_kdcl.py", ["--models", "NET", "NET", "--teacher", "minlogit"]),
+    "one": ("train_one.py", ["--model", "NET"]),
+    "okddip": ("train_okddip.py", ["--model", "NET"]),
 }
+
+# The ensemble each group's ensemble is compared with: independently trained networks, as many, of
+# the same architectures, on the same batches (ONE's gated ensemble and OKDDip's peer ensemble have 3).
+ENSEMBLE_BASELINE = {"independent-perturb": "independent", "dml": "independent", "dml-perturb": "independent",
+                     "cd": "independent", "cd-no-perturb": "independent", "cd-3": "independent-3",
+                     "cd-hetero": "independent-hetero", "kdcl-naive": "independent", "kdcl-minlogit": "independent",
+                     "one": "independent-3", "okddip": "independent-3"}
 
 
 def get_args_parser():
@@ -64,24 +90,36 @@ def commands(args):
     return runs
 
 
+def end_with_parent():
+    """In the child, before the script starts: Linux sends it SIGTERM when compare.py dies, even by
+    SIGKILL (prctl PR_SET_PDEATHSIG), so that no run trains on as an orphan holding its directory's
+    lock; SIGTERM makes it save last.pt, and the next compare.py continues it."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 def run_one(name, run_dir, log, argv, threads):
-    """Train one run (resuming an interrupted one); returns (name, exit code, seconds)."""
+    """Train one run (continuing an earlier attempt); returns (name, exit code, seconds)."""
     if os.path.exists(os.path.join(run_dir, "results.json")):
         return name, 0, 0.0
-    if os.path.exists(os.path.join(run_dir, "last.pt")):
-        argv = [*argv, "--resume", "auto"]
+    argv = [*argv, "--resume", "auto"]  # also a run that died before its first checkpoint
     env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else os.environ
     start = time.time()
     with open(log, "a") as f:
         f.write(" ".join(argv) + "\n")
         f.flush()
-        code = subprocess.call(argv, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        code = subprocess.call(argv, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT, preexec_fn=end_with_parent)
     return name, code, time.time() - start
 
 
 def main(args):
     if args.jobs < 1:
         sys.exit(f"error: --jobs must be a positive integer, got {args.jobs}")
+    for values, flag in ((args.seeds, "--seeds"), (args.configs, "--configs")):
+        twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
+        if twice is not None:
+            sys.exit(f"error: {flag} names {twice} twice; each run is trained once")
     runs = commands(args)
     if args.dry_run:
         for _, _, _, argv in runs:

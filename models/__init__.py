@@ -7,7 +7,8 @@ Geometry (strides, patch grid) is derived from img_size; a size a model cannot t
 ValueError with a readable message.
 
 Besides the registered names below, `tv:NAME` builds a torchvision classification model and
-`timm:NAME` a timm model, with random weights (models/zoo.py).
+`timm:NAME` a timm model, with random weights (models/zoo.py), and `one:BASE:M` / `okddip:BASE:M`
+the branched networks of ONE and OKDDip on a CIFAR ResNet or Wide ResNet (models/branched.py).
 """
 from . import ceit, vit
 from .ceit import authors_ceit, ceit_base, ceit_small, ceit_tiny
@@ -16,6 +17,7 @@ from .mobilenet import authors_mobilenet, mobilenet_v1, mobilenet_v2
 from .resnet import resnet20, resnet32, resnet44, resnet56, resnet110, resnet1202
 from .vit import authors_vit, vit_base, vit_small, vit_tiny
 from .wideresnet import wrn_16_8, wrn_28_10, wrn_40_2
+from .branched import BRANCHABLE, create_branched_by_name, is_branched_name, resolve_branched
 from .zoo import create_zoo_model, is_zoo_name, resolve_zoo_name
 
 MODELS = {
@@ -75,6 +77,8 @@ def resolve_name(name):
     """Canonical registry name for `name` or an alias (or tv:/timm: zoo name); ValueError listing valid names otherwise."""
     if is_zoo_name(name):
         return resolve_zoo_name(name)
+    if is_branched_name(name):
+        return resolve_branched(name)
     key = name.lower().replace("-", "_")
     key = ALIASES.get(key, key)
     if key not in MODELS:
@@ -90,4 +94,6 @@ def create_model(name, *, num_classes, img_size, in_chans, **kwargs):
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if is_zoo_name(key):
         return create_zoo_model(key, num_classes=num_classes, img_size=img_size, in_chans=in_chans, **kwargs)
+    if is_branched_name(key):
+        return create_branched_by_name(key, num_classes=num_classes, img_size=img_size, in_chans=in_chans, **kwargs)
     return MODELS[key](num_classes=num_classes, img_size=img_size, in_chans=in_chans, **kwargs)

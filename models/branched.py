@@ -16,8 +16,9 @@ Optional parts:
   peers, applied to each peer's pooled stage-3 features (losses.peer_attention_weights).
 
 `forward(x)` returns the deployed branch's logits only (the repository's model contract);
-`forward_branches(x)` returns every branch's logits, the gate and the pooled features for the
-training scripts.
+`forward(x, all_branches=True)` every branch's logits, the gate, the pooled features and their
+projections, for the training scripts. Registered names: `one:BASE:M` (gate, branch 0 deployed)
+and `okddip:BASE:M` (peer attention, the last branch, the leader, deployed); see `resolve_branched`.
 """
 from typing import NamedTuple, Optional
 
@@ -32,10 +33,13 @@ BRANCHABLE = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resn
 
 
 class BranchOutputs(NamedTuple):
-    """Every branch's output: logits (m, B, C), gate (B, m) or None, pooled stage-3 features (m, B, C3)."""
+    """Every branch's output: logits (m, B, C), gate (B, m) or None, pooled stage-3 features (m, B, C3),
+    and with peer attention their queries and keys (m, B, C3 // 8) (else None)."""
     logits: torch.Tensor
     gate: Optional[torch.Tensor]
     features: torch.Tensor
+    queries: Optional[torch.Tensor] = None
+    keys: Optional[torch.Tensor] = None
 
 
 def stage3_start(features):
@@ -84,8 +88,11 @@ class BranchedNet(nn.Module):
         """Number of branches m."""
         return len(self.stages)
 
-    def forward(self, x):
-        """The deployed branch's logits (B, num_classes); the other branches are not run."""
+    def forward(self, x, all_branches=False):
+        """The deployed branch's logits (B, num_classes), the other branches not run; with
+        all_branches, forward_branches(x) (through forward, so that DDP sees the call)."""
+        if all_branches:
+            return self.forward_branches(x)
         features = self.stages[self.deployed](self.trunk(x)).mean(dim=(2, 3))
         return self.heads[self.deployed](features)
 
@@ -98,7 +105,9 @@ class BranchedNet(nn.Module):
             gate = F.softmax(self.gate(shared.mean(dim=(2, 3))), dim=1)
         features = torch.stack([stage(shared).mean(dim=(2, 3)) for stage in self.stages])
         logits = torch.stack([head(branch) for head, branch in zip(self.heads, features)])
-        return BranchOutputs(logits, gate, features)
+        if self.query is None:
+            return BranchOutputs(logits, gate, features)
+        return BranchOutputs(logits, gate, features, *self.peer_projections(features))
 
     def peer_projections(self, features):
         """OKDDip's queries and keys (..., C3 // 8) of pooled features (..., C3), shared by all peers."""
@@ -132,3 +141,33 @@ def create_branched(base, *, branches, num_classes, img_size, in_chans, gate=Fal
     model = BranchedNet(networks, gate=gate, peer_attention=peer_attention, deployed=deployed)
     model.base = key
     return model
+
+
+# Registered branched models by name, METHOD:BASE:M (models.create_model builds them).
+METHODS = {"one": dict(gate=True, deployed=0), "okddip": dict(peer_attention=True, deployed=-1)}
+
+
+def is_branched_name(name):
+    """True for a name of the form one:BASE:M or okddip:BASE:M."""
+    return isinstance(name, str) and name.split(":", 1)[0] in METHODS
+
+
+def resolve_branched(name):
+    """The canonical METHOD:BASE:M of a branched name (BASE resolved); ValueError in one line otherwise."""
+    from . import resolve_name   # here: models/__init__.py imports this file
+    parts = name.split(":")
+    if len(parts) != 3 or not parts[2].isdecimal():
+        raise ValueError(f"'{name}': a branched model is named {parts[0]}:BASE:M (M branches), e.g. {parts[0]}:resnet32:3")
+    base = resolve_name(parts[1]) if ":" not in parts[1] else parts[1]
+    if base not in BRANCHABLE:
+        raise ValueError(f"'{name}': {parts[1]} cannot branch; choose from: {', '.join(BRANCHABLE)}")
+    if int(parts[2]) < 2:
+        raise ValueError(f"'{name}': branches must be an integer >= 2, got {parts[2]}")
+    return f"{parts[0]}:{base}:{int(parts[2])}"
+
+
+def create_branched_by_name(name, *, num_classes, img_size, in_chans):
+    """The branched model METHOD:BASE:M (see METHODS)."""
+    method, base, branches = resolve_branched(name).split(":")
+    return create_branched(base, branches=int(branches), num_classes=num_classes, img_size=img_size,
+                           in_chans=in_chans, **METHODS[method])

@@ -82,8 +82,8 @@ def test_every_parameter_gets_a_gradient_okddip():
     queries, keys = model.peer_projections(outputs.features[:-1])
     teachers = losses.peer_teachers(losses.peer_attention_weights(queries, keys), peers)
     loss = sum(F.cross_entropy(z, labels) for z in outputs.logits)
-    loss = loss + sum(losses.kd_loss_soft(peers[a], teachers[a], 3.0, detach_teacher=False) for a in range(3))
-    loss = loss + losses.kd_loss_soft(leader, peers.mean(0), 3.0, detach_teacher=False)
+    loss = loss + sum(losses.kd_loss(peers[a], teachers[a], 3.0, detach_teacher=False) for a in range(3))
+    loss = loss + losses.kd_loss(leader, peers.mean(0), 3.0, detach_teacher=False)
     loss.backward()
     missing = [name for name, parameter in model.named_parameters() if parameter.grad is None]
     assert not missing, f"parameters without gradient: {missing}"
@@ -95,7 +95,7 @@ def test_detached_peer_teachers_leave_the_projections_untrained():
     outputs = model.forward_branches(images())
     queries, keys = model.peer_projections(outputs.features[:-1])
     teachers = losses.peer_teachers(losses.peer_attention_weights(queries, keys), outputs.logits[:-1])
-    sum(losses.kd_loss_soft(outputs.logits[a], teachers[a], 3.0) for a in range(3)).backward()
+    sum(losses.kd_loss(outputs.logits[a], teachers[a], 3.0) for a in range(3)).backward()
     assert model.query.weight.grad is None and model.key.weight.grad is None
 
 

@@ -30,23 +30,22 @@ def test_sigmoid_rampup_values():
 
 # --- KD with or without the teacher's gradient -----------------------------------------------
 
-def test_kd_loss_soft_matches_hand_computation():
+def test_kd_loss_matches_hand_computation():
     student, teacher = torch.randn(5, 7), torch.randn(5, 7)
     for T in (1.0, 3.0):
         p = F.softmax(teacher / T, dim=-1)
         expected = T**2 * (p * (p.log() - F.log_softmax(student / T, dim=-1))).sum(-1).mean()
         for detach in (True, False):
-            assert torch.allclose(losses.kd_loss_soft(student, teacher, T, detach_teacher=detach),
+            assert torch.allclose(losses.kd_loss(student, teacher, T, detach_teacher=detach),
                                   expected, atol=1e-6)
-        assert torch.allclose(losses.kd_loss_soft(student, teacher, T), losses.kd_loss(student, teacher, T))
 
 
-def test_kd_loss_soft_gradient_reaches_the_teacher_only_when_asked():
+def test_kd_loss_gradient_reaches_the_teacher_only_when_asked():
     student = torch.randn(4, 5, requires_grad=True)
     teacher = torch.randn(4, 5, requires_grad=True)
-    losses.kd_loss_soft(student, teacher, 3.0).backward()
+    losses.kd_loss(student, teacher, 3.0).backward()
     assert teacher.grad is None and student.grad.abs().max() > 0
-    losses.kd_loss_soft(student, teacher, 3.0, detach_teacher=False).backward()
+    losses.kd_loss(student, teacher, 3.0, detach_teacher=False).backward()
     assert teacher.grad.abs().max() > 0
     # by hand: d/dz_t of T^2 KL(q || p) with q = softmax(z_t/T) is T (q * (log q - log p - KL)) per sample
     T = 3.0
@@ -183,7 +182,7 @@ def test_projections_learn_only_through_undetached_teachers():
         key.zero_grad(set_to_none=True)
         attention = losses.peer_attention_weights(query(features), key(features))
         teachers = losses.peer_teachers(attention, peer_logits)
-        kd = sum(losses.kd_loss_soft(peer_logits[a], teachers[a], 3.0, detach_teacher=detach) for a in range(3))
+        kd = sum(losses.kd_loss(peer_logits[a], teachers[a], 3.0, detach_teacher=detach) for a in range(3))
         kd.backward()
         for projection in (query, key):
             received = projection.weight.grad is not None and projection.weight.grad.abs().max() > 0

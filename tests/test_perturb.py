@@ -462,3 +462,25 @@ def test_a_perturbed_batch_skips_its_networks_bn_statistics(script, update, tmp_
     nets = checkpoints.load_checkpoint(str(tmp_path / "run" / "last.pt"))["nets"]
     fresh = [torch.equal(net["features.1.running_mean"], torch.zeros_like(net["features.1.running_mean"])) for net in nets]
     assert fresh == [not update, False]
+
+
+def test_a_run_with_four_step_epochs_perturbs_exactly_one_step_in_n(monkeypatch, tmp_path):
+    """--perturb-every counts the run's global step: with 4-step epochs and N = 3, steps 0, 3, 6, 9
+    of 12 are perturbed (counting within the epoch would perturb steps 0 and 3 of every epoch: 6)."""
+    import train_competitive_distillation as competitive
+    chosen = []
+
+    class Recording(Perturber):
+        def choose(self, step):
+            net, op = super().choose(step)
+            chosen.append((step, net))
+            return net, op
+
+    monkeypatch.setattr(competitive, "Perturber", Recording)
+    args = competitive.get_args_parser().parse_args([
+        "--dataset", "fake", "--img-size", "8", "--train-subset", "64", "--val-size", "0", "--batch-size", "16",
+        "--device", "cpu", "--workers", "0", "--no-progress", "--models", "resnet20", "resnet20", "--epochs", "3",
+        "--perturb-every", "3", "--eval-every", "3", "--out-dir", str(tmp_path)])
+    competitive.main(args)
+    assert [step for step, _ in chosen] == list(range(12))
+    assert [step for step, net in chosen if net >= 0] == [0, 3, 6, 9]

@@ -24,7 +24,8 @@ import utils
 from helpers import ROOT, assert_same_weights, cpu_env, read_rows, weights, write_image_tree
 from losses import kd_loss
 
-SCRIPTS = ["train.py", "train_mutual_learning.py", "train_competitive_distillation.py", "train_ceit.py", "demo.py"]
+SCRIPTS = ["train.py", "train_mutual_learning.py", "train_competitive_distillation.py", "train_ceit.py", "train_kdcl.py",
+           "train_one.py", "train_okddip.py", "demo.py"]
 # 128 synthetic 16-px images, 4 steps of 32: seconds per epoch on two CPU cores.
 TINY = ["--dataset", "fake", "--img-size", "16", "--train-subset", "128", "--val-size", "64",
         "--batch-size", "32", "--eval-batch-size", "256", "--device", "cpu", "--workers", "0", "--no-progress"]

@@ -1,0 +1,140 @@
+"""The online-distillation baselines end to end (train_kdcl.py, train_one.py, train_okddip.py): runs on
+synthetic and real data, exact mid-epoch resume, torchrun, the deployed network, bad input."""
+import os
+
+import pytest
+import torch
+
+import checkpoints
+import flags
+import models
+import train_kdcl as kdcl
+import train_okddip as okddip
+import train_one as one
+import utils
+from helpers import read_rows
+from test_distributed import torchrun
+
+TINY = ["--dataset", "fake", "--img-size", "16", "--train-subset", "96", "--val-size", "32", "--batch-size", "32",
+        "--eval-batch-size", "256", "--device", "cpu", "--workers", "0", "--no-progress"]
+GROUP = {kdcl: ["--models", "resnet20", "resnet20"], one: ["--model", "resnet20"], okddip: ["--model", "resnet20"]}
+ROWS = {kdcl: ["net0_resnet20", "net1_resnet20", "ensemble"],
+        one: ["branch0_resnet20", "branch1_resnet20", "branch2_resnet20", "ensemble"],
+        okddip: ["leader_resnet20", "peer0_resnet20", "peer1_resnet20", "peer2_resnet20", "ensemble"]}
+SCRIPTS = list(GROUP)
+
+
+def run_main(module, argv):
+    return module.main(module.get_args_parser().parse_args([str(a) for a in argv]))
+
+
+def one_line_error(capsys, module, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        flags.launch(module.main, module.get_args_parser(), [str(a) for a in argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
+@pytest.mark.parametrize("module", SCRIPTS, ids=lambda m: m.__name__)
+def test_two_epochs_write_one_row_per_member_and_epoch(module, tmp_path):
+    results = run_main(module, [*TINY, *GROUP[module], "--epochs", "2", "--out-dir", tmp_path])
+    rows = read_rows(tmp_path)
+    assert [r["net"] for r in rows] == ROWS[module] * 2 and [r["epoch"] for r in rows][-1] == "2"
+    assert [n["net"] for n in results["networks"]] == ROWS[module]
+    assert all(float(r["train_kd"]) > 0 for r in rows if r["net"] != "ensemble")  # every member distils
+    assert all(r["test_acc"] and r["val_acc"] for r in rows)
+    assert {"best.pt", "last.pt", "results.json"} <= set(os.listdir(tmp_path))
+
+
+@pytest.mark.parametrize("module", [one, okddip], ids=lambda m: m.__name__)
+def test_the_deployed_network_is_a_plain_network_of_the_base(module, tmp_path):
+    """deployed.pt loads into create_model(base) and gives the branched network's first row: the
+    deployed branch's test accuracy, exactly."""
+    results = run_main(module, [*TINY, *GROUP[module], "--epochs", "1", "--out-dir", tmp_path])
+    plain = models.create_model("resnet20", num_classes=10, img_size=16, in_chans=3)
+    plain.load_state_dict(torch.load(tmp_path / "deployed.pt", weights_only=True))  # strict
+    args = module.get_args_parser().parse_args([*TINY, *GROUP[module]])
+    rt = utils.setup_runtime(args)
+    _, (_, _, test_loader) = utils.setup_data(args, rt)
+    assert utils.evaluate([plain], test_loader, rt)[0]["acc"] == results["networks"][0]["final_test_acc"]
+    # ... and --init takes it
+    run_main(kdcl, [*TINY, "--models", "resnet20", "resnet20", "--epochs", "1", "--init", f"0={tmp_path / 'deployed.pt'}",
+                    "--out-dir", tmp_path / "init"])
+
+
+def test_parameter_counts():
+    """ONE on ResNet-32 with 3 branches at 100 classes: about 1.19 M, its deployed branch 0.47 M
+    (Lan et al. 2018); a KDCL group's networks are the standalone networks."""
+    branched = models.create_model("one:resnet32:3", num_classes=100, img_size=32, in_chans=3)
+    assert sum(p.numel() for p in branched.parameters()) == pytest.approx(1.19e6, rel=0.01)
+    assert sum(v.numel() for v in branched.deployed_state_dict().values()) == pytest.approx(0.47e6, rel=0.01)
+    args = kdcl.get_args_parser().parse_args(["--models", "resnet32", "mobilenet_v2"])
+    info = type("Info", (), {"num_classes": 100, "img_size": 32, "in_chans": 3})
+    nets = utils.build_nets(flags.check_args(args), info, utils.Runtime(torch.device("cpu"), None, False))
+    for net, name in zip(nets, ["resnet32", "mobilenet_v2"]):
+        alone = models.create_model(name, num_classes=100, img_size=32, in_chans=3)
+        assert {k: v.shape for k, v in net.state_dict().items()} == {k: v.shape for k, v in alone.state_dict().items()}
+
+
+@pytest.mark.parametrize("module", SCRIPTS, ids=lambda m: m.__name__)
+def test_a_mid_epoch_resume_is_exact(module, tmp_path):
+    """Stopped by a signal after step 2 of epoch 2 and resumed: the same metrics as an uninterrupted run."""
+    ramp = [] if module is kdcl else ["--rampup-epochs", "2"]  # a distillation weight that changes between the epochs
+    argv = [*TINY, *GROUP[module], "--epochs", "2", "--deterministic", *ramp]
+    run_main(module, [*argv, "--out-dir", tmp_path / "straight"])
+    calls = {"n": 0}
+    requested = module.engine.StopRequest.requested
+
+    def stop_at_step_five(self, step=None):
+        if step is not None:
+            calls["n"] += 1
+            if calls["n"] == 5:
+                self.signal = 15
+        return requested(self, step)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(module.engine.StopRequest, "requested", stop_at_step_five)
+        with pytest.raises(SystemExit) as stopped:
+            run_main(module, [*argv, "--out-dir", tmp_path / "resumed"])
+    assert stopped.value.code == 143
+    assert checkpoints.load_checkpoint(str(tmp_path / "resumed" / "last.pt"))["step"] == 2
+    run_main(module, [*argv, "--out-dir", tmp_path / "resumed", "--resume", "auto"])
+    straight, resumed = read_rows(tmp_path / "straight"), read_rows(tmp_path / "resumed")
+    keys = [k for k in straight[0] if k not in ("epoch_time_s", "images_per_s")]
+    assert [[r[k] for k in keys] for r in straight] == [[r[k] for k in keys] for r in resumed]
+
+
+FASHION_MNIST = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
+
+
+@pytest.mark.skipif(not os.path.exists(FASHION_MNIST), reason="Debian's dataset-fashion-mnist is not installed")
+@pytest.mark.parametrize("module", SCRIPTS, ids=lambda m: m.__name__)
+def test_one_epoch_on_a_fashion_mnist_subset_learns(module, tmp_path):
+    """Real data: 1,024 Fashion-MNIST images, two epochs; every member ends well above chance (10%)."""
+    results = run_main(module, ["--dataset", "fashion-mnist", "--train-subset", "1024", "--val-size", "0",
+                                "--batch-size", "64", "--device", "cpu", "--workers", "0", "--no-progress",
+                                *GROUP[module], "--epochs", "2", "--warmup-epochs", "0", "--out-dir", tmp_path])
+    assert all(n["final_test_acc"] > 30 for n in results["networks"]), results["networks"]
+
+
+@pytest.mark.parametrize("module", SCRIPTS, ids=lambda m: m.__name__)
+def test_two_processes_under_torchrun(module, tmp_path):
+    result = torchrun(f"{module.__name__}.py", [*TINY, *GROUP[module], "--batch-size", "16", "--epochs", "1",
+                                                "--out-dir", str(tmp_path)])
+    assert result.returncode == 0, result.stderr
+    assert "2 process(es) x batch 16 (global 32)" in result.stdout
+    assert [r["net"] for r in read_rows(tmp_path)] == ROWS[module]
+
+
+def test_bad_input_is_one_line(capsys, tmp_path):
+    for module in (one, okddip):
+        err = one_line_error(capsys, module, [*TINY, "--model", "vit_tiny", "--out-dir", tmp_path / "vit"])
+        assert "vit_tiny cannot branch; choose from: resnet20" in err and "wrn_28_10" in err
+        assert "tv_resnet18" not in err
+        assert "cannot branch" in one_line_error(capsys, module, [*TINY, "--model", "tv:resnet18", "--out-dir", tmp_path / "tv"])
+        assert "--branches must be >= 2" in one_line_error(capsys, module, [*TINY, "--model", "resnet20", "--branches", "1"])
+    assert "invalid choice: 'best'" in one_line_error(capsys, kdcl, [*TINY, "--teacher", "best"])
+    assert "at least 2 networks" in one_line_error(capsys, kdcl, [*TINY, "--models", "resnet20"])
+    assert not (tmp_path / "vit").exists() and not (tmp_path / "tv").exists()  # nothing written
