@@ -19,7 +19,7 @@ import torchvision.transforms.v2.functional as TF
 PERTURBATIONS = ("mixup", "gaussian_noise", "color_jitter_blur", "hflip", "vflip", "rotation")
 
 # Values of the authors' code (section 3.2).
-NOISE_STD = 0.25                  # in [0,1] pixel units
+NOISE_STD = 0.25                  # in [0,1] pixel units: the authors' N(0, 1) on CIFAR-normalised images (std ~0.25)
 BRIGHTNESS = (0.75, 1.25)         # ColorJitter(brightness=0.25)
 CONTRAST = (0.85, 1.15)           # ColorJitter(contrast=0.15)
 SATURATION = (0.85, 1.15)         # ColorJitter(saturation=0.15)
@@ -89,12 +89,13 @@ def _rotation_basis(height, width, device, dtype):
 
 
 def _rotate(x, degrees, fill):
-    """Rotate a float batch counter-clockwise by `degrees` (bilinear), filling uncovered pixels with `fill`.
+    """Rotate a float batch counter-clockwise by `degrees`, nearest sampling (the authors'
+    RandomRotation's default), filling uncovered pixels with `fill`.
 
-    Equal to torchvision's rotate(x, degrees, BILINEAR, fill=...) up to float rounding, including its
-    blending of border pixels with the fill through a sampled mask channel; but the affine matrix is
-    built on the device from cached constants, where torchvision makes three small tensors from
-    Python numbers (three blocking host-to-device copies on a GPU).
+    torchvision's rotate(x, degrees, NEAREST, fill=...) but for float rounding at exact ties of the
+    sampling grid: uncovered pixels are found through a sampled mask channel, as torchvision does;
+    the affine matrix is built on the device from cached constants, where torchvision makes three
+    small tensors from Python numbers (three blocking host-to-device copies on a GPU).
     """
     batch, channels, height, width = x.shape
     basis = _rotation_basis(height, width, x.device, x.dtype)
@@ -102,7 +103,7 @@ def _rotate(x, degrees, fill):
     theta = (basis[0] * math.cos(angle) + basis[1] * math.sin(angle)).expand(batch, 2, 3)
     grid = F.affine_grid(theta, [batch, channels + 1, height, width], align_corners=False)
     with_mask = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
-    sampled = F.grid_sample(with_mask, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    sampled = F.grid_sample(with_mask, grid, mode="nearest", padding_mode="zeros", align_corners=False)
     rotated, mask = sampled[:, :channels], sampled[:, channels:]
     return (rotated - fill) * mask + fill
 

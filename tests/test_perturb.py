@@ -48,7 +48,8 @@ def batch(channels, dtype=torch.float32, size=(8, 12, 11), seed=0):
 @pytest.mark.parametrize("op", PERTURBATIONS)
 def test_contract(op, channels, dtype):
     images, labels = batch(channels, dtype)
-    out, labels_perm, lam = run(op, images, labels, channels)
+    # seed 1 draws a rotation of 15.5 degrees (seed 0's -0.2 degrees leaves a nearest-sampled 12x11 image as it is)
+    out, labels_perm, lam = run(op, images, labels, channels, seed=1 if op == "rotation" else 0)
     assert out.shape == images.shape and out.dtype == dtype and out.device == images.device
     assert torch.isfinite(out).all()
     pixels = to_pixels(out, channels)
@@ -140,10 +141,10 @@ def test_rotation_keeps_centre_and_fills_corners_with_mean(channels, dtype):
         # The draw perturb makes: one uniform in [-30, 30] degrees from the generator.
         angle = torch.rand((), generator=torch.Generator().manual_seed(seed)).item() * 60 - 30
         mean = STATS[channels][0]
-        expected = TF.rotate(to_pixels(images, channels), angle, interpolation=TF.InterpolationMode.BILINEAR,
+        expected = TF.rotate(to_pixels(images, channels), angle, interpolation=TF.InterpolationMode.NEAREST,
                              fill=list(mean)).clamp(0, 1)
         pixels = to_pixels(out, channels)
-        torch.testing.assert_close(pixels, expected, atol=PIXEL_ATOL[dtype], rtol=0)
+        assert_nearly_all_close(pixels, expected, atol=PIXEL_ATOL[dtype])
         torch.testing.assert_close(pixels[..., centre, centre], to_pixels(images, channels)[..., centre, centre],
                                    atol=PIXEL_ATOL[dtype], rtol=1e-4)
         # A corner of a 15x15 image moves > 1.5 px once |angle| > 9 degrees: wholly filled.
@@ -213,6 +214,13 @@ def test_mixed_cross_entropy_by_hand():
     assert torch.equal(mixed_cross_entropy(logits, labels, labels_perm, torch.tensor(1.0)),
                        F.cross_entropy(logits, labels))
     torch.testing.assert_close(mixed_cross_entropy(logits, labels, labels, lam), F.cross_entropy(logits, labels))
+
+
+def assert_nearly_all_close(actual, expected, *, atol, share=0.995):
+    """At least `share` of the values agree within atol: nearest sampling at a coordinate that float
+    rounding puts on the other side of a tie reads the neighbouring pixel."""
+    close = ((actual - expected).abs() <= atol).float().mean().item()
+    assert close >= share, close
 
 
 def make_perturber(**overrides):
@@ -354,8 +362,8 @@ def test_the_group_batch_feeds_the_perturbed_network_only():
 @pytest.mark.parametrize("dtype, atol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("size", [(3, 12, 11), (2, 20, 33)])
 def test_rotation_equals_torchvision_rotate_on_non_square_images(size, dtype, atol):
-    """The rotation builds its affine grid on the device; the result is torchvision's rotate (bilinear,
-    mean fill, border pixels blended with the fill) up to float rounding."""
+    """The rotation builds its affine grid on the device; the result is torchvision's rotate (nearest,
+    mean fill) up to float rounding, which at an exact tie of the grid may pick the other neighbour."""
     mean, std = STATS[3]
     mean_t, std_t = (torch.tensor(s, dtype=torch.float64).view(-1, 1, 1) for s in (mean, std))
     pixels = torch.rand(size[0], 3, *size[1:], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -364,8 +372,8 @@ def test_rotation_equals_torchvision_rotate_on_non_square_images(size, dtype, at
         out, _, _ = perturb(images.to(dtype), labels, "rotation", mean=mean, std=std,
                             generator=torch.Generator().manual_seed(seed))
         angle = torch.rand((), generator=torch.Generator().manual_seed(seed)).item() * 60 - 30
-        expected = TF.rotate(pixels, angle, interpolation=TF.InterpolationMode.BILINEAR, fill=list(mean)).clamp(0, 1)
-        torch.testing.assert_close(out.double() * std_t + mean_t, expected, atol=atol, rtol=0)
+        expected = TF.rotate(pixels, angle, interpolation=TF.InterpolationMode.NEAREST, fill=list(mean)).clamp(0, 1)
+        assert_nearly_all_close(out.double() * std_t + mean_t, expected, atol=atol)
 
 
 def test_perturbed_steps_make_no_tensor_from_python_numbers_on_the_device(monkeypatch):
