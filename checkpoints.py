@@ -7,7 +7,9 @@ torch.load(weights_only=True), is written atomically and names its models, so th
 rebuild the group from it alone.
 """
 import atexit
+import datetime
 import glob
+import hashlib
 import json
 import os
 import random
@@ -17,6 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import flags
 from flags import RunComplete, RunFailure, UsageError
 from utils import unwrap
 
@@ -31,11 +34,14 @@ RUN_FILES = ("args.json", "metrics.csv", "last.pt", "best.pt", "results.json", "
              "predictions.png", "curves.png", "deployed.pt")
 LOCK_FILE = ".lock"
 
-# Flags that fix which images each step sees, how they are augmented and perturbed: a resumed run
-# (mid-epoch ones above all) needs them unchanged; and --freeze, which decides which networks have
-# optimizer state in the checkpoint.
-RESUME_MUST_MATCH = ("dataset", "batch_size", "train_subset", "split_seed", "val_size", "seed", "crop", "rotate",
-                     "views", "freeze", "perturb_every", "perturbations")
+# What a resume may change: how long and where the run goes on, how it logs, which device computes it
+# and how fast; never what it trains on or how (the data, batches, networks, recipe, method). Every other
+# flag given with --resume must equal the run's recorded value; the flags not given take it.
+RESUME_MAY_CHANGE = ("epochs", "stop_after", "eval_every", "eval_batch_size", "progress", "log_interval", "workers",
+                     "device", "compile", "cuda_graphs", "data_dir", "download", "out_dir", "resume", "overwrite",
+                     "config")
+# ... of which these belong to one invocation: a resume that does not give them has none.
+PER_INVOCATION = ("stop_after", "resume", "overwrite", "config", "world_size", "out_dir")
 
 # The group settings that belong to this run, not to the run that wrote the checkpoint: the kernels
 # (foreach on the CPU, fused on CUDA, capturable with --cuda-graphs) and the rate holder (a device tensor that a
@@ -57,6 +63,7 @@ class Checkpoints:
         self.best = {"val_acc": [-1.0] * n, "epoch": [0] * n, "test_acc": [None] * n}
         self.best_states = [None] * n   # each network's weights at its best validation accuracy
         self.resumed_best = None        # the best.pt found beside the checkpoint resumed from
+        self.last_rows = []             # the latest epoch's metrics rows (engine.log_epoch), for results.json
 
     def checkpoint(self, epoch, step, stats=None):
         """Everything needed to rebuild the group (demo.py) and to continue training exactly.
@@ -67,13 +74,13 @@ class Checkpoints:
         """
         info = self.info
         state = {key: obj.state_dict() for key, obj in self.state.items()}
-        state["best"] = self.best
+        state["best"], state["rows"] = self.best, self.last_rows
         if stats is not None:
             state["stats"] = stats.state_dict()
         return {"format": CHECKPOINT_FORMAT, "script": self.script, "models": self.names,
                 "num_classes": info.num_classes, "img_size": info.img_size, "in_chans": info.in_chans,
                 "dataset": info.name, "classes": list(info.classes), "mean": list(info.mean), "std": list(info.std),
-                "args": dict(vars(self.args)), "epoch": epoch, "step": step,
+                "args": flags.recorded(self.args), "epoch": epoch, "step": step,
                 "nets": [{k: v.detach().cpu() for k, v in unwrap(net).state_dict().items()} for net in self.nets],
                 "optimizers": [opt.state_dict() if opt is not None else {} for opt in self.optimizers],  # {}: --freeze
                 "rng": rng_state(self.rt), "state": state}
@@ -115,7 +122,7 @@ class Checkpoints:
             raise UsageError(f"--resume '{path}' was written by the {ckpt['script']} script; this is the {self.script} script")
         if ckpt["epoch"] >= args.epochs and args.resume == "auto":
             raise RunComplete(f"the run in '{os.path.dirname(path)}' is complete ({ckpt['epoch']} of {args.epochs} epochs): "
-                              f"nothing to do (raise --epochs to train on)")
+                              f"nothing to do (raise --epochs to train on)", ckpt)
         if ckpt["epoch"] >= args.epochs:
             raise UsageError(f"--resume '{path}' has already trained {ckpt['epoch']} of {args.epochs} epochs; "
                              f"to train on, raise --epochs (the learning-rate schedule then spans the new total)")
@@ -157,21 +164,66 @@ class Checkpoints:
         return os.path.join(self.run_dir, name)
 
 
+def adopt_recorded_arguments(args):
+    """With --resume: the run's recorded arguments become this run's, so that a resume continues the
+    run it resumes. A flag given on the command line with another value is refused in one line,
+    unless RESUME_MAY_CHANGE lists it; what changed is kept in args._resume_changes for args.json."""
+    path = resolve_resume(args)
+    if path is None:
+        return
+    ckpt = load_checkpoint(path, mmap=True)
+    if not ckpt["optimizers"] and ckpt["nets"]:
+        raise UsageError(f"--resume '{path}' is a best.pt: each network at its best validation epoch, without optimizer "
+                         f"state, a selection rather than a training state; resume from "
+                         f"'{os.path.join(os.path.dirname(path), 'last.pt')}'")
+    given, changes = flags.given_flags(args), {}
+    for key, old in ckpt["args"].items():
+        if key in PER_INVOCATION or not hasattr(args, key):
+            continue
+        new = getattr(args, key)
+        explicit = key in given if given is not None else new is not None
+        if not explicit or same_value(key, new, old):
+            setattr(args, key, old)
+        elif key in RESUME_MAY_CHANGE:
+            changes[key] = [old, new]
+        else:
+            raise UsageError(f"--resume '{path}' was written with --{key.replace('_', '-')} {old}; this run has {new} "
+                             f"(a resume continues its run: it may change how long and where it runs, not what it "
+                             f"trains, docs/usage.md; start a new run with --config to change it)")
+    args._resume_changes = changes
+
+
+def same_value(key, new, old):
+    """Whether a flag's value equals its recorded one (--freeze as a set of networks)."""
+    if key == "freeze":
+        return set(new) == set(old)
+    return new == old
+
+
+def save_args(args, run_dir, script, resumed=None):
+    """args.json: the run's arguments and its script (so that --config knows whose recipe it holds); a
+    resumed run keeps the history of its resumes ("resumes": when, from which checkpoint, what changed)."""
+    record = {**flags.recorded(args), "script": script}
+    path = os.path.join(run_dir, "args.json")
+    if resumed is not None:
+        try:
+            with open(path) as f:
+                history = json.load(f).get("resumes", [])
+        except (OSError, ValueError, AttributeError):
+            history = []
+        changes = getattr(args, "_resume_changes", {})
+        record["resumes"] = [*history, {**resumed, "changed": changes}]
+    save_json(record, path)
+
+
 def check_resumable(ckpt, path, args, info, names, rt):
-    """UsageError in one line unless checkpoint `ckpt` holds this run's group, task, batches and processes."""
+    """UsageError in one line unless checkpoint `ckpt` holds this run's group, task and processes."""
     if list(ckpt["models"]) != list(names):
         raise UsageError(f"--resume '{path}' holds models {ckpt['models']}, this run builds {list(names)}")
     if ckpt["num_classes"] != info.num_classes or ckpt["img_size"] != info.img_size or ckpt["in_chans"] != info.in_chans:
         raise UsageError(f"--resume '{path}' was trained for {ckpt['num_classes']} classes at "
                          f"{ckpt['in_chans']}x{ckpt['img_size']}px; this run has {info.num_classes} classes at "
                          f"{info.in_chans}x{info.img_size}px")
-    for flag in RESUME_MUST_MATCH:
-        if flag in ckpt["args"] and ckpt["args"][flag] != getattr(args, flag, None):
-            why = {"freeze": "the same networks train",
-                   "perturb_every": "the same perturbation schedule", "perturbations": "the same perturbation schedule"}
-            raise UsageError(f"--resume '{path}' was written with --{flag.replace('_', '-')} {ckpt['args'][flag]}; "
-                             f"this run has {getattr(args, flag, None)} (a resumed run must keep it: "
-                             f"{why.get(flag, 'the same data in the same batches')})")
     if ckpt["args"].get("world_size", 1) != rt.world_size:
         raise UsageError(f"--resume '{path}' was written by {ckpt['args'].get('world_size', 1)} processes; "
                          f"resume it with the same number (this run has {rt.world_size})")
@@ -212,14 +264,15 @@ def set_rng_state(state, rt):
 # ----------------------------------------------------------------------------------------------
 # Reading checkpoints, and where a resume starts
 # ----------------------------------------------------------------------------------------------
-def load_checkpoint(path):
-    """Load one of our checkpoints (weights only); UsageError when missing, corrupt or foreign."""
+def load_checkpoint(path, mmap=False):
+    """Load one of our checkpoints (weights only; with mmap the tensors stay on disk until read, for
+    a look at its arguments); UsageError when missing, corrupt or foreign."""
     if not os.path.isfile(path):
         raise UsageError(f"checkpoint '{path}' " + ("is a directory, not a checkpoint file" if os.path.isdir(path) else "does not exist"))
     if not zipfile.is_zipfile(path):
         raise UsageError(f"'{path}' is not a PyTorch checkpoint file (expected a .pt written by this repository's scripts)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # torch raises several types for truncated or foreign files
         raise UsageError(f"'{path}' is not a readable checkpoint ({type(error).__name__}: {str(error).splitlines()[0][:120]})") from None
     if isinstance(ckpt, dict) and ckpt.get("format") == 1 and "nets" in ckpt:
@@ -255,6 +308,8 @@ def prepare_run_dir(run_dir, *, fresh, args):
     """Create the run directory and lock it for this process; a fresh run refuses a directory that
     holds an earlier run unless --overwrite (which deletes that run's files). Temporary files left by
     killed processes are removed. Returns the lock (see lock_run_dir)."""
+    check_run_dir(run_dir)
+    lock = None
     try:
         os.makedirs(run_dir, exist_ok=True)
         lock = lock_run_dir(run_dir)
@@ -263,16 +318,55 @@ def prepare_run_dir(run_dir, *, fresh, args):
             if pid.isdigit() and not process_alive(int(pid)):
                 os.remove(tmp)
         earlier = [p for pattern in RUN_FILES for p in glob.glob(os.path.join(glob.escape(run_dir), pattern))]
-        # --resume auto without a last.pt: the earlier run ended before its first epoch, nothing to keep
-        if fresh and earlier and (getattr(args, "overwrite", False) or args.resume == "auto"):
+        # What a run that died before its first epoch leaves: its arguments, an empty event file and at
+        # most a metrics.csv without rows; anything else holds results.
+        started = [p for p in earlier if not os.path.basename(p).startswith(("args.json", "events.out.tfevents"))
+                   and not (os.path.basename(p) == "metrics.csv" and not has_rows(p))]
+        if fresh and earlier and (getattr(args, "overwrite", False) or (args.resume == "auto" and not started)):
             for path in earlier:
                 os.remove(path)
+        elif fresh and earlier and args.resume == "auto":
+            unlock_run_dir(*lock)
+            raise UsageError(f"--out-dir '{run_dir}' holds an earlier run's results ({', '.join(sorted(map(os.path.basename, started))[:4])}) "
+                             f"but no last.pt to continue from; nothing was deleted: --overwrite starts afresh there "
+                             f"(deleting them), or choose another --out-dir")
         elif fresh and earlier:
+            unlock_run_dir(*lock)
             raise UsageError(f"--out-dir '{run_dir}' holds an earlier run ({', '.join(sorted(map(os.path.basename, earlier))[:4])}); "
                              f"continue it with --resume auto, start afresh there with --overwrite, or choose another --out-dir")
         return lock
     except OSError as error:
         raise RunFailure(f"cannot write to run directory '{run_dir}': {error.strerror or error}") from None
+
+
+def check_run_dir(run_dir):
+    """UsageError in one line for a run directory that cannot be one: a file, a dangling symlink, a
+    name longer than the file system allows."""
+    if os.path.lexists(run_dir) and not os.path.isdir(run_dir):
+        what = "a dangling symbolic link" if os.path.islink(run_dir) else "a file"
+        raise UsageError(f"--out-dir '{run_dir}' is {what}, not a directory; choose another --out-dir")
+    parent = os.path.dirname(os.path.abspath(run_dir))
+    limit = os.pathconf(parent, "PC_NAME_MAX") if os.path.isdir(parent) else 255
+    if len(os.path.basename(os.path.abspath(run_dir)).encode()) > limit:
+        raise UsageError(f"--out-dir '{run_dir}': its name is longer than the file system allows ({limit} bytes); choose a shorter one")
+
+
+def default_run_dir(script, dataset, names):
+    """runs/<script>-<dataset>-<models>-<time>, the models' part shortened (with a hash of the whole)
+    when the name would be long."""
+    models = "-".join(names).replace(":", "_")
+    if len(models) > 80:
+        models = f"{models[:60]}-{len(names)}nets-{hashlib.sha1(models.encode()).hexdigest()[:8]}"
+    return os.path.join("runs", f"{script}-{dataset}-{models}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+
+
+def has_rows(csv_path):
+    """True when a CSV file has a line after its header."""
+    try:
+        with open(csv_path, "rb") as f:
+            return len([line for line in f.read().splitlines()[1:] if line.strip()]) > 0
+    except OSError:
+        return True
 
 
 def process_alive(pid):

@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import math
 import os
+import warnings
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -173,9 +174,11 @@ def load_images(paths, ckpt):
         if not os.path.isfile(path):
             raise flags.UsageError(f"image '{path}' does not exist")
         try:
-            with Image.open(path) as image:
-                image = geometry(image.convert(mode))
-        except (OSError, ValueError) as error:
+            with warnings.catch_warnings():  # an image of more pixels than PIL's bomb limit: an error, not a warning
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as image:
+                    image = geometry(image.convert(mode))
+        except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
             raise flags.UsageError(f"'{path}' is not a readable image ({' '.join(str(error).split())[:120]})") from None
         shown.append(image)
         tensors.append(finish(image))
@@ -380,6 +383,12 @@ def main(args):
     ckpts = [checkpoints.load_checkpoint(path) for path in paths]
     check_group(paths, ckpts)
     ckpt = ckpts[0]
+    run_dir = sources[0][1]
+    out = args.out or os.path.join(run_dir, "predictions.png")
+    for path, flag in ((out, "--out"), (args.curves or os.path.join(run_dir, "curves.png"), "--curves")):
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.access(folder, os.W_OK):  # fail before the evaluation, not after it
+            raise flags.UsageError(f"cannot write '{path}': '{folder}' is not writable; write elsewhere with {flag} FILE")
     batch, shown = load_images(args.images, ckpt) if args.images else (None, None)  # fail before heavy work
     names = [name for c in ckpts for name in c["models"]]
     labels = net_labels(names)  # numbered across checkpoints, so two runs' net0 stay apart
@@ -391,8 +400,6 @@ def main(args):
         start += len(c["nets"])
     nets = build_group(paths, ckpts, device)
     rt = utils.Runtime(device, None, False)
-    run_dir = sources[0][1]
-    out = args.out or os.path.join(run_dir, "predictions.png")
     if args.images:
         show_user_images(nets, labels, ckpt, args, rt, out, batch, shown)
     else:
@@ -401,7 +408,12 @@ def main(args):
     runs = {}
     for _, directory in sources:
         directory = os.path.abspath(directory)
-        if directory not in runs and (series := metrics.read_metrics(directory)):
+        try:
+            series = metrics.read_metrics(directory)
+        except ValueError as error:
+            print(f"training-curve plot skipped: {error}")
+            continue
+        if directory not in runs and series:
             runs[directory] = series
     if runs:  # checkpoint files kept outside a run directory have no metrics to plot
         curves = args.curves or os.path.join(run_dir, "curves.png")

@@ -17,8 +17,9 @@ import torch
 import torch.distributed as dist
 
 import checkpoints
+import flags
+from flags import RunComplete, RunFailure, UsageError
 from metrics import MetricsLog
-from flags import RunFailure, UsageError
 from models.weights import net_labels
 from utils import all_reduce_sum, evaluate, group_outputs, sync_replicas, unwrap
 
@@ -64,21 +65,25 @@ def start_run(args, script, group, rt, info, nets, optimizers, *, steps_per_epoc
     args.world_size = rt.world_size
     resume = checkpoints.resolve_resume(args)
     run_dir = args.out_dir or (os.path.dirname(os.path.abspath(resume)) if resume else
-                               os.path.join("runs", f"{script}-{args.dataset}-{'-'.join(group.names).replace(':', '_')}-"
-                                                    f"{datetime.datetime.now():%Y%m%d-%H%M%S}"))
+                               checkpoints.default_run_dir(script, args.dataset, group.names))
     saver = checkpoints.Checkpoints(run_dir, script=script, args=args, info=info, names=group.names, nets=nets,
                                     optimizers=optimizers, rt=rt, state=state)
     members = members or list(zip(net_labels(group.names), group.names))
     run = RunState(args, rt, script, list(group.names), info, nets, optimizers, steps_per_epoch, run_dir, saver,
                    labels=[label for label, _ in members], models=[model for _, model in members], outputs=outputs)
     if resume:
-        run.start_epoch, run.start_step, run.resumed = saver.restore(resume)
+        try:
+            run.start_epoch, run.start_step, run.resumed = saver.restore(resume)
+        except RunComplete as complete:
+            raise finish_complete_run(run_dir, complete) if rt.is_main else complete from None
     if rt.distributed:
         check_same_resume_point(run)
     if rt.is_main:
         run.lock = checkpoints.prepare_run_dir(run_dir, fresh=resume is None, args=args)
         saver.copy_resumed_best()
-        checkpoints.save_json(vars(args), os.path.join(run_dir, "args.json"))
+        resumed = {"time": f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S}", "checkpoint": resume,
+                   "epoch": run.start_epoch, "step": run.start_step} if resume else None
+        checkpoints.save_args(args, run_dir, script, resumed=resumed)
     run.metrics = MetricsLog(run_dir, rt, run.start_epoch, resumed=resume is not None)
     print_main(rt, describe_run(run, resume), *describe_nets(run, group, resume))
     return run
@@ -318,7 +323,7 @@ def log_epoch(run, epoch, stats, evals, schedule):
         rows.append(row)
     run.metrics.write(epoch + 1, rows)
     print_main(run.rt, *(epoch_line(epoch + 1, run.args.epochs, row) for row in rows))
-    run.last_rows = rows
+    run.last_rows = run.checkpoints.last_rows = rows
     return rows
 
 
@@ -368,21 +373,42 @@ def finish(run):
         checkpoints.unlock_run_dir(*run.lock)
     if not run.last_rows:
         return None
-    best = run.checkpoints.best
-    results = {"run_dir": run.run_dir, "script": run.script, "dataset": run.info.name, "synthetic": run.info.synthetic,
-               "epochs": run.last_rows[0]["epoch"], "networks": []}
-    for i, row in enumerate(run.last_rows):
-        entry = {"net": row["net"], "model": row["model"], "final_test_acc": row["test_acc"],
-                 "final_val_acc": row.get("val_acc")}
-        if i < len(run.nets) and row.get("val_acc") is not None:
-            entry.update(best_val_acc=best["val_acc"][i], best_epoch=best["epoch"][i],
-                         test_acc_at_best_val=best["test_acc"][i])
-        results["networks"].append(entry)
+    results = results_record(run.run_dir, run.script, run.info.name, run.info.synthetic, run.last_rows,
+                             run.checkpoints.best, len(run.nets))
     if run.rt.is_main:
         checkpoints.save_json(results, os.path.join(run.run_dir, "results.json"))
         print_main(run.rt, "final test accuracy (last epoch): " + ", ".join(
             f"{e['net']} {e['final_test_acc']:.2f}%" for e in results["networks"]))
     return results
+
+
+def results_record(run_dir, script, dataset, synthetic, rows, best, nets):
+    """results.json's content: the last epoch's `rows` (one per member, then the ensemble) and the
+    best-validation record of the `nets` networks."""
+    results = {"run_dir": run_dir, "script": script, "dataset": dataset, "synthetic": synthetic,
+               "epochs": rows[0]["epoch"], "networks": []}
+    for i, row in enumerate(rows):
+        entry = {"net": row["net"], "model": row["model"], "final_test_acc": row["test_acc"],
+                 "final_val_acc": row.get("val_acc")}
+        if i < nets and row.get("val_acc") is not None:
+            entry.update(best_val_acc=best["val_acc"][i], best_epoch=best["epoch"][i],
+                         test_acc_at_best_val=best["test_acc"][i])
+        results["networks"].append(entry)
+    return results
+
+
+def finish_complete_run(run_dir, complete):
+    """--resume auto on a complete run whose results.json is missing (killed after its last
+    checkpoint): write it from last.pt and metrics.csv, so that finishing is idempotent."""
+    ckpt, path = complete.checkpoint, os.path.join(run_dir, "results.json")
+    if ckpt is None or os.path.exists(path):
+        return complete
+    rows = ckpt["state"].get("rows")  # the last epoch's rows, as finish() would have written them
+    if not rows:
+        return UsageError(f"{complete}; its results.json is missing and its last.pt holds no metrics rows to write it from")
+    checkpoints.save_json(results_record(run_dir, ckpt["script"], ckpt["dataset"], ckpt["dataset"] == "fake", rows,
+                                         ckpt["state"]["best"], len(ckpt["nets"])), path)
+    return RunComplete(f"{complete}; its results.json was missing and is written now")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -392,6 +418,7 @@ def finish(run):
 # compare flags every STOP_CHECK_STEPS steps (one small all-reduce and host synchronisation) and
 # at every epoch end, and stop together, so a checkpoint only holds a step that every process ran.
 STOP_CHECK_STEPS = 10
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class StopRequest:
@@ -405,8 +432,10 @@ class StopRequest:
         self._escalate = "TORCHELASTIC_RUN_ID" not in os.environ
 
     def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        # SIGHUP too: a closed terminal or ssh session stops the run the way SIGTERM does (exit 129)
+        for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
+        flags.STOP["phase"] = "training"
         return self
 
     def _handle(self, signum, frame):
@@ -422,6 +451,7 @@ class StopRequest:
         exiting = self.signal is not None and exc_type is not None
         for sig, handler in self._previous.items():
             signal.signal(sig, signal.SIG_IGN if exiting else handler)
+        flags.STOP["phase"] = "finishing"
         return False
 
     def requested(self, step=None):
@@ -442,8 +472,8 @@ class StopRequest:
 
 def save_and_stop(run, stop, epoch, step, stats=None):
     """Save the state after `step` iterations of `epoch` as last.pt and say how to resume; returns
-    the exit code, 128 + the signal's number (130 for SIGINT, 143 for SIGTERM)."""
-    for sig in (signal.SIGINT, signal.SIGTERM):  # a repeated Ctrl-C must not abort the save
+    the exit code, 128 + the signal's number (130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP)."""
+    for sig in STOP_SIGNALS:  # a repeated Ctrl-C must not abort the save
         signal.signal(sig, signal.SIG_IGN)
     path = run.checkpoints.save_interrupted(epoch, step, stats)
     print_main(run.rt, f"{signal.Signals(stop.signal).name}: stopped at epoch {epoch + 1} step {step}; state saved "

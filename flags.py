@@ -9,6 +9,7 @@ import argparse
 import json
 import math
 import os
+import re
 import signal
 import sys
 from typing import NamedTuple
@@ -33,7 +34,12 @@ class RunFailure(Exception):
 
 
 class RunComplete(Exception):
-    """--resume auto found a run that has already trained every epoch: nothing to do (exit code 0)."""
+    """--resume auto found a run that has already trained every epoch: nothing to do (exit code 0).
+    `checkpoint`: the complete run's last.pt, from which a missing results.json is written."""
+
+    def __init__(self, message, checkpoint=None):
+        super().__init__(message)
+        self.checkpoint = checkpoint
 
 
 def fail(message, code=2):
@@ -51,7 +57,7 @@ def launch(main, parser, argv=None):
         fail(str(error))
 
     def checked_main(args):
-        rank = f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        rank = f"rank {os.environ['RANK']}: " if os.environ.get("WORLD_SIZE", "1") not in ("1", "") and "RANK" in os.environ else ""
         try:
             return main(args)
         except (UsageError, DatasetError) as error:
@@ -61,13 +67,23 @@ def launch(main, parser, argv=None):
         except RunComplete as error:
             print(str(error), flush=True)
             return None
-        except KeyboardInterrupt:  # a second Ctrl-C while a step ran: the first one had not been honoured yet
-            for sig in (signal.SIGINT, signal.SIGTERM):  # a third one must not interrupt the exit
+        except KeyboardInterrupt:
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # a further one must not interrupt the exit
                 signal.signal(sig, signal.SIG_IGN)
-            fail(rank + "interrupted twice: stopped at once; last.pt holds the state of the last completed epoch", 130)
+            if STOP["phase"] == "setup":  # before the training loop took over the signals
+                fail(rank + "interrupted before training began: nothing was saved", 130)
+            if STOP["phase"] == "finishing":
+                fail(rank + "interrupted while finishing: last.pt holds the trained run; --resume auto finishes it", 130)
+            # a second Ctrl-C while a step ran: the first one had not been honoured yet
+            fail(rank + "interrupted twice: stopped at once, without saving; the run directory keeps the last "
+                        "checkpoint written, if any", 130)
         except (MemoryError, torch.OutOfMemoryError) as error:
             fail(rank + out_of_memory_message(error), 1)
         except RuntimeError as error:
+            # gloo: "Timed out waiting ...", "Application timeout caused pair closure"; NCCL: "... timed out"
+            if any(word in str(error).lower() for word in ("timed out", "timeout")) and dist.is_initialized():
+                fail(rank + f"waited longer than --dist-timeout ({args.dist_timeout:g} s) for the other processes: one "
+                            f"of them is stopped, hung or gone; continue with --resume auto once all can run", 1)
             if "can't allocate memory" not in str(error) and "out of memory" not in str(error):
                 raise
             fail(rank + out_of_memory_message(error), 1)
@@ -77,44 +93,106 @@ def launch(main, parser, argv=None):
         # end-of-job summary, whose "Root Cause" names the rank that failed first.
         from torch.distributed.elastic.multiprocessing.errors import record
         checked_main = record(checked_main)
-    result = checked_main(args)
+    stdout, sys.stdout = sys.stdout, SurvivingStdout(sys.stdout)
+    STOP["phase"] = "setup"
+    try:
+        result = checked_main(args)
+    finally:
+        sys.stdout = stdout
     if dist.is_initialized():
         dist.destroy_process_group()
     return result
 
 
+# Where the run is, for the message of a KeyboardInterrupt (engine.StopRequest sets it): in "setup"
+# it stops a run that saved nothing; in "training" the loop's handler turned the first signal into a
+# stop request, so it is a second Ctrl-C; in "finishing" the last checkpoint is written.
+STOP = {"phase": "setup"}
+
+
+class SurvivingStdout:
+    """stdout that stops printing, not training, when its reader goes away (`train.py ... | head -3`):
+    a write to a closed pipe sends the rest of the run's output to /dev/null."""
+
+    def __init__(self, stream):
+        self.stream, self.reader_gone = stream, False
+
+    def write(self, text):
+        if not self.reader_gone:
+            try:
+                return self.stream.write(text)
+            except BrokenPipeError:
+                self._reader_went_away()
+        return len(text)
+
+    def flush(self):
+        if not self.reader_gone:
+            try:
+                self.stream.flush()
+            except BrokenPipeError:
+                self._reader_went_away()
+
+    def _reader_went_away(self):
+        self.reader_gone = True
+        try:  # the interpreter flushes stdout at exit too: point the descriptor at /dev/null
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+        except (OSError, AttributeError, ValueError):
+            pass
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 def parse_args(parser, argv=None):
     """parser.parse_args(argv) with the values of --config FILE (a run's args.json) as defaults, so
-    that the flags given on the command line override them."""
+    that the flags given on the command line override them; a recorded value that was computed from
+    a flag the command line changes is computed anew (CONFIG_DERIVED)."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
     path = pre.parse_known_args(argv)[0].config
     if path is not None and any(action.dest == "config" for action in parser._actions):
-        parser.set_defaults(**read_config(path, parser))
+        given = given_flags(parser.parse_args(argv)) or frozenset()
+        config = read_config(path, parser, any_script=getattr(parser.parse_args(argv), "config_any_script", False))
+        parser.set_defaults(**{key: value for key, value in config.items()
+                               if not any(flag in given for flag in CONFIG_DERIVED.get(key, ()))})
     return parser.parse_args(argv)
 
 
 # args.json entries that belong to the run that wrote them, not to a run repeating it: its directory
 # (a repeat must not write over it), how it was resumed or stopped, and values recorded for the log.
-CONFIG_SKIPPED = ("config", "out_dir", "resume", "overwrite", "stop_after", "world_size")
+CONFIG_SKIPPED = ("config", "config_any_script", "out_dir", "resume", "overwrite", "stop_after", "world_size",
+                  "script", "resumes")
+
+# Values a run computes from other flags and records (args.json holds the rate the run used): a repeat
+# that changes one of those flags computes them again instead of taking the old run's.
+CONFIG_DERIVED = {"lr": ("optimizer", "batch_size"), "eval_batch_size": ("batch_size",),
+                  "img_size": ("dataset",), "val_size": ("dataset",), "num_classes": ("dataset",),
+                  "rampup_epochs": ("epochs",)}
 
 
-def read_config(path, parser):
-    """The flag values of --config FILE, checked against the parser's flags; UsageError in one line."""
+def read_config(path, parser, any_script=False):
+    """The flag values of --config FILE, checked against the parser's flags; UsageError in one line.
+    A run of another script is refused unless any_script: its recipe is not this script's."""
     try:
         with open(path) as f:
             config = json.load(f)
     except OSError as error:
         raise UsageError(f"--config '{path}': {error.strerror or error}") from None
-    except ValueError as error:
-        raise UsageError(f"--config '{path}' is not a JSON file of flag values ({error})") from None
+    except (ValueError, RecursionError) as error:
+        raise UsageError(f"--config '{path}' is not a JSON file of flag values ({str(error)[:80] or 'nested too deeply'})") from None
     if not isinstance(config, dict):
         raise UsageError(f"--config '{path}' must hold a JSON object of flag values, as a run's args.json does")
+    script = getattr(parser, "script", None)
+    if script and config.get("script", script) != script and not any_script:
+        raise UsageError(f"--config '{path}' is a run of the {config['script']} script, whose recipe is not {script}'s; "
+                         f"--config-any-script takes it anyway")
     actions = {action.dest: action for action in parser._actions if action.option_strings}
     defaults = {}
     for key, value in config.items():
         if key in CONFIG_SKIPPED:
             continue
+        if key not in actions and any_script:
+            continue  # a flag of the other script only
         if key not in actions:
             raise UsageError(f"--config '{path}': '{key}' is not a flag of {parser.prog} (an args.json of another script?)")
         if not config_value_ok(actions[key], value):
@@ -129,7 +207,7 @@ def config_value_ok(action, value):
     if value is None:
         return action.default is None
     if action.nargs in ("+", "*") or isinstance(action, argparse._AppendAction):
-        if not isinstance(value, list):
+        if not isinstance(value, list) or (not value and action.default != []):  # nargs "+": at least one, or its default
             return False
         values = value
     else:
@@ -160,12 +238,40 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+_NOT_GIVEN = object()
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser whose usage errors (unknown flag, bad choice, missing value) are one line on
-    stderr, `error: PROG: ...`, and exit code 2, like every other bad input; --help shows the usage."""
+    stderr, `error: PROG: ...`, and exit code 2, like every other bad input; --help shows the usage.
+    The namespace it returns also knows which flags the command line gave (given_flags), which a
+    resume needs: the run's recorded arguments stand for every other one."""
 
     def error(self, message):
         fail(f"{self.prog}: {message} (see --help)")
+
+    def parse_known_args(self, args=None, namespace=None):
+        if namespace is not None:
+            return super().parse_known_args(args, namespace)
+        parsed, extras = super().parse_known_args(args)
+        # Parsed once more into a namespace whose every flag already holds a marker: argparse then
+        # writes only the flags that the command line gives.
+        probe = argparse.Namespace(**{a.dest: _NOT_GIVEN for a in self._actions if a.dest != argparse.SUPPRESS})
+        super().parse_known_args(args, probe)
+        parsed._given = frozenset(k for k, v in vars(probe).items() if v is not _NOT_GIVEN)
+        return parsed, extras
+
+
+def given_flags(args):
+    """The flags (their dests) given on the command line, or None when the namespace was not made by
+    flags.ArgumentParser (then every flag that is not None counts as given)."""
+    return getattr(args, "_given", None)
+
+
+def recorded(args):
+    """The run's arguments as args.json and the checkpoints record them: vars(args) without this
+    module's private entries."""
+    return {key: value for key, value in vars(args).items() if not key.startswith("_")}
 
 
 class ListModels(argparse.Action):
@@ -184,11 +290,12 @@ class ListModels(argparse.Action):
         parser.exit()
 
 
-def get_args_parser(description, *, group=False, authors_pair=True, epochs=200, batch_size=128, optimizer="sgd",
+def get_args_parser(description, *, script, group=False, authors_pair=True, epochs=200, batch_size=128, optimizer="sgd",
                     schedule="cosine", weight_decay=5e-4, warmup_epochs=1.0, label_smoothing=0.0):
     """The flags every script shares, in groups; scripts add their own group and may change the
     recipe defaults given here."""
     parser = ArgumentParser(description=description, formatter_class=HelpFormatter)
+    parser.script = script  # the name a run of this script records (args.json, checkpoints)
     add_model_flags(parser.add_argument_group("model"), group, authors_pair)
     add_data_flags(parser.add_argument_group("data"))
     add_optimization_flags(parser.add_argument_group("optimization"), epochs=epochs, batch_size=batch_size,
@@ -300,8 +407,11 @@ def add_run_flags(flags):
     """Seeds, run directory, resume and output."""
     add = flags.add_argument
     add("--config", default=None, metavar="FILE",
-        help="a run's args.json, whose values become this run's defaults (flags given here override them; "
-             "its out_dir, resume, overwrite and stop_after are not taken): repeat a run, or change one flag")
+        help="a run's args.json, whose values become this run's defaults (flags given here override them, and "
+             "values it computed from a changed flag, such as the default lr, are computed anew; its out_dir, "
+             "resume, overwrite and stop_after are not taken): repeat a run, or change one flag")
+    add("--config-any-script", action="store_true",
+        help="take --config from a run of another script (refused without: its recipe is that script's)")
     add("--seed", type=int, default=0, help="seed of weights, data order, augmentation and perturbation")
     add("--deterministic", action=argparse.BooleanOptionalAction, default=False,
         help="deterministic kernels (slower); exact resume")
@@ -341,6 +451,9 @@ def add_distributed_flags(flags):
     add("--sync-bn", action=argparse.BooleanOptionalAction, default=False,
         help="normalise BatchNorm with statistics of the global batch (SyncBatchNorm, GPUs only); "
              "off: each process uses its own batch's statistics, running statistics follow rank 0 (DDP's default)")
+    add("--dist-timeout", type=float, default=300, metavar="SECONDS",
+        help="how long a process waits for the others in a collective before the run ends in one line "
+             "(a stopped, hung or lost process; torch's default is 30 minutes)")
     add("--lr-scaling", default="linear", choices=["linear", "none"],
         help="with K processes, linear multiplies the peak lr (--lr, or its default computed from the "
              "per-process batch) by K, so K processes x batch B follow the recipe of one process with batch K*B "
@@ -362,6 +475,7 @@ FLAG_RANGES = {
     "kd_weight": (_non_negative, ">= 0"), "temperature": (_positive, "positive"), "mixup": (_non_negative, ">= 0"),
     "cutmix": (_non_negative, ">= 0"), "mix_prob": (_fraction, "in [0, 1]"), "switch_prob": (_fraction, "in [0, 1]"),
     "drop_path": (_below_one, "in [0, 1)"), "rotate": (_half_turn, "in [0, 180] (degrees)"),
+    "dist_timeout": (_positive, "positive (seconds)"),
 }
 
 
@@ -391,7 +505,15 @@ class Group(NamedTuple):
 
 def check_args(args):
     """Reject flag values that cannot work, with one line saying what is accepted; returns the
-    run's Group (--model or --models, --init and --freeze parsed here, once, before any data loads)."""
+    run's Group (--model or --models, --init and --freeze parsed here, once, before any data loads).
+    With --resume the run's recorded arguments are taken first (checkpoints.adopt_recorded_arguments)."""
+    if args.resume == "auto" and args.out_dir is None:
+        raise UsageError("--resume auto needs --out-dir (the run directory to continue)")
+    import checkpoints  # here, not at the top: checkpoints imports this module's errors
+    if args.out_dir is not None:
+        checkpoints.check_run_dir(args.out_dir)  # before any data or network is built
+    if args.resume is not None:
+        checkpoints.adopt_recorded_arguments(args)
     check_numbers(args)
     for name in ("epochs", "batch_size", "eval_every"):
         if getattr(args, name) < 1:
@@ -401,8 +523,8 @@ def check_args(args):
                                ("log_interval", 0, ">= 0 (0 = off)"), ("stop_after", 1, "a positive integer")):
         if getattr(args, name) is not None and getattr(args, name) < low:
             raise UsageError(f"--{name.replace('_', '-')} must be {meaning}, got {getattr(args, name)}")
-    if args.resume == "auto" and args.out_dir is None:
-        raise UsageError("--resume auto needs --out-dir (the run directory to continue)")
+    if not 0 <= args.seed < 2**63:
+        raise UsageError(f"--seed must be in 0..2**63-1, got {args.seed}")
     if getattr(args, "perturb_every", 0) < 0:
         raise UsageError(f"--perturb-every must be >= 0 (0 disables perturbation), got {args.perturb_every}")
     names = model_names(args)
@@ -434,10 +556,14 @@ def init_files(args, n):
         net, equals, path = spec.partition("=")
         if not equals:
             net, path = ("0" if n == 1 else None), spec
-        if net is None or not net.isdigit() or int(net) >= n:
+        if net is None or not re.fullmatch(r"[0-9]+", net) or int(net) >= n:
             raise UsageError(f"--init '{spec}': give NET=FILE with NET a network index of the group, 0..{n - 1}"
                              + (" (with one network FILE alone is enough)" if n == 1 else ""))
-        path, at, pick = path.rpartition("@") if "@" in os.path.basename(path) else (path, "", None)
+        # FILE@K or FILE@LABEL picks a network of a checkpoint; a file whose own name has an @ is taken whole
+        if "@" in os.path.basename(path) and not os.path.isfile(path):
+            path, _, pick = path.rpartition("@")
+        else:
+            pick = None
         if int(net) in files:
             raise UsageError(f"--init names network {net} twice; give one file per network")
         files[int(net)] = (path, pick)

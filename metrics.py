@@ -5,21 +5,43 @@ import csv
 import os
 
 from checkpoints import atomic_write
+from flags import UsageError
 
 
 def read_metrics(run_dir):
     """{network label: {column: [(epoch, value), ...]}} from a run's metrics.csv: every numeric column
-    a network's rows have values in, by epoch; None without the file."""
+    a network's rows have values in, by epoch; None without the file. A file that is not UTF-8 CSV
+    with an epoch and a net column, or a cell that is not a number, raises ValueError in one line
+    naming the file and the line."""
     path = os.path.join(run_dir, "metrics.csv")
     if not os.path.isfile(path):
         return None
+
+    def number(kind, text, column):
+        try:
+            return kind(text)
+        except (TypeError, ValueError):  # TypeError: None, the cell of a row shorter than the header
+            raise ValueError(f"{path}, line {reader.line_num}: {column} {text!r} is not a number") from None
+
     series = {}
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            columns = series.setdefault(row["net"], {})
-            for key, value in row.items():
-                if key not in (None, "epoch", "net", "model") and value:
-                    columns.setdefault(key, []).append((int(row["epoch"]), float(value)))
+    # utf-8-sig: a file saved by a spreadsheet may start with a byte-order mark, which would glue onto "epoch"
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        try:
+            if reader.fieldnames is None:  # an empty file: no epoch recorded yet
+                return {}
+            if not {"epoch", "net"} <= set(reader.fieldnames):
+                raise ValueError(f"{path}, line 1: the header has no epoch and net columns")
+            for row in reader:
+                columns = series.setdefault(row["net"], {})
+                epoch = number(int, row["epoch"], "epoch")
+                for key, value in row.items():
+                    if key not in (None, "epoch", "net", "model") and value:
+                        columns.setdefault(key, []).append((epoch, number(float, value, key)))
+        except UnicodeDecodeError as error:  # decoded in blocks, so the line is where the block starts
+            raise ValueError(f"{path}, near line {reader.line_num + 1}: not UTF-8 text ({error.reason})") from None
+        except csv.Error as error:  # raised before the reader counts the line it fails on
+            raise ValueError(f"{path}, line {reader.line_num + 1}: {error}") from None
     return {net: {key: sorted(values) for key, values in columns.items()} for net, columns in series.items()}
 
 
@@ -33,6 +55,10 @@ class MetricsLog:
         if not self.enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
+        try:
+            read_metrics(run_dir)  # an earlier file must be one this repository wrote
+        except ValueError as error:
+            raise UsageError(f"{error}; move it away to continue the run (its checkpoint holds the state, not this file)") from None
         self._rewrite(keep_through=start_epoch)  # a resumed run trains the later epochs again
         try:
             from torch.utils.tensorboard import SummaryWriter  # slow to import, and only rank 0 needs it
@@ -46,7 +72,7 @@ class MetricsLog:
         """Rewrite the CSV atomically with its rows of epochs <= keep_through, then `new_rows`."""
         rows, columns = [], []
         if os.path.exists(self.csv_path):
-            with open(self.csv_path, newline="") as f:
+            with open(self.csv_path, newline="", encoding="utf-8-sig") as f:
                 reader = csv.DictReader(f)
                 columns = list(reader.fieldnames or [])
                 rows = [r for r in reader if int(r["epoch"]) <= keep_through]

@@ -18,7 +18,7 @@ from perturb import Perturber, add_perturbation_flags, bn_statistics_kept
 def get_args_parser():
     """Flags: the shared ones (flags.get_args_parser) with the standard CIFAR recipe as defaults, and
     the (optional) perturbation."""
-    parser = flags.get_args_parser("Train one network with cross-entropy.")
+    parser = flags.get_args_parser("Train one network with cross-entropy.", script="train")
     add = parser.add_argument_group("perturbation (a control: the competitive perturbation alone)").add_argument
     add_perturbation_flags(add, every=0, every_help="perturb the batch every N steps, counted over the whole run "
                                                     "(0 = off; a network of a competitive group of n networks "

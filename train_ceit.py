@@ -21,7 +21,7 @@ from losses import accuracy, soft_target_cross_entropy
 def get_args_parser():
     """Flags: the shared ones with the CeiT/DeiT recipe as defaults, plus mixup/cutmix/drop-path."""
     parser = flags.get_args_parser(
-        "Train a CeiT or ViT with the transformer recipe.", epochs=300, optimizer="adamw",
+        "Train a CeiT or ViT with the transformer recipe.", script="ceit", epochs=300, optimizer="adamw",
         weight_decay=0.05, warmup_epochs=5, label_smoothing=0.1)
     parser.set_defaults(model="ceit")
     add = parser.add_argument_group("transformer recipe").add_argument

@@ -22,7 +22,7 @@ from perturb import Perturber, add_perturbation_flags, bn_statistics_kept
 
 def get_args_parser():
     """Flags: the shared ones plus the competition, distillation and perturbation settings."""
-    parser = flags.get_args_parser("Competitive distillation of a group of networks.", group=True)
+    parser = flags.get_args_parser("Competitive distillation of a group of networks.", script="competitive", group=True)
     add = parser.add_argument_group("competitive distillation").add_argument
     add("--teacher-rule", default="better", choices=["better", "best"],
         help="better: learn from every network with a lower loss (authors' code); "

@@ -27,7 +27,7 @@ from perturb import Perturber, add_perturbation_flags, bn_statistics_kept
 def get_args_parser():
     """Flags: the shared ones plus the teacher, the distillation and (optional) perturbation settings."""
     parser = flags.get_args_parser("KDCL: online distillation of a group from an ensemble teacher.",
-                                   group=True, authors_pair=False)
+                                   script="kdcl", group=True, authors_pair=False)
     parser.set_defaults(views="independent")  # each network its own augmentation (KDCL, section 3)
     add = parser.add_argument_group("collaborative learning (KDCL)").add_argument
     add("--teacher", dest="kdcl_teacher", default="naive", choices=["naive", "minlogit", "mean"],

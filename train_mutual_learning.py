@@ -24,7 +24,7 @@ from perturb import Perturber, add_perturbation_flags, bn_statistics_kept
 
 def get_args_parser():
     """Flags: the shared ones plus the distillation and (optional) perturbation settings."""
-    parser = flags.get_args_parser("Deep mutual learning of a group of networks.", group=True)
+    parser = flags.get_args_parser("Deep mutual learning of a group of networks.", script="mutual", group=True)
     add = parser.add_argument_group("mutual learning").add_argument
     add("--kd-weight", type=float, default=1.0, help="weight w of the distillation term (DML: 1)")
     add("--temperature", type=float, default=1.0, help="distillation temperature T (DML: 1)")

@@ -28,7 +28,8 @@ from train_one import branched_group, save_deployed
 
 def get_args_parser():
     """Flags: the shared ones plus the branches, the distillation, its ramp-up and the teachers' gradient."""
-    parser = flags.get_args_parser("OKDDip: a branched network whose peers distil from attention-weighted peers.")
+    parser = flags.get_args_parser("OKDDip: a branched network whose peers distil from attention-weighted peers.",
+                                   script="okddip")
     add = parser.add_argument_group("online distillation with diverse peers (OKDDip)").add_argument
     add("--branches", type=int, default=4, help="branches m: m - 1 peers and the leader (OKDDip: 4)")
     add("--kd-weight", type=float, default=1.0, help="weight of the distillation terms at the end of the ramp-up (OKDDip: 1)")

@@ -31,7 +31,7 @@ from losses import accuracy, gated_ensemble, kd_loss, sigmoid_rampup
 
 def get_args_parser():
     """Flags: the shared ones plus the branches, the distillation and its ramp-up."""
-    parser = flags.get_args_parser("ONE: a branched network distilling from its gated ensemble.")
+    parser = flags.get_args_parser("ONE: a branched network distilling from its gated ensemble.", script="one")
     add = parser.add_argument_group("on-the-fly native ensemble (ONE)").add_argument
     add("--branches", type=int, default=3, help="branches m of the network (ONE: 3)")
     add("--kd-weight", type=float, default=1.0, help="weight of the distillation term at the end of the ramp-up (ONE: 1)")

@@ -3,6 +3,7 @@ the data, the networks and their optimizers; the learning-rate schedule; evaluat
 capture of a whole step in a CUDA graph. The command line is flags.py, the loop's helpers
 engine.py, checkpoints checkpoints.py, the papers' losses losses.py."""
 import dataclasses
+import datetime
 import math
 import os
 import random
@@ -80,9 +81,7 @@ def resolve_device(name, local_rank=None):
 
 def setup_runtime(args):
     """Pick the device and precision, seed everything and join the process group under torchrun."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    world_size, rank, local_rank = distributed_env()
     device = resolve_device(args.device, local_rank if world_size > 1 else None)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -101,7 +100,9 @@ def setup_runtime(args):
         # per-attempt prefix stops a restarted group from reading the dead attempt's addresses.
         store, _, _ = next(dist.rendezvous("env://"))
         store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world_size)
+        # A stopped or hung peer ends the run after --dist-timeout, in one line, instead of gloo's 30 minutes.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=getattr(args, "dist_timeout", 300)))
     if args.deterministic:
         # cuBLAS reads this once at initialisation; setting it here is early enough because no
         # CUDA work has been done yet.
@@ -117,6 +118,24 @@ def setup_runtime(args):
     if cuda_graphs and (device.type != "cuda" or world_size > 1 or amp_dtype == torch.float16):
         raise UsageError("--cuda-graphs needs one CUDA process and --amp bf16 or none (no fp16 loss scaling)")
     return Runtime(device, amp_dtype, args.channels_last, rank, world_size, sync_bn, args.compile, cuda_graphs)
+
+
+def distributed_env():
+    """(WORLD_SIZE, RANK, LOCAL_RANK) from the environment torchrun sets, (1, 0, 0) without it;
+    UsageError in one line for values that are not numbers or do not fit together."""
+    values = {}
+    for name, default in (("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        text = os.environ.get(name, default)
+        if not text.isascii() or not text.isdecimal():
+            raise UsageError(f"environment variable {name}={text!r} is not a non-negative integer "
+                             f"(torchrun sets WORLD_SIZE, RANK and LOCAL_RANK)")
+        values[name] = int(text)
+    if values["WORLD_SIZE"] > 1 and "RANK" not in os.environ:
+        raise UsageError(f"WORLD_SIZE={values['WORLD_SIZE']} without RANK: start the processes with torchrun, "
+                         f"which sets both, or unset WORLD_SIZE")
+    if not 1 <= values["WORLD_SIZE"] or values["RANK"] >= values["WORLD_SIZE"]:
+        raise UsageError(f"RANK={values['RANK']} is not below WORLD_SIZE={values['WORLD_SIZE']}")
+    return values["WORLD_SIZE"], values["RANK"], values["LOCAL_RANK"]
 
 
 def seed_everything(seed):

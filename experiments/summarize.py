@@ -1,81 +1,193 @@
-"""Summarize a study (experiments/compare.py): a Markdown table and a dot plot of last-epoch test accuracy.
+"""Summarize a study (experiments/compare.py): Markdown tables and a dot plot of last-epoch test accuracy.
 
-Reads STUDY/<config>/seed<k>/{args.json,results.json}; for every network of every configuration,
-and for each group's ensemble, prints mean +- sample std over seeds and the paired per-seed
-differences:
-  - vs vanilla: the same architecture trained alone with the same seed (for an ensemble, the
-    best of its members' architectures trained alone with that seed);
-  - vs DML: the same network of the deep-mutual-learning run of the same models and seed.
-Beside each network's test accuracy stands its last-epoch training accuracy (metrics.csv: the
-running accuracy over that epoch's augmented batches, in train mode, a competitive network's
-perturbed batches included), which shows how far the networks fit their training set. For each
-competitive run it also prints how often the most frequent leader led (mean over epochs of
-train_leader_share). Every run must share the data and the budget (dataset, subset, epochs,
-batch, optimizer, schedule).
+Reads STUDY/<config>/seed<k>/{args.json,results.json,metrics.csv} (the directory names the run: a
+configuration of compare.CONFIGS and its seed). For every member of every configuration, and for
+each group's ensemble, it prints the last-epoch test accuracy (mean ± sample std over seeds, and per
+seed), the last-epoch training accuracy (metrics.csv: the running accuracy over that epoch's
+augmented batches in train mode, a competitive network's perturbed batches included), and
+differences paired by seed over the seeds both sides have, as mean [95 % Student-t interval]:
+  - − alone: the member minus the same architecture trained alone (whichever of vanilla and
+    vanilla-other trained that architecture), for every configuration but those two;
+  - − alone, perturbed: a NET member of a configuration that is not a control, minus vanilla-perturb
+    (one network perturbed at the rate each network of a competitive pair is);
+  - − independent ensemble: a group's ensemble minus the ensemble of its compare.ENSEMBLE_BASELINE
+    configuration (as many independently trained networks of the same architectures).
+Runs that have not finished, seeds one side of a comparison lacks and truncated metrics.csv files
+are named in printed lines. For each competitive configuration it also prints the share of the
+steps its most frequent leader led. Every run must share the data and the budget (BUDGET).
 
-    python experiments/summarize.py runs/study --png docs/study.png
+    python experiments/summarize.py runs/study --png docs/study.png --compact
 """
 import argparse
-import glob
 import json
 import math
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from compare import CONFIGS, ENSEMBLE_BASELINE  # noqa: E402
 from metrics import read_metrics  # noqa: E402
 
-# args.json fields that must agree across a study's runs (the same data and budget)
-BUDGET = ("dataset", "train_subset", "val_size", "img_size", "epochs", "batch_size", "optimizer", "lr",
-          "weight_decay", "schedule", "warmup_epochs", "amp")
+# args.json fields that must agree across a study's runs (the same data, budget and recipe)
+BUDGET = ("dataset", "train_subset", "val_size", "split_seed", "img_size", "crop", "rotate", "epochs", "batch_size",
+          "optimizer", "lr", "weight_decay", "momentum", "nesterov", "schedule", "warmup_epochs", "milestones", "gamma",
+          "min_lr", "label_smoothing", "amp")
 
+# The configurations that train networks which do not distil (compare.CONFIGS), and among them the
+# single networks each member is compared with, found by architecture in this order.
+CONTROLS = ("vanilla", "vanilla-perturb", "vanilla-other", "independent", "independent-perturb", "independent-3",
+            "independent-hetero")
+ALONE = ("vanilla", "vanilla-other")
+PERTURBED_ALONE = "vanilla-perturb"
 
-# Table order: the baselines first
-SCRIPT_ORDER = {"train": 0, "mutual": 1, "competitive": 2}
+# Student-t 0.975 quantiles (two-sided 95 % intervals) for 1..30 degrees of freedom: NIST/SEMATECH
+# e-Handbook of Statistical Methods, section 1.3.6.7.2, "Critical Values of the Student's t
+# Distribution" (https://www.itl.nist.gov/div898/handbook/eda/section3/eda3672.htm); beyond 30 the
+# normal quantile 1.96 (2.042 at 30 degrees of freedom, 1.960 in the limit).
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+SEED_DIR = re.compile(r"seed(0|-?[1-9][0-9]*)")  # as compare.py names them: f"seed{seed}"
 
 
 class StudyError(Exception):
-    pass
+    """A study that cannot be summarized; main prints it as one line."""
 
 
-def load_runs(study):
-    """Every finished run under `study`: dicts with config, seed, script, models, args, accs (the
-    networks' last-epoch test accuracies, then the ensemble's when there is one), train (the
-    networks' last-epoch training accuracies; None where metrics.csv lacks them) and leader (the
-    most frequent leader's share of the steps in a competitive run, else None)."""
-    runs = []
-    for path in sorted(glob.glob(os.path.join(study, "*", "seed*", "results.json"))):
-        run_dir = os.path.dirname(path)
-        with open(path) as f:
-            results = json.load(f)
-        with open(os.path.join(run_dir, "args.json")) as f:
-            args = json.load(f)
-        networks = results["networks"]
-        models = [n["model"] for n in networks if n["net"] != "ensemble"]
-        labels, series = [n["net"] for n in networks if n["net"] != "ensemble"], read_metrics(run_dir) or {}
-        runs.append({"config": os.path.basename(os.path.dirname(run_dir)), "seed": args["seed"],
-                     "script": results.get("script", "train" if len(models) == 1 else "?"), "models": models,
-                     "args": args, "accs": [n["final_test_acc"] for n in networks],
-                     "train": last_train_accs(series, labels), "leader": top_leader_share(series, labels)})
+def read_json(path):
+    """The JSON object in `path`, or a one-line StudyError naming the file."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            value = json.load(f)
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+        raise StudyError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise StudyError(f"{path}: not a JSON object but {type(value).__name__} {json.dumps(value)[:40]}")
+    return value
+
+
+def config_order(name):
+    """Sort key: compare.CONFIGS order, then other configurations by name."""
+    return (list(CONFIGS).index(name), "") if name in CONFIGS else (len(CONFIGS), name)
+
+
+def run_dirs(study):
+    """(config, seed, run directory) of every seed<k> directory under a configuration directory of
+    `study` (its logs directory, files and hidden entries aside), in configuration and seed order.
+    Any other directory under a configuration (seed1_old) is refused rather than skipped."""
+    if not os.path.isdir(study):
+        raise StudyError(f"'{study}' is not a directory")
+    found = []
+    for config in os.listdir(study):
+        config_dir = os.path.join(study, config)
+        if config == "logs" or config.startswith(".") or not os.path.isdir(config_dir):
+            continue
+        for name in os.listdir(config_dir):
+            run_dir = os.path.join(config_dir, name)
+            if name.startswith(".") or not os.path.isdir(run_dir):
+                continue
+            match = SEED_DIR.fullmatch(name)
+            if match is None:
+                raise StudyError(f"{run_dir}: not a run directory (seed<k>, k the seed); move it out of the study")
+            found.append((config, int(match.group(1)), run_dir))
+    return sorted(found, key=lambda found: (config_order(found[0]), found[1]))
+
+
+def load_study(study):
+    """Every run under `study`: {"runs": finished runs (load_run), "incomplete": the others (one
+    description each), "warnings": lines about the finished ones}; refuses mixed budgets."""
+    runs, incomplete, warnings = [], [], []
+    for config, seed, run_dir in run_dirs(study):
+        if not os.path.exists(os.path.join(run_dir, "results.json")):
+            present = [name for name in ("args.json", "metrics.csv", "last.pt", "best.pt") if os.path.exists(
+                os.path.join(run_dir, name))]
+            if "args.json" in present:
+                check_seed(run_dir, seed, read_json(os.path.join(run_dir, "args.json")))
+            incomplete.append(f"{config}/seed{seed} ({', '.join(present) or 'empty'}; no results.json)")
+            continue
+        run = load_run(config, seed, run_dir, warnings)
+        if isinstance(run["args"].get("epochs"), int) and run["epochs"] < run["args"]["epochs"]:  # --stop-after
+            incomplete.append(f"{config}/seed{seed} (results.json of epoch {run['epochs']} of {run['args']['epochs']})")
+            continue
+        runs.append(run)
     if not runs:
-        raise StudyError(f"no finished run (<config>/seed<k>/results.json) under '{study}'")
+        raise StudyError(f"no finished run (<config>/seed<k>/results.json) under '{study}'" +
+                         (f"; incomplete: {', '.join(incomplete)}" if incomplete else ""))
     check_same_budget(runs)
-    return runs
+    for config in {run["config"] for run in runs}:
+        group = [run for run in runs if run["config"] == config]
+        if any((run["script"], run["models"]) != (group[0]["script"], group[0]["models"]) for run in group):
+            raise StudyError(f"configuration '{config}' holds runs of different scripts or networks")
+    return {"path": study, "runs": runs, "incomplete": incomplete, "warnings": warnings}
 
 
-def last_train_accs(series, labels):
-    """Each network's training accuracy in its last epoch (None where metrics.csv has none)."""
-    return [series[label]["train_acc"][-1][1] if "train_acc" in series.get(label, {}) else None for label in labels]
+def load_run(config, seed, run_dir, warnings):
+    """A finished run: config, seed, script, epochs, args, labels and models (its members, in
+    results.json order), test ({label: last-epoch test accuracy}, "ensemble" included when it has
+    one), train ({label: last-epoch training accuracy or None}) and leader (top_leader_share)."""
+    results_path = os.path.join(run_dir, "results.json")
+    results, args = read_json(results_path), read_json(os.path.join(run_dir, "args.json"))
+    networks = results.get("networks")
+    if not isinstance(networks, list) or not networks:
+        raise StudyError(f"{results_path}: no 'networks' list")
+    for i, network in enumerate(networks):
+        if not (isinstance(network, dict) and isinstance(network.get("net"), str) and isinstance(network.get("model"), str)
+                and isinstance(network.get("final_test_acc"), (int, float))):
+            raise StudyError(f"{results_path}: networks[{i}] lacks a net, a model or a numeric final_test_acc")
+    if any(network["net"] == "ensemble" for network in networks[:-1]) or networks[0]["net"] == "ensemble":
+        raise StudyError(f"{results_path}: the ensemble must be the last of several networks")
+    check_seed(run_dir, seed, args)
+    epochs = results.get("epochs", args.get("epochs"))
+    if not isinstance(epochs, int):
+        raise StudyError(f"{results_path}: no integer epochs (neither there nor in args.json)")
+    members = [network for network in networks if network["net"] != "ensemble"]
+    labels = [network["net"] for network in members]
+    train, leader = last_epoch_train(run_dir, f"{config}/seed{seed}", labels, epochs, warnings)
+    return {"config": config, "seed": seed, "script": results.get("script", "train" if len(members) == 1 else "?"),
+            "epochs": epochs, "args": args, "labels": labels, "models": [network["model"] for network in members],
+            "test": {network["net"]: network["final_test_acc"] for network in networks}, "train": train,
+            "leader": leader}
 
 
-def top_leader_share(series, labels):
+def check_seed(run_dir, seed, args):
+    """A one-line StudyError when args.json's seed is not the one the directory's name says."""
+    if args.get("seed") != seed or isinstance(args.get("seed"), bool):
+        raise StudyError(f"{os.path.join(run_dir, 'args.json')}: seed {args.get('seed')!r}, but the directory is "
+                         f"seed{seed}; a run belongs in the directory of its seed")
+
+
+def last_epoch_train(run_dir, name, labels, epochs, warnings):
+    """({label: training accuracy in epoch `epochs`, or None}, top_leader_share) from metrics.csv;
+    a missing file, or one that stops before `epochs` (truncated), gives none, with a warning."""
+    try:
+        series = read_metrics(run_dir)
+    except ValueError as error:
+        raise StudyError(str(error)) from None
+    if series is None:
+        warnings.append(f"warning: {name}: no metrics.csv, so no training accuracy")
+        series = {}
+    else:
+        last = max((epoch for columns in series.values() for values in columns.values() for epoch, _ in values), default=0)
+        if last < epochs:
+            warnings.append(f"warning: {name}: metrics.csv stops at epoch {last} of {epochs} (truncated), "
+                            "so no training accuracy or leader share")
+            series = {}
+    train = {label: dict(series.get(label, {}).get("train_acc", [])).get(epochs) for label in labels}
+    return train, top_leader_share(series, labels, epochs)
+
+
+def top_leader_share(series, labels, epochs):
     """A competitive run's most frequent leader: the largest mean over epochs of a network's share of
     the steps it led (train_leader_share); None for a run that logs no leader."""
-    shares = [[value for _, value in series.get(label, {}).get("train_leader_share", [])] for label in labels]
+    shares = [[value for epoch, value in series.get(label, {}).get("train_leader_share", []) if epoch <= epochs]
+              for label in labels]
     return max(sum(s) / len(s) for s in shares) if shares and all(shares) else None
 
 
 def check_same_budget(runs):
+    """A one-line StudyError naming the first BUDGET field two runs differ in."""
     first = runs[0]
     for run in runs[1:]:
         for key in BUDGET:
@@ -92,135 +204,237 @@ def mean_std(values):
     return mean, std
 
 
-def summarize(runs):
-    """One row per (configuration, network or ensemble): its per-seed accuracies and paired differences."""
+def t_interval(values):
+    """(mean, half-width of its two-sided 95 % Student-t interval: t_{0.975, n-1} * sd / sqrt(n);
+    nan for one value)."""
+    mean, std = mean_std(values)
+    n = len(values)
+    if n < 2:
+        return mean, float("nan")
+    t = T_975[n - 2] if n - 1 <= len(T_975) else 1.96  # T_975[df - 1]
+    return mean, t * std / math.sqrt(n)
+
+
+def by_config(runs):
+    """{config: {seed: run}} in configuration order."""
     configs = {}
-    for run in sorted(runs, key=lambda run: (SCRIPT_ORDER.get(run["script"], len(SCRIPT_ORDER)), run["config"])):
-        configs.setdefault(run["config"], []).append(run)
-    vanilla = {(run["models"][0], run["seed"]): run["accs"][0] for run in runs if run["script"] == "train"}
-    dml = {(tuple(run["models"]), run["seed"]): run["accs"] for run in runs if run["script"] == "mutual"}
-    rows = []
-    for config, group in configs.items():
-        group = sorted(group, key=lambda run: run["seed"])
-        models = group[0]["models"]
-        if any(run["models"] != models for run in group):
-            raise StudyError(f"configuration '{config}' holds runs of different networks")
-        labels = [f"net{i} {m}" for i, m in enumerate(models)] + (["ensemble"] if len(models) > 1 else [])
-        for i, label in enumerate(labels):
-            values = {run["seed"]: run["accs"][i] for run in group}
-            base = {}
-            for seed in values:
-                alone = [vanilla.get((m, seed)) for m in (models if label == "ensemble" else [models[i]])]
-                if all(a is not None for a in alone):
-                    base[seed] = max(alone)
-            mutual = {seed: dml[(tuple(models), seed)][i] for seed in values if (tuple(models), seed) in dml}
-            train = {run["seed"]: run["train"][i] for run in group
-                     if label != "ensemble" and run["train"][i] is not None}
-            rows.append({"config": config, "script": group[0]["script"], "label": label, "values": values, "train": train,
-                         "vs_vanilla": paired(values, base) if group[0]["script"] != "train" else None,
-                         "vs_dml": paired(values, mutual) if group[0]["script"] != "mutual" else None})
-    return rows
+    for run in sorted(runs, key=lambda run: (config_order(run["config"]), run["seed"])):
+        configs.setdefault(run["config"], {})[run["seed"]] = run
+    return configs
 
 
-def paired(values, baseline):
-    """Per-seed differences values - baseline over the seeds both have, or None when there are none."""
-    seeds = sorted(set(values) & set(baseline))
-    return [values[s] - baseline[s] for s in seeds] or None
+def summarize(study):
+    """(rows, notes): one row per (configuration, member or ensemble) with its per-seed test and
+    training accuracies and its paired comparisons (pair); notes name what could not be paired."""
+    configs = by_config(study["runs"])
+    single = {name: runs for name, runs in configs.items() if all(len(run["labels"]) == 1 for run in runs.values())}
+    alone = {}  # architecture -> the configuration that trained it alone
+    for name in ALONE:
+        if name in single:
+            alone.setdefault(next(iter(single[name].values()))["models"][0], name)
+    perturbed = single.get(PERTURBED_ALONE)
+    perturbed_model = next(iter(perturbed.values()))["models"][0] if perturbed else None
+    rows, notes = [], []
+    if perturbed is None and any(name not in CONTROLS for name in configs):
+        notes.append(f"note: no {PERTURBED_ALONE} run, so no − alone, perturbed")
+    for config, runs in configs.items():
+        first = next(iter(runs.values()))
+        for label, model in zip(first["labels"], first["models"]):
+            row = new_row(config, label, model, runs)
+            if config not in ALONE:
+                if model in alone:
+                    row["alone"] = pair(row, alone[model], member_values(configs[alone[model]]), notes)
+                else:
+                    line = f"note: {config}: no {model} trained alone ({' or '.join(ALONE)}), so no − alone"
+                    notes += [line] if line not in notes else []
+            if config not in CONTROLS and model == perturbed_model:
+                row["perturbed"] = pair(row, PERTURBED_ALONE, member_values(perturbed), notes)
+            rows.append(row)
+        if "ensemble" in first["test"]:
+            rows.append(ensemble_row(config, runs, configs, notes))
+    return rows, notes
 
 
-def fmt(values, sign=False):
+def new_row(config, label, model, runs):
+    """A table row: the per-seed test and training accuracies of member or ensemble `label`."""
+    return {"config": config, "label": label, "model": model,
+            "values": {seed: run["test"][label] for seed, run in runs.items()},
+            "train": {seed: run["train"][label] for seed, run in runs.items() if run["train"].get(label) is not None},
+            "alone": None, "perturbed": None, "ensemble": None}
+
+
+def member_values(runs):
+    """{seed: test accuracy} of a single-network configuration."""
+    return {seed: run["test"][run["labels"][0]] for seed, run in runs.items()}
+
+
+def ensemble_row(config, runs, configs, notes):
+    """The ensemble's row, paired with its ENSEMBLE_BASELINE configuration's ensemble."""
+    row = new_row(config, "ensemble", "+".join(next(iter(runs.values()))["models"]), runs)
+    baseline = ENSEMBLE_BASELINE.get(config)
+    if baseline is None:
+        return row
+    models = set(next(iter(runs.values()))["models"])
+    if baseline not in configs:
+        notes.append(f"note: {config}: no finished {baseline} run, so no − independent ensemble")
+    elif any("ensemble" not in run["test"] or set(run["models"]) != models for run in configs[baseline].values()):
+        notes.append(f"note: {config}: {baseline} is not an ensemble of {' and '.join(sorted(models))}, "
+                     "so no − independent ensemble")
+    else:
+        row["ensemble"] = pair(row, baseline, {seed: run["test"]["ensemble"] for seed, run in configs[baseline].items()},
+                               notes)
+    return row
+
+
+def pair(row, baseline, baseline_values, notes):
+    """{"baseline": name, "diffs": {seed: row's value - baseline's}} over the seeds both have; a note
+    (once per pair of configurations) names the seeds only one side has."""
+    seeds = sorted(set(row["values"]) & set(baseline_values))
+    only_here, only_there = sorted(set(row["values"]) - set(seeds)), sorted(set(baseline_values) - set(seeds))
+    if only_here or only_there:
+        line = (f"note: {row['config']} − {baseline} paired over seeds {seeds} (n={len(seeds)})" +
+                (f"; {baseline} lacks seeds {only_here}" if only_here else "") +
+                (f"; {row['config']} lacks seeds {only_there}" if only_there else ""))
+        notes += [line] if line not in notes else []
+    return {"baseline": baseline, "diffs": {seed: row["values"][seed] - baseline_values[seed] for seed in seeds}}
+
+
+def fmt(values):
+    """mean ± sample std (2 decimals); the mean alone for one value; – for none."""
     if not values:
         return "–"
     mean, std = mean_std(values)
-    text = f"{mean:+.2f}" if sign else f"{mean:.2f}"
-    return text + ("" if math.isnan(std) else f" ± {std:.2f}")
+    return f"{mean:.2f}" + ("" if math.isnan(std) else f" ± {std:.2f}")
 
 
-def markdown(rows, runs):
-    first = runs[0]["args"]
-    seeds = sorted({run["seed"] for run in runs})
-    lines = [f"{first['dataset']}, train subset {first.get('train_subset') or 'all'}, {first['epochs']} epochs, "
-             f"batch {first['batch_size']}, {'/'.join(first['optimizer'])} {first['schedule']}; seeds {seeds}; "
-             "last-epoch test accuracy (%), mean ± std over seeds; paired differences per seed, then mean ± std",
+def signed(value):
+    """+1.23 / -1.23, never -0.00."""
+    text = f"{value:+.2f}"
+    return "+0.00" if text == "-0.00" else text
+
+
+def fmt_diff(comparison, full=True, n_expected=None):
+    """mean [95 % interval] of a comparison's differences, then (baseline, n) in the full table or
+    (n=k) in the compact one when k is not the configuration's seed count; – without one."""
+    if comparison is None or not comparison["diffs"]:
+        return "–"
+    diffs = [comparison["diffs"][seed] for seed in sorted(comparison["diffs"])]
+    mean, half = t_interval(diffs)
+    text = signed(mean) + ("" if math.isnan(half) else f" [{signed(mean - half)}, {signed(mean + half)}]")
+    if full:
+        return text + f" ({comparison['baseline']}, n={len(diffs)})"
+    return text + ("" if len(diffs) == n_expected else f" (n={len(diffs)})")
+
+
+def budget_line(study):
+    """The data and budget every run shares, and the seeds."""
+    first = study["runs"][0]["args"]
+    seeds = sorted({run["seed"] for run in study["runs"]})
+    numbers = lambda key: "/".join(f"{v:g}" if isinstance(v, (int, float)) else str(v) for v in first.get(key) or [])
+    return (f"{first.get('dataset')}, train subset {first.get('train_subset') or 'all'}, {first.get('epochs')} epochs, "
+            f"batch {first.get('batch_size')}, {'/'.join(first.get('optimizer') or [])} lr {numbers('lr')} "
+            f"{first.get('schedule')}, warm-up {first.get('warmup_epochs')} epochs; seeds {seeds}")
+
+
+def markdown(rows, study):
+    """The full table: one row per configuration and member or ensemble."""
+    lines = [budget_line(study) + "; last-epoch test accuracy (%), mean ± sample std over seeds; differences "
+             "paired by seed: mean [95 % Student-t interval] (baseline, n)",
              "",
-             "| configuration | network | train acc | test acc | per seed | − vanilla | − DML |",
-             "|---|---|---|---|---|---|---|"]
+             "| configuration | member | train acc | test acc | per seed | − alone | − alone, perturbed | "
+             "− independent ensemble |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        per_seed = " / ".join(f"{row['values'][s]:.2f}" for s in sorted(row["values"]))
-        lines.append(f"| {row['config']} | {row['label']} | {fmt(list(row['train'].values()))} | "
-                     f"{fmt(list(row['values'].values()))} (n={len(row['values'])}) | "
-                     f"{per_seed} | {fmt(row['vs_vanilla'], sign=True)} | {fmt(row['vs_dml'], sign=True)} |")
+        per_seed = " / ".join(f"{row['values'][seed]:.2f}" for seed in sorted(row["values"]))
+        lines.append(f"| {row['config']} | {row['label']} | {fmt(sorted_values(row['train']))} | "
+                     f"{fmt(sorted_values(row['values']))} (n={len(row['values'])}) | {per_seed} | "
+                     f"{fmt_diff(row['alone'])} | {fmt_diff(row['perturbed'])} | {fmt_diff(row['ensemble'])} |")
     return "\n".join(lines)
 
 
+def sorted_values(by_seed):
+    """The values of a {seed: value} dict in seed order (so that sums are deterministic)."""
+    return [by_seed[seed] for seed in sorted(by_seed)]
+
+
 def compact(rows):
-    """The same numbers, one line per configuration (for a README): each network's training and test
-    accuracy and its paired difference to the network alone, then the ensemble's test accuracy, also
-    paired with DML's ensemble."""
-    lines = ["| configuration | train acc | test acc | − alone | ensemble | − best alone | − DML ensemble |",
-             "|---|---|---|---|---|---|---|"]
+    """One line per configuration (for a README): its members' models, training and test accuracies
+    and differences to the network alone (and alone with perturbation, for NET members), then its
+    ensemble's test accuracy and difference to the independent ensemble; n is the number of seeds,
+    a comparison over fewer says so."""
+    lines = ["| configuration | models | n | train acc | test acc | − alone [95% CI] | − alone, perturbed [95% CI] | "
+             "ensemble | − independent ensemble [95% CI] |",
+             "|---|---|---|---|---|---|---|---|---|"]
     configs = {}
     for row in rows:
         configs.setdefault(row["config"], []).append(row)
     for config, group in configs.items():
-        nets = [row for row in group if row["label"] != "ensemble"]
+        members = [row for row in group if row["label"] != "ensemble"]
         ensemble = next((row for row in group if row["label"] == "ensemble"), None)
-        models = " + ".join(row["label"].split()[1] for row in nets)
-        cells = [f"{config} ({models})", "; ".join(fmt(list(row["train"].values())) for row in nets),
-                 "; ".join(fmt(list(row["values"].values())) for row in nets),
-                 "; ".join(fmt(row["vs_vanilla"], sign=True) for row in nets) if nets[0]["vs_vanilla"] else "–"]
-        if ensemble is None:
-            cells += ["–", "–", "–"]
-        else:
-            cells += [fmt(list(ensemble["values"].values())), fmt(ensemble["vs_vanilla"], sign=True),
-                      fmt(ensemble["vs_dml"], sign=True)]
+        n = len(members[0]["values"])
+        per_member = lambda cell: "; ".join(cell(row) for row in members) if any(
+            cell(row) != "–" for row in members) else "–"
+        cells = [config, " + ".join(row["model"] for row in members), str(n),
+                 per_member(lambda row: fmt(sorted_values(row["train"]))),
+                 per_member(lambda row: fmt(sorted_values(row["values"]))),
+                 per_member(lambda row: fmt_diff(row["alone"], full=False, n_expected=n)),
+                 per_member(lambda row: fmt_diff(row["perturbed"], full=False, n_expected=n)),
+                 fmt(sorted_values(ensemble["values"])) if ensemble else "–",
+                 fmt_diff(ensemble and ensemble["ensemble"], full=False, n_expected=n)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def compact_table(study):
+    """The compact table of the study in directory `study` (what the README shows), as a string."""
+    return compact(summarize(load_study(study))[0])
 
 
 def leadership(runs):
     """One line per competitive configuration: per seed, the share of steps its most frequent leader led."""
     lines = []
-    for config in sorted({run["config"] for run in runs if run["leader"] is not None}):
-        group = sorted((run for run in runs if run["config"] == config and run["leader"] is not None),
-                       key=lambda run: run["seed"])
-        lines.append(f"{config}: " + " / ".join(f"{run['leader']:.2f}" for run in group) +
-                     f" (seeds {', '.join(str(run['seed']) for run in group)})")
+    for config, group in by_config([run for run in runs if run["leader"] is not None]).items():
+        lines.append(f"{config}: " + " / ".join(f"{run['leader']:.2f}" for run in group.values()) +
+                     f" (seeds {', '.join(str(seed) for seed in group)})")
     return "\n".join(lines)
 
 
 def plot(rows, path, title):
-    """A dot plot (one line per row: a dot per seed, the mean as a bar, +-1 std as a line) as a PNG."""
-    from PIL import Image, ImageDraw, ImageFont  # Pillow comes with torchvision
-    font = ImageFont.load_default()
-    values = [v for row in rows for v in row["values"].values()]
-    low, high = math.floor(min(values) - 0.5), math.ceil(max(values) + 0.5)
-    left, width, line, top = 260, 520, 22, 40
-    image = Image.new("RGB", (left + width + 30, top + line * len(rows) + 50), "white")
-    draw = ImageDraw.Draw(image)
-    draw.text((10, 10), title, fill="black", font=font)
-    x = lambda v: left + (v - low) / (high - low) * width
-    for tick in range(low, high + 1):
-        draw.line([(x(tick), top), (x(tick), top + line * len(rows))], fill=(225, 225, 225))
-        draw.text((x(tick) - 8, top + line * len(rows) + 6), str(tick), fill="black", font=font)
-    draw.text((left + width // 2 - 60, top + line * len(rows) + 24), "test accuracy (%)", fill="black", font=font)
-    draw.text((10, top + line * len(rows) + 24), "o one seed   | mean   - +-1 std", fill="black", font=font)
+    """A dot plot as a PNG, written atomically: one line per row, a dot per seed, the mean as a bar
+    and ±1 sample std as a line."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise StudyError("the plot needs matplotlib: pip install matplotlib") from None
+    figure = Figure(figsize=(9, 1.6 + 0.28 * len(rows)), dpi=100)
+    FigureCanvasAgg(figure)  # Agg renders without a display, whatever backend the session chose
+    axes = figure.subplots()
     for k, row in enumerate(rows):
-        y = top + line * k + line // 2
-        colour = (200, 60, 40) if row["label"] == "ensemble" else (40, 90, 180)
-        draw.text((10, y - 6), f"{row['config']}: {row['label']}", fill="black", font=font)
-        mean, std = mean_std(list(row["values"].values()))
+        y, values = len(rows) - 1 - k, sorted_values(row["values"])
+        colour = "tab:red" if row["label"] == "ensemble" else "tab:blue"
+        mean, std = mean_std(values)
         if not math.isnan(std):
-            draw.line([(x(mean - std), y), (x(mean + std), y)], fill=colour, width=2)
-        draw.line([(x(mean), y - 7), (x(mean), y + 7)], fill=colour, width=3)
-        for v in row["values"].values():
-            draw.ellipse([x(v) - 3, y - 3, x(v) + 3, y + 3], outline=colour)
+            axes.plot([mean - std, mean + std], [y, y], color=colour, linewidth=2)
+        axes.plot([mean], [y], marker="|", markersize=14, markeredgewidth=2, color=colour)
+        axes.plot(values, [y] * len(values), "o", markerfacecolor="none", color=colour)
+    axes.set_yticks(range(len(rows)), [f"{row['config']}: {row['label']}" for row in reversed(rows)], fontsize=8)
+    axes.set_ylim(-0.7, len(rows) - 0.3)
+    axes.grid(axis="x", color="0.9")
+    axes.set_xlabel("last-epoch test accuracy (%): o one seed, | mean, — ±1 sample std")
+    axes.set_title(title.replace("; seeds", "\nseeds"), fontsize=9)
+    figure.tight_layout()
     tmp = path + ".tmp"
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    try:
+        figure.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def get_args_parser():
+    """The command line: STUDY [--png FILE] [--compact]."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("study", help="the directory experiments/compare.py wrote")
     parser.add_argument("--png", default=None, help="dot plot to write (default: STUDY/study.png)")
@@ -229,22 +443,26 @@ def get_args_parser():
 
 
 def main(argv=None):
+    """Print the tables, the leadership and what is missing, write the plot; 0, or 2 after one error line."""
     args = get_args_parser().parse_args(argv)
+    png = args.png or os.path.join(args.study, "study.png")
     try:
-        runs = load_runs(args.study)
-        rows = summarize(runs)
-    except (StudyError, OSError, KeyError, json.JSONDecodeError) as error:
+        study = load_study(args.study)
+        rows, notes = summarize(study)
+        plot(rows, png, budget_line(study))
+    except (StudyError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    table = markdown(rows, runs)
-    print(table)
+    print(markdown(rows, study))
     if args.compact:
         print("\n" + compact(rows))
-    leaders = leadership(runs)
+    leaders = leadership(study["runs"])
     if leaders:
         print("\nshare of the steps led by the most frequent leader, mean over epochs, per seed:\n" + leaders)
-    png = args.png or os.path.join(args.study, "study.png")
-    plot(rows, png, table.splitlines()[0].split("; last-epoch")[0] + "; last-epoch test accuracy")
+    if study["incomplete"]:
+        print("\nincomplete, not in the tables: " + ", ".join(study["incomplete"]))
+    if study["warnings"] or notes:
+        print("\n" + "\n".join(study["warnings"] + notes))
     print(f"\nplot: {png}")
     return 0
 

@@ -24,6 +24,9 @@ def load_initial_weights(net, path, pick, *, label, reset_classifier):
             continue
         if key not in state:
             raise ValueError(f"--init '{path}': {label} has a tensor '{key}' that the file lacks (weights of another architecture?)")
+        if state[key].is_floating_point() != value.is_floating_point():
+            raise ValueError(f"--init '{path}': tensor '{key}' is {str(state[key].dtype).replace('torch.', '')} in the file "
+                             f"but {str(value.dtype).replace('torch.', '')} in {label} (not the same kind of weights)")
         if state[key].shape != value.shape:
             hint = "; --reset-classifier keeps a fresh classifier for another class count" if key in head else ""
             raise ValueError(f"--init '{path}': tensor '{key}' is {tuple(state[key].shape)} in the file "
@@ -81,7 +84,7 @@ def pick_network(ckpt, path, pick):
     n = len(labels)
     if pick is None and n > 1:
         raise ValueError(f"--init '{path}' holds {n} networks ({', '.join(labels)}); pick one with {path}@K (0..{n - 1}) or {path}@LABEL")
-    index = 0 if pick is None else int(pick) if pick.isdigit() else labels.index(pick) if pick in labels else None
+    index = 0 if pick is None else int(pick) if re.fullmatch(r"[0-9]+", pick) else labels.index(pick) if pick in labels else None
     if index is None or index >= n:
         raise ValueError(f"--init '{path}@{pick}': no such network; the file holds {', '.join(labels)} (pick by index 0..{n - 1} or label)")
     return ckpt["nets"][index]

@@ -60,8 +60,9 @@ def create_zoo_model(name, *, num_classes, img_size, in_chans, **kwargs):
     build = build_timm if prefix == "timm" else build_torchvision
     try:
         net = build(model, num_classes=num_classes, img_size=img_size, in_chans=in_chans, **kwargs)
-    except (TypeError, ValueError, AssertionError, RuntimeError) as error:
-        detail = " ".join(str(error).split())[:200]
+    except (TypeError, ValueError, AssertionError, RuntimeError, ArithmeticError, IndexError) as error:
+        # (a model too small for the size may divide by zero or index past its grid while building)
+        detail = " ".join(f"{type(error).__name__}: {error}".split())[:200]
         raise ValueError(f"{name} cannot be built for {num_classes} classes at {in_chans}x{img_size}px ({detail})") from None
     check_geometry(net, name, num_classes=num_classes, img_size=img_size, in_chans=in_chans)
     return net
@@ -109,8 +110,8 @@ def check_geometry(net, name, *, num_classes, img_size, in_chans):
     mode = net.training
     try:
         logits = net.eval()(torch.zeros(1, in_chans, img_size, img_size))
-    except (RuntimeError, ValueError, AssertionError) as error:
-        detail = " ".join(str(error).split())[:160]
+    except (RuntimeError, ValueError, AssertionError, ArithmeticError, IndexError) as error:
+        detail = " ".join(f"{type(error).__name__}: {error}".split())[:160]
         raise ValueError(f"{name} cannot take {in_chans}x{img_size}px inputs ({detail}); choose another --img-size") from None
     finally:
         net.train(mode)

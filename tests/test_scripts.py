@@ -315,9 +315,10 @@ def test_bad_resume_files(capsys, tmp_path):
     run_dir = tmp_path / "run"
     run_main(train, [*TINY, "--model", "resnet20", "--epochs", "1", "--out-dir", str(run_dir)])
     last = str(run_dir / "last.pt")
-    expect_usage_error(capsys, train, [*TINY, "--model", "resnet32", "--epochs", "2", "--resume", last], "holds models ['resnet20']")
+    expect_usage_error(capsys, train, [*TINY, "--model", "resnet32", "--epochs", "2", "--resume", last],
+                       "was written with --model resnet20; this run has resnet32")
     expect_usage_error(capsys, train, [*TINY, "--model", "resnet20", "--epochs", "2", "--num-classes", "7", "--resume", last],
-                       "10 classes")
+                       "was written with --num-classes 10; this run has 7")
     expect_usage_error(capsys, train, [*TINY, "--model", "resnet20", "--epochs", "1", "--resume", last], "raise --epochs")
     expect_usage_error(capsys, train, [*TINY, "--model", "resnet20", "--epochs", "2", "--batch-size", "16", "--resume", last],
                        "was written with --batch-size 32; this run has 16")
@@ -338,7 +339,7 @@ def test_a_resume_keeps_the_perturbation_schedule(capsys, tmp_path):
     run_main(competitive, [*group, "--epochs", "1", "--out-dir", str(run_dir)])
     last = str(run_dir / "last.pt")
     expect_usage_error(capsys, competitive, [*group, "--epochs", "2", "--perturb-every", "5", "--resume", last],
-                       "was written with --perturb-every 10; this run has 5", "the same perturbation schedule")
+                       "was written with --perturb-every 10; this run has 5", "a resume continues its run")
     expect_usage_error(capsys, competitive, [*group, "--epochs", "2", "--perturbations", "hflip", "--resume", last],
                        "was written with --perturbations", "this run has ['hflip']")
 
