@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 
 import flags
-from flags import RunComplete, RunFailure, UsageError
+from configs import given_flags
+from errors import RunComplete, RunFailure, UsageError
 from utils import unwrap
 
 CHECKPOINT_FORMAT = 2  # 2: the scripts' own resumable objects under "state" (format 1 named it "extra")
@@ -176,7 +177,7 @@ def adopt_recorded_arguments(args):
         raise UsageError(f"--resume '{path}' is a best.pt: each network at its best validation epoch, without optimizer "
                          f"state, a selection rather than a training state; resume from "
                          f"'{os.path.join(os.path.dirname(path), 'last.pt')}'")
-    given, changes = flags.given_flags(args), {}
+    given, changes = given_flags(args), {}
     for key, old in ckpt["args"].items():
         if key in PER_INVOCATION or not hasattr(args, key):
             continue

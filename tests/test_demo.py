@@ -16,12 +16,10 @@ from PIL import Image
 
 import checkpoints
 import demo
-import engine
 import flags
 import metrics
 import train
 import train_competitive_distillation as cd
-import utils
 
 ROOT = Path(__file__).resolve().parent.parent
 # One training step: 64 of the fake set's 2048 training images, the rest held out for validation

@@ -16,7 +16,6 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 import checkpoints
-import engine
 import flags
 import helpers
 import train_competitive_distillation as competitive

@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 import checkpoints
-import engine
 import flags
 import models
 import train

@@ -458,7 +458,6 @@ def test_bn_statistics_kept_restores_running_statistics_only():
 def test_a_perturbed_batch_skips_its_networks_bn_statistics(script, update, tmp_path, monkeypatch):
     """Every step perturbs network 0 (monkeypatched draw): its running statistics stay at their initial
     values, network 1's move; --update-bn-on-perturbed restores the authors' behaviour."""
-    import engine
     import train_competitive_distillation
     import train_mutual_learning
     module = {"competitive": train_competitive_distillation, "mutual": train_mutual_learning}[script]

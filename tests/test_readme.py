@@ -8,7 +8,6 @@ import shlex
 
 import pytest
 
-import utils
 from datasets import DATASETS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
