@@ -42,6 +42,8 @@ def get_args_parser():
     add("--which", default="best", choices=["best", "last"],
         help="checkpoint of a run directory: best.pt (each network at its best validation accuracy; "
              "last.pt when the run had no validation split) or last.pt")
+    add("--ema", action="store_true",
+        help="show the networks' --model-ema averages saved in the checkpoint instead of the networks")
     add("--images", nargs="+", metavar="FILE", default=None,
         help="classify these image files instead of test images (skips the test-set evaluation)")
     add("--topk", type=int, default=3, help="classes shown per network for --images")
@@ -107,6 +109,18 @@ def net_epochs(ckpt):
         return [str(epoch) for epoch in best["epoch"]]
     step = f"+{ckpt['step']} steps" if ckpt["step"] else ""
     return [f"{ckpt['epoch']}{step}"] * len(ckpt["nets"])
+
+
+def with_averages(path, ckpt):
+    """The checkpoint with its networks' --model-ema averages in place of the networks (a frozen
+    network, which has none, stays itself)."""
+    averages = ckpt["state"].get("ema", {}).get("averages")
+    if not averages:
+        raise flags.UsageError(f"'{path}' holds no --model-ema averages: the run was trained without --model-ema")
+    prefix = "module."  # an AveragedModel's state: its module's tensors, and its update count
+    nets = [state if average is None else {k[len(prefix):]: v for k, v in average.items() if k.startswith(prefix)}
+            for state, average in zip(ckpt["nets"], averages)]
+    return {**ckpt, "nets": nets}
 
 
 def build_group(paths, ckpts, device):
@@ -382,6 +396,8 @@ def main(args):
     paths = [path for path, _ in sources]
     ckpts = [checkpoints.load_checkpoint(path) for path in paths]
     check_group(paths, ckpts)
+    if args.ema:
+        ckpts = [with_averages(path, c) for path, c in zip(paths, ckpts)]
     ckpt = ckpts[0]
     run_dir = sources[0][1]
     out = args.out or os.path.join(run_dir, "predictions.png")

@@ -50,6 +50,7 @@ class RunState:
     last_rows: list = field(default_factory=list)  # the latest epoch's metrics rows
     lock: tuple = None           # (path, content) of the run directory's lock, held by the main process
     train_seconds: float = float("nan")            # wall time of the latest epoch's training steps
+    last_ema_rows: list = field(default_factory=list)  # the latest epoch's rows of the --model-ema averages
     interval: dict = field(default_factory=dict)   # the --log-interval line's last (step, time)
 
 
@@ -292,11 +293,13 @@ def evaluate_epoch(run, val_loader, test_loader, epoch):
     if (epoch + 1) % getattr(run.args, "eval_every", 1) and not last_epoch_here(run, epoch):
         return {"val": None, "test": None}
     shown = progress_enabled(run.args, run.rt)
-    results = {}
-    for split, loader in (("val", val_loader), ("test", test_loader)):
-        results[split] = None if loader is None else evaluate(
-            run.nets, progress(loader, shown, desc="validation" if split == "val" else split), run.rt,
-            outputs=run.outputs, members=len(run.labels))
+    ema = run.checkpoints.state.get("ema")
+    results, groups = {}, [("", run.nets)] + ([("ema ", ema.modules(run.nets))] if ema else [])
+    for prefix, nets in groups:  # the networks, then their --model-ema averages
+        for split, loader in (("val", val_loader), ("test", test_loader)):
+            results[prefix + split] = None if loader is None else evaluate(
+                nets, progress(loader, shown, desc=prefix + ("validation" if split == "val" else split)), run.rt,
+                outputs=run.outputs, members=len(run.labels))
     return results
 
 
@@ -314,17 +317,25 @@ def log_epoch(run, epoch, stats, evals, schedule):
         if i < members:
             row["lr"] = lrs[min(i, len(lrs) - 1)]  # a branched network's branches share its optimizer
             row.update({f"train_{name}": value for name, value in train[i].items()})
-        for split, result in evals.items():
-            if result is not None:
-                row.update({f"{split}_{name}": value for name, value in result[i].items()})
+        row.update(eval_columns(evals, i))
         if i < members:
             row["epoch_time_s"] = seconds
             row["images_per_s"] = steps * run.args.batch_size * run.rt.world_size / seconds
         rows.append(row)
-    run.metrics.write(epoch + 1, rows)
-    print_main(run.rt, *(epoch_line(epoch + 1, run.args.epochs, row) for row in rows))
+    # --model-ema: a row for each average (and for their ensemble), evaluated only
+    averages = [{"epoch": row["epoch"], "net": f"ema_{row['net']}", "model": row["model"], **eval_columns(evals, i, "ema ")}
+                for i, row in enumerate(rows)] if evals.get("ema test") is not None else []
+    run.metrics.write(epoch + 1, rows + averages)
+    print_main(run.rt, *(epoch_line(epoch + 1, run.args.epochs, row) for row in rows + averages))
     run.last_rows = run.checkpoints.last_rows = rows
+    run.last_ema_rows = averages
     return rows
+
+
+def eval_columns(evals, i, prefix=""):
+    """Member i's evaluation columns (val_acc, test_loss, ...) of evaluate_epoch's results under `prefix`."""
+    return {f"{split}_{name}": value for split in ("val", "test") if evals.get(prefix + split) is not None
+            for name, value in evals[prefix + split][i].items()}
 
 
 def diverged(rows):
@@ -375,6 +386,9 @@ def finish(run):
         return None
     results = results_record(run.run_dir, run.script, run.info.name, run.info.synthetic, run.last_rows,
                              run.checkpoints.best, len(run.nets))
+    if run.last_ema_rows:
+        results["ema"] = [{"net": row["net"], "model": row["model"], "final_test_acc": row["test_acc"],
+                           "final_val_acc": row.get("val_acc")} for row in run.last_ema_rows]
     if run.rt.is_main:
         checkpoints.save_json(results, os.path.join(run.run_dir, "results.json"))
         print_main(run.rt, "final test accuracy (last epoch): " + ", ".join(

@@ -289,6 +289,9 @@ def add_optimization_flags(flags, *, epochs, batch_size, optimizer, schedule, we
     add("--gamma", type=float, default=0.1, help="step schedule: decay factor at each milestone")
     add("--min-lr", type=float, default=0.0, help="cosine schedule: final learning rate as a fraction of the peak")
     add("--label-smoothing", type=float, default=label_smoothing, help="label smoothing of the cross-entropy")
+    add("--model-ema", type=float, default=None, metavar="DECAY",
+        help="keep an exponential moving average of each network's weights and buffers with this decay, updated "
+             "every step and evaluated beside the networks (ema_* rows; DeiT/CeiT: 0.99996); default off")
     add("--drop-path", type=float, default=0.1,
         help="stochastic depth of the transformers (ViT/CeiT), rising linearly to this rate in the last "
              "block (DeiT/CeiT: 0.1); CNNs have none")
@@ -369,7 +372,7 @@ FLAG_RANGES = {
     "kd_weight": (_non_negative, ">= 0"), "temperature": (_positive, "positive"), "mixup": (_non_negative, ">= 0"),
     "cutmix": (_non_negative, ">= 0"), "mix_prob": (_fraction, "in [0, 1]"), "switch_prob": (_fraction, "in [0, 1]"),
     "drop_path": (_below_one, "in [0, 1)"), "rotate": (_half_turn, "in [0, 180] (degrees)"),
-    "dist_timeout": (_positive, "positive (seconds)"),
+    "dist_timeout": (_positive, "positive (seconds)"), "model_ema": (lambda v: 0 < v < 1, "in (0, 1)"),
 }
 
 

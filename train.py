@@ -11,6 +11,7 @@ import sys
 import engine
 import flags
 import utils
+from ema import ModelEma
 from losses import mixed_accuracy, mixed_cross_entropy
 from perturb import Perturber, add_perturbation_flags, bn_statistics_kept
 
@@ -50,8 +51,9 @@ def main(args):
     perturber = Perturber(every=args.perturb_every, ops=args.perturbations, num_nets=1,
                           seed=args.seed, mean=data.info.mean, std=data.info.std, device=rt.device)
     scaler = utils.make_scaler(rt)
+    averages = ModelEma(nets, args.model_ema, group.frozen)  # --model-ema; off by default
     run = engine.start_run(args, "train", group, rt, data.info, nets, optimizers, steps_per_epoch=len(train_loader),
-                           state={"scaler": scaler, "perturber": perturber})
+                           state={"scaler": scaler, "ema": averages, "perturber": perturber})
     train_step = functools.partial(vanilla_step, nets[0], optimizers[0], scaler, args=args, rt=rt)
     if rt.cuda_graphs:  # captured once, then replayed
         train_step = utils.CapturedStep(train_step)
@@ -65,6 +67,7 @@ def main(args):
                 batch = perturber(global_step, images, labels)  # the batch itself unless --perturb-every
                 with bn_statistics_kept(nets[0] if batch.net >= 0 and not args.update_bn_on_perturbed else None):
                     stats.add(train_step(batch.inputs[0], labels, batch.labels_perm, batch.lams[0]))
+                averages.update(nets)  # after the BatchNorm statistics are restored
                 engine.log_step(run, epoch, step, stats)
                 if stop.requested(step):  # SIGINT/SIGTERM: save last.pt and exit (130/143)
                     sys.exit(engine.save_and_stop(run, stop, epoch, step + 1, stats))

@@ -15,6 +15,7 @@ import engine
 import flags
 import models
 import utils
+from ema import ModelEma
 from losses import accuracy, soft_target_cross_entropy
 
 
@@ -100,8 +101,9 @@ def main(args):
     schedule = utils.Schedule(args, optimizers, peak_lrs, len(train_loader))
     scaler = utils.make_scaler(rt)
     mix_rng = HostRandom(args.seed)  # host-side draws of lam and boxes: no device synchronisation
+    averages = ModelEma(nets, args.model_ema, group.frozen)  # --model-ema; off by default
     run = engine.start_run(args, "ceit", group, rt, data.info, nets, optimizers, steps_per_epoch=len(train_loader),
-                           state={"scaler": scaler, "mix_rng": mix_rng})
+                           state={"scaler": scaler, "ema": averages, "mix_rng": mix_rng})
     train_step = functools.partial(transformer_step, nets[0], optimizers[0], scaler, args=args, rt=rt)
     if rt.cuda_graphs:  # captured once, then replayed
         train_step = utils.CapturedStep(train_step)
@@ -114,6 +116,7 @@ def main(args):
                 # Mixup/cutmix draws happen on the host, outside the captured step.
                 images, targets = mix_batch(images, labels, data.info.num_classes, args, mix_rng)
                 stats.add(train_step(images, targets, labels))
+                averages.update(nets)
                 engine.log_step(run, epoch, step, stats)
                 if stop.requested(step):  # SIGINT/SIGTERM: save last.pt and exit (130/143)
                     sys.exit(engine.save_and_stop(run, stop, epoch, step + 1, stats))

@@ -20,6 +20,7 @@ import torch
 import engine
 import flags
 import utils
+from ema import ModelEma
 from losses import accuracy, kd_loss, kdcl_teacher, mixed_accuracy, mixed_cross_entropy
 from perturb import Perturber, add_perturbation_flags, bn_statistics_kept
 
@@ -82,8 +83,9 @@ def main(args):
     perturber = Perturber(every=args.perturb_every, ops=args.perturbations, num_nets=len(nets),
                           seed=args.seed, mean=data.info.mean, std=data.info.std, device=rt.device)
     scaler = utils.make_scaler(rt)
+    averages = ModelEma(nets, args.model_ema, group.frozen)  # --model-ema; off by default
     run = engine.start_run(args, "kdcl", group, rt, data.info, nets, optimizers, steps_per_epoch=len(train_loader),
-                           state={"scaler": scaler, "perturber": perturber})
+                           state={"scaler": scaler, "ema": averages, "perturber": perturber})
     train_step = functools.partial(kdcl_step, nets, optimizers, scaler, args=args, rt=rt)
     if rt.cuda_graphs:  # the whole group step captured once, then replayed
         train_step = utils.CapturedStep(train_step)
@@ -98,6 +100,7 @@ def main(args):
                 batch = perturber(global_step, images, labels)
                 with bn_statistics_kept(nets[batch.net] if batch.net >= 0 and not args.update_bn_on_perturbed else None):
                     stats.add(train_step(batch.inputs, labels, batch.labels_perm, batch.lams))
+                averages.update(nets)  # after the BatchNorm statistics are restored
                 engine.log_step(run, epoch, step, stats)
                 if stop.requested(step):  # SIGINT/SIGTERM: save last.pt and exit (130/143)
                     sys.exit(engine.save_and_stop(run, stop, epoch, step + 1, stats))

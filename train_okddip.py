@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import engine
 import flags
 import utils
+from ema import ModelEma
 from losses import accuracy, kd_loss, peer_attention_weights, peer_teachers, sigmoid_rampup
 from train_one import branched_group, save_deployed
 
@@ -93,8 +94,9 @@ def main(args):
     scaler = utils.make_scaler(rt)
     base = utils.unwrap(nets[0]).base
     members = [(f"leader_{base}", base)] + [(f"peer{i}_{base}", base) for i in range(args.branches - 1)]
+    averages = ModelEma(nets, args.model_ema, group.frozen)  # --model-ema; off by default
     run = engine.start_run(args, "okddip", group, rt, data.info, nets, optimizers, steps_per_epoch=len(train_loader),
-                           state={"scaler": scaler}, members=members, outputs=okddip_outputs)
+                           state={"scaler": scaler, "ema": averages}, members=members, outputs=okddip_outputs)
     kd_weight = torch.zeros((), device=rt.device)
     train_step = functools.partial(okddip_step, nets[0], optimizers[0], scaler, args=args, rt=rt)
     if rt.cuda_graphs:  # captured once, then replayed
@@ -107,6 +109,7 @@ def main(args):
             for step, (images, labels) in engine.batches(run, train_loader, epoch):
                 schedule.step(epoch * len(train_loader) + step)
                 stats.add(train_step(images, labels, kd_weight))
+                averages.update(nets)
                 engine.log_step(run, epoch, step, stats)
                 if stop.requested(step):  # SIGINT/SIGTERM: save last.pt and exit (130/143)
                     sys.exit(engine.save_and_stop(run, stop, epoch, step + 1, stats))
