@@ -40,10 +40,11 @@ def launch(main, parser, argv=None):
         except RunComplete as error:
             print(str(error), flush=True)
             return None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as error:
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # a further one must not interrupt the exit
                 signal.signal(sig, signal.SIG_IGN)
-            fail(rank + interrupted_message(), 130)
+            signum = getattr(error, "signum", signal.SIGINT)
+            fail(rank + interrupted_message(signum), 128 + signum)
         except (MemoryError, torch.OutOfMemoryError) as error:
             fail(rank + out_of_memory_message(error), 1)
         except RuntimeError as error:
@@ -62,21 +63,45 @@ def launch(main, parser, argv=None):
         checked_main = record(checked_main)
     stdout, sys.stdout = sys.stdout, SurvivingStdout(sys.stdout)
     STOP["phase"] = "setup"
+    handlers = stop_outside_the_loop()
     try:
         result = checked_main(args)
     finally:
         sys.stdout = stdout
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     if dist.is_initialized():
         dist.destroy_process_group()
     return result
 
 
-def interrupted_message():
-    """What a KeyboardInterrupt that reached launch means, by the run's phase (STOP)."""
+class SignalStop(KeyboardInterrupt):
+    """SIGTERM or SIGHUP outside the training loop (whose engine.StopRequest saves the state first)."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def stop_outside_the_loop():
+    """SIGTERM and SIGHUP raise SignalStop until the training loop takes the signals over, so that a
+    run stopped while it starts or finishes exits in one line, releasing its run directory's lock;
+    returns the previous handlers."""
+    def handle(signum, frame):
+        raise SignalStop(signum)
+    try:
+        return {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    except ValueError:  # not the main thread: signals are the main thread's
+        return {}
+
+
+def interrupted_message(signum=signal.SIGINT):
+    """What a KeyboardInterrupt (or SignalStop) that reached launch means, by the run's phase (STOP)."""
+    name = signal.Signals(signum).name
     if STOP["phase"] == "setup":  # before the training loop took over the signals
-        return "interrupted before training began: nothing was saved"
+        return ("interrupted" if signum == signal.SIGINT else f"stopped by {name}") + " before training began: nothing was saved"
     if STOP["phase"] == "finishing":
-        return "interrupted while finishing: last.pt holds the trained run; --resume auto finishes it"
+        return f"{name} while finishing: last.pt holds the trained run; --resume auto finishes it"
     # a second Ctrl-C while a step ran: the first one had not been honoured yet
     return "interrupted twice: stopped at once, without saving; the run directory keeps the last checkpoint written, if any"
 

@@ -385,9 +385,52 @@ def compact(rows):
     return "\n".join(lines)
 
 
-def compact_table(study):
-    """The compact table of the study in directory `study` (what the README shows), as a string."""
-    return compact(summarize(load_study(study))[0])
+def headline(rows):
+    """The shortest table, one line per configuration (the README's): the test accuracy of its
+    deployed network (a group's networks averaged per seed; ONE's branch 0, OKDDip's leader), its
+    paired difference to that architecture trained alone, and its ensemble against the independent
+    ensemble of as many networks; 95 % t-intervals over seeds."""
+    lines = ["| configuration | models | seeds | test acc | − alone [95% CI] | ensemble | − independent ensemble [95% CI] |",
+             "|---|---|---|---|---|---|---|"]
+    for config, group in by_label(rows).items():
+        members = [row for row in group if row["label"] != "ensemble"]
+        ensemble = next((row for row in group if row["label"] == "ensemble"), None)
+        deployed = members[:1] if members[0]["label"].startswith(("branch", "leader")) else members
+        models = [row["model"] for row in deployed]
+        # homogeneous members are averaged per seed; a mixed group shows each architecture
+        shown = [deployed] if len(set(models)) == 1 else [[row] for row in deployed]
+        acc = "; ".join(fmt(sorted_values(mean_by_seed(part, "values"))) for part in shown)
+        alone = "; ".join(fmt_diff(merged_diffs(part), full=False, n_expected=len(members[0]["values"]))
+                          if all(row["alone"] for row in part) else "–" for part in shown)
+        lines.append(f"| {config} | {' + '.join(row['model'] for row in members)} | {len(members[0]['values'])} | {acc} | "
+                     f"{alone} | {fmt(sorted_values(ensemble['values'])) if ensemble else '–'} | "
+                     f"{fmt_diff(ensemble and ensemble['ensemble'], full=False, n_expected=len(members[0]['values']))} |")
+    return "\n".join(lines)
+
+
+def by_label(rows):
+    """{configuration: its rows}, in table order."""
+    configs = {}
+    for row in rows:
+        configs.setdefault(row["config"], []).append(row)
+    return configs
+
+
+def mean_by_seed(rows, key):
+    """{seed: mean over `rows` of row[key][seed]} over the seeds every row has."""
+    seeds = set.intersection(*(set(row[key]) for row in rows))
+    return {seed: sum(row[key][seed] for row in rows) / len(rows) for seed in seeds}
+
+
+def merged_diffs(rows):
+    """The members' paired differences to the network alone, averaged per seed (one comparison)."""
+    return {"baseline": rows[0]["alone"]["baseline"],
+            "diffs": mean_by_seed([{"diffs": row["alone"]["diffs"]} for row in rows], "diffs")}
+
+
+def compact_table(study, table=None):
+    """The compact table (or `table`, e.g. headline) of the study in directory `study`, as a string."""
+    return (table or compact)(summarize(load_study(study))[0])
 
 
 def leadership(runs):
@@ -439,6 +482,8 @@ def get_args_parser():
     parser.add_argument("study", help="the directory experiments/compare.py wrote")
     parser.add_argument("--png", default=None, help="dot plot to write (default: STUDY/study.png)")
     parser.add_argument("--compact", action="store_true", help="also print one line per configuration")
+    parser.add_argument("--headline", action="store_true",
+                        help="also print the shortest table: each configuration's deployed network and ensemble (the README's)")
     return parser
 
 
@@ -456,6 +501,8 @@ def main(argv=None):
     print(markdown(rows, study))
     if args.compact:
         print("\n" + compact(rows))
+    if args.headline:
+        print("\n" + headline(rows))
     leaders = leadership(study["runs"])
     if leaders:
         print("\nshare of the steps led by the most frequent leader, mean over epochs, per seed:\n" + leaders)

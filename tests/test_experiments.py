@@ -423,3 +423,15 @@ def test_bn_perturbed_reports_every_condition(tmp_path, capsys):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "test acc" not in line]
     assert [row.split(" | ")[0][2:] for row in rows] == ["as saved", "clean", *bn_perturbed.PERTURBATIONS]
     assert rows[1].endswith("| +0.00 |")
+
+
+def test_the_headline_table_by_hand(study):
+    """The README's table: a group's networks averaged per seed, paired with the network alone; the
+    ensemble paired with the independent ensemble; 95 % t-intervals (t(0.975, 2) = 4.303)."""
+    lines = summarize.compact_table(study, summarize.headline).splitlines()
+    dml = next(line for line in lines if line.startswith("| dml |"))
+    # networks per seed: (81 + 82) / 2 = 81.5, (81.5 + 80.5) / 2 = 81.0, (80 + 81) / 2 = 80.5: 81.00 ± 0.50
+    # − alone (80, 81, 79): 1.5, 0.0, 1.5: mean 1.00, sd 0.866, half 4.303 * 0.866 / sqrt(3) = 2.15
+    # ensemble (83, 82, 81.5): 82.17 ± 0.76; − independent (82, 81.5, 80): 1.0, 0.5, 1.5: half 4.303 * 0.5 / sqrt(3) = 1.24
+    assert dml == "| dml | resnet20 + resnet20 | 3 | 81.00 ± 0.50 | +1.00 [-1.15, +3.15] | 82.17 ± 0.76 | +1.00 [-0.24, +2.24] |"
+    assert lines[2].startswith("| vanilla | resnet20 | 3 | 80.00 ± 1.00 | – |")
