@@ -22,6 +22,7 @@ Rebuilding a network from its files (docs/usage.md, "Sharing trained networks"):
 import argparse
 import hashlib
 import importlib.util
+import inspect
 import json
 import os
 
@@ -97,7 +98,11 @@ def check_out_dir(out):
 
 
 def check_onnx_packages():
-    """UsageError in one line unless torch.onnx's exporter can run (it needs onnx and onnxscript)."""
+    """UsageError in one line unless torch.onnx's torch.export-based exporter can run (it needs onnx and onnxscript)."""
+    needed = {"dynamo", "dynamic_shapes", "external_data"}  # the torch.export-based exporter's arguments used here
+    if not needed <= set(inspect.signature(torch.onnx.export).parameters):
+        raise UsageError(f"--format onnx needs a newer torch (this {torch.__version__} has no "
+                         f"torch.onnx.export(dynamo=True, dynamic_shapes=..., external_data=...))")
     missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
     if missing:
         raise UsageError(f"--format onnx needs the {' and '.join(missing)} package{'s' * (len(missing) > 1)} "
