@@ -19,7 +19,6 @@ Rebuilding a network from its files (docs/usage.md, "Sharing trained networks"):
                               in_chans=meta["in_chans"])
     net.load_state_dict(safetensors.torch.load_file("net0_resnet32.safetensors"))
 """
-import argparse
 import hashlib
 import importlib.util
 import inspect
@@ -44,8 +43,8 @@ ONNX_CHECK_BATCHES = (1, 3)
 
 
 def get_args_parser():
-    """Flags: which run, which checkpoint, which formats, where to."""
-    parser = argparse.ArgumentParser(description="Export a run's trained networks as .safetensors (+ JSON, + ONNX) files.",
+    """Flags: which run, which checkpoint, which formats, where to (a usage error is one line, exit code 2)."""
+    parser = flags.ArgumentParser(description="Export a run's trained networks as .safetensors (+ JSON, + ONNX) files.",
                                      formatter_class=flags.HelpFormatter)
     add = parser.add_argument
     add("run_dir", metavar="RUN_DIR", help="a run directory of this repository's training scripts")
@@ -216,9 +215,13 @@ def description(label, name, trained_as, net_index, ckpt, which, epoch, results,
 # ----------------------------------------------------------------------------------------------
 def write_files(out, files):
     """Write {file name: bytes} into directory `out`, all or none: each into a temporary file (flushed
-    to disk), then each renamed over its name; an error removes the temporary files and those already
-    renamed, and says so in one line."""
-    staged, placed, current = [], [], out
+    to disk), then each renamed over its name; an error removes the temporary files, those already
+    renamed and the directories made for them, and says so in one line."""
+    staged, placed, current, made = [], [], out, []
+    folder = os.path.abspath(out)
+    while not os.path.lexists(folder):  # the directories makedirs creates, deepest first
+        made.append(folder)
+        folder = os.path.dirname(folder)
     try:
         os.makedirs(out, exist_ok=True)
         for name, data in files.items():
@@ -236,6 +239,9 @@ def write_files(out, files):
         for path in staged + placed:
             if os.path.exists(path):
                 os.remove(path)
+        for folder in made:
+            if os.path.isdir(folder) and not os.listdir(folder):
+                os.rmdir(folder)
         raise RunFailure(f"could not write '{current}': {error.strerror or error}; nothing was exported") from None
 
 
