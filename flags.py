@@ -369,7 +369,8 @@ FLAG_RANGES = {
     "kd_weight": (_non_negative, ">= 0"), "temperature": (_positive, "positive"), "mixup": (_non_negative, ">= 0"),
     "cutmix": (_non_negative, ">= 0"), "mix_prob": (_fraction, "in [0, 1]"), "switch_prob": (_fraction, "in [0, 1]"),
     "drop_path": (_below_one, "in [0, 1)"), "rotate": (_half_turn, "in [0, 180] (degrees)"),
-    "dist_timeout": (_positive, "positive (seconds)"),
+    "dist_timeout": (_positive, "positive (seconds)"), "reprob": (_fraction, "in [0, 1]"),
+    "absolute_min_lr": (_non_negative, ">= 0"),
 }
 
 
