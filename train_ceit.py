@@ -59,6 +59,9 @@ def get_args_parser():
     parser.set_defaults(min_lr=None)
     next(action for action in parser._actions if action.dest == "min_lr").help = (
         "cosine schedule: final learning rate as a fraction of the peak, instead of --absolute-min-lr")
+    # Runs recorded before these flags trained without them (and recorded their --min-lr, 0 by default, which
+    # stands): their resumes and --config repeats keep them off.
+    parser.older_runs = {"rand_augment": "none", "reprob": 0.0, "repeated_aug": False}
     return parser
 
 

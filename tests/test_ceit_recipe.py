@@ -288,6 +288,29 @@ def test_a_two_epoch_run_takes_the_recipe_by_default_and_resumes_exactly(capsys,
     assert [[r[k] for k in keys] for r in straight] == [[r[k] for k in keys] for r in resumed]
 
 
+def test_a_run_recorded_before_the_recipe_flags_resumes_and_repeats_without_them(tmp_path):
+    """A run of the earlier train_ceit.py trained without RandAugment, erasing and repeated augmentation, to a
+    final fraction --min-lr (0): its resume continues it so, and so does a --config repeat."""
+    off = ["--rand-augment", "none", "--reprob", "0", "--no-repeated-aug", "--min-lr", "0"]
+    train_ceit.main(train_ceit.get_args_parser().parse_args([*TINY, "--train-subset", "64", "--epochs", "1", *off,
+                                                             "--out-dir", str(tmp_path)]))
+    newer = ("rand_augment", "rand_augment_impl", "reprob", "repeated_aug", "aug_repeats", "absolute_min_lr")
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    ckpt["args"] = {key: value for key, value in ckpt["args"].items() if key not in newer}
+    torch.save(ckpt, tmp_path / "last.pt")
+    recorded = {key: value for key, value in json.loads((tmp_path / "args.json").read_text()).items() if key not in newer}
+    (tmp_path / "args.json").write_text(json.dumps(recorded))
+    parser = train_ceit.get_args_parser()
+    resumed = parser.parse_args([*TINY, "--train-subset", "64", "--epochs", "2", "--out-dir", str(tmp_path), "--resume", "auto"])
+    flags.check_args(resumed)
+    train_ceit.check_recipe(resumed)
+    repeat = flags.parse_args(train_ceit.get_args_parser(), ["--config", str(tmp_path / "args.json")])
+    for args in (resumed, repeat):
+        assert (args.rand_augment, args.reprob, args.repeated_aug, args.min_lr) == ("none", 0.0, False, 0.0)
+    # a new run takes the recipe
+    assert parser.parse_args([]).rand_augment == augment.RAND_AUGMENT_DEFAULT
+
+
 @pytest.mark.parametrize("extra,fragment", [
     (["--rand-augment", "rand-m12"], "--rand-augment 'rand-m12': the magnitude m must be in 0..10"),
     (["--rand-augment", "autoaugment"], "give 'none' or timm's syntax"),
