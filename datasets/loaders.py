@@ -109,7 +109,8 @@ class _EpochSampler(Sampler):
         if self.repeated:
             indices, copies = _repeated_epoch_indices(self.size, repeats=self.repeats, **where)
         else:
-            indices, copies = _epoch_indices(self.size, shuffle=self.shuffle, **where), torch.zeros(0, dtype=torch.long)
+            indices = _epoch_indices(self.size, shuffle=self.shuffle, **where)
+            copies = torch.zeros_like(indices)
         if not self.item_seeds:
             return iter(indices.tolist())
         # Drawn for the whole dataset and looked up by index (and copy): sample i's augmentation in an
@@ -118,7 +119,7 @@ class _EpochSampler(Sampler):
         for view in range(self.views):
             tables = torch.stack([torch.randint(2**62, (self.size,), generator=torch.Generator().manual_seed(
                 _view_seed(self.seed, self.epoch, view, copy))) for copy in range(self.repeats if self.repeated else 1)])
-            seeds.append(tables[copies, indices].tolist() if self.repeated else tables[0, indices].tolist())
+            seeds.append(tables[copies, indices].tolist())
         return iter(zip(indices.tolist(), seeds[0] if self.views == 1 else zip(*seeds), strict=True))
 
 

@@ -79,6 +79,20 @@ def test_rand_augment_changes_images_and_is_a_function_of_the_item_seed(implemen
     assert torch.equal(torch.get_rng_state(), state[0]) and random.getstate() == state[1]
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_the_recipes_batches_do_not_depend_on_the_worker_count(implementation):
+    """RandAugment (timm's draws from Python's and NumPy's generators), erasing and repeated augmentation
+    give the same batches with the images fetched in the main process or in 2 worker processes."""
+    data = fake(rand_augment=augment.RAND_AUGMENT_DEFAULT, rand_augment_impl=implementation, erase_prob=0.25)
+    batches = []
+    for workers in (0, 2):
+        train, _, _ = make_loaders(data, batch_size=64, device="cpu", workers=workers, seed=5, repeats=3)
+        train.set_epoch(1)
+        batches.append([batch for _, batch in zip(range(2), train)])
+    for (a, labels_a), (b, labels_b) in zip(*batches):
+        assert torch.equal(a, b) and torch.equal(labels_a, labels_b)
+
+
 def test_random_erasing_erases_one_box_with_its_probability_after_normalisation():
     plain, erased = fake(), fake(erase_prob=0.25)
     first = keys(seed=0)
