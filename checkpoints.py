@@ -178,7 +178,8 @@ def adopt_recorded_arguments(args):
                          f"state, a selection rather than a training state; resume from "
                          f"'{os.path.join(os.path.dirname(path), 'last.pt')}'")
     given, changes = given_flags(args), {}
-    for key, old in ckpt["args"].items():
+    # a flag newer than the run: the run went without it, with the value the script gives that (flags.ArgumentParser)
+    for key, old in {**getattr(args, "_older_runs", {}), **ckpt["args"]}.items():
         if key in PER_INVOCATION or not hasattr(args, key):
             continue
         new = getattr(args, key)

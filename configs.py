@@ -56,6 +56,8 @@ def read_config(path, parser, any_script=False):
         raise UsageError(f"--config '{path}' is a run of the {config['script']} script, whose recipe is not {script}'s; "
                          f"--config-any-script takes it anyway")
     actions = {action.dest: action for action in parser._actions if action.option_strings}
+    if config.get("script", script) == script:  # a run older than some of this script's flags went without them
+        config = {**getattr(parser, "older_runs", {}), **config}
     defaults = {}
     for key, value in config.items():
         if key in CONFIG_SKIPPED:

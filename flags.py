@@ -170,7 +170,12 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser whose usage errors (unknown flag, bad choice, missing value) are one line on
     stderr, `error: PROG: ...`, and exit code 2, like every other bad input; --help shows the usage.
     The namespace it returns also knows which flags the command line gave (given_flags), which a
-    resume needs: the run's recorded arguments stand for every other one."""
+    resume needs: the run's recorded arguments stand for every other one.
+
+    older_runs: the value of each flag added since runs were first recorded that such a run had in effect
+    (the behaviour before the flag), so that a resume or --config of a run whose arguments lack the flag
+    continues or repeats that run rather than taking the flag's new default."""
+    older_runs = {}
 
     def error(self, message):
         fail(f"{self.prog}: {message} (see --help)")
@@ -184,6 +189,7 @@ class ArgumentParser(argparse.ArgumentParser):
         probe = argparse.Namespace(**{a.dest: _NOT_GIVEN for a in self._actions if a.dest != argparse.SUPPRESS})
         super().parse_known_args(args, probe)
         parsed._given = frozenset(k for k, v in vars(probe).items() if v is not _NOT_GIVEN)
+        parsed._older_runs = dict(self.older_runs)
         return parsed, extras
 
 
@@ -398,6 +404,7 @@ FLAG_RANGES = {
     "cutmix": (_non_negative, ">= 0"), "mix_prob": (_fraction, "in [0, 1]"), "switch_prob": (_fraction, "in [0, 1]"),
     "drop_path": (_below_one, "in [0, 1)"), "rotate": (_half_turn, "in [0, 180] (degrees)"),
     "dist_timeout": (_positive, "positive (seconds)"), "model_ema": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "reprob": (_fraction, "in [0, 1]"), "absolute_min_lr": (_non_negative, ">= 0"),
 }
 
 

@@ -1,10 +1,12 @@
 """Train a vision transformer (CeiT by default, ViT too) alone with the DeiT/CeiT recipe (Touvron
-et al. 2021; Yuan et al. 2021): AdamW, linear warm-up then cosine decay, label smoothing,
-mixup/cutmix and drop-path.
+et al. 2021; Yuan et al. 2021; the defaults of github.com/coeusguo/ceit main.py): AdamW, linear
+warm-up then cosine decay to an absolute 1e-5, label smoothing, mixup/cutmix, drop-path, RandAugment,
+random erasing and repeated augmentation.
 
     python train_ceit.py --model ceit_tiny --dataset cifar100
     python train_ceit.py --model ceit --dataset imagenet --data-dir /data/imagenet --img-size 224
 """
+import argparse
 import functools
 import random
 import sys
@@ -15,12 +17,15 @@ import engine
 import flags
 import models
 import utils
+from datasets import augment
+from datasets.loaders import per_image_steps, repeated_epoch_length
 from ema import ModelEma
 from losses import accuracy, soft_target_cross_entropy
 
 
 def get_args_parser():
-    """Flags: the shared ones with the CeiT/DeiT recipe as defaults, plus mixup/cutmix/drop-path."""
+    """Flags: the shared ones with the CeiT/DeiT recipe as defaults, plus mixup/cutmix, RandAugment, random
+    erasing, repeated augmentation and the absolute final rate (CeiT's main.py defaults)."""
     parser = flags.get_args_parser(
         "Train a CeiT or ViT with the transformer recipe.", script="ceit", epochs=300, optimizer="adamw",
         weight_decay=0.05, warmup_epochs=5, label_smoothing=0.1)
@@ -30,7 +35,84 @@ def get_args_parser():
     add("--cutmix", type=float, default=1.0, help="cutmix Beta(alpha, alpha) parameter (DeiT: 1.0; 0 = off)")
     add("--mix-prob", type=float, default=1.0, help="probability that a batch is mixed at all (DeiT: 1.0)")
     add("--switch-prob", type=float, default=0.5, help="probability of cutmix rather than mixup when both are on (DeiT: 0.5)")
+    add("--rand-augment", default=augment.RAND_AUGMENT_DEFAULT, metavar="CONFIG",
+        help="RandAugment of each training image after the crop, flip and resize, in timm's config syntax (CeiT/DeiT main.py "
+             "--aa: rand-m9-mstd0.5-inc1 = magnitude 9 of 10, 2 ops, magnitude noise std 0.5, the increasing op "
+             "set); 'none' = off")
+    add("--rand-augment-impl", default="auto", choices=augment.IMPLEMENTATIONS,
+        help="who runs --rand-augment: timm's rand_augment_transform (the official recipe exactly), or "
+             "torchvision's v2.RandAugment(num_ops=n, magnitude=m of 10), which has its own op set, applies every "
+             "op it draws and has no magnitude noise (mstd, inc and p are not used); auto: timm when installed. "
+             "The run records the one used")
+    add("--reprob", type=float, default=0.25,
+        help="random erasing probability (CeiT/DeiT main.py --reprob 0.25, --remode pixel, --recount 1): one box "
+             "of per-pixel N(0, 1) values on the normalised image, torchvision's v2.RandomErasing; 0 = off")
+    add("--repeated-aug", action=argparse.BooleanOptionalAction, default=True,
+        help="repeated augmentation (CeiT/DeiT main.py; DeiT's RASampler): each drawn image --aug-repeats times "
+             "per epoch with different augmentations, dealt across the processes; an epoch keeps the data set's "
+             "size rounded down to a multiple of 256, as DeiT's")
+    add("--aug-repeats", type=int, default=3,
+        help="copies of each drawn image per epoch with --repeated-aug (DeiT samplers.py: 3; timm's --aug-repeats)")
+    add("--absolute-min-lr", type=float, default=1e-5, metavar="LR",
+        help="cosine schedule: the final learning rate itself (CeiT/DeiT main.py --min-lr: 1e-5 at a peak of "
+             "5e-4 x global batch / 512), never above the peak; --min-lr (a fraction of the peak) replaces it")
+    # The shared --min-lr is a fraction of the peak: here it is unset unless given (--absolute-min-lr then stands).
+    parser.set_defaults(min_lr=None)
+    next(action for action in parser._actions if action.dest == "min_lr").help = (
+        "cosine schedule: final learning rate as a fraction of the peak, instead of --absolute-min-lr")
+    # Runs recorded before these flags trained without them (and recorded their --min-lr, 0 by default, which
+    # stands): their resumes and --config repeats keep them off.
+    parser.older_runs = {"rand_augment": "none", "reprob": 0.0, "repeated_aug": False}
     return parser
+
+
+def check_recipe(args):
+    """Refuse recipe flags that cannot work, in one line each, before any data loads; resolve
+    --rand-augment-impl to the library that will run (auto: timm when installed) and which of --min-lr
+    and --absolute-min-lr stands (--min-lr when set, unless only --absolute-min-lr is given)."""
+    try:
+        if augment.parse_rand_augment(args.rand_augment) is not None:
+            args.rand_augment_impl = augment.resolve_implementation(args.rand_augment_impl)
+    except ValueError as error:
+        raise flags.UsageError(str(error)) from None
+    if args.aug_repeats < 1:
+        raise flags.UsageError(f"--aug-repeats must be a positive integer (1 = no repetition), got {args.aug_repeats}")
+    given = getattr(args, "_given", None) or frozenset()
+    if {"min_lr", "absolute_min_lr"} <= given:
+        raise flags.UsageError("give --min-lr (a fraction of the peak) or --absolute-min-lr (a rate), not both")
+    if "absolute_min_lr" in given and args.resume is None:  # over a --config run's --min-lr
+        args.min_lr = None
+    steps = [name for name, wanted in (("RandAugment", args.rand_augment != "none"), ("random erasing", args.reprob > 0),
+                                       ("repeated augmentation", repeats(args) > 1)) if wanted]
+    if args.loader == "gpu" and steps:
+        raise flags.UsageError(f"--loader gpu cannot apply {' and '.join(steps)} (per-image steps of the torch "
+                               "loader); use --loader torch or auto, or turn them off (--rand-augment none, "
+                               "--reprob 0, --no-repeated-aug)")
+
+
+def repeats(args):
+    """Copies of each drawn image per epoch: --aug-repeats with --repeated-aug, else 1."""
+    return args.aug_repeats if args.repeated_aug else 1
+
+
+def min_lr_fraction(args, peak):
+    """The cosine schedule's final rate as a fraction of the peak rate `peak` (after --lr-scaling):
+    --min-lr, or --absolute-min-lr / peak, at most 1."""
+    return args.min_lr if args.min_lr is not None else min(1.0, args.absolute_min_lr / peak)
+
+
+def describe_recipe(args, data, rt, min_lr):
+    """The startup line of the per-image recipe, the epoch, the loader and the final rate."""
+    parts = [augment.describe(data.info) or "no RandAugment or random erasing"]
+    if repeats(args) > 1:
+        share = repeated_epoch_length(data.info.train_size, rt.world_size)
+        parts.append(f"repeated augmentation x{repeats(args)} (DeiT's RASampler: {share} images per process "
+                     f"and epoch of {data.info.train_size})")
+    if data.info.in_memory and per_image_steps(data.info, repeats(args)):
+        parts.append("torch loader (the gpu loader cannot apply them per image)")
+    final = (f"min lr {args.absolute_min_lr:g} ({min_lr:.3g} of the peak)" if args.min_lr is None
+             else f"min lr {min_lr:g} of the peak (--min-lr)")
+    return "recipe: " + ", ".join(parts) + (f"; cosine to {final}" if args.schedule == "cosine" else "")
 
 
 class HostRandom(random.Random):
@@ -92,18 +174,23 @@ def main(args):
     if not models.is_transformer(group.names[0]):
         raise flags.UsageError(f"train_ceit.py trains transformers ({', '.join(sorted(models.TRANSFORMERS))}); "
                                f"use train.py for {group.names[0]}")
+    check_recipe(args)
     if args.lr is None:  # DeiT's linear scaling rule: 5e-4 per 512 images
         args.lr = [5e-4 * args.batch_size / 512]
     rt = utils.setup_runtime(args)
-    data, (train_loader, val_loader, test_loader) = utils.setup_data(args, rt)
+    # RandAugment, random erasing and repeated augmentation run on the torch loader (--loader auto picks it)
+    data, (train_loader, val_loader, test_loader) = utils.setup_data(args, rt, repeats=repeats(args))
     nets = utils.build_nets(group, data.info, rt, drop_path=args.drop_path)
     optimizers, peak_lrs = utils.build_optimizers(args, nets, rt)
-    schedule = utils.Schedule(args, optimizers, peak_lrs, len(train_loader))
+    # The official schedule ends at an absolute rate, whatever the peak (batch, processes): as a fraction here.
+    min_lr = min_lr_fraction(args, peak_lrs[0])
+    schedule = utils.Schedule(args, optimizers, peak_lrs, len(train_loader), min_lr=min_lr)
     scaler = utils.make_scaler(rt)
     mix_rng = HostRandom(args.seed)  # host-side draws of lam and boxes: no device synchronisation
     averages = ModelEma(nets, args.model_ema, group.frozen)  # --model-ema; off by default
     run = engine.start_run(args, "ceit", group, rt, data.info, nets, optimizers, steps_per_epoch=len(train_loader),
                            state={"scaler": scaler, "ema": averages, "mix_rng": mix_rng})
+    engine.print_main(rt, describe_recipe(args, data, rt, min_lr))
     train_step = functools.partial(transformer_step, nets[0], optimizers[0], scaler, args=args, rt=rt)
     if rt.cuda_graphs:  # captured once, then replayed
         train_step = utils.CapturedStep(train_step)

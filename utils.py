@@ -206,13 +206,18 @@ def sync_replicas(nets, rt, epoch):
 # ----------------------------------------------------------------------------------------------
 # Data and networks
 # ----------------------------------------------------------------------------------------------
-def setup_data(args, rt, views=1):
+def setup_data(args, rt, views=1, repeats=1):
     """Build the dataset and its train/val/test loaders from the flags; with views > 1 every training
-    batch holds that many independently augmented copies of its images (--views independent)."""
+    batch holds that many independently augmented copies of its images (--views independent), with
+    repeats > 1 an epoch is one of repeated augmentation (train_ceit.py's --repeated-aug). The transformer
+    recipe's per-image flags (--rand-augment, --reprob) are train_ceit.py's: off for the other scripts."""
     def build(download):
         return build_data(args.dataset, args.data_dir, img_size=args.img_size, val_size=args.val_size,
                           split_seed=args.split_seed, download=download, num_classes=args.num_classes,
-                          skip_bad_images=args.skip_bad_images, crop=args.crop, rotate=args.rotate)
+                          skip_bad_images=args.skip_bad_images, crop=args.crop, rotate=args.rotate,
+                          rand_augment=getattr(args, "rand_augment", "none"),
+                          rand_augment_impl=getattr(args, "rand_augment_impl", "auto"),
+                          erase_prob=getattr(args, "reprob", 0.0))
 
     if rt.distributed and args.download:
         # One download per file system, never several processes writing one archive: rank 0
@@ -236,7 +241,7 @@ def setup_data(args, rt, views=1):
         data = train_subset(data, args.train_subset)
     loaders = make_loaders(data, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
                            loader=args.loader, device=rt.device, workers=resolve_workers(args.workers, rt.device), seed=args.seed,
-                           drop_last=True, rank=rt.rank, world_size=rt.world_size, views=views)
+                           drop_last=True, rank=rt.rank, world_size=rt.world_size, views=views, repeats=repeats)
     if len(loaders[0]) == 0:
         raise UsageError(f"--batch-size {args.batch_size} is larger than this process's share of the "
                          f"{data.info.train_size} training images")
@@ -410,12 +415,13 @@ def build_optimizers(args, nets, rt=None):
 class Schedule:
     """Per-iteration learning rates for a group of optimizers with their own peak rates."""
 
-    def __init__(self, args, optimizers, peak_lrs, steps_per_epoch):
+    def __init__(self, args, optimizers, peak_lrs, steps_per_epoch, min_lr=None):
+        """min_lr: the cosine schedule's final rate as a fraction of the peak (default: --min-lr)."""
         self.optimizers, self.peak_lrs = optimizers, peak_lrs
         self.kwargs = dict(total_steps=args.epochs * steps_per_epoch,
                            warmup_steps=round(args.warmup_epochs * steps_per_epoch),
                            schedule=args.schedule, milestones=args.milestones, gamma=args.gamma,
-                           min_lr=args.min_lr)
+                           min_lr=args.min_lr if min_lr is None else min_lr)
 
     def rates(self, global_step):
         """Each optimizer's rate at iteration `global_step`."""

@@ -7,13 +7,18 @@
   rotated and normalised by a handful of batched tensor ops (as in KellerJordan/cifar10-airbench). Same
   augmentation distribution as the torch path, without worker processes or host round trips.
 Both paths are a pure function of (seed, epoch): `loader.set_epoch(epoch)` before iterating makes
-an epoch's order and augmentation reproducible, which is what exact resume needs."""
+an epoch's order and augmentation reproducible, which is what exact resume needs. The torch path also
+runs the transformer recipe's per-image augmentations (datasets/augment.py) and DeiT's repeated
+augmentation, which the gpu path does not do."""
 import math
+import random
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .augment import uses_host_random
 from .sources import AUGMENT_STREAM, ORDER_STREAM, WORKERS_STREAM, DatasetError, mix_seed
 
 
@@ -24,54 +29,106 @@ def _epoch_indices(size, *, shuffle, seed, epoch, rank, world_size):
     """This rank's dataset indices for one epoch (CPU int64); the same for both loader paths."""
     if not shuffle:
         return torch.arange(rank, size, world_size)  # eval: strided, disjoint, every sample exactly once
-    order = torch.randperm(size, generator=torch.Generator().manual_seed(mix_seed(seed, epoch, ORDER_STREAM)))
+    order = _epoch_order(size, seed, epoch)
     usable = size - size % world_size  # equal counts per rank keep data-parallel steps in lockstep
     return order[rank:usable:world_size]
+
+
+def _epoch_order(size, seed, epoch):
+    """The epoch's shuffled order of all dataset indices (CPU int64)."""
+    return torch.randperm(size, generator=torch.Generator().manual_seed(mix_seed(seed, epoch, ORDER_STREAM)))
+
+
+# DeiT rounds an epoch of repeated augmentation down to a multiple of 256 images (samplers.py).
+REPEATED_EPOCH_ROUND = 256
+
+
+def repeated_epoch_length(size, world_size):
+    """Images per rank and epoch with repeated augmentation: DeiT's floor(N // 256 * 256 / world_size), so all
+    ranks together take about the data set's size, not `repeats` times it. A set under 256 images, which
+    that rounding would leave empty, keeps floor(N / world_size) (timm's RepeatAugSampler without rounding)."""
+    multiple = REPEATED_EPOCH_ROUND if size >= REPEATED_EPOCH_ROUND else 1
+    return size // multiple * multiple // world_size
+
+
+def _repeated_epoch_indices(size, *, repeats, seed, epoch, rank, world_size):
+    """This rank's (dataset indices, copy numbers) for one epoch of repeated augmentation (Hoffer et al.
+    2020; Berman et al. 2019), as DeiT's RASampler draws them (github.com/facebookresearch/deit samplers.py).
+
+    The epoch's shuffled order with each index written `repeats` times in a row is dealt to the ranks
+    like cards: rank r takes positions r, r + world_size, r + 2 world_size, ..., and only its first
+    repeated_epoch_length() of them. So the copies of an index go to consecutive positions (different
+    ranks when world_size >= repeats, the same batch in one process), and each index that is drawn is
+    drawn `repeats` times in all, except perhaps the last one, cut at the epoch's end. Copy c of an index
+    is its c-th occurrence, which seeds its own augmentation (_EpochSampler). DeiT pads the repeated
+    sequence with its beginning to a multiple of world_size; the epoch never reaches that padding.
+    """
+    positions = torch.arange(rank, repeated_epoch_length(size, world_size) * world_size, world_size)
+    return _epoch_order(size, seed, epoch)[positions // repeats], positions % repeats
 
 
 # ----------------------------------------------------------------------------------------------
 # The torch path: a DataLoader over the PIL-transform Datasets
 # ----------------------------------------------------------------------------------------------
-def _view_seed(seed, epoch, view):
-    """The seed of view `view`'s augmentation draws in `epoch`: view 0 is the single view's stream."""
+def _view_seed(seed, epoch, view, copy=0):
+    """The seed of view `view`'s augmentation draws in `epoch`: view 0 is the single view's stream. Copy
+    `copy` > 0 of a repeated index (repeated augmentation) has a stream of its own."""
+    if copy:
+        return mix_seed(seed, epoch, AUGMENT_STREAM, view, copy)
     return mix_seed(seed, epoch, AUGMENT_STREAM) if view == 0 else mix_seed(seed, epoch, AUGMENT_STREAM, view)
 
 
 class _EpochSampler(Sampler):
-    """Indices from _epoch_indices; with item_seeds, (index, seed) pairs that seed each item's augmentation
-    ((index, (seed of view 0, seed of view 1, ...)) with several views)."""
+    """Indices from _epoch_indices (with repeats > 1 and shuffle, _repeated_epoch_indices); with item_seeds,
+    (index, seed) pairs that seed each item's augmentation ((index, (seed of view 0, seed of view 1, ...))
+    with several views)."""
 
-    def __init__(self, size, *, shuffle, seed, rank, world_size, item_seeds, views=1):
+    def __init__(self, size, *, shuffle, seed, rank, world_size, item_seeds, views=1, repeats=1):
         self.size, self.shuffle, self.seed, self.rank, self.world_size = size, shuffle, seed, rank, world_size
-        self.item_seeds, self.views = item_seeds, views
+        self.item_seeds, self.views, self.repeats = item_seeds, views, repeats
         self.epoch = 0
 
     def set_epoch(self, epoch):
         """Select the epoch whose indices (and item seeds) the next iteration yields."""
         self.epoch = epoch
 
+    @property
+    def repeated(self):
+        """True when the epoch is one of repeated augmentation."""
+        return self.shuffle and self.repeats > 1
+
     def __len__(self):
+        if self.repeated:
+            return repeated_epoch_length(self.size, self.world_size)
         if self.shuffle:
             return self.size // self.world_size
         return len(range(self.rank, self.size, self.world_size))
 
     def __iter__(self):
-        indices = _epoch_indices(self.size, shuffle=self.shuffle, seed=self.seed, epoch=self.epoch,
-                                 rank=self.rank, world_size=self.world_size)
+        where = dict(seed=self.seed, epoch=self.epoch, rank=self.rank, world_size=self.world_size)
+        if self.repeated:
+            indices, copies = _repeated_epoch_indices(self.size, repeats=self.repeats, **where)
+        else:
+            indices = _epoch_indices(self.size, shuffle=self.shuffle, **where)
+            copies = torch.zeros_like(indices)
         if not self.item_seeds:
             return iter(indices.tolist())
-        # Drawn for the whole dataset and looked up by index: sample i's augmentation in an epoch does
-        # not depend on the rank count, the worker count or which worker fetches it.
-        seeds = [torch.randint(2**62, (self.size,), generator=torch.Generator().manual_seed(
-            _view_seed(self.seed, self.epoch, view)))[indices].tolist() for view in range(self.views)]
+        # Drawn for the whole dataset and looked up by index (and copy): sample i's augmentation in an
+        # epoch does not depend on the rank count, the worker count or which worker fetches it.
+        seeds = []
+        for view in range(self.views):
+            tables = torch.stack([torch.randint(2**62, (self.size,), generator=torch.Generator().manual_seed(
+                _view_seed(self.seed, self.epoch, view, copy))) for copy in range(self.repeats if self.repeated else 1)])
+            seeds.append(tables[copies, indices].tolist())
         return iter(zip(indices.tolist(), seeds[0] if self.views == 1 else zip(*seeds), strict=True))
 
 
 class _SeededItems(Dataset):
-    """Fetches dataset[index] for an (index, seed) key with the torch RNG seeded by `seed`, then restored."""
+    """Fetches dataset[index] for an (index, seed) key with the torch RNG seeded by `seed`, then restored;
+    with host_random, Python's random module and NumPy's global generator too (timm's RandAugment)."""
 
-    def __init__(self, dataset):
-        self.dataset = dataset
+    def __init__(self, dataset, host_random=False):
+        self.dataset, self.host_random = dataset, host_random
 
     def __len__(self):
         return len(self.dataset)
@@ -91,24 +148,34 @@ class _SeededItems(Dataset):
         generator = torch.default_generator
         state = generator.get_state()
         generator.manual_seed(seed)
+        if self.host_random:
+            host_state = random.getstate(), np.random.get_state()
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
         try:
             return self.dataset[index]
         finally:
             generator.set_state(state)
+            if self.host_random:
+                random.setstate(host_state[0])
+                np.random.set_state(host_state[1])
 
 
 class TorchLoader:
     """A DataLoader over the PIL-transform Datasets (the reference pipeline), reproducible per (seed, epoch).
-    With views > 1 (training only) a batch's images are a list: `views` independently augmented copies."""
+    With views > 1 (training only) a batch's images are a list: `views` independently augmented copies.
+    With repeats > 1 (training only) an epoch is one of DeiT's repeated augmentation (_repeated_epoch_indices);
+    host_random seeds Python's and NumPy's generators per image too (transforms that draw from them)."""
 
-    def __init__(self, dataset, *, batch_size, train, drop_last, device, workers, seed, rank, world_size, views=1):
+    def __init__(self, dataset, *, batch_size, train, drop_last, device, workers, seed, rank, world_size, views=1,
+                 repeats=1, host_random=False):
         self.device, self.seed = device, seed
         self.sampler = _EpochSampler(len(dataset), shuffle=train, seed=seed, rank=rank, world_size=world_size,
-                                     item_seeds=train, views=views)
+                                     item_seeds=train, views=views, repeats=repeats)
         # The generator only sets the workers' base seed (our sampler does not use it); reseeded per
         # epoch anyway so that nothing in a worker depends on history.
         self.generator = torch.Generator()
-        self.loader = DataLoader(_SeededItems(dataset) if train else dataset, batch_size=batch_size,
+        self.loader = DataLoader(_SeededItems(dataset, host_random) if train else dataset, batch_size=batch_size,
                                  sampler=self.sampler, num_workers=workers, pin_memory=device.type == "cuda",
                                  persistent_workers=workers > 0, drop_last=drop_last and train,
                                  generator=self.generator)
@@ -240,17 +307,22 @@ class GpuLoader:
 # Choosing a path
 # ----------------------------------------------------------------------------------------------
 def make_loaders(data, *, batch_size, eval_batch_size=None, loader="auto", device, workers=2, seed=0,
-                 drop_last=True, rank=0, world_size=1, views=1):
-    """(train, val, test) loaders of batches on `device` ("auto": gpu path when in memory); val None without a split.
-    views > 1: each training batch holds `views` independently augmented copies of its images (a list)."""
+                 drop_last=True, rank=0, world_size=1, views=1, repeats=1):
+    """(train, val, test) loaders of batches on `device` ("auto": gpu path when in memory and the gpu path
+    can augment it); val None without a split. views > 1: each training batch holds `views` independently
+    augmented copies of its images (a list). repeats > 1: DeiT's repeated augmentation (torch path only)."""
     device = torch.device(device)
+    per_image = per_image_steps(data.info, repeats)
     if loader == "auto":
-        loader = "gpu" if data.info.in_memory else "torch"
+        loader = "gpu" if data.info.in_memory and not per_image else "torch"
     if loader not in ("gpu", "torch"):
         raise DatasetError(f"unknown loader {loader!r}; choose auto, gpu or torch")
     if loader == "gpu" and not data.info.in_memory:
         raise DatasetError(f"--loader gpu needs an in-memory dataset; {data.info.name} is read from image files: "
                            "use --loader torch")
+    if loader == "gpu" and per_image:
+        raise DatasetError(f"--loader gpu cannot apply {' and '.join(per_image)} (per-image steps of the torch "
+                           "loader); use --loader torch")
     if not 0 <= rank < world_size:
         raise DatasetError(f"rank {rank} is outside 0..{world_size - 1}")
     eval_batch_size = eval_batch_size or 2 * batch_size
@@ -263,6 +335,13 @@ def make_loaders(data, *, batch_size, eval_batch_size=None, loader="auto", devic
         if loader == "gpu":
             images, labels = data.arrays[split]
             return GpuLoader(images, labels, data.info, batch_size=size, train=train, views=count, **common)
-        return TorchLoader(dataset, batch_size=size, train=train, workers=workers, views=count, **common)
+        return TorchLoader(dataset, batch_size=size, train=train, workers=workers, views=count,
+                           repeats=repeats if train else 1, host_random=uses_host_random(data.info), **common)
 
     return build("train", data.train, True), build("val", data.val, False), build("test", data.test, False)
+
+
+def per_image_steps(info, repeats=1):
+    """The training steps of DataInfo `info` (and `repeats`) that only the torch path runs, in words."""
+    return [name for name, wanted in (("RandAugment", info.rand_augment), ("random erasing", info.erase_prob),
+                                      ("repeated augmentation", repeats > 1)) if wanted]

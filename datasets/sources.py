@@ -23,6 +23,8 @@ from torchvision import transforms
 from torchvision.datasets.mnist import read_image_file, read_label_file
 from torchvision.datasets.utils import extract_archive
 
+from . import augment
+
 DATASETS = ("cifar10", "cifar100", "fashion-mnist", "mnist", "svhn", "imagenet", "imagefolder", "fake")
 
 # Where Debian's `dataset-fashion-mnist` package puts the four IDX files (tests monkeypatch this).
@@ -63,6 +65,9 @@ class DataInfo:
     crop_padding: int  # train RandomCrop padding of in-memory sets (0: no crop; image folders use RandomResizedCrop)
     hflip: bool  # train augmentation flips horizontally
     rotate: float = 0.0  # train random rotation by an angle uniform in [-rotate, rotate] degrees (0: none)
+    rand_augment: str = ""  # train RandAugment config in timm's syntax ("": none; datasets/augment.py)
+    rand_augment_impl: str = ""  # the library that runs it: "timm" or "torchvision"
+    erase_prob: float = 0.0  # train random erasing probability, after normalisation (0: none)
     source: str = ""  # the directory the images were read from ("" for generated data); the startup line shows it
 
 
@@ -112,31 +117,42 @@ _FOLDER_SETS = ("imagenet", "imagefolder")
 # Building a dataset
 # ----------------------------------------------------------------------------------------------
 def build_data(name, data_dir="./data", *, img_size=None, val_size=None, split_seed=0, download=True,
-               num_classes=None, skip_bad_images=True, crop=True, rotate=0.0):
+               num_classes=None, skip_bad_images=True, crop=True, rotate=0.0, rand_augment="none",
+               rand_augment_impl="auto", erase_prob=0.0):
     """Load dataset `name` (one of DATASETS) and hold a seeded validation split out of its training set.
 
     skip_bad_images (image folders): an unreadable image file is replaced by the next image of its
     split, with a warning naming it; False makes it an error (see _FolderSplit).
     crop=False (in-memory sets only) trains on whole images; rotate > 0 adds a random rotation by up
-    to `rotate` degrees either way (see _transforms)."""
+    to `rotate` degrees either way; rand_augment (a timm config string, by rand_augment_impl) and
+    erase_prob > 0 add the transformer recipe's RandAugment and random erasing (datasets/augment.py),
+    which only the torch loader applies (see _transforms)."""
     if name not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
     if img_size is not None and img_size < 1:
         raise DatasetError(f"--img-size must be positive, got {img_size}")
     if not 0 <= rotate <= 180:  # also refuses NaN
         raise DatasetError(f"--rotate must be in [0, 180] (degrees), got {rotate}")
+    if not 0 <= erase_prob <= 1:
+        raise DatasetError(f"--reprob must be in [0, 1], got {erase_prob}")
+    try:
+        recipe = dict(rand_augment="" if augment.parse_rand_augment(rand_augment) is None else rand_augment,
+                      rand_augment_impl="" if rand_augment == "none" else augment.resolve_implementation(rand_augment_impl),
+                      erase_prob=float(erase_prob))
+    except ValueError as error:
+        raise DatasetError(str(error)) from None
     spec = _SPECS[name]
     root = Path(data_dir).expanduser()
     if name != "fake" and root.exists() and not root.is_dir():  # never fall back to other files unnoticed
         raise DatasetError(f"--data-dir {root} is not a directory; pass the directory that holds the {spec.title} files")
     val_size = spec.default_val_size if val_size is None else val_size
-    augment = dict(crop_padding=spec.crop_padding if crop else 0, hflip=spec.hflip, rotate=float(rotate))
+    augmentation = dict(crop_padding=spec.crop_padding if crop else 0, hflip=spec.hflip, rotate=float(rotate), **recipe)
     if name in _FOLDER_SETS:
         if not crop:  # RandomResizedCrop is how image folders reach their input size; no plain alternative here
             raise DatasetError(f"--no-crop applies to in-memory data sets (CIFAR, MNIST-likes, SVHN, fake); "
                                f"{spec.title} always trains on RandomResizedCrop")
         return _folder_data(name, root, img_size or spec.native_size, val_size, split_seed, num_classes,
-                            skip_bad_images, rotate=augment["rotate"])
+                            skip_bad_images, rotate=augmentation["rotate"], recipe=recipe)
     if name == "fake":
         arrays, classes = _make_fake(spec.native_size, 10 if num_classes is None else num_classes)
         mean, std = _channel_stats(arrays["train"][0])
@@ -146,10 +162,10 @@ def build_data(name, data_dir="./data", *, img_size=None, val_size=None, split_s
         mean, std = spec.mean, spec.std
     _check_num_classes(spec.title, len(classes), num_classes)
     return _in_memory_data(name, arrays, classes, mean, std, img_size or spec.native_size, val_size, split_seed,
-                           source, augment)
+                           source, augmentation)
 
 
-def _in_memory_data(name, arrays, classes, mean, std, img_size, val_size, split_seed, source, augment):
+def _in_memory_data(name, arrays, classes, mean, std, img_size, val_size, split_seed, source, augmentation):
     """Hold the validation split out of arrays["train"] and wrap the uint8 splits as a Data."""
     spec = _SPECS[name]
     train_images, train_labels = arrays.pop("train")
@@ -162,7 +178,7 @@ def _in_memory_data(name, arrays, classes, mean, std, img_size, val_size, split_
     info = DataInfo(name=name, num_classes=len(classes), in_chans=spec.in_chans, img_size=img_size, mean=mean,
                     std=std, classes=tuple(classes), synthetic=name == "fake", in_memory=True,
                     train_size=len(train_index), val_size=len(val_index), test_size=len(arrays["test"][1]),
-                    native_size=spec.native_size, source=str(source), **augment)
+                    native_size=spec.native_size, source=str(source), **augmentation)
     return data_from_arrays(info, arrays)
 
 
@@ -190,17 +206,23 @@ def _hold_out(title, size, val_size, split_seed):
 
 
 def _transforms(info):
-    """(train, eval) PIL transforms: the authors' torchvision pipeline, which the gpu path mirrors."""
+    """(train, eval) PIL transforms: the authors' torchvision pipeline, which the gpu path mirrors, plus
+    the transformer recipe's per-image steps when asked for (which the gpu path refuses)."""
     finish = [transforms.ToTensor(), transforms.Normalize(info.mean, info.std)]
     # RandomRotation's defaults (nearest, about the centre, fill 0 = black before Normalize), last of
     # the geometric steps so that it acts at the input size: the authors' CIFAR-10 order (crop, flip,
     # rotate) and CIFAR-100 order (Resize to 224, flip, rotate).
     rotate = [transforms.RandomRotation(info.rotate)] if info.rotate else []
+    # Where timm's create_transform puts them for DeiT and CeiT: RandAugment on the PIL image at the
+    # input size after the crop and flip; random erasing on the normalised tensor, last.
+    recipe = [augment.rand_augment(info.rand_augment, info.rand_augment_impl, img_size=info.img_size, mean=info.mean)
+              ] if info.rand_augment else []
+    erase = [augment.random_erasing(info.erase_prob)] if info.erase_prob else []
     if not info.in_memory:
         resize = round(info.img_size * 8 / 7)  # the usual 256 -> 224 centre crop ratio
         train = [transforms.RandomResizedCrop(info.img_size), transforms.RandomHorizontalFlip()]
         evaluation = [transforms.Resize(resize), transforms.CenterCrop(info.img_size)]
-        return transforms.Compose(train + rotate + finish), transforms.Compose(evaluation + finish)
+        return transforms.Compose(train + rotate + recipe + finish + erase), transforms.Compose(evaluation + finish)
     # Resize after crop and flip, so that crop padding stays in native pixels (4 px on CIFAR at any --img-size).
     resize = []
     if info.img_size != info.native_size:
@@ -209,7 +231,8 @@ def _transforms(info):
     train = [transforms.RandomCrop(info.native_size, padding=info.crop_padding)] if info.crop_padding else []
     if info.hflip:
         train.append(transforms.RandomHorizontalFlip())
-    return transforms.Compose(train + resize + rotate + finish), transforms.Compose(resize + finish)
+    return (transforms.Compose(train + resize + rotate + recipe + finish + erase),
+            transforms.Compose(resize + finish))
 
 
 class ArrayDataset(Dataset):
@@ -448,7 +471,7 @@ def _channel_stats(images):
 # ----------------------------------------------------------------------------------------------
 # Image folders (ImageNet and user trees), read from disk per item
 # ----------------------------------------------------------------------------------------------
-def _folder_data(name, root, img_size, val_size, split_seed, num_classes, skip_bad_images, *, rotate):
+def _folder_data(name, root, img_size, val_size, split_seed, num_classes, skip_bad_images, *, rotate, recipe):
     """ImageNet (train/ + val/) or an image-folder tree (train/ + test/, or val/ as the test set)."""
     spec = _SPECS[name]
     test_names = ("val",) if name == "imagenet" else ("test", "val")
@@ -476,7 +499,7 @@ def _folder_data(name, root, img_size, val_size, split_seed, num_classes, skip_b
     info = DataInfo(name=name, num_classes=len(train_folder.classes), in_chans=3, img_size=img_size, mean=spec.mean,
                     std=spec.std, classes=tuple(train_folder.classes), synthetic=False, in_memory=False,
                     train_size=len(train_index), val_size=len(val_index), test_size=len(test_folder),
-                    native_size=img_size, crop_padding=0, hflip=True, rotate=rotate, source=str(root))
+                    native_size=img_size, crop_padding=0, hflip=True, rotate=rotate, source=str(root), **recipe)
     train_tf, eval_tf = _transforms(info)
     train_bad, test_bad = (torch.zeros(len(folder), dtype=torch.uint8).share_memory_()
                            for folder in (train_folder, test_folder))

@@ -135,6 +135,9 @@ def test_single_network_scripts_two_processes(tmp_path, script, model):
     assert result.returncode == 0, result.stderr
     assert "2 process(es) x batch 16 (global 32)" in result.stdout
     assert [r["net"] for r in read_rows(tmp_path)] == [f"net0_{model}"]
+    if script == "train_ceit.py":  # CeiT's recipe: repeated augmentation dealt to the 2 processes, the torch loader
+        assert "repeated augmentation x3 (DeiT's RASampler: 64 images per process and epoch of 128)" in result.stdout
+        assert "torch loader" in result.stdout
 
 
 def worker_pids(launcher_pid):

@@ -137,6 +137,9 @@ def test_ceit_end_to_end_cuda_hidden(tmp_path):
     assert results["networks"][0]["model"] == "ceit"  # the authors' CeiT (32-channel stem, no LCA)
     args = json.loads((tmp_path / "args.json").read_text())
     assert args["optimizer"] == ["adamw"] and args["drop_path"] == 0.1 and args["label_smoothing"] == 0.1
+    # and CeiT's per-image recipe (tests/test_ceit_recipe.py), which takes the torch loader
+    assert args["rand_augment"] == "rand-m9-mstd0.5-inc1" and args["reprob"] == 0.25 and args["repeated_aug"]
+    assert "torch loader" in result.stdout
 
 
 @pytest.mark.parametrize("flag, vit_groups", [([], 2), (["--decay-norm-and-bias"], 1)])
