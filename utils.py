@@ -477,39 +477,52 @@ class CapturedStep:
     autotuning, optimizer state allocation); the next call records the graph, and every later call
     copies its tensors into the graph's static inputs and replays it: one launch instead of
     thousands, no Python in the loop.
+
+    capture=False keeps everything but the graph: the warm-up calls, then every call copies its
+    tensors into the static inputs and runs the step eagerly on them. It is how the tests run this
+    path on a CPU, where a change that breaks it must fail too.
     """
 
-    def __init__(self, step, *, warmup=3):
-        self.step, self.warmup = step, warmup
-        self.calls, self.graph, self.static_inputs, self.static_output = 0, None, None, None
+    def __init__(self, step, *, warmup=3, capture=True):
+        self.step, self.warmup, self.capture = step, warmup, capture
+        self.calls, self.graph, self.static_inputs, self.static_arguments, self.static_output = 0, None, None, None, None
 
     def __call__(self, *arguments):
-        if self.graph is None and self.calls < self.warmup:
+        if self.static_inputs is None and self.calls < self.warmup:
             self.calls += 1
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side), warnings.catch_warnings():
-                # capturable optimizers (Adam, AdamW) warn when stepped outside a capture: expected here
-                warnings.filterwarnings("ignore", message="This instance was constructed with capturable=True")
-                output = self.step(*arguments)
-            torch.cuda.current_stream().wait_stream(side)
-            return output
+            return self._eager(arguments)
         tensors = _flat_tensors(arguments)
-        if self.graph is None:
+        if self.static_inputs is None:
             self.static_inputs = [t.clone() for t in tensors]
             static = iter(self.static_inputs)
-            static_arguments = [[next(static) for _ in a] if isinstance(a, (list, tuple)) else next(static)
-                                for a in arguments]
-            self.graph = torch.cuda.CUDAGraph()
-            # thread_local: CUDA calls of other threads (the torch loader's pin-memory thread) may
-            # go on during the capture; the default global mode would abort it.
-            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-                self.static_output = self.step(*static_arguments)
+            self.static_arguments = [[next(static) for _ in a] if isinstance(a, (list, tuple)) else next(static)
+                                     for a in arguments]
+            if self.capture:
+                self.graph = torch.cuda.CUDAGraph()
+                # thread_local: CUDA calls of other threads (the torch loader's pin-memory thread) may
+                # go on during the capture; the default global mode would abort it.
+                with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                    self.static_output = self.step(*self.static_arguments)
         else:
             for static, tensor in zip(self.static_inputs, tensors, strict=True):
                 static.copy_(tensor, non_blocking=True)
+        if not self.capture:
+            return self.step(*self.static_arguments)
         self.graph.replay()
         return self.static_output
+
+    def _eager(self, arguments):
+        """One warm-up call, on a side stream when it precedes a capture (as torch.cuda.graphs' notes ask)."""
+        if not self.capture:
+            return self.step(*arguments)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), warnings.catch_warnings():
+            # capturable optimizers (Adam, AdamW) warn when stepped outside a capture: expected here
+            warnings.filterwarnings("ignore", message="This instance was constructed with capturable=True")
+            output = self.step(*arguments)
+        torch.cuda.current_stream().wait_stream(side)
+        return output
 
 
 def _flat_tensors(arguments):
