@@ -80,6 +80,11 @@ def resolve_device(name, local_rank=None):
 
 def setup_runtime(args):
     """Pick the device and precision, seed everything and join the process group under torchrun."""
+    if getattr(args, "sync_bn", False) and args.compile:
+        # Dynamo breaks the graph at every SyncBatchNorm (pytorch/pytorch#161302, open), and compiled
+        # DDP networks with SyncBatchNorm have failed to compile (pytorch/pytorch#107372, open).
+        raise UsageError("--sync-bn and --compile cannot be combined (torch.compile breaks its graph at every "
+                         "SyncBatchNorm layer); drop one of them")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
