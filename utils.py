@@ -47,6 +47,7 @@ class Runtime:
     sync_bn: bool = False
     compile: bool = False
     cuda_graphs: bool = False
+    deterministic: bool = False
 
     @property
     def is_main(self):
@@ -121,7 +122,8 @@ def setup_runtime(args):
     cuda_graphs = getattr(args, "cuda_graphs", False)
     if cuda_graphs and (device.type != "cuda" or world_size > 1 or amp_dtype == torch.float16):
         raise UsageError("--cuda-graphs needs one CUDA process and --amp bf16 or none (no fp16 loss scaling)")
-    return Runtime(device, amp_dtype, args.channels_last, rank, world_size, sync_bn, args.compile, cuda_graphs)
+    return Runtime(device, amp_dtype, args.channels_last, rank, world_size, sync_bn, args.compile, cuda_graphs,
+                   args.deterministic)
 
 
 def seed_everything(seed):
@@ -268,6 +270,8 @@ def build_nets(group, info, rt, drop_path=0.0):
                                      reset_classifier=group.reset_classifier)
         except ValueError as error:
             raise UsageError(str(error)) from None
+        if rt.deterministic and rt.device.type == "cuda":
+            check_deterministic_backward(net, f"network {i} ({name})")
         if i in group.frozen:
             # eval mode: BatchNorm normalises with (and keeps) its running statistics, dropout is off
             net.requires_grad_(False).eval()
@@ -289,6 +293,33 @@ def build_nets(group, info, rt, drop_path=0.0):
             net = torch.compile(net)
         nets.append(net)
     return nets
+
+
+# Modules whose backward on CUDA has no deterministic implementation: under
+# torch.use_deterministic_algorithms(True) their first backward raises a RuntimeError (the list in that
+# function's documentation). Adaptive average pooling to size 1 is exempt: ATen computes it as a mean.
+_NONDETERMINISTIC_ON_CUDA = (torch.nn.AdaptiveMaxPool2d, torch.nn.AvgPool3d, torch.nn.FractionalMaxPool2d,
+                             torch.nn.FractionalMaxPool3d, torch.nn.ReflectionPad1d, torch.nn.ReflectionPad2d,
+                             torch.nn.ReflectionPad3d, torch.nn.MaxUnpool1d, torch.nn.MaxUnpool2d, torch.nn.MaxUnpool3d)
+
+
+def nondeterministic_on_cuda(module):
+    """True when `module`'s CUDA backward has no deterministic implementation."""
+    if isinstance(module, (torch.nn.AdaptiveAvgPool2d, torch.nn.AdaptiveAvgPool3d)):
+        size = module.output_size
+        return any(s != 1 for s in (size if isinstance(size, (tuple, list)) else [size]))  # None: the input's size
+    if isinstance(module, torch.nn.Upsample):
+        return module.mode in ("linear", "bilinear", "bicubic", "trilinear")
+    return isinstance(module, _NONDETERMINISTIC_ON_CUDA)
+
+
+def check_deterministic_backward(net, label):
+    """--deterministic on CUDA: a UsageError naming the first module of `net` whose backward would raise
+    mid-run (torchvision's VGG and AlexNet pool adaptively to 7x7 and 6x6), before anything trains."""
+    for name, module in net.named_modules():
+        if nondeterministic_on_cuda(module):
+            raise UsageError(f"--deterministic on CUDA: {label} has {module!r} at '{name}', whose CUDA backward "
+                             "has no deterministic implementation; use --no-deterministic or another network")
 
 
 def to_input(images, rt):
