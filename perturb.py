@@ -67,8 +67,11 @@ def bn_statistics_kept(net):
         for buffer in (module.running_mean, module.running_var, module.num_batches_tracked)]
     saved = [buffer.clone() for buffer in buffers]
     yield
-    for buffer, value in zip(buffers, saved):
-        buffer.copy_(value)
+    if buffers and hasattr(torch, "_foreach_copy_"):  # one call (fused launches on a GPU) for every buffer
+        torch._foreach_copy_(buffers, saved)
+    else:
+        for buffer, value in zip(buffers, saved):
+            buffer.copy_(value)
 
 
 @functools.lru_cache(maxsize=32)

@@ -327,6 +327,16 @@ def to_input(images, rt):
     return images.contiguous(memory_format=torch.channels_last) if rt.channels_last and images.dim() == 4 else images
 
 
+def to_inputs(batches, rt):
+    """to_input of each network's batch, converting a batch that several networks share only once (the
+    scripts hand every network the same tensor unless it is perturbed or has its own view)."""
+    converted = {}
+    for x in batches:
+        if id(x) not in converted:
+            converted[id(x)] = to_input(x, rt)
+    return [converted[id(x)] for x in batches]
+
+
 # ----------------------------------------------------------------------------------------------
 # Optimizers and learning-rate schedules
 # ----------------------------------------------------------------------------------------------

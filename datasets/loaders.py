@@ -231,6 +231,10 @@ class GpuLoader:
         images = images.float()
         if self.info.img_size != self.info.native_size:
             size_out = (self.info.img_size, self.info.img_size)
+            # antialias also when upsampling: there it is the same triangle filter as plain bilinear, but
+            # computed as PIL computes it (the torch path's Resize on PIL images), and its values differ
+            # from antialias=False's in the last bits (tests/test_datasets.py), so dropping it would
+            # change every upsampled run's numbers.
             images = F.interpolate(images, size=size_out, mode="bilinear", align_corners=False, antialias=True)
         if angles is not None:  # after the resize (the torch path's order), before Normalize: fill 0 is black
             images = _rotate(images, angles[batch])

@@ -705,6 +705,21 @@ def test_gpu_loader_draws_are_a_cpu_generators_whatever_the_device(device, monke
     assert same([(x.cpu(), y.cpu()) for x, y in on_device], on_cpu) and len(epoch) == 4
 
 
+def test_gpu_loader_upsamples_with_antialias_like_the_torch_path():
+    """Upsampling, antialias changes no filter (the triangle of bilinear either way) but torch computes it
+    PIL's way, and its values differ from antialias=False's in the last bits: the gpu path keeps it, so
+    upsampled runs keep their numbers (and PIL's arithmetic, which the torch path uses)."""
+    data = coded_data(16, img_size=48)
+    images, _ = next(iter(make_loaders(data, batch_size=16, loader="gpu", device="cpu")[2]))
+    raw = data.arrays["test"][0].float()
+    scale = 1 / (255 * torch.tensor(data.info.std).view(1, -1, 1, 1))
+    shift = -torch.tensor(data.info.mean).view(1, -1, 1, 1) / torch.tensor(data.info.std).view(1, -1, 1, 1)
+    for antialias, equal in ((True, True), (False, False)):
+        resized = torch.nn.functional.interpolate(raw, size=(48, 48), mode="bilinear", align_corners=False,
+                                                  antialias=antialias)
+        assert torch.equal(images, resized.mul_(scale).add_(shift)) == equal, antialias
+
+
 def test_torch_path_does_not_depend_on_worker_count():
     """Per-item seeds: the same batches (cropped, flipped and rotated) from the main process and from two worker processes."""
     data = coded_data(48, rotate=15)

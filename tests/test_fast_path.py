@@ -268,6 +268,36 @@ def test_captured_competitive_step_matches_eager(device, optimizer, amp_dtype):
             torch.testing.assert_close(p, q, rtol=1e-3, atol=param_tol)
 
 
+def test_a_batch_shared_by_the_networks_is_converted_once(monkeypatch):
+    """The group steps lay out each distinct batch once (utils.to_inputs), not once per network, and
+    train exactly as when every network gets its own converted copy."""
+    args = competitive.get_args_parser().parse_args(["--models", "resnet20", "resnet20", "resnet20"])
+    rt = utils.Runtime(torch.device("cpu"), None, True)
+    images, other = torch.randn(2, 8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(8) % 10
+    converted = []
+    to_input = utils.to_input
+    monkeypatch.setattr(utils, "to_input", lambda x, rt: converted.append(x) or to_input(x, rt))
+    inputs = utils.to_inputs([images, images, other], rt)
+    assert [x is y for x, y in zip(converted, [images, other])] == [True, True] and inputs[0] is inputs[1]
+    assert all(x.is_contiguous(memory_format=torch.channels_last) for x in inputs)
+    monkeypatch.undo()
+
+    def trained(batches):
+        torch.manual_seed(3)
+        nets = [models.create_model("resnet20", num_classes=10, img_size=16, in_chans=3).to(memory_format=torch.channels_last)
+                for _ in range(3)]
+        optimizers = [utils.build_optimizer(net, "sgd", 0.1, 5e-4) for net in nets]
+        stats = competitive.competitive_step(nets, optimizers, torch.amp.GradScaler("cpu", enabled=False), batches,
+                                             labels, labels, torch.ones(3), args, rt)
+        return stats, [p.detach().clone() for net in nets for p in net.parameters()]
+
+    (shared, shared_weights), (copies, copied_weights) = trained([images, images, other]), trained(
+        [to_input(images.clone(), rt), to_input(images.clone(), rt), to_input(other, rt)])
+    assert all(torch.equal(shared[name], copies[name]) for name in shared)
+    assert all(torch.equal(a, b) for a, b in zip(shared_weights, copied_weights))
+
+
 def test_benchmark_runs_on_the_cpu(tmp_path):
     from benchmarks import bench
     args = bench.get_args_parser().parse_args(

@@ -436,6 +436,29 @@ def test_pixel_draws_are_a_cpu_generators_whatever_the_device(device):
         torch.testing.assert_close(images_b.cpu(), images_a, rtol=0, atol=1e-6)  # one rounding of the GPU's kernels at most
 
 
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "loop"])
+def test_bn_statistics_are_restored_in_one_foreach_call(foreach, monkeypatch):
+    """Every BatchNorm buffer (float statistics and integer counts) comes back in one
+    torch._foreach_copy_ call, or one copy per buffer where torch has no such function."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3),
+                              torch.nn.BatchNorm2d(4, momentum=None))
+    net(torch.randn(2, 3, 8, 8))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    calls = []
+    if foreach:
+        foreach_copy = torch._foreach_copy_
+        monkeypatch.setattr(torch, "_foreach_copy_", lambda *args: calls.append(args) or foreach_copy(*args))
+    else:
+        monkeypatch.delattr(torch, "_foreach_copy_")
+    with bn_statistics_kept(net):
+        net(torch.randn(4, 3, 8, 8) * 5)
+    assert len(calls) == (1 if foreach else 0)
+    assert not calls or len(calls[0][0]) == 6  # 2 x (running_mean, running_var, num_batches_tracked)
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
 @pytest.mark.parametrize("op", PERTURBATIONS)
 def test_ranks_share_the_choices_and_scalars_but_not_the_noise(op):
     """Data-parallel ranks perturb the same network with the same operation and scalar parameters,
