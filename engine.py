@@ -21,7 +21,7 @@ import flags
 from flags import RunComplete, RunFailure, UsageError
 from metrics import MetricsLog
 from models.weights import net_labels
-from utils import all_reduce_sum, evaluate, group_outputs, sync_replicas, unwrap
+from utils import CapturedStep, all_reduce_sum, evaluate, group_outputs, sync_replicas, unwrap
 
 
 # ----------------------------------------------------------------------------------------------
@@ -52,6 +52,7 @@ class RunState:
     train_seconds: float = float("nan")            # wall time of the latest epoch's training steps
     last_ema_rows: list = field(default_factory=list)  # the latest epoch's rows of the --model-ema averages
     interval: dict = field(default_factory=dict)   # the --log-interval line's last (step, time)
+    step_sums: object = None     # with --cuda-graphs, the StepSums its captured step adds to (capture_step)
 
 
 def start_run(args, script, group, rt, info, nets, optimizers, *, steps_per_epoch, state, members=None,
@@ -146,15 +147,29 @@ def print_main(rt, *lines):
 class EpochStats:
     """Sums of each named per-network statistic over an epoch's steps, kept on the device (read
     once per epoch: no host synchronisation per step). A step returns {name: tensor of shape (n,)}
-    (or a scalar for one network); the epoch's value of a statistic is its mean over steps."""
+    (or a scalar for one network); the epoch's value of a statistic is its mean over steps.
 
-    def __init__(self, rt, first_step=0):
-        self.rt, self.sums, self.steps = rt, {}, 0
+    Bound to a StepSums (`sums`, with --cuda-graphs) it restarts them and reads them as its own sums:
+    the captured step adds its statistics there itself, and add() only counts the step."""
+
+    def __init__(self, rt, first_step=0, sums=None):
+        self.rt, self.steps, self.restored_steps = rt, 0, 0
         self.first_step = first_step  # the epoch's first step trained here (> 0 on a mid-epoch resume)
         self.first_nonfinite = None   # per network: the first step with a NaN/inf statistic, -1 if none
+        self.step_sums = sums
+        if sums is not None:
+            sums.restart(first_step)
+        self.sums = {} if sums is None else sums.sums
 
     def add(self, stats):
-        """Add one step's statistics (a dict of device tensors)."""
+        """Add one step's statistics (a dict of device tensors), or count a step whose captured graph
+        added them to the bound StepSums itself."""
+        if isinstance(stats, StepSums):
+            if stats is not self.step_sums:
+                raise ValueError("a step that sums its own statistics needs EpochStats(rt, sums=its StepSums)")
+            self.first_nonfinite = stats.first_nonfinite
+            self.steps += 1
+            return
         values = [value.detach().to(torch.float64).reshape(-1) for value in stats.values()]
         for name, value in zip(stats, values):
             self.sums[name] = self.sums[name] + value if name in self.sums else value.clone()
@@ -162,7 +177,8 @@ class EpochStats:
         bad = ~torch.isfinite(torch.stack(values)).all(0)
         if self.first_nonfinite is None:
             self.first_nonfinite = torch.full_like(bad, -1, dtype=torch.int64)
-        self.first_nonfinite = torch.where(bad & (self.first_nonfinite < 0), self.first_step + self.steps, self.first_nonfinite)
+        step = self.first_step + self.steps - self.restored_steps  # this step's index in its epoch
+        self.first_nonfinite = torch.where(bad & (self.first_nonfinite < 0), step, self.first_nonfinite)
         self.steps += 1
 
     def _reduced(self):
@@ -186,15 +202,77 @@ class EpochStats:
     def load_state_dict(self, state):
         """Restore the step count, and the sums on rank 0 only: they already cover every process."""
         keep = 1.0 if self.rt.is_main else 0.0
-        self.sums = {name: (sums * keep).to(self.rt.device) for name, sums in state["sums"].items()}
-        self.steps = int(state["steps"])
+        sums = {name: (sums * keep).to(self.rt.device) for name, sums in state["sums"].items()}
+        if self.step_sums is None:
+            self.sums = sums
+        else:  # into the buffers the captured step adds to
+            self.step_sums.load(sums)
+        self.steps = self.restored_steps = int(state["steps"])
+
+
+class StepSums:
+    """The statistics' sums in device buffers of fixed address, to which a captured step adds its own
+    statistics (--cuda-graphs): the additions are part of its CUDA graph, instead of the ~25 small
+    kernels per step that EpochStats.add launches outside it. Same arithmetic as EpochStats.add."""
+
+    def __init__(self, device):
+        self.sums, self.first_nonfinite = {}, None
+        self.step = torch.zeros((), dtype=torch.int64, device=device)  # the index of the next step in its epoch
+
+    def add(self, stats):
+        """Add one step's statistics in place (inside the captured graph: no new buffer there)."""
+        values = [value.detach().to(torch.float64).reshape(-1) for value in stats.values()]
+        allocating = self.first_nonfinite is None or any(name not in self.sums for name in stats)
+        if allocating and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("StepSums allocate their buffers in an eager call: warm the captured step up first")
+        for name, value in zip(stats, values):
+            if name not in self.sums:
+                self.sums[name] = torch.zeros_like(value)
+            self.sums[name].add_(value)
+        bad = ~torch.isfinite(torch.stack(values)).all(0)
+        if self.first_nonfinite is None:
+            self.first_nonfinite = torch.full_like(bad, -1, dtype=torch.int64)
+        self.first_nonfinite.copy_(torch.where(bad & (self.first_nonfinite < 0), self.step, self.first_nonfinite))
+        self.step.add_(1)
+
+    def restart(self, first_step):
+        """Empty the sums in place for an epoch whose first step here is `first_step`."""
+        for value in self.sums.values():
+            value.zero_()
+        if self.first_nonfinite is not None:
+            self.first_nonfinite.fill_(-1)
+        self.step.fill_(first_step)
+
+    def load(self, sums):
+        """Copy an interrupted epoch's sums {name: float64 tensor} into the buffers."""
+        for name, value in sums.items():
+            if name in self.sums:
+                self.sums[name].copy_(value)
+            else:
+                self.sums[name] = value.to(self.step.device, torch.float64).clone()
+
+
+def summed(step, sums):
+    """`step`, followed by the addition of its statistics to the StepSums `sums`; returns `sums`."""
+    def step_and_sum(*arguments):
+        sums.add(step(*arguments))
+        return sums
+    return step_and_sum
+
+
+def capture_step(run, step, **kwargs):
+    """`step` captured in one CUDA graph together with the addition of its statistics to the run's
+    StepSums (--cuda-graphs), which every epoch's EpochStats reads (epoch_stats); kwargs go to
+    utils.CapturedStep."""
+    run.step_sums = StepSums(run.rt.device)
+    return CapturedStep(summed(step, run.step_sums), **kwargs)
 
 
 def epoch_stats(run, epoch):
     """The statistics of `epoch`, empty, or on the epoch a mid-epoch resume continues, restored
     from the checkpoint (the sums of the steps trained before the interruption)."""
     first_step = run.start_step if epoch == run.start_epoch else 0
-    stats = EpochStats(run.rt, first_step)
+    stats = EpochStats(run.rt, first_step, sums=run.step_sums)
     if first_step:
         stats.load_state_dict(run.resumed["stats"])
     return stats

@@ -67,8 +67,11 @@ def bn_statistics_kept(net):
         for buffer in (module.running_mean, module.running_var, module.num_batches_tracked)]
     saved = [buffer.clone() for buffer in buffers]
     yield
-    for buffer, value in zip(buffers, saved):
-        buffer.copy_(value)
+    if buffers and hasattr(torch, "_foreach_copy_"):  # one call (fused launches on a GPU) for every buffer
+        torch._foreach_copy_(buffers, saved)
+    else:
+        for buffer, value in zip(buffers, saved):
+            buffer.copy_(value)
 
 
 @functools.lru_cache(maxsize=32)
@@ -124,13 +127,23 @@ def _color_jitter_blur(x, param_generator):
     return TF.gaussian_blur(x, kernel, [sigma, sigma])
 
 
+def _drawn(make, size, *, generator, device, **kwargs):
+    """make(size, ...) drawn by `generator` on its own device, then moved to `device`. From the CPU to a
+    GPU the values are drawn into pinned memory and copied without waiting (no host synchronisation),
+    so a CPU generator gives the same values whatever device the batch is on."""
+    pinned = generator.device.type == "cpu" and device.type == "cuda"
+    values = make(size, generator=generator, device=generator.device, pin_memory=pinned, **kwargs)
+    return values.to(device, non_blocking=True)
+
+
 def perturb(images, labels, op, *, mean, std, generator, param_generator=None):
     """Apply perturbation `op` to a normalised batch; return (images, labels_perm, lam).
 
-    generator (on the images' device) draws the per-pixel randomness: noise, the mixup weight and
-    partner permutation. param_generator (default: generator) draws the few scalars torchvision
-    takes as Python floats (jitter factors, blur sigma, rotation angle); a CPU generator there
-    keeps a GPU step free of host synchronisation.
+    generator draws the per-pixel randomness: noise, the mixup weight and partner permutation,
+    on its own device (a CPU generator's values are moved to the images' device, so they do not
+    depend on it). param_generator (default: generator) draws the few scalars torchvision takes as
+    Python floats (jitter factors, blur sigma, rotation angle); a CPU generator there keeps a GPU
+    step free of host synchronisation.
     """
     param_generator = generator if param_generator is None else param_generator
     _check_op(op)
@@ -155,13 +168,13 @@ def perturb(images, labels, op, *, mean, std, generator, param_generator=None):
 
     if op == "mixup":
         # lam ~ Beta(1, 1) = U(0, 1); one lam and one partner permutation for the whole batch.
-        lam = torch.rand((), generator=generator, device=device, dtype=torch.float32)
-        perm = torch.randperm(images.shape[0], generator=generator, device=device)
+        lam = _drawn(torch.rand, (), generator=generator, device=device, dtype=torch.float32)
+        perm = _drawn(torch.randperm, images.shape[0], generator=generator, device=device)
         lam_w = lam.to(work_dtype)
         x = lam_w * x + (1 - lam_w) * x[perm]
         labels = labels[perm]
     elif op == "gaussian_noise":
-        x = x + NOISE_STD * torch.randn(x.shape, generator=generator, device=device, dtype=work_dtype)
+        x = x + NOISE_STD * _drawn(torch.randn, x.shape, generator=generator, device=device, dtype=work_dtype)
     elif op == "color_jitter_blur":
         x = _color_jitter_blur(x, param_generator)
     elif op == "rotation":
@@ -200,14 +213,16 @@ class Perturber:
     - a second host generator draws the operation's scalar parameters (jitter factors, blur
       sigma, angle), which torchvision takes as Python floats: no device read-back for them, and
       the same values on every rank;
-    - a generator on `device` supplies the per-pixel randomness (mixup lambda and permutation,
-      noise). It is reseeded at every perturbed step from (seed, rank, perturbed-step count), so
-      each data-parallel rank draws its own noise fields and mixup partners for its own shard, as
-      independent augmentation per process requires, while the state to save stays the same on
-      every rank and holds nothing device-specific.
-    `rank` defaults to this process's rank in the default process group (0 without one).
+    - a third host generator supplies the per-pixel randomness (mixup lambda and permutation,
+      noise), whose values are moved to the batch's device (on a GPU from pinned memory, without
+      waiting); a generator on the GPU would draw other values than a CPU run's. It is reseeded at
+      every perturbed step from (seed, rank, perturbed-step count), so each data-parallel rank draws
+      its own noise fields and mixup partners for its own shard, as independent augmentation per
+      process requires, while the state to save stays the same on every rank.
+    `rank` defaults to this process's rank in the default process group (0 without one); `device`,
+    the batches' device, changes none of the values drawn.
     `state_dict()` holds the two host generator states, the seed and the step count, so a resumed run
-    continues exactly, on the same device or another one.
+    continues exactly, on the same device or another one: every draw is a CPU generator's.
 
     Calling it returns a PerturbedBatch: network i trains on inputs[i] with the loss
     losses.mixed_cross_entropy(logits_i, labels, labels_perm, lams[i]), which is plain CE unless
@@ -233,7 +248,9 @@ class Perturber:
         self.perturbed_steps = 0
         self.host_generator = torch.Generator().manual_seed(seed)
         self.param_generator = torch.Generator().manual_seed(seed + _PARAM_SEED_OFFSET)
-        self.device_generator = torch.Generator(device=device)
+        # CPU (mt19937) whatever `device` is, as in a CPU run: the same noise on any device, so a run
+        # resumed on another device type continues the same perturbations.
+        self.pixel_generator = torch.Generator()
 
     def choose(self, step):
         """Return (net, op) to perturb at `step`, or (-1, None) when this step is not perturbed."""
@@ -243,13 +260,13 @@ class Perturber:
         op = self.ops[int(torch.randint(len(self.ops), (), generator=self.host_generator))]
         return net, op
 
-    def _reseed_device_generator(self):
-        """Seed the device generator for this perturbed step of this rank (a host-side call, no sync)."""
+    def _reseed_pixel_generator(self):
+        """Seed the pixel generator for this perturbed step of this rank (a host-side call, no sync)."""
         # NumPy's SeedSequence turns (seed; rank, step) into well-mixed, independent seeds: the
         # spawn key is its way of keying child streams (numpy.random.SeedSequence, NEP 19).
         words = np.random.SeedSequence(self.seed % 2**64, spawn_key=(self.rank, self.perturbed_steps)
                                        ).generate_state(2, np.uint32)
-        self.device_generator.manual_seed((int(words[0]) << 32 | int(words[1])) & (2**63 - 1))
+        self.pixel_generator.manual_seed((int(words[0]) << 32 | int(words[1])) & (2**63 - 1))
         self.perturbed_steps += 1
 
     def __call__(self, step, images, labels):
@@ -260,14 +277,14 @@ class Perturber:
         lams = torch.ones(self.num_nets, device=inputs[0].device)
         if op is None:
             return PerturbedBatch(inputs, labels, lams, -1)
-        self._reseed_device_generator()
+        self._reseed_pixel_generator()
         inputs[net], labels_perm, lams[net] = perturb(inputs[net], labels, op, mean=self.mean, std=self.std,
-                                                      generator=self.device_generator, param_generator=self.param_generator)
+                                                      generator=self.pixel_generator, param_generator=self.param_generator)
         return PerturbedBatch(inputs, labels_perm, lams, net)
 
     def state_dict(self):
         """The two host generator states (CPU uint8 tensors), and the seed and step count that key the
-        device generator."""
+        pixel generator."""
         return {"host_generator": self.host_generator.get_state(),
                 "param_generator": self.param_generator.get_state(),
                 "seed": self.seed, "perturbed_steps": self.perturbed_steps}

@@ -193,7 +193,7 @@ def main(args):
     engine.print_main(rt, describe_recipe(args, data, rt, min_lr))
     train_step = functools.partial(transformer_step, nets[0], optimizers[0], scaler, args=args, rt=rt)
     if rt.cuda_graphs:  # captured once, then replayed
-        train_step = utils.CapturedStep(train_step)
+        train_step = engine.capture_step(run, train_step)
 
     with engine.StopRequest(rt) as stop:
         for epoch in range(run.start_epoch, args.epochs):

@@ -51,7 +51,7 @@ def kdcl_step(nets, optimizers, scaler, inputs, labels, labels_perm, lams, args,
     differs once more); lams: (n,) mixup weights, 1 for clean inputs.
     """
     with utils.autocast(rt):
-        logits = torch.stack([net(utils.to_input(x, rt)) for net, x in zip(nets, inputs)]).float()  # (n, B, C)
+        logits = torch.stack([net(x) for net, x in zip(nets, utils.to_inputs(inputs, rt))]).float()  # (n, B, C)
     ce = torch.stack([mixed_cross_entropy(z, labels, labels_perm, lam, label_smoothing=args.label_smoothing)
                       for z, lam in zip(logits, lams)])
     # The teacher is built from every network's logits on its own view, detached (Guo et al. 2020, section 3).
@@ -88,7 +88,7 @@ def main(args):
                            state={"scaler": scaler, "ema": averages, "perturber": perturber})
     train_step = functools.partial(kdcl_step, nets, optimizers, scaler, args=args, rt=rt)
     if rt.cuda_graphs:  # the whole group step captured once, then replayed
-        train_step = utils.CapturedStep(train_step)
+        train_step = engine.capture_step(run, train_step)
 
     with engine.StopRequest(rt) as stop:
         for epoch in range(run.start_epoch, args.epochs):

@@ -44,7 +44,7 @@ def mutual_step(nets, optimizers, scaler, inputs, labels, labels_perm, lams, arg
     (1 for clean inputs), so every network's loss is lam * CE(y) + (1 - lam) * CE(y_perm).
     """
     with utils.autocast(rt):
-        logits = torch.stack([net(utils.to_input(x, rt)) for net, x in zip(nets, inputs)]).float()  # (n, B, C)
+        logits = torch.stack([net(x) for net, x in zip(nets, utils.to_inputs(inputs, rt))]).float()  # (n, B, C)
     ce = torch.stack([mixed_cross_entropy(z, labels, labels_perm, lam, label_smoothing=args.label_smoothing)
                       for z, lam in zip(logits, lams)])
     # Every peer teaches: the mean over the n - 1 others (the diagonal KD(i <- i) is zero).
@@ -65,8 +65,9 @@ def mutual_step(nets, optimizers, scaler, inputs, labels, labels_perm, lams, arg
 def sequential_mutual_step(nets, optimizers, scaler, inputs, labels, labels_perm, lams, args, rt):
     """The DML paper's update (Zhang et al. 2018, Algorithm 1): network i steps after networks < i
     and learns from their updated predictions. Same arguments and statistics as mutual_step."""
+    inputs = utils.to_inputs(inputs, rt)
     with utils.autocast(rt):
-        logits = [net(utils.to_input(x, rt)).float() for net, x in zip(nets, inputs)]  # i's graph is valid until i steps
+        logits = [net(x).float() for net, x in zip(nets, inputs)]  # i's graph is valid until i steps
     targets = [z.detach() for z in logits]
     ce = [mixed_cross_entropy(z, labels, labels_perm, lam, label_smoothing=args.label_smoothing)
           for z, lam in zip(logits, lams)]
@@ -81,7 +82,7 @@ def sequential_mutual_step(nets, optimizers, scaler, inputs, labels, labels_perm
         scaler.step(optimizer)
         if i < len(nets) - 1:  # the later networks learn from i's new predictions (its BatchNorm counts the batch once)
             with torch.no_grad(), utils.autocast(rt), bn_statistics_kept(net):
-                targets[i] = net(utils.to_input(inputs[i], rt)).float()
+                targets[i] = net(inputs[i]).float()
     scaler.update()
     ce, kd = torch.stack(ce).detach(), torch.stack(kd).detach()
     return {"loss": ce + args.kd_weight * kd, "ce": ce, "kd": kd,
@@ -106,7 +107,7 @@ def main(args):
     group_step = sequential_mutual_step if args.sequential else mutual_step
     train_step = functools.partial(group_step, nets, optimizers, scaler, args=args, rt=rt)
     if rt.cuda_graphs:  # the whole group step captured once, then replayed
-        train_step = utils.CapturedStep(train_step)
+        train_step = engine.capture_step(run, train_step)
 
     with engine.StopRequest(rt) as stop:
         for epoch in range(run.start_epoch, args.epochs):

@@ -48,6 +48,7 @@ class Runtime:
     sync_bn: bool = False
     compile: bool = False
     cuda_graphs: bool = False
+    deterministic: bool = False
 
     @property
     def is_main(self):
@@ -81,6 +82,11 @@ def resolve_device(name, local_rank=None):
 
 def setup_runtime(args):
     """Pick the device and precision, seed everything and join the process group under torchrun."""
+    if getattr(args, "sync_bn", False) and args.compile:
+        # Dynamo breaks the graph at every SyncBatchNorm (pytorch/pytorch#161302, open), and compiled
+        # DDP networks with SyncBatchNorm have failed to compile (pytorch/pytorch#107372, open).
+        raise UsageError("--sync-bn and --compile cannot be combined (torch.compile breaks its graph at every "
+                         "SyncBatchNorm layer); drop one of them")
     world_size, rank, local_rank = distributed_env()
     device = resolve_device(args.device, local_rank if world_size > 1 else None)
     if device.type == "cuda":
@@ -117,7 +123,8 @@ def setup_runtime(args):
     cuda_graphs = getattr(args, "cuda_graphs", False)
     if cuda_graphs and (device.type != "cuda" or world_size > 1 or amp_dtype == torch.float16):
         raise UsageError("--cuda-graphs needs one CUDA process and --amp bf16 or none (no fp16 loss scaling)")
-    return Runtime(device, amp_dtype, args.channels_last, rank, world_size, sync_bn, args.compile, cuda_graphs)
+    return Runtime(device, amp_dtype, args.channels_last, rank, world_size, sync_bn, args.compile, cuda_graphs,
+                   args.deterministic)
 
 
 def distributed_env():
@@ -287,6 +294,8 @@ def build_nets(group, info, rt, drop_path=0.0):
                                      reset_classifier=group.reset_classifier)
         except ValueError as error:
             raise UsageError(str(error)) from None
+        if rt.deterministic and rt.device.type == "cuda":
+            check_deterministic_backward(net, f"network {i} ({name})")
         if i in group.frozen:
             # eval mode: BatchNorm normalises with (and keeps) its running statistics, dropout is off
             net.requires_grad_(False).eval()
@@ -310,9 +319,46 @@ def build_nets(group, info, rt, drop_path=0.0):
     return nets
 
 
+# Modules whose backward on CUDA has no deterministic implementation: under
+# torch.use_deterministic_algorithms(True) their first backward raises a RuntimeError (the list in that
+# function's documentation). Adaptive average pooling to size 1 is exempt: ATen computes it as a mean.
+_NONDETERMINISTIC_ON_CUDA = (torch.nn.AdaptiveMaxPool2d, torch.nn.AvgPool3d, torch.nn.FractionalMaxPool2d,
+                             torch.nn.FractionalMaxPool3d, torch.nn.ReflectionPad1d, torch.nn.ReflectionPad2d,
+                             torch.nn.ReflectionPad3d, torch.nn.MaxUnpool1d, torch.nn.MaxUnpool2d, torch.nn.MaxUnpool3d)
+
+
+def nondeterministic_on_cuda(module):
+    """True when `module`'s CUDA backward has no deterministic implementation."""
+    if isinstance(module, (torch.nn.AdaptiveAvgPool2d, torch.nn.AdaptiveAvgPool3d)):
+        size = module.output_size
+        return any(s != 1 for s in (size if isinstance(size, (tuple, list)) else [size]))  # None: the input's size
+    if isinstance(module, torch.nn.Upsample):
+        return module.mode in ("linear", "bilinear", "bicubic", "trilinear")
+    return isinstance(module, _NONDETERMINISTIC_ON_CUDA)
+
+
+def check_deterministic_backward(net, label):
+    """--deterministic on CUDA: a UsageError naming the first module of `net` whose backward would raise
+    mid-run (torchvision's VGG and AlexNet pool adaptively to 7x7 and 6x6), before anything trains."""
+    for name, module in net.named_modules():
+        if nondeterministic_on_cuda(module):
+            raise UsageError(f"--deterministic on CUDA: {label} has {module!r} at '{name}', whose CUDA backward "
+                             "has no deterministic implementation; use --no-deterministic or another network")
+
+
 def to_input(images, rt):
     """Lay a batch out in the networks' memory format."""
     return images.contiguous(memory_format=torch.channels_last) if rt.channels_last and images.dim() == 4 else images
+
+
+def to_inputs(batches, rt):
+    """to_input of each network's batch, converting a batch that several networks share only once (the
+    scripts hand every network the same tensor unless it is perturbed or has its own view)."""
+    converted = {}
+    for x in batches:
+        if id(x) not in converted:
+            converted[id(x)] = to_input(x, rt)
+    return [converted[id(x)] for x in batches]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -502,39 +548,52 @@ class CapturedStep:
     autotuning, optimizer state allocation); the next call records the graph, and every later call
     copies its tensors into the graph's static inputs and replays it: one launch instead of
     thousands, no Python in the loop.
+
+    capture=False keeps everything but the graph: the warm-up calls, then every call copies its
+    tensors into the static inputs and runs the step eagerly on them. It is how the tests run this
+    path on a CPU, where a change that breaks it must fail too.
     """
 
-    def __init__(self, step, *, warmup=3):
-        self.step, self.warmup = step, warmup
-        self.calls, self.graph, self.static_inputs, self.static_output = 0, None, None, None
+    def __init__(self, step, *, warmup=3, capture=True):
+        self.step, self.warmup, self.capture = step, warmup, capture
+        self.calls, self.graph, self.static_inputs, self.static_arguments, self.static_output = 0, None, None, None, None
 
     def __call__(self, *arguments):
-        if self.graph is None and self.calls < self.warmup:
+        if self.static_inputs is None and self.calls < self.warmup:
             self.calls += 1
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side), warnings.catch_warnings():
-                # capturable optimizers (Adam, AdamW) warn when stepped outside a capture: expected here
-                warnings.filterwarnings("ignore", message="This instance was constructed with capturable=True")
-                output = self.step(*arguments)
-            torch.cuda.current_stream().wait_stream(side)
-            return output
+            return self._eager(arguments)
         tensors = _flat_tensors(arguments)
-        if self.graph is None:
+        if self.static_inputs is None:
             self.static_inputs = [t.clone() for t in tensors]
             static = iter(self.static_inputs)
-            static_arguments = [[next(static) for _ in a] if isinstance(a, (list, tuple)) else next(static)
-                                for a in arguments]
-            self.graph = torch.cuda.CUDAGraph()
-            # thread_local: CUDA calls of other threads (the torch loader's pin-memory thread) may
-            # go on during the capture; the default global mode would abort it.
-            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-                self.static_output = self.step(*static_arguments)
+            self.static_arguments = [[next(static) for _ in a] if isinstance(a, (list, tuple)) else next(static)
+                                     for a in arguments]
+            if self.capture:
+                self.graph = torch.cuda.CUDAGraph()
+                # thread_local: CUDA calls of other threads (the torch loader's pin-memory thread) may
+                # go on during the capture; the default global mode would abort it.
+                with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                    self.static_output = self.step(*self.static_arguments)
         else:
             for static, tensor in zip(self.static_inputs, tensors, strict=True):
                 static.copy_(tensor, non_blocking=True)
+        if not self.capture:
+            return self.step(*self.static_arguments)
         self.graph.replay()
         return self.static_output
+
+    def _eager(self, arguments):
+        """One warm-up call, on a side stream when it precedes a capture (as torch.cuda.graphs' notes ask)."""
+        if not self.capture:
+            return self.step(*arguments)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), warnings.catch_warnings():
+            # capturable optimizers (Adam, AdamW) warn when stepped outside a capture: expected here
+            warnings.filterwarnings("ignore", message="This instance was constructed with capturable=True")
+            output = self.step(*arguments)
+        torch.cuda.current_stream().wait_stream(side)
+        return output
 
 
 def _flat_tensors(arguments):

@@ -1,69 +1,70 @@
 #!/usr/bin/env bash
-# The GPU check: the fast paths' correctness and the speed figures, in two parts of at most 8 minutes
-# each (time limits and SIGTERM grace periods included), run from the repository root:
+# The GPU check: the fast paths' correctness and the speed figures in one command of at most 6 minutes
+# (every stage's time limit and SIGTERM grace period, cold torch.compile compilations included), run
+# from the repository root:
 #
 #   mkdir -p data/fashion-mnist && cp /usr/share/datasets/fashion-mnist/*.gz data/fashion-mnist/
-#   bash benchmarks/gpu_check.sh --part 1 OUT_DIR
-#   bash benchmarks/gpu_check.sh --part 2 OUT_DIR
-#   bash benchmarks/gpu_check.sh --dry-run          # the stage plan, each stage's limit, each part's sum
+#   bash benchmarks/gpu_check.sh OUT_DIR
+#   bash benchmarks/gpu_check.sh --dry-run          # the stages, each one's limit, and their sum
 #
-# Part 1: the interpreter; the CUDA-graph step against the eager step (tests/test_fast_path.py and the
-#   loss tests); the pair benchmark (the main speed target); the quick-start run (Fashion-MNIST, two
-#   ResNet-20s, 2 epochs) as it runs by default; a ResNet-20 + ViT-Tiny competitive run with
-#   --compile --cuda-graphs.
-# Part 2: the interpreter; the quick-start run with --compile --cuda-graphs (its accuracy must agree
-#   with part 1's); the 4-network and the 224-px benchmarks.
+# The stages, most important first: the interpreter and the GPU; the CUDA runs of the tests whose
+# bodies also run on the CPU (pytest -m cuda: the captured step against the eager one, the statistics
+# summed inside the graph, the loader's and the perturbation's draws); the pair benchmark (reference,
+# default, fast: the main speed target); the quick start (Fashion-MNIST, two ResNet-20s, 2 epochs) as it
+# runs by default on the GPU; then the quick start with --compile --cuda-graphs (its accuracy must agree
+# with the default's), a ResNet-20 + ViT-Tiny group captured with --cuda-graphs, and the 4-network
+# benchmark.
 #
-# Each stage runs under `timeout` (SIGTERM at its limit, SIGKILL GRACE seconds later), logs to
-# OUT_DIR/NAME.log, and a failing stage does not stop the next; OUT_DIR/partN.json is rewritten as each
-# stage ends, so a cut-short call keeps what was measured (the benchmarks also write their own JSON per
-# variant). The limits are estimates for a cold start: torch.compile's first compilation included.
-# Without CUDA every stage still runs its setup (imports, flag parsing; the tests are collected) and
-# reports "no GPU" on one line; the exit status is then 3 (0: every stage passed; 1: one failed).
+# Each stage runs under `timeout` (SIGTERM at its limit, SIGKILL GRACE seconds later); a stage whose
+# limit no longer fits in what is left of the budget is skipped with one line; a failing stage does not
+# stop the next. OUT_DIR ends with two files, both rewritten as each stage ends, so a call cut short
+# keeps what was measured: summary.json (every stage's status, time and last line) and logs.tar.gz
+# (every stage's log, the benchmarks' JSON, the runs' metrics and arguments; no weights). Without CUDA
+# every stage says "no GPU" on one line (the scripts still run their setup: imports and flags; the
+# tests are collected and skipped) and the exit status is 3; otherwise 0 when every stage that ran
+# passed, 1 when one failed or timed out, 2 for bad arguments or missing data.
 set -uo pipefail
+# GPU_CHECK_SPENT_S: seconds of the slot already spent before this command (a machine's start-up, say),
+# counted against the budget.
+started=$((SECONDS - ${GPU_CHECK_SPENT_S:-0}))
 
-BUDGET=480            # seconds per part, limits and grace periods included
-GRACE=5               # seconds between SIGTERM and SIGKILL (the scripts save and exit between steps)
+BUDGET=360            # seconds for the whole command: every stage's limit and grace, and the RESERVE
+GRACE=3               # seconds between SIGTERM and SIGKILL (the scripts save and exit between steps)
+RESERVE=5             # seconds kept for the summary, the archive and the closing table
 PYTHON=${PYTHON:-python3}
 FASHION_MNIST_FILES=(train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte)
 
-usage_error() { echo "error: $1 (usage: bash benchmarks/gpu_check.sh --part 1|2 [--data-dir DIR] OUT_DIR, or --dry-run [--part 1|2])" >&2; exit 2; }
+usage_error() { echo "error: $1 (usage: bash benchmarks/gpu_check.sh [--data-dir DIR] OUT_DIR, or --dry-run)" >&2; exit 2; }
 
-part="" dry_run=0 data_dir=data out=""
+dry_run=0 data_dir=data out=""
 while [ $# -gt 0 ]; do
     case $1 in
-        --part) [ $# -ge 2 ] || usage_error "--part needs 1 or 2"; part=$2; shift 2 ;;
         --dry-run) dry_run=1; shift ;;
         --data-dir) [ $# -ge 2 ] || usage_error "--data-dir needs a directory"; data_dir=$2; shift 2 ;;
         -*) usage_error "unknown option $1" ;;
         *) [ -z "$out" ] || usage_error "one OUT_DIR only"; out=$1; shift ;;
     esac
 done
-case $part in 1|2|"") ;; *) usage_error "--part must be 1 or 2, got '$part'" ;; esac
-[ $dry_run = 1 ] || [ -n "$part" ] || usage_error "name the part to run: --part 1 or --part 2"
 [ $dry_run = 1 ] || [ -n "$out" ] || usage_error "name an output directory"
 
 # ---------------------------------------------------------------------------------------------------
-# The plan: `stage NAME LIMIT COMMAND...` runs (or, in a dry run, lists) one stage.
+# The plan, most important first: `stage NAME LIMIT COMMAND...` runs (or, in a dry run, lists) a stage.
+# The limits are estimates for a cold start on one H100/H200 (torch.compile's first compilation, cuDNN
+# autotuning); work files go to $work, outside OUT_DIR.
 # ---------------------------------------------------------------------------------------------------
 plan() {
-    local fmnist=(--dataset fashion-mnist --models resnet20 resnet20 --epochs 2 --device cuda --data-dir "$data_dir"
-                  --no-download --no-progress)
-    stage env 35 "$PYTHON" -c "$ENV_CHECK"   # imports from a cold disk cache can take tens of seconds
-    if [ "$1" = 1 ]; then
-        stage tests 80 "$PYTHON" -m pytest -q -p no:cacheprovider "${collect[@]}" tests/test_fast_path.py tests/test_losses.py
-        stage bench_pair 160 "$PYTHON" benchmarks/bench.py --device cuda --models resnet32 resnet32 --json "$out/bench_pair.json"
-        stage quickstart_default 80 "$PYTHON" train_competitive_distillation.py "${fmnist[@]}" --out-dir "$out/runs/quickstart-default"
-        stage vit_fast 100 "$PYTHON" train_competitive_distillation.py --dataset fake --models resnet20 vit_tiny --epochs 1 \
-            --train-subset 1024 --compile --cuda-graphs --device cuda --no-progress --out-dir "$out/runs/vit-fast"
-    else
-        stage quickstart_fast 150 "$PYTHON" train_competitive_distillation.py "${fmnist[@]}" --compile --cuda-graphs \
-            --out-dir "$out/runs/quickstart-fast"
-        stage bench_group4 120 "$PYTHON" benchmarks/bench.py --device cuda --models resnet32 resnet32 resnet32 resnet32 \
-            --steps 20 --warmup 5 --json "$out/bench_group4.json"
-        stage bench_224 150 "$PYTHON" benchmarks/bench.py --device cuda --models resnet32 resnet32 --img-size 224 \
-            --steps 10 --warmup 3 --json "$out/bench_224.json"
-    fi
+    local quickstart=(train_competitive_distillation.py --dataset fashion-mnist --models resnet20 resnet20 --epochs 2
+                      --device cuda --data-dir "$data_dir" --no-download --no-progress)
+    stage env 30 "$PYTHON" -c "$ENV_CHECK"   # imports from a cold disk cache can take tens of seconds
+    stage tests 40 "$PYTHON" -m pytest -q -p no:cacheprovider -m cuda tests
+    stage bench_pair 100 "$PYTHON" benchmarks/bench.py --device cuda --models resnet32 resnet32 --steps 30 --warmup 5 \
+        --json "$work/bench_pair.json"
+    stage quickstart 45 "$PYTHON" "${quickstart[@]}" --out-dir "$work/runs/quickstart"
+    stage quickstart_fast 60 "$PYTHON" "${quickstart[@]}" --compile --cuda-graphs --out-dir "$work/runs/quickstart-fast"
+    stage vit_graphs 30 "$PYTHON" train_competitive_distillation.py --dataset fake --models resnet20 vit_tiny --epochs 1 \
+        --train-subset 1024 --cuda-graphs --device cuda --no-progress --out-dir "$work/runs/vit-graphs"
+    stage bench_group4 25 "$PYTHON" benchmarks/bench.py --device cuda --models resnet32 resnet32 resnet32 resnet32 \
+        --variants default fast --steps 10 --warmup 3 --repeats 2 --json "$work/bench_group4.json"
 }
 
 # Imports, versions and the GPU; exits 1 only when torch or torchvision cannot be imported.
@@ -86,12 +87,22 @@ print("gpu:", f"{torch.cuda.get_device_name()} | CUDA {torch.version.cuda}" if t
 
 json_escape() { local s=${1//\\/\\\\}; s=${s//\"/\\\"}; printf '%s' "${s//[$'\t\r\n']/ }"; }
 
-write_json() {  # write_json DONE: OUT/partN.json from the stages so far
+write_summary() {  # write_summary DONE: OUT_DIR/summary.json and OUT_DIR/logs.tar.gz from the stages so far
     local entries="" entry
     for entry in "${results[@]}"; do entries+="${entries:+, }$entry"; done
-    printf '{"part": %s, "budget_s": %s, "grace_s": %s, "interpreter": "%s", "gpu": "%s", "done": %s, "stages": [%s]}\n' \
-        "$part" "$BUDGET" "$GRACE" "$(json_escape "$interpreter")" "$(json_escape "$gpu")" "$1" "$entries" > "$json.tmp"
-    mv "$json.tmp" "$json"
+    printf '{"budget_s": %s, "grace_s": %s, "elapsed_s": %s, "interpreter": "%s", "gpu": "%s", "done": %s, "archive": "logs.tar.gz", "stages": [%s]}\n' \
+        "$BUDGET" "$GRACE" "$(elapsed)" "$(json_escape "$interpreter")" "$(json_escape "$gpu")" "$1" "$entries" > "$out/summary.json.tmp"
+    mv "$out/summary.json.tmp" "$out/summary.json"
+    tar -czf "$out/logs.tar.gz.tmp" -C "$work" --exclude='*.pt' . 2> /dev/null
+    mv "$out/logs.tar.gz.tmp" "$out/logs.tar.gz"
+}
+
+elapsed() { echo $((SECONDS - started)); }
+
+record() {  # record NAME LIMIT SECONDS RC STATUS LAST: one entry of the summary, rewritten at once
+    results+=("{\"name\": \"$1\", \"limit_s\": $2, \"seconds\": $3, \"rc\": $4, \"status\": \"$5\", \"last_line\": \"$(json_escape "$6")\"}")
+    table+=("$(printf '%-16s %-10s %4s s  (limit %3d s)' "$1" "$5" "$3" "$2")")
+    write_summary false
 }
 
 stage() {  # stage NAME LIMIT COMMAND...
@@ -100,71 +111,77 @@ stage() {  # stage NAME LIMIT COMMAND...
     planned_s=$((planned_s + limit + GRACE))
     if [ $dry_run = 1 ]; then
         local shown="$*"
-        printf '  %-20s %4d s + %d s grace   %s\n' "$name" "$limit" "$GRACE" "${shown//"$ENV_CHECK"/<imports, versions, GPU name>}"
+        printf '  %-16s %4d s + %d s grace   %s\n' "$name" "$limit" "$GRACE" "${shown//"$ENV_CHECK"/<imports, versions, GPU name>}"
         return
     fi
-    [ $aborted = 0 ] || return
-    local log="$out/$name.log" start=$SECONDS status rc
+    if [ $aborted = 1 ]; then
+        echo "== $name: not run (the interpreter cannot run the check)"
+        record "$name" "$limit" 0 -1 "not run" "the env stage failed"
+        return
+    fi
+    local left=$((BUDGET - RESERVE - $(elapsed)))
+    if [ $left -lt $((limit + GRACE)) ]; then
+        echo "== $name: skipped ($left s left of the budget, its limit is $limit s + $GRACE s grace)"
+        record "$name" "$limit" 0 -1 "skipped" "$left s left of the budget"
+        return
+    fi
+    local log="$work/$name.log" start=$SECONDS status rc
     timeout --signal=TERM --kill-after=$GRACE "$limit" "$@" > "$log" 2>&1
     rc=$?
     local seconds=$((SECONDS - start)) last
     last=$(grep -v '^[[:space:]]*$' "$log" | tail -n 1)
+    if [ "$name" = env ]; then
+        interpreter=$(head -n 1 "$log")
+        gpu=$(sed -n 's/^gpu: //p' "$log")
+        [ "$gpu" = none ] && no_gpu=1
+        { [ $rc != 0 ] || [ -z "$gpu" ]; } && aborted=1
+        last="$interpreter; gpu: ${gpu:-?}"
+    fi
     if [ $rc = 124 ] || [ $rc = 137 ]; then
         status="timed out"
+    elif [ $aborted = 1 ]; then
+        status="failed"
+    elif [ $no_gpu = 1 ] && [ "$name" = env ]; then
+        status="no GPU"
     elif [ $no_gpu = 1 ] && [ $rc = 2 ] && grep -q "no CUDA device is available" "$log"; then
         status="no GPU"; last="setup ran (imports, flags), stopped at the device check"
     elif [ $no_gpu = 1 ] && [ $rc = 0 ] && [ "$name" = tests ]; then
-        status="no GPU"; last="setup ran: $last"
+        status="no GPU"; last="the CUDA tests were collected and skipped: $last"
     elif [ $rc = 0 ]; then
         status="ok"
     else
         status="failed"
     fi
-    if [ "$name" = env ]; then
-        interpreter=$(head -n 1 "$log")
-        gpu=$(sed -n 's/^gpu: //p' "$log")
-        if [ $rc != 0 ] || [ -z "$gpu" ]; then
-            aborted=1; status="failed"
-        elif [ "$gpu" = none ]; then
-            no_gpu=1; collect=(--collect-only)
-        fi
-    fi
-    results+=("{\"name\": \"$name\", \"limit_s\": $limit, \"seconds\": $seconds, \"rc\": $rc, \"status\": \"$status\", \"last_line\": \"$(json_escape "$last")\"}")
-    write_json false
+    record "$name" "$limit" "$seconds" "$rc" "$status" "$last"
     case $status in
-        ok) echo "== $name: ok, $seconds s"; [ "$name" = env ] && cat "$log" || tail -n 12 "$log" ;;
+        ok) echo "== $name: ok, $seconds s"; tail -n 8 "$log" ;;
         "no GPU") echo "== $name: no GPU ($last; $seconds s)" ;;
         *) echo "== $name: $status (rc=$rc, $seconds s, limit $limit s)"; tail -n 12 "$log"; failed=1 ;;
     esac
-    if [ $aborted = 1 ]; then
-        echo "error: the interpreter cannot run the check (see $log); nothing else was run" >&2
-    fi
 }
 
-check_plan() {  # check_plan PART: the sum of the part's limits and grace periods stays within the budget
+planned() {  # the sum of every stage's limit and grace period
     local saved=$dry_run
     planned_s=0 dry_run=1
-    plan "$1" > /dev/null
+    plan > /dev/null
     dry_run=$saved
-    if [ "$planned_s" -gt $BUDGET ]; then
-        echo "error: part $1's stage limits add up to $planned_s s, over the $BUDGET s budget" >&2
-        exit 1
-    fi
 }
 
-collect=()
+work=WORK_DIR
 if [ $dry_run = 1 ]; then
     out=${out:-OUT_DIR}
-    for p in ${part:-1 2}; do
-        echo "part $p:"
-        planned_s=0
-        plan "$p"
-        echo "  total: $planned_s s of stage limits and grace periods (budget $BUDGET s)"
-        check_plan "$p"
-    done
+    echo "one command, the stages in order (a stage is skipped when the time left cannot hold its limit):"
+    planned_s=0
+    plan
+    echo "  total: $planned_s s of stage limits and grace periods + $RESERVE s for the summary (budget $BUDGET s)"
+    [ $((planned_s + RESERVE)) -le $BUDGET ] || { echo "error: the plan needs $((planned_s + RESERVE)) s, over the $BUDGET s budget" >&2; exit 1; }
     exit 0
 fi
-check_plan "$part"
+planned
+if [ $((planned_s + RESERVE)) -gt $BUDGET ]; then
+    echo "error: the stage limits add up to $((planned_s + RESERVE)) s, over the $BUDGET s budget" >&2
+    exit 1
+fi
 
 # The data first: the machine that runs this may have no network, and data/ is not in git.
 fmnist_dir=""
@@ -181,16 +198,23 @@ if [ -z "$fmnist_dir" ]; then
 fi
 
 mkdir -p "$out"
-json="$out/part$part.json"
-results=() interpreter="" gpu="" no_gpu=0 aborted=0 failed=0 planned_s=0
-plan "$part"
-write_json true
-rm -f "$out"/runs/*/last.pt "$out"/runs/*/best.pt  # the weights are not needed back
+work=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+results=() table=() interpreter="" gpu="" no_gpu=0 aborted=0 failed=0 planned_s=0
+plan
+write_summary true
+echo "stage            status      time    limit"
+printf '%s\n' "${table[@]}"
+summary="$out/summary.json, logs in $out/logs.tar.gz; $(elapsed) s of $BUDGET s"
 if [ $aborted = 1 ] || [ $failed = 1 ]; then
+    echo "gpu check: a stage failed ($summary)"
     exit 1
 fi
 if [ $no_gpu = 1 ]; then
-    echo "no GPU: every stage's setup ran; nothing was measured ($json)"
+    echo "no GPU: every stage's setup ran; nothing was measured ($summary)"
     exit 3
 fi
-echo "part $part done: every stage passed ($json)"
+skipped=$(printf '%s\n' "${table[@]}" | grep -c ' skipped ')
+note=""
+[ "$skipped" = 0 ] || note=", $skipped skipped for time"
+echo "gpu check done: every stage that ran passed$note ($summary)"

@@ -6,10 +6,10 @@
 - "gpu": the whole uint8 split lives on the device and a batch is cut, cropped, flipped, resized,
   rotated and normalised by a handful of batched tensor ops (as in KellerJordan/cifar10-airbench). Same
   augmentation distribution as the torch path, without worker processes or host round trips.
-Both paths are a pure function of (seed, epoch): `loader.set_epoch(epoch)` before iterating makes
-an epoch's order and augmentation reproducible, which is what exact resume needs. The torch path also
-runs the transformer recipe's per-image augmentations (datasets/augment.py) and DeiT's repeated
-augmentation, which the gpu path does not do."""
+Both paths are a pure function of (seed, epoch), whatever the device (every draw is a CPU generator's):
+`loader.set_epoch(epoch)` before iterating makes an epoch's order and augmentation reproducible, which
+is what exact resume needs. The torch path also runs the transformer recipe's per-image augmentations
+(datasets/augment.py) and DeiT's repeated augmentation, which the gpu path does not do."""
 import math
 import random
 
@@ -237,6 +237,25 @@ def _rotate(images, angles):
     return F.grid_sample(images, grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
 
+def augmentation_draws(size, info, *, seed, epoch, view):
+    """One view's augmentation for an epoch, one draw per dataset index (looked up by index, as on the
+    torch path): (crop offsets, flips or None, angles or None), CPU tensors. Drawn by a CPU (mt19937)
+    generator whatever the loader's device, as a CPU run draws them: a generator on a GPU would draw
+    other values, and a run resumed on another device type would not continue the same augmentation.
+    (Once per epoch and view: about 1 MB to copy to the device for 50,000 images.)"""
+    pad = info.crop_padding
+    generator = torch.Generator().manual_seed(_view_seed(seed, epoch, view))
+    if pad:
+        offsets = torch.randint(2 * pad + 1, (size, 2), generator=generator)
+    else:  # --no-crop: the whole image (read in place, flipped or not)
+        offsets = torch.zeros((size, 2), dtype=torch.long)
+    flips = torch.rand(size, generator=generator) < 0.5 if info.hflip else None
+    angles = None
+    if info.rotate:  # uniform in [-rotate, rotate], as torchvision's RandomRotation draws it
+        angles = torch.empty(size).uniform_(-info.rotate, info.rotate, generator=generator)
+    return offsets, flips, angles
+
+
 class GpuLoader:
     """Batches cut from a uint8 split held on `device`, augmented and normalised by batched tensor ops.
     With views > 1 (training only) a batch's images are a list: `views` independently augmented copies."""
@@ -265,19 +284,9 @@ class GpuLoader:
         return count // self.batch_size if self.drop_last else math.ceil(count / self.batch_size)
 
     def _draws(self, view):
-        """One view's augmentation for the epoch, one draw per dataset index (looked up by index, as on
-        the torch path): (crop offsets, flips or None, angles or None)."""
-        size, pad = len(self.labels), self.info.crop_padding
-        generator = torch.Generator(device=self.device).manual_seed(_view_seed(self.seed, self.epoch, view))
-        if pad:
-            offsets = torch.randint(2 * pad + 1, (size, 2), generator=generator, device=self.device)
-        else:  # --no-crop: the whole image (read in place, flipped or not)
-            offsets = torch.zeros((size, 2), dtype=torch.long, device=self.device)
-        flips = torch.rand(size, generator=generator, device=self.device) < 0.5 if self.info.hflip else None
-        angles = None
-        if self.info.rotate:  # uniform in [-rotate, rotate], as torchvision's RandomRotation draws it
-            angles = torch.empty(size, device=self.device).uniform_(-self.info.rotate, self.info.rotate, generator=generator)
-        return offsets, flips, angles
+        """One view's augmentation for the epoch on the device: augmentation_draws, moved there."""
+        draws = augmentation_draws(len(self.labels), self.info, seed=self.seed, epoch=self.epoch, view=view)
+        return tuple(None if draw is None else draw.to(self.device) for draw in draws)
 
     def _batch(self, batch, draws):
         """The images of dataset indices `batch`, augmented by `draws` (None: evaluation), normalised."""
@@ -288,6 +297,10 @@ class GpuLoader:
         images = images.float()
         if self.info.img_size != self.info.native_size:
             size_out = (self.info.img_size, self.info.img_size)
+            # antialias also when upsampling: there it is the same triangle filter as plain bilinear, but
+            # computed as PIL computes it (the torch path's Resize on PIL images), and its values differ
+            # from antialias=False's in the last bits (tests/test_datasets.py), so dropping it would
+            # change every upsampled run's numbers.
             images = F.interpolate(images, size=size_out, mode="bilinear", align_corners=False, antialias=True)
         if angles is not None:  # after the resize (the torch path's order), before Normalize: fill 0 is black
             images = _rotate(images, angles[batch])

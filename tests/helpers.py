@@ -6,10 +6,18 @@ import os
 import struct
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The devices of a test whose subject needs CUDA: its body runs on the CPU too, with the CUDA-only part
+# switched off (a CUDA graph replaced by the same code run eagerly, a GPU batch by a CPU one), so a
+# change that breaks it fails here and not first on a GPU; the CUDA run is marked `cuda` (what
+# benchmarks/gpu_check.sh runs) and skipped without a GPU. A whole test is never skipped for want of CUDA.
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the CUDA run of a test whose body also ran on the CPU")])]
 
 
 def cpu_env(**extra):

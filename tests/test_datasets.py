@@ -24,7 +24,7 @@ from datasets import (
     DATASETS, ArrayDataset, DataInfo, DatasetError, GpuLoader, TorchLoader, build_data, data_from_arrays, make_loaders)
 from datasets.loaders import _rotate
 from datasets.sources import AUGMENT_STREAM, mix_seed
-from helpers import write_broken_image_tree, write_image_tree, write_mnist_like
+from helpers import DEVICES, write_broken_image_tree, write_image_tree, write_mnist_like
 
 HAS_SCIPY = importlib.util.find_spec("scipy") is not None
 IDX_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -672,6 +672,52 @@ def test_set_epoch_is_a_pure_function_of_seed_and_epoch(path, augment):
     assert [y.tolist() for _, y in epoch_2] != [y.tolist() for _, y in epoch_1]
     assert [y.tolist() for _, y in epoch_batches(make(seed=6), 1)] != [y.tolist() for _, y in epoch_1]
     assert len(epoch_1) == 4 and sorted(torch.cat([y for _, y in epoch_1]).tolist()) == list(range(64))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gpu_loader_draws_are_a_cpu_generators_whatever_the_device(device, monkeypatch):
+    """The gpu path draws each epoch's crops, flips and angles with a CPU generator and moves them to its
+    device: the values of a CPU run (the same as before the draws moved to the CPU), so a run resumed on
+    another device type continues the same augmentation. On the CPU the loader's device is the CPU."""
+    data = coded_data(64, rotate=15)
+    made = []
+    generator = torch.Generator
+    monkeypatch.setattr(torch, "Generator", lambda *args, **kwargs: made.append((args, kwargs)) or generator(*args, **kwargs))
+    loader = make_loaders(data, batch_size=16, loader="gpu", device=device, seed=5, views=2)[0]
+    loader.set_epoch(3)
+    for view in (0, 1):
+        legacy = generator(device="cpu").manual_seed(mix_seed(5, 3, AUGMENT_STREAM, *([view] if view else [])))
+        offsets = torch.randint(9, (64, 2), generator=legacy, device="cpu")
+        flips = torch.rand(64, generator=legacy, device="cpu") < 0.5
+        angles = torch.empty(64, device="cpu").uniform_(-15, 15, generator=legacy)
+        drawn = loader._draws(view)
+        assert all(d.device.type == device for d in drawn)
+        for got, expected in zip(drawn, (offsets, flips, angles), strict=True):
+            assert torch.equal(got.cpu(), expected)
+    epoch = list(loader)  # two views per batch
+    # A device with no random generator of its own (meta) gets its draws too: they are never made there.
+    meta = make_loaders(data, batch_size=16, loader="gpu", device="meta", seed=5)[0]
+    assert [d.device.type for d in meta._draws(0)] == ["meta"] * 3
+    assert made and all(not args and set(kwargs) <= {"device"} and kwargs.get("device", "cpu") == "cpu" for args, kwargs in made)
+    crop_flip = coded_data(64)
+    on_device = epoch_batches(make_loaders(crop_flip, batch_size=16, loader="gpu", device=device, seed=5)[0], 2)
+    on_cpu = epoch_batches(make_loaders(crop_flip, batch_size=16, loader="gpu", device="cpu", seed=5)[0], 2)
+    assert same([(x.cpu(), y.cpu()) for x, y in on_device], on_cpu) and len(epoch) == 4
+
+
+def test_gpu_loader_upsamples_with_antialias_like_the_torch_path():
+    """Upsampling, antialias changes no filter (the triangle of bilinear either way) but torch computes it
+    PIL's way, and its values differ from antialias=False's in the last bits: the gpu path keeps it, so
+    upsampled runs keep their numbers (and PIL's arithmetic, which the torch path uses)."""
+    data = coded_data(16, img_size=48)
+    images, _ = next(iter(make_loaders(data, batch_size=16, loader="gpu", device="cpu")[2]))
+    raw = data.arrays["test"][0].float()
+    scale = 1 / (255 * torch.tensor(data.info.std).view(1, -1, 1, 1))
+    shift = -torch.tensor(data.info.mean).view(1, -1, 1, 1) / torch.tensor(data.info.std).view(1, -1, 1, 1)
+    for antialias, equal in ((True, True), (False, False)):
+        resized = torch.nn.functional.interpolate(raw, size=(48, 48), mode="bilinear", align_corners=False,
+                                                  antialias=antialias)
+        assert torch.equal(images, resized.mul_(scale).add_(shift)) == equal, antialias
 
 
 def test_torch_path_does_not_depend_on_worker_count():

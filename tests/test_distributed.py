@@ -412,6 +412,20 @@ def test_sync_bn_is_refused_on_the_cpu(monkeypatch):
         utils.setup_runtime(args)
 
 
+@pytest.mark.parametrize("world_size", ["1", "2"])
+def test_sync_bn_with_compile_is_refused_in_one_line(world_size, monkeypatch, capsys):
+    """--sync-bn --compile: one line and exit code 2 before anything is built, with or without torchrun
+    (torch.compile breaks its graph at every SyncBatchNorm layer)."""
+    monkeypatch.setenv("WORLD_SIZE", world_size)
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SystemExit) as exit_info:
+        flags.launch(competitive.main, competitive.get_args_parser(),
+                     [*TINY, "--models", "resnet20", "resnet20", "--sync-bn", "--compile"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("error: ") and "--sync-bn and --compile cannot be combined" in err and "drop one" in err
+
+
 def test_sync_bn_checkpoints_load_into_plain_networks():
     info, rt = types.SimpleNamespace(num_classes=10, img_size=16, in_chans=3), utils.Runtime(CPU, None, False)
     # convert_sync_batchnorm converts in place: the plain network must be a separate one

@@ -1,5 +1,6 @@
 """engine.py's helpers: statistics by name, metrics.csv columns, TensorBoard tags, optional TensorBoard."""
 import sys
+import types
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import flags
 import train
 import train_competitive_distillation as competitive
 import utils
-from helpers import read_rows
+from helpers import DEVICES, read_rows
 
 TINY = ["--dataset", "fake", "--img-size", "16", "--train-subset", "64", "--val-size", "32", "--batch-size", "32",
         "--eval-batch-size", "256", "--device", "cpu", "--workers", "0", "--no-progress"]
@@ -73,6 +74,62 @@ def test_epoch_stats_means_and_resume_state():
     single = engine.EpochStats(rt)
     single.add({"loss": torch.tensor(0.5)})
     assert single.means() == [{"loss": 0.5}]
+
+
+def step_statistics(values, scale):
+    """A stand-in step: its statistics are a pure function of its inputs (each (2,), for 2 networks),
+    so the eager and the captured call compute the same values."""
+    return {"loss": values.sum(1) * scale, "acc": values.mean(1), "best": values.amax(1)}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_statistics_summed_inside_the_captured_step_equal_eager_sums(device):
+    """With --cuda-graphs the captured step also adds its statistics into StepSums (engine.capture_step),
+    so that those additions are part of the graph: each epoch's means, the first non-finite step and a
+    mid-epoch resume equal EpochStats.add's, bit for bit. On the CPU the capture is off."""
+    device = torch.device(device)
+    rt = utils.Runtime(device, None, False, cuda_graphs=device.type == "cuda")
+    generator = torch.Generator().manual_seed(0)
+    epochs = [[(torch.randn(2, 5, generator=generator).to(device), torch.tensor(1.0 + i).to(device)) for i in range(6)]
+              for _ in range(2)]
+    epochs[1][4][0][1, 2] = float("nan")  # network 1 diverges at step 4 of the second epoch
+
+    def eager_epoch(batches, first_step=0, state=None):
+        stats = engine.EpochStats(rt, first_step)
+        if state is not None:
+            stats.load_state_dict(state)
+        for values, scale in batches:
+            stats.add(step_statistics(values, scale))
+        return stats
+
+    def captured_epochs(batches_per_epoch, start_step=0, state=None):
+        run = types.SimpleNamespace(rt=rt, step_sums=None, start_epoch=0, start_step=start_step,
+                                    resumed={"stats": state})
+        step = engine.capture_step(run, step_statistics, warmup=2, capture=device.type == "cuda")
+        results = []
+        for epoch, batches in enumerate(batches_per_epoch):
+            stats = engine.epoch_stats(run, epoch)
+            for values, scale in batches:
+                stats.add(step(values, scale))
+            results.append(read(stats))
+        return results
+
+    def read(stats):
+        """Everything an epoch's statistics give: means, first non-finite steps, checkpoint state (as
+        the exact reprs of the numbers, so that NaN equals NaN)."""
+        state = stats.state_dict()
+        return repr((stats.means(), stats.first_nonfinite.tolist(), {k: v.tolist() for k, v in state["sums"].items()},
+                     state["steps"]))
+
+    eager = list(map(eager_epoch, epochs))
+    assert [stats.first_nonfinite.tolist() for stats in eager] == [[-1, -1], [-1, 4]]
+    expected = [read(stats) for stats in eager]
+    assert captured_epochs(epochs) == expected
+    # Interrupted after step 3 of the second epoch: the resumed sums continue in the graph's buffers, and
+    # the divergence is still found at step 4 of the epoch.
+    state = eager_epoch(epochs[1][:3]).state_dict()
+    assert read(eager_epoch(epochs[1][3:], first_step=3, state=state)) == expected[1]
+    assert captured_epochs([epochs[1][3:]], start_step=3, state=state) == [expected[1]]
 
 
 def test_epoch_line_is_built_from_names():

@@ -1,23 +1,28 @@
-"""benchmarks/gpu_check.sh on the CPU: its plan fits the budget, and with CUDA absent every stage
-still runs its setup and reports "no GPU" on one line, without a traceback (about a minute on 2 cores)."""
+"""benchmarks/gpu_check.sh on the CPU: one command whose stage limits fit the 6-minute budget; with CUDA
+absent every stage runs its setup and says "no GPU" on one line, and OUT_DIR holds only the summary and
+the log archive (about a minute on 2 cores). And the tests it runs on the GPU, `pytest -m cuda`: each is
+the CUDA run of a test whose body also runs, and passes, on the CPU."""
 import json
 import os
 import re
 import subprocess
 import sys
+import tarfile
 
 import pytest
 
 from helpers import ROOT, cpu_env
 
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
-BUDGET_S = 480
+BUDGET_S = 360
+MAX_FILES = 4
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+CUDA_AVAILABLE = "torch.cuda.is_available()"
 
 
-def gpu_check(*args):
+def gpu_check(*args, **env):
     """Start the script from the repository root with this interpreter and CUDA hidden."""
-    return subprocess.Popen(["bash", SCRIPT, *args], cwd=ROOT, env=cpu_env(PYTHON=sys.executable),
+    return subprocess.Popen(["bash", SCRIPT, *args], cwd=ROOT, env=cpu_env(PYTHON=sys.executable, **env),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -27,32 +32,30 @@ def finished(process, timeout=300):
 
 
 def planned_stages():
-    """{part: [(name, limit + grace)]} and {part: printed total} from the dry run."""
+    """[(name, limit + grace)], their printed total, the reserve and the budget, from the dry run."""
     rc, out, err = finished(gpu_check("--dry-run"))
     assert rc == 0 and err == "", err
-    stages, totals, part = {}, {}, None
-    for line in out.splitlines():
-        if match := re.fullmatch(r"part (\d):", line):
-            part = int(match[1])
-            stages[part] = []
-        elif match := re.match(r"  (\w+) +(\d+) s \+ (\d+) s grace   \S", line):
-            stages[part].append((match[1], int(match[2]) + int(match[3])))
-        elif match := re.fullmatch(r"  total: (\d+) s of stage limits and grace periods \(budget 480 s\)", line):
-            totals[part] = int(match[1])
-        else:
-            pytest.fail(f"unexpected dry-run line: {line!r}")
-    return stages, totals
+    first, *lines, last = out.splitlines()
+    assert first.startswith("one command, the stages in order")
+    stages = []
+    for line in lines:
+        match = re.match(r"  (\w+) +(\d+) s \+ (\d+) s grace   \S", line)
+        assert match, f"unexpected dry-run line: {line!r}"
+        stages.append((match[1], int(match[2]) + int(match[3])))
+    total = re.fullmatch(r"  total: (\d+) s of stage limits and grace periods \+ (\d+) s for the summary "
+                         r"\(budget (\d+) s\)", last)
+    assert total, last
+    return stages, *map(int, total.groups())
 
 
-def test_dry_run_plans_two_parts_within_the_budget():
-    stages, totals = planned_stages()
-    assert sorted(stages) == [1, 2]
-    for part, planned in stages.items():
-        assert totals[part] == sum(seconds for _, seconds in planned) <= BUDGET_S, part
-        assert planned[0][0] == "env"  # the interpreter is checked first
-    # cold torch.compile stages get at least 100 s
-    compiled = [seconds for part in stages.values() for name, seconds in part if "fast" in name or "bench" in name]
-    assert len(compiled) == 5 and min(compiled) >= 100
+def test_dry_run_plans_one_command_within_six_minutes():
+    stages, total, reserve, budget = planned_stages()
+    assert budget == BUDGET_S and total == sum(seconds for _, seconds in stages) and total + reserve <= BUDGET_S
+    names = [name for name, _ in stages]
+    # the most important first: the interpreter, the CUDA tests, the pair benchmark, the quick start
+    assert names[:4] == ["env", "tests", "bench_pair", "quickstart"] and len(set(names)) == len(names)
+    limits = dict(stages)
+    assert limits["bench_pair"] >= 100 and limits["quickstart_fast"] >= 60  # cold torch.compile compilations
 
 
 @pytest.fixture
@@ -67,33 +70,56 @@ def data_dir(tmp_path):
     return tmp_path / "data"
 
 
-def test_without_a_gpu_every_stage_runs_its_setup_and_says_no_gpu(tmp_path, data_dir):
-    stages, _ = planned_stages()
-    for part in stages:  # one after the other: two cold torch imports at once can exceed the env stage's limit
-        rc, out, err = finished(gpu_check("--part", str(part), "--data-dir", str(data_dir), str(tmp_path / f"out{part}")))
-        assert rc == 3, (out, err)
-        assert "Traceback" not in out + err
-        names = [name for name, _ in stages[part]]
-        reports = [line for line in out.splitlines() if line.startswith("== ")]
-        assert [line.split(":")[0][3:] for line in reports] == names
-        assert reports[0].startswith("== env: ok")
-        assert "gpu: none" in out
-        for line in reports[1:]:
-            assert re.fullmatch(r"== \w+: no GPU \(setup ran.*; \d+ s\)", line), line
-        # one line per stage: nothing printed between the stage reports
-        after_env = out.splitlines()[out.splitlines().index("gpu: none") + 1:]
-        assert after_env == reports[1:] + [f"no GPU: every stage's setup ran; nothing was measured "
-                                           f"({tmp_path / f'out{part}' / f'part{part}.json'})"]
-        saved = json.loads((tmp_path / f"out{part}" / f"part{part}.json").read_text())
-        assert saved["done"] is True and saved["gpu"] == "none" and saved["part"] == part
-        assert [(s["name"], s["status"]) for s in saved["stages"]] == [("env", "ok")] + [(n, "no GPU") for n in names[1:]]
-        for name in names:
-            log = (tmp_path / f"out{part}" / f"{name}.log").read_text()
-            assert "Traceback" not in log, name
+def output_files(out):
+    """Every file under OUT_DIR, relative to it."""
+    return sorted(str(path.relative_to(out)) for path in out.rglob("*") if not path.is_dir())
+
+
+def test_without_a_gpu_every_stage_says_no_gpu_in_one_line(tmp_path, data_dir):
+    stages, _, _, _ = planned_stages()
+    names = [name for name, _ in stages]
+    out = tmp_path / "out"
+    rc, stdout, err = finished(gpu_check("--data-dir", str(data_dir), str(out)))
+    assert rc == 3, (stdout, err)
+    assert err == "" and "Traceback" not in stdout
+    lines = stdout.splitlines()
+    reports, (header, *table), last = lines[:len(names)], lines[len(names):-1], lines[-1]
+    for name, line in zip(names, reports, strict=True):  # one line per stage, nothing between them
+        assert re.fullmatch(rf"== {name}: no GPU \(.+; \d+ s\)", line), line
+    assert "gpu: none" in reports[0] and "setup ran" in reports[2]
+    assert header.split() == ["stage", "status", "time", "limit"]
+    assert [row.split()[:3] for row in table] == [[name, "no", "GPU"] for name in names]
+    assert last.startswith(f"no GPU: every stage's setup ran; nothing was measured ({out / 'summary.json'}")
+    assert output_files(out) == ["logs.tar.gz", "summary.json"] and len(output_files(out)) <= MAX_FILES
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["done"] is True and summary["gpu"] == "none" and summary["budget_s"] == BUDGET_S
+    assert [(s["name"], s["status"]) for s in summary["stages"]] == [(name, "no GPU") for name in names]
+    with tarfile.open(out / "logs.tar.gz") as archive:
+        logs = {os.path.basename(m.name): archive.extractfile(m).read().decode() for m in archive.getmembers() if m.isfile()}
+    assert set(logs) == {f"{name}.log" for name in names}
+    assert all("Traceback" not in log for log in logs.values())
+
+
+def test_a_stage_that_no_longer_fits_the_budget_is_skipped_in_one_line(tmp_path, data_dir):
+    """With the slot mostly spent (GPU_CHECK_SPENT_S), only the first stage still fits: every later one
+    says so on one line, and the summary records it."""
+    stages, _, reserve, budget = planned_stages()
+    spent = budget - reserve - stages[0][1] - 5  # 5 s for the start and the data check
+    out = tmp_path / "out"
+    rc, stdout, err = finished(gpu_check("--data-dir", str(data_dir), str(out), GPU_CHECK_SPENT_S=str(spent)))
+    assert rc == 3 and err == "", (stdout, err)
+    lines = stdout.splitlines()
+    assert lines[0].startswith("== env: no GPU")
+    for (name, seconds), line in zip(stages[1:], lines[1:len(stages)], strict=True):
+        assert re.fullmatch(rf"== {name}: skipped \(-?\d+ s left of the budget, its limit is {seconds - 3} s \+ 3 s grace\)",
+                            line), line
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["status"] for s in summary["stages"]] == ["no GPU"] + ["skipped"] * (len(stages) - 1)
+    assert output_files(out) == ["logs.tar.gz", "summary.json"]
 
 
 def test_missing_data_is_one_line_saying_what_to_copy_where(tmp_path):
-    rc, out, err = finished(gpu_check("--part", "1", "--data-dir", str(tmp_path / "none"), str(tmp_path / "out")))
+    rc, out, err = finished(gpu_check("--data-dir", str(tmp_path / "none"), str(tmp_path / "out")))
     assert rc == 2 and out == ""
     assert err.count("\n") == 1
     assert f"mkdir -p {tmp_path / 'none'}/fashion-mnist && cp {FASHION_MNIST}/*.gz {tmp_path / 'none'}/fashion-mnist/" in err
@@ -101,11 +127,44 @@ def test_missing_data_is_one_line_saying_what_to_copy_where(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    ([], "name the part to run"),
-    (["--part", "3", "out"], "--part must be 1 or 2"),
-    (["--part", "1"], "name an output directory"),
+    ([], "name an output directory"),
+    (["a", "b"], "one OUT_DIR only"),
+    (["--part", "1", "out"], "unknown option --part"),
     (["--bogus"], "unknown option --bogus"),
 ])
 def test_bad_arguments_are_one_line(args, message):
     rc, out, err = finished(gpu_check(*args))
     assert rc == 2 and out == "" and err.count("\n") == 1 and err.startswith(f"error: {message}")
+
+
+def collected(*args):
+    """The node ids pytest collects from tests/ with CUDA hidden."""
+    result = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *args, "tests"],
+                            cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return [line for line in result.stdout.splitlines() if "::" in line]
+
+
+def test_every_cuda_test_body_also_runs_on_the_cpu():
+    """The gpu check's tests stage (pytest -m cuda) finds the CUDA runs of tests parametrised over
+    helpers.DEVICES; each has a CPU twin, which runs its body here and passes (not skipped), and no test
+    is skipped as a whole for want of CUDA, so a change that breaks a GPU test fails on the CPU first."""
+    cuda = collected("-m", "cuda")
+    everything = set(collected())
+    assert any("test_captured_competitive_step_matches_eager" in node for node in cuda)
+    twins = []
+    for node in cuda:
+        name, params = re.fullmatch(r"(.+)\[(.+)\]", node).groups()
+        assert params.split("-").count("cuda") == 1, node
+        twins.append(f"{name}[{'-'.join('cpu' if p == 'cuda' else p for p in params.split('-'))}]")
+        assert twins[-1] in everything, node
+    for path in os.listdir(os.path.join(ROOT, "tests")):  # the only way to need CUDA is helpers.DEVICES
+        if path.endswith(".py") and path != "helpers.py":
+            with open(os.path.join(ROOT, "tests", path)) as f:
+                source = re.sub(r"\s", "", f.read())
+            for skip in ("skipif(not" + CUDA_AVAILABLE, "ifnot" + CUDA_AVAILABLE + ":pytest.skip"):
+                assert skip not in source, path
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *twins], cwd=ROOT,
+                            env=cpu_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert re.search(rf"^{len(twins)} passed in ", result.stdout.splitlines()[-1]), result.stdout[-500:]

@@ -10,6 +10,7 @@ import torchvision.transforms.v2.functional as TF
 
 import checkpoints
 from losses import mixed_cross_entropy
+from helpers import DEVICES
 from perturb import PERTURBATIONS, Perturber, bn_statistics_kept, perturb
 
 RANDOM_OPS = tuple(op for op in PERTURBATIONS if op not in ("hflip", "vflip"))  # the ops that draw random numbers
@@ -331,7 +332,7 @@ def test_perturber_with_no_ops_is_fine_when_disabled():
 @pytest.mark.parametrize("op", ["rotation", "color_jitter_blur"])
 def test_scalar_parameters_come_from_the_param_generator(op):
     """Angles and jitter factors are drawn on the host generator (no device read-back on a GPU):
-    the device generator's seed does not change them."""
+    the pixel generator's seed does not change them."""
     images, labels = batch(3, size=(4, 16, 16))
     mean, std = STATS[3]
     outs = [perturb(images, labels, op, mean=mean, std=std, generator=torch.Generator().manual_seed(device_seed),
@@ -348,9 +349,9 @@ def test_the_group_batch_feeds_the_perturbed_network_only():
     for step in range(4):
         reference = copy.deepcopy(perturber)  # the same draws through perturb() itself
         net, op = reference.choose(step)
-        reference._reseed_device_generator()
+        reference._reseed_pixel_generator()
         images_p, labels_perm, lam = perturb(images, labels, op, mean=STATS[3][0], std=STATS[3][1],
-                                             generator=reference.device_generator, param_generator=reference.param_generator)
+                                             generator=reference.pixel_generator, param_generator=reference.param_generator)
         inputs, perm, lams, perturbed_net = perturber(step, images, labels)
         assert len(inputs) == 3 and all(inputs[i] is images for i in range(3) if i != net)
         assert torch.equal(inputs[net], images_p) and torch.equal(perm, labels_perm)
@@ -403,18 +404,59 @@ def test_perturbed_steps_make_no_tensor_from_python_numbers_on_the_device(monkey
     assert made == []
 
 
-def test_device_randomness_does_not_depend_on_the_device_generator_state():
-    """The device generator is reseeded from (seed, rank, step) at every perturbed step, so its state
+def test_pixel_randomness_does_not_depend_on_the_pixel_generator_state():
+    """The pixel generator is reseeded from (seed, rank, step) at every perturbed step, so its state
     is never saved and a checkpoint resumes the same noise on another device."""
     images, labels = batch(3, size=(4, 8, 8))
     ops = ("mixup", "gaussian_noise")
     straight = sequence(make_perturber(every=1, ops=ops), range(6), images, labels)
     scrambled = make_perturber(every=1, ops=ops)
-    scrambled.device_generator.manual_seed(12345)
-    torch.rand(100, generator=scrambled.device_generator)
+    scrambled.pixel_generator.manual_seed(12345)
+    torch.rand(100, generator=scrambled.pixel_generator)
     assert_same(sequence(scrambled, range(6), images, labels), straight)
     state = make_perturber(every=1).state_dict()
     assert set(state) == {"host_generator", "param_generator", "seed", "perturbed_steps"}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pixel_draws_are_a_cpu_generators_whatever_the_device(device):
+    """The noise, mixup weights and partners are drawn by a CPU generator and moved to the batch's
+    device, so a run resumed on another device type continues the same perturbations. On the CPU the
+    device is only claimed (no CUDA generator is made); on a GPU the batch is there too."""
+    images, labels = batch(3, size=(6, 8, 8))
+    ops = ("mixup", "gaussian_noise")
+    on_cpu = sequence(make_perturber(every=1, ops=ops, device="cpu"), range(8), images, labels)
+    perturber = make_perturber(every=1, ops=ops, device=torch.device("cuda"))
+    assert perturber.pixel_generator.device.type == "cpu"
+    elsewhere = sequence(perturber, range(8), images.to(device), labels.to(device))
+    assert [net for net, *_ in elsewhere] == [net for net, *_ in on_cpu]
+    for (_, images_a, perm_a, lam_a), (_, images_b, perm_b, lam_b) in zip(on_cpu, elsewhere):
+        assert images_b.device.type == perm_b.device.type == lam_b.device.type == device
+        assert torch.equal(perm_a, perm_b.cpu()) and torch.equal(lam_a, lam_b.cpu())
+        torch.testing.assert_close(images_b.cpu(), images_a, rtol=0, atol=1e-6)  # one rounding of the GPU's kernels at most
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "loop"])
+def test_bn_statistics_are_restored_in_one_foreach_call(foreach, monkeypatch):
+    """Every BatchNorm buffer (float statistics and integer counts) comes back in one
+    torch._foreach_copy_ call, or one copy per buffer where torch has no such function."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3),
+                              torch.nn.BatchNorm2d(4, momentum=None))
+    net(torch.randn(2, 3, 8, 8))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    calls = []
+    if foreach:
+        foreach_copy = torch._foreach_copy_
+        monkeypatch.setattr(torch, "_foreach_copy_", lambda *args: calls.append(args) or foreach_copy(*args))
+    else:
+        monkeypatch.delattr(torch, "_foreach_copy_")
+    with bn_statistics_kept(net):
+        net(torch.randn(4, 3, 8, 8) * 5)
+    assert len(calls) == (1 if foreach else 0)
+    assert not calls or len(calls[0][0]) == 6  # 2 x (running_mean, running_var, num_batches_tracked)
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, before[key]), key
 
 
 @pytest.mark.parametrize("op", PERTURBATIONS)

@@ -315,3 +315,47 @@ def test_a_stop_request_leaves_later_signals_ignored_while_the_process_exits():
     finally:
         signal.signal(signal.SIGINT, previous)
         signal.signal(signal.SIGTERM, previous_term)
+
+
+@pytest.mark.parametrize("name, refused", [("tv:vgg11", "AdaptiveAvgPool2d(output_size=(7, 7)) at 'avgpool'"),
+                                           ("tv:alexnet", "AdaptiveAvgPool2d(output_size=(6, 6)) at 'avgpool'"),
+                                           ("tv:resnet18", None), ("resnet20", None)])
+def test_deterministic_cuda_refuses_adaptive_pooling_without_a_deterministic_backward(name, refused):
+    """--deterministic on CUDA with a network whose adaptive pooling has no deterministic CUDA backward
+    (torchvision's VGG and AlexNet pool to 7x7 and 6x6): one line before anything trains, instead of a
+    RuntimeError at the first backward. Pooling to 1x1 (a mean in ATen) passes. Only a CUDA runtime is
+    described: the check itself needs no GPU."""
+    info = types.SimpleNamespace(num_classes=10, img_size=64, in_chans=3)  # (AlexNet's geometry needs 63 px or more)
+    cuda = utils.Runtime(torch.device("cuda", 0), None, False, deterministic=True)
+    built = []
+    with pytest.MonkeyPatch.context() as patch:  # stop before the networks would move to the (absent) GPU
+        patch.setattr(torch.nn.Module, "to", lambda net, *args, **kwargs: built.append(net) or net)
+        if refused:
+            with pytest.raises(flags.UsageError) as error:
+                utils.build_nets([name], info, cuda)
+            message = str(error.value)
+            assert "\n" not in message and message.startswith(f"--deterministic on CUDA: network 0 ({name}) has {refused}")
+            assert built == []
+        else:
+            utils.build_nets([name], info, cuda)
+            assert len(built) == 1
+    for runtime in (utils.Runtime(torch.device("cpu"), None, False, deterministic=True),  # deterministic on the CPU
+                    utils.Runtime(torch.device("cuda", 0), None, False)):                # not asked for
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(torch.nn.Module, "to", lambda net, *args, **kwargs: net)
+            utils.build_nets([name], info, runtime)
+    assert utils.nondeterministic_on_cuda(torch.nn.AdaptiveMaxPool2d(1))   # no 1x1 exception for max pooling
+    assert not utils.nondeterministic_on_cuda(torch.nn.AdaptiveAvgPool2d((1, 1)))
+    assert utils.nondeterministic_on_cuda(torch.nn.AdaptiveAvgPool2d((None, 1)))
+
+
+def test_deterministic_cuda_refusal_comes_before_training(tmp_path, capsys, monkeypatch):
+    """The same check through a script: exit code 2 and its one line, nothing trained, nothing written."""
+    monkeypatch.setattr(utils, "resolve_device", lambda name, local_rank=None: torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(utils, "setup_data", lambda args, rt, views=1: (types.SimpleNamespace(
+        info=types.SimpleNamespace(num_classes=10, img_size=32, in_chans=3)), (None, None, None)))
+    err = launch(capsys, competitive, [*TINY, "--models", "tv:vgg11", "resnet20", "--deterministic",
+                                       "--out-dir", tmp_path / "run"], 2)
+    assert "--deterministic on CUDA: network 0 (tv:vgg11) has AdaptiveAvgPool2d" in err
+    assert not (tmp_path / "run").exists()
