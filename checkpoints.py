@@ -105,7 +105,7 @@ class Checkpoints:
 
     def save_interrupted(self, epoch, step, stats):
         """last.pt after `step` iterations of epoch `epoch` (a stop request); returns its path."""
-        # Under torchrun every process reached this step (engine.StopRequest agreed on it): rank 0's
+        # Under torchrun every process reached this step (stopping.StopRequest agreed on it): rank 0's
         # weights are everyone's, and its buffers are the ones DDP broadcasts at the next step.
         checkpoint = self.checkpoint(epoch, step, stats)  # a collective (the statistics' sums)
         if self.rt.is_main:

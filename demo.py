@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torchvision import transforms
 
 import checkpoints
+import engine
 import flags
 import metrics
 import models
@@ -345,7 +346,7 @@ def show_test_set(nets, labels, names, epochs, ckpt, args, rt, out):
                                      device=rt.device, workers=utils.resolve_workers(args.workers, rt.device), seed=args.seed)
     synthetic = " (SYNTHETIC data: numbers mean nothing)" if info.synthetic else ""
     print(f"test set of {info.name}: {info.test_size} images{synthetic}")
-    results = utils.evaluate(nets, test_loader, rt)
+    results = engine.evaluate(nets, test_loader, rt)
     group = [("ensemble", "+".join(names), epochs[0] if len(set(epochs)) == 1 else "mixed")] if len(nets) > 1 else []
     rows = [(label, model, epoch, r["acc"], r["top5"], r["loss"])
             for (label, model, epoch), r in zip(list(zip(labels, names, epochs)) + group, results)]

@@ -8,7 +8,6 @@ the process: every way out of a loop is a line in the script's loop.
 import datetime
 import math
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -16,12 +15,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+import torch.nn.functional as F
+
 import checkpoints
-import flags
+from capture import StepSums
 from flags import RunComplete, RunFailure, UsageError
 from metrics import MetricsLog
 from models.weights import net_labels
-from utils import CapturedStep, all_reduce_sum, evaluate, group_outputs, sync_replicas, unwrap
+from utils import all_reduce_sum, autocast, sync_replicas, to_input, unwrap
 
 
 # ----------------------------------------------------------------------------------------------
@@ -43,7 +44,7 @@ class RunState:
     metrics: object = None       # MetricsLog
     labels: list = field(default_factory=list)     # the members' row labels: the networks, or a network's branches
     models: list = field(default_factory=list)     # each member's architecture
-    outputs: object = group_outputs                # evaluation: utils.evaluate's `outputs` for the members
+    outputs: object = None                         # evaluation: evaluate's `outputs` for the members (None: group_outputs)
     start_epoch: int = 0         # epochs completed before this invocation
     start_step: int = 0          # steps of epoch `start_epoch` completed before it (mid-epoch resume)
     resumed: dict = field(default_factory=dict)    # the resumed checkpoint's "state" (fresh run: empty)
@@ -56,13 +57,13 @@ class RunState:
 
 
 def start_run(args, script, group, rt, info, nets, optimizers, *, steps_per_epoch, state, members=None,
-              outputs=group_outputs):
+              outputs=None):
     """Open the run directory and, with --resume, restore the group, its optimizers and `state` (the
     script's own objects with state_dict()/load_state_dict()) from the checkpoint; returns the RunState.
 
     The run's members, one metrics row each (plus an ensemble row when there are several), are its
     networks; a branched network names its branches instead: members = [(label, architecture), ...],
-    the first the deployed one (best.pt selects on it), and `outputs` evaluates them (utils.evaluate).
+    the first the deployed one (best.pt selects on it), and `outputs` evaluates them (engine.evaluate).
     """
     args.world_size = rt.world_size
     resume = checkpoints.resolve_resume(args)
@@ -210,64 +211,6 @@ class EpochStats:
         self.steps = self.restored_steps = int(state["steps"])
 
 
-class StepSums:
-    """The statistics' sums in device buffers of fixed address, to which a captured step adds its own
-    statistics (--cuda-graphs): the additions are part of its CUDA graph, instead of the ~25 small
-    kernels per step that EpochStats.add launches outside it. Same arithmetic as EpochStats.add."""
-
-    def __init__(self, device):
-        self.sums, self.first_nonfinite = {}, None
-        self.step = torch.zeros((), dtype=torch.int64, device=device)  # the index of the next step in its epoch
-
-    def add(self, stats):
-        """Add one step's statistics in place (inside the captured graph: no new buffer there)."""
-        values = [value.detach().to(torch.float64).reshape(-1) for value in stats.values()]
-        allocating = self.first_nonfinite is None or any(name not in self.sums for name in stats)
-        if allocating and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("StepSums allocate their buffers in an eager call: warm the captured step up first")
-        for name, value in zip(stats, values):
-            if name not in self.sums:
-                self.sums[name] = torch.zeros_like(value)
-            self.sums[name].add_(value)
-        bad = ~torch.isfinite(torch.stack(values)).all(0)
-        if self.first_nonfinite is None:
-            self.first_nonfinite = torch.full_like(bad, -1, dtype=torch.int64)
-        self.first_nonfinite.copy_(torch.where(bad & (self.first_nonfinite < 0), self.step, self.first_nonfinite))
-        self.step.add_(1)
-
-    def restart(self, first_step):
-        """Empty the sums in place for an epoch whose first step here is `first_step`."""
-        for value in self.sums.values():
-            value.zero_()
-        if self.first_nonfinite is not None:
-            self.first_nonfinite.fill_(-1)
-        self.step.fill_(first_step)
-
-    def load(self, sums):
-        """Copy an interrupted epoch's sums {name: float64 tensor} into the buffers."""
-        for name, value in sums.items():
-            if name in self.sums:
-                self.sums[name].copy_(value)
-            else:
-                self.sums[name] = value.to(self.step.device, torch.float64).clone()
-
-
-def summed(step, sums):
-    """`step`, followed by the addition of its statistics to the StepSums `sums`; returns `sums`."""
-    def step_and_sum(*arguments):
-        sums.add(step(*arguments))
-        return sums
-    return step_and_sum
-
-
-def capture_step(run, step, **kwargs):
-    """`step` captured in one CUDA graph together with the addition of its statistics to the run's
-    StepSums (--cuda-graphs), which every epoch's EpochStats reads (epoch_stats); kwargs go to
-    utils.CapturedStep."""
-    run.step_sums = StepSums(run.rt.device)
-    return CapturedStep(summed(step, run.step_sums), **kwargs)
-
-
 def epoch_stats(run, epoch):
     """The statistics of `epoch`, empty, or on the epoch a mid-epoch resume continues, restored
     from the checkpoint (the sums of the steps trained before the interruption)."""
@@ -356,6 +299,57 @@ def now():
 
 
 # ----------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------
+def topk_correct(logits, labels, ks=(1, 5)):
+    """Number of samples whose label is among the top-k logits, for each k (device tensor)."""
+    k_max = min(max(ks), logits.shape[-1])
+    top = logits.topk(k_max, dim=-1).indices
+    hits = top == labels[..., None]
+    return torch.stack([hits[..., :min(k, k_max)].any(-1).sum(-1) for k in ks], dim=-1)
+
+
+def group_outputs(nets, images):
+    """The default evaluation outputs: each network's logits (n, B, C) and the group's averaged
+    softmax (B, C), its ensemble."""
+    logits = torch.stack([net(images) for net in nets]).float()
+    return logits, logits.softmax(-1).mean(0)
+
+
+@torch.no_grad()
+def evaluate(nets, loader, rt, outputs=group_outputs, members=None):
+    """Loss, top-1 and top-5 (%) of each member and of the ensemble: a list of k + 1 dicts.
+
+    outputs(nets, images) -> (logits of the k = `members` members (k, B, C), ensemble probabilities
+    (B, C)); by default the members are the networks (k = len(nets)) and the ensemble their averaged
+    softmax, while a branched network (ONE, OKDDip) evaluates each branch and its own ensemble.
+    """
+    # The plain modules: DDP's forward would broadcast buffers, a collective that hangs when the
+    # unpadded evaluation shards give the processes different numbers of batches.
+    nets = [unwrap(net) for net in nets]
+    modes = [net.training for net in nets]
+    for net in nets:
+        net.eval()
+    k = len(nets) if members is None else members
+    sums = torch.zeros(k + 1, 4, device=rt.device, dtype=torch.float64)  # loss, top1, top5, count
+    for images, labels in loader:
+        with autocast(rt):
+            logits, probs = outputs(nets, to_input(images, rt))
+        logits, probs = logits.float(), probs.float()
+        sums[:k, 0] += torch.stack([F.cross_entropy(z, labels, reduction="sum") for z in logits])
+        sums[k, 0] += F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum")
+        sums[:k, 1:3] += topk_correct(logits, labels)
+        sums[k, 1:3] += topk_correct(probs, labels)
+        sums[:, 3] += labels.numel()
+    all_reduce_sum(sums, rt)
+    sums = sums.tolist()
+    for net, mode in zip(nets, modes):
+        net.train(mode)
+    return [{"loss": s[0] / max(s[3], 1), "acc": 100 * s[1] / max(s[3], 1), "top5": 100 * s[2] / max(s[3], 1)}
+            for s in sums]
+
+
+# ----------------------------------------------------------------------------------------------
 # The end of an epoch: evaluation, logging, divergence, --stop-after
 # ----------------------------------------------------------------------------------------------
 def last_epoch_here(run, epoch):
@@ -377,7 +371,7 @@ def evaluate_epoch(run, val_loader, test_loader, epoch):
         for split, loader in (("val", val_loader), ("test", test_loader)):
             results[prefix + split] = None if loader is None else evaluate(
                 nets, progress(loader, shown, desc=prefix + ("validation" if split == "val" else split)), run.rt,
-                outputs=run.outputs, members=len(run.labels))
+                outputs=run.outputs or group_outputs, members=len(run.labels))
     return results
 
 
@@ -501,91 +495,3 @@ def finish_complete_run(run_dir, complete):
     checkpoints.save_json(results_record(run_dir, ckpt["script"], ckpt["dataset"], ckpt["dataset"] == "fake", rows,
                                          ckpt["state"]["best"], len(ckpt["nets"])), path)
     return RunComplete(f"{complete}; its results.json was missing and is written now")
-
-
-# ----------------------------------------------------------------------------------------------
-# Stopping on SIGINT/SIGTERM
-# ----------------------------------------------------------------------------------------------
-# Under torchrun a signal can reach the processes at different steps, or only one of them; they
-# compare flags every STOP_CHECK_STEPS steps (one small all-reduce and host synchronisation) and
-# at every epoch end, and stop together, so a checkpoint only holds a step that every process ran.
-STOP_CHECK_STEPS = 10
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-class StopRequest:
-    """Turns SIGINT/SIGTERM into a flag checked between steps, so a stop never lands mid-update."""
-
-    def __init__(self, rt):
-        self.rt, self.signal = rt, None
-        self._previous = {}
-        # torchrun forwards the signal it receives and SIGKILLs workers 30 s later; a worker may be
-        # signalled twice (e.g. by Slurm and by torchrun), so there a repeat is not "stop now".
-        self._escalate = "TORCHELASTIC_RUN_ID" not in os.environ
-
-    def __enter__(self):
-        # SIGHUP too: a closed terminal or ssh session stops the run the way SIGTERM does (exit 129)
-        for sig in STOP_SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
-        flags.STOP["phase"] = "training"
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signal is not None:
-            if self._escalate:  # a second Ctrl-C: stop now
-                raise KeyboardInterrupt
-            return
-        self.signal = signum
-
-    def __exit__(self, exc_type, *exc):
-        # Leaving on an exception after a stop request means the process is exiting: a repeated
-        # Ctrl-C must not raise KeyboardInterrupt inside the interpreter's shutdown (atexit) hooks.
-        exiting = self.signal is not None and exc_type is not None
-        for sig, handler in self._previous.items():
-            signal.signal(sig, signal.SIG_IGN if exiting else handler)
-        flags.STOP["phase"] = "finishing"
-        return False
-
-    def requested(self, step=None):
-        """True when every process is to stop now: after step `step` (None: at an epoch end).
-
-        Under torchrun a collective: all processes call it at the same steps, and a signal that
-        reached any of them stops all of them, each then carrying that signal's number.
-        """
-        if not self.rt.distributed:
-            return self.signal is not None
-        if step is not None and (step + 1) % STOP_CHECK_STEPS:
-            return False
-        flag = torch.tensor(self.signal or 0, device=self.rt.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        self.signal = int(flag) or None
-        return self.signal is not None
-
-
-def save_and_stop(run, stop, epoch, step, stats=None):
-    """Save the state after `step` iterations of `epoch` as last.pt and say how to resume; returns
-    the exit code, 128 + the signal's number (130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP)."""
-    for sig in STOP_SIGNALS:  # a repeated Ctrl-C must not abort the save
-        signal.signal(sig, signal.SIG_IGN)
-    path = run.checkpoints.save_interrupted(epoch, step, stats)
-    print_main(run.rt, f"{signal.Signals(stop.signal).name}: stopped at epoch {epoch + 1} step {step}; state saved "
-                       f"to {path}; continue with: {resume_command(run.rt, path)}")
-    run.metrics.close()
-    return 128 + stop.signal
-
-
-def resume_command(rt, path):
-    """The command line that continues this run from `path`."""
-    argv, skip = [], False
-    for arg in sys.argv[1:]:
-        if skip or arg == "--resume":
-            skip = not skip and arg == "--resume"
-            continue
-        if not arg.startswith("--resume="):
-            argv.append(arg)
-    launcher = ["python"]
-    if "TORCHELASTIC_RUN_ID" in os.environ:
-        local = os.environ.get("LOCAL_WORLD_SIZE", rt.world_size)
-        nodes = rt.world_size // int(local)
-        launcher = ["torchrun", f"--nproc_per_node={local}"] + ([f"--nnodes={nodes} <rendezvous flags>"] if nodes > 1 else [])
-    return " ".join([*launcher, os.path.basename(sys.argv[0]), *argv, "--resume", path])

@@ -76,7 +76,7 @@ def launch(main, parser, argv=None):
 
 
 class SignalStop(KeyboardInterrupt):
-    """SIGTERM or SIGHUP outside the training loop (whose engine.StopRequest saves the state first)."""
+    """SIGTERM or SIGHUP outside the training loop (whose stopping.StopRequest saves the state first)."""
 
     def __init__(self, signum):
         super().__init__(signal.Signals(signum).name)
@@ -106,7 +106,7 @@ def interrupted_message(signum=signal.SIGINT):
     return "interrupted twice: stopped at once, without saving; the run directory keeps the last checkpoint written, if any"
 
 
-# Where the run is, for the message of a KeyboardInterrupt (engine.StopRequest sets it): in "setup"
+# Where the run is, for the message of a KeyboardInterrupt (stopping.StopRequest sets it): in "setup"
 # it stops a run that saved nothing; in "training" the loop's handler turned the first signal into a
 # stop request, so it is a second Ctrl-C; in "finishing" the last checkpoint is written.
 STOP = {"phase": "setup"}

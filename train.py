@@ -8,8 +8,10 @@ perturbation used as a data augmentation alone: the control that tells it apart 
 import functools
 import sys
 
+import capture
 import engine
 import flags
+import stopping
 import utils
 from ema import ModelEma
 from losses import mixed_accuracy, mixed_cross_entropy
@@ -56,9 +58,9 @@ def main(args):
                            state={"scaler": scaler, "ema": averages, "perturber": perturber})
     train_step = functools.partial(vanilla_step, nets[0], optimizers[0], scaler, args=args, rt=rt)
     if rt.cuda_graphs:  # captured once, then replayed
-        train_step = engine.capture_step(run, train_step)
+        train_step = capture.capture_step(run, train_step)
 
-    with engine.StopRequest(rt) as stop:
+    with stopping.StopRequest(rt) as stop:
         for epoch in range(run.start_epoch, args.epochs):
             stats = engine.epoch_stats(run, epoch)  # on a mid-epoch resume: the epoch's statistics so far
             for step, (images, labels) in engine.batches(run, train_loader, epoch):
@@ -70,14 +72,14 @@ def main(args):
                 averages.update(nets)  # after the BatchNorm statistics are restored
                 engine.log_step(run, epoch, step, stats)
                 if stop.requested(step):  # SIGINT/SIGTERM: save last.pt and exit (130/143)
-                    sys.exit(engine.save_and_stop(run, stop, epoch, step + 1, stats))
+                    sys.exit(stopping.save_and_stop(run, stop, epoch, step + 1, stats))
             evals = engine.evaluate_epoch(run, val_loader, test_loader, epoch)
             rows = engine.log_epoch(run, epoch, stats, evals, schedule)
             if engine.diverged(rows):  # NaN/inf: stop before saving anything of this epoch (exit 3)
                 raise engine.divergence(run, epoch, stats, rows)
             run.checkpoints.save(epoch, evals)
             if stop.requested() and epoch + 1 < args.epochs:
-                sys.exit(engine.save_and_stop(run, stop, epoch + 1, 0))
+                sys.exit(stopping.save_and_stop(run, stop, epoch + 1, 0))
             if engine.stop_after(run, epoch):  # --stop-after N epochs in this invocation
                 break
     return engine.finish(run)

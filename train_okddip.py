@@ -19,8 +19,10 @@ import sys
 import torch
 import torch.nn.functional as F
 
+import capture
 import engine
 import flags
+import stopping
 import utils
 from ema import ModelEma
 from losses import accuracy, kd_loss, peer_attention_weights, peer_teachers, sigmoid_rampup
@@ -100,9 +102,9 @@ def main(args):
     kd_weight = torch.zeros((), device=rt.device)
     train_step = functools.partial(okddip_step, nets[0], optimizers[0], scaler, args=args, rt=rt)
     if rt.cuda_graphs:  # captured once, then replayed
-        train_step = engine.capture_step(run, train_step)
+        train_step = capture.capture_step(run, train_step)
 
-    with engine.StopRequest(rt) as stop:
+    with stopping.StopRequest(rt) as stop:
         for epoch in range(run.start_epoch, args.epochs):
             kd_weight.fill_(args.kd_weight * sigmoid_rampup(epoch, args.rampup_epochs))  # w(e), 0-based epoch
             stats = engine.epoch_stats(run, epoch)  # on a mid-epoch resume: the epoch's statistics so far
@@ -112,14 +114,14 @@ def main(args):
                 averages.update(nets)
                 engine.log_step(run, epoch, step, stats)
                 if stop.requested(step):  # SIGINT/SIGTERM: save last.pt and exit (130/143)
-                    sys.exit(engine.save_and_stop(run, stop, epoch, step + 1, stats))
+                    sys.exit(stopping.save_and_stop(run, stop, epoch, step + 1, stats))
             evals = engine.evaluate_epoch(run, val_loader, test_loader, epoch)
             rows = engine.log_epoch(run, epoch, stats, evals, schedule)
             if engine.diverged(rows):  # NaN/inf: stop before saving anything of this epoch (exit 3)
                 raise engine.divergence(run, epoch, stats, rows)
             run.checkpoints.save(epoch, evals)
             if stop.requested() and epoch + 1 < args.epochs:
-                sys.exit(engine.save_and_stop(run, stop, epoch + 1, 0))
+                sys.exit(stopping.save_and_stop(run, stop, epoch + 1, 0))
             if engine.stop_after(run, epoch):  # --stop-after N epochs in this invocation
                 break
     save_deployed(run)

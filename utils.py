@@ -7,13 +7,11 @@ import datetime
 import math
 import os
 import random
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import models
@@ -481,121 +479,3 @@ class Schedule:
             if optimizer is not None:  # a --freeze network has none
                 set_lr(optimizer, lr)
         return lrs
-
-
-# ----------------------------------------------------------------------------------------------
-# Metrics
-# ----------------------------------------------------------------------------------------------
-def topk_correct(logits, labels, ks=(1, 5)):
-    """Number of samples whose label is among the top-k logits, for each k (device tensor)."""
-    k_max = min(max(ks), logits.shape[-1])
-    top = logits.topk(k_max, dim=-1).indices
-    hits = top == labels[..., None]
-    return torch.stack([hits[..., :min(k, k_max)].any(-1).sum(-1) for k in ks], dim=-1)
-
-
-def group_outputs(nets, images):
-    """The default evaluation outputs: each network's logits (n, B, C) and the group's averaged
-    softmax (B, C), its ensemble."""
-    logits = torch.stack([net(images) for net in nets]).float()
-    return logits, logits.softmax(-1).mean(0)
-
-
-@torch.no_grad()
-def evaluate(nets, loader, rt, outputs=group_outputs, members=None):
-    """Loss, top-1 and top-5 (%) of each member and of the ensemble: a list of k + 1 dicts.
-
-    outputs(nets, images) -> (logits of the k = `members` members (k, B, C), ensemble probabilities
-    (B, C)); by default the members are the networks (k = len(nets)) and the ensemble their averaged
-    softmax, while a branched network (ONE, OKDDip) evaluates each branch and its own ensemble.
-    """
-    # The plain modules: DDP's forward would broadcast buffers, a collective that hangs when the
-    # unpadded evaluation shards give the processes different numbers of batches.
-    nets = [unwrap(net) for net in nets]
-    modes = [net.training for net in nets]
-    for net in nets:
-        net.eval()
-    k = len(nets) if members is None else members
-    sums = torch.zeros(k + 1, 4, device=rt.device, dtype=torch.float64)  # loss, top1, top5, count
-    for images, labels in loader:
-        with autocast(rt):
-            logits, probs = outputs(nets, to_input(images, rt))
-        logits, probs = logits.float(), probs.float()
-        sums[:k, 0] += torch.stack([F.cross_entropy(z, labels, reduction="sum") for z in logits])
-        sums[k, 0] += F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum")
-        sums[:k, 1:3] += topk_correct(logits, labels)
-        sums[k, 1:3] += topk_correct(probs, labels)
-        sums[:, 3] += labels.numel()
-    all_reduce_sum(sums, rt)
-    sums = sums.tolist()
-    for net, mode in zip(nets, modes):
-        net.train(mode)
-    return [{"loss": s[0] / max(s[3], 1), "acc": 100 * s[1] / max(s[3], 1), "top5": 100 * s[2] / max(s[3], 1)}
-            for s in sums]
-
-
-# ----------------------------------------------------------------------------------------------
-# CUDA-graph capture of a whole step (--cuda-graphs)
-# ----------------------------------------------------------------------------------------------
-class CapturedStep:
-    """Runs a training step captured once in a CUDA graph and then replayed (--cuda-graphs).
-
-    `step(*arguments)` is one whole optimisation step of the group (every forward, the losses and
-    a paradigm's selection of teachers, one backward, every optimizer step, the statistics) written
-    without host synchronisation: fixed shapes, no `.item()`, no Python branch on tensor values,
-    learning rates held in device tensors (fused optimizers read them on the device). Its arguments
-    are tensors or lists of tensors. The first `warmup` calls run eagerly on a side stream (cuDNN
-    autotuning, optimizer state allocation); the next call records the graph, and every later call
-    copies its tensors into the graph's static inputs and replays it: one launch instead of
-    thousands, no Python in the loop.
-
-    capture=False keeps everything but the graph: the warm-up calls, then every call copies its
-    tensors into the static inputs and runs the step eagerly on them. It is how the tests run this
-    path on a CPU, where a change that breaks it must fail too.
-    """
-
-    def __init__(self, step, *, warmup=3, capture=True):
-        self.step, self.warmup, self.capture = step, warmup, capture
-        self.calls, self.graph, self.static_inputs, self.static_arguments, self.static_output = 0, None, None, None, None
-
-    def __call__(self, *arguments):
-        if self.static_inputs is None and self.calls < self.warmup:
-            self.calls += 1
-            return self._eager(arguments)
-        tensors = _flat_tensors(arguments)
-        if self.static_inputs is None:
-            self.static_inputs = [t.clone() for t in tensors]
-            static = iter(self.static_inputs)
-            self.static_arguments = [[next(static) for _ in a] if isinstance(a, (list, tuple)) else next(static)
-                                     for a in arguments]
-            if self.capture:
-                self.graph = torch.cuda.CUDAGraph()
-                # thread_local: CUDA calls of other threads (the torch loader's pin-memory thread) may
-                # go on during the capture; the default global mode would abort it.
-                with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-                    self.static_output = self.step(*self.static_arguments)
-        else:
-            for static, tensor in zip(self.static_inputs, tensors, strict=True):
-                static.copy_(tensor, non_blocking=True)
-        if not self.capture:
-            return self.step(*self.static_arguments)
-        self.graph.replay()
-        return self.static_output
-
-    def _eager(self, arguments):
-        """One warm-up call, on a side stream when it precedes a capture (as torch.cuda.graphs' notes ask)."""
-        if not self.capture:
-            return self.step(*arguments)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), warnings.catch_warnings():
-            # capturable optimizers (Adam, AdamW) warn when stepped outside a capture: expected here
-            warnings.filterwarnings("ignore", message="This instance was constructed with capturable=True")
-            output = self.step(*arguments)
-        torch.cuda.current_stream().wait_stream(side)
-        return output
-
-
-def _flat_tensors(arguments):
-    """The tensors of a step's arguments (each a tensor or a list of tensors), in order."""
-    return [t for a in arguments for t in (a if isinstance(a, (list, tuple)) else [a])]

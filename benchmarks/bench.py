@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import capture  # noqa: E402
 import checkpoints  # noqa: E402
 import engine  # noqa: E402
 import flags  # noqa: E402
@@ -160,12 +161,12 @@ def repository_steps(args, device, compile_nets, amp):
     perturber = Perturber(every=args.perturb_every, ops=script_args.perturbations, num_nets=len(nets), seed=0,
                           mean=data.info.mean, std=data.info.std, device=device)
     group_step = module.competitive_step if args.paradigm == "competitive" else module.mutual_step
-    sums = engine.StepSums(device) if rt.cuda_graphs else None
+    sums = capture.StepSums(device) if rt.cuda_graphs else None
     stats = engine.EpochStats(rt, sums=sums)
     state = {"step": 0}
     train_step = functools.partial(group_step, nets, optimizers, scaler, args=script_args, rt=rt)
-    if rt.cuda_graphs:  # the statistics summed inside the graph too, as the scripts do (engine.capture_step)
-        train_step = utils.CapturedStep(engine.summed(train_step, sums))
+    if rt.cuda_graphs:  # the statistics summed inside the graph too, as the scripts do (capture.capture_step)
+        train_step = capture.CapturedStep(capture.summed(train_step, sums))
 
     def step():
         images, labels = next(batches)

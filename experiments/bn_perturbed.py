@@ -24,6 +24,7 @@ import torch  # noqa: E402
 
 import checkpoints  # noqa: E402
 import demo  # noqa: E402
+import engine
 import utils  # noqa: E402
 from datasets import make_loaders  # noqa: E402
 from perturb import PERTURBATIONS, perturb  # noqa: E402
@@ -54,13 +55,13 @@ def main(args):
     results = {"as saved": []} | {name: [] for name in conditions}
     for net in nets:
         saved = copy.deepcopy(net.state_dict())
-        results["as saved"].append(utils.evaluate([net], test_loader, rt)[0]["acc"])
+        results["as saved"].append(engine.evaluate([net], test_loader, rt)[0]["acc"])
         for name, make_input in conditions.items():
             for images, labels in batches:
                 net.load_state_dict(saved)
                 with torch.no_grad():
                     net.train()(make_input(images, labels))  # the step's forward: running statistics move
-                results[name].append(utils.evaluate([net], test_loader, rt)[0]["acc"])
+                results[name].append(engine.evaluate([net], test_loader, rt)[0]["acc"])
         net.load_state_dict(saved)
     clean = sum(results["clean"]) / len(results["clean"])
     print(f"{args.checkpoint}: {len(nets)} network(s) x {args.batches} batch(es); test accuracy (%) after one "

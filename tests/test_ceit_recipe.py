@@ -281,7 +281,7 @@ def test_a_two_epoch_run_takes_the_recipe_by_default_and_resumes_exactly(capsys,
     assert float(straight[1]["lr"]) == pytest.approx(last, rel=1e-4) and 1e-5 < last < 1.1e-5  # (5 digits in the csv)
 
     calls = {"n": 0}
-    requested = train_ceit.engine.StopRequest.requested
+    requested = train_ceit.stopping.StopRequest.requested
 
     def stop_in_epoch_two(self, step=None):
         if step is not None:
@@ -291,7 +291,7 @@ def test_a_two_epoch_run_takes_the_recipe_by_default_and_resumes_exactly(capsys,
         return requested(self, step)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train_ceit.engine.StopRequest, "requested", stop_in_epoch_two)
+        patch.setattr(train_ceit.stopping.StopRequest, "requested", stop_in_epoch_two)
         with pytest.raises(SystemExit) as stopped:
             train_ceit.main(train_ceit.get_args_parser().parse_args([*argv, "--out-dir", str(tmp_path / "resumed")]))
     assert stopped.value.code == 143

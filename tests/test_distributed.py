@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 import checkpoints
+import engine
 import flags
 import helpers
 import train_competitive_distillation as competitive
@@ -69,7 +70,7 @@ def single_process_evaluation(run_dir, args):
     nets = utils.build_nets(flags.model_names(args), data.info, rt)
     for net, state in zip(nets, weights(os.path.join(run_dir, "last.pt"))):
         net.load_state_dict(state)
-    return utils.evaluate(nets, val_loader, rt), utils.evaluate(nets, test_loader, rt)
+    return engine.evaluate(nets, val_loader, rt), engine.evaluate(nets, test_loader, rt)
 
 
 def assert_logged_metrics_count_every_sample_once(run_dir, args):
@@ -293,7 +294,7 @@ def trained_and_evaluated(rt):
     running_mean_before = bn.running_mean.clone()
     utils.sync_replicas(nets, rt, epoch=0)
     return {"running_mean_before": running_mean_before, "running_mean_after": bn.running_mean.clone(),
-            "val": utils.evaluate(nets, val_loader, rt), "val_batches": len(val_loader),
+            "val": engine.evaluate(nets, val_loader, rt), "val_batches": len(val_loader),
             "weights": [unwrap(net).state_dict() for net in nets]}
 
 
@@ -388,7 +389,7 @@ def test_evaluation_counts_every_sample_once(ranks):
     nets = utils.build_nets(["resnet20", "resnet20"], data.info, rt)
     for net, state in zip(nets, eval0["weights"]):
         net.load_state_dict(state)
-    for distributed, single in zip(eval0["val"], utils.evaluate(nets, val_loader, rt)):
+    for distributed, single in zip(eval0["val"], engine.evaluate(nets, val_loader, rt)):
         assert distributed["acc"] == pytest.approx(single["acc"], abs=1e-9)
         assert distributed["top5"] == pytest.approx(single["top5"], abs=1e-9)
         assert distributed["loss"] == pytest.approx(single["loss"], rel=1e-6)

@@ -5,6 +5,7 @@ import types
 import pytest
 import torch
 
+import capture
 import engine
 import flags
 import train
@@ -84,7 +85,7 @@ def step_statistics(values, scale):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_statistics_summed_inside_the_captured_step_equal_eager_sums(device):
-    """With --cuda-graphs the captured step also adds its statistics into StepSums (engine.capture_step),
+    """With --cuda-graphs the captured step also adds its statistics into StepSums (capture.capture_step),
     so that those additions are part of the graph: each epoch's means, the first non-finite step and a
     mid-epoch resume equal EpochStats.add's, bit for bit. On the CPU the capture is off."""
     device = torch.device(device)
@@ -105,7 +106,7 @@ def test_statistics_summed_inside_the_captured_step_equal_eager_sums(device):
     def captured_epochs(batches_per_epoch, start_step=0, state=None):
         run = types.SimpleNamespace(rt=rt, step_sums=None, start_epoch=0, start_step=start_step,
                                     resumed={"stats": state})
-        step = engine.capture_step(run, step_statistics, warmup=2, capture=device.type == "cuda")
+        step = capture.capture_step(run, step_statistics, warmup=2, capture=device.type == "cuda")
         results = []
         for epoch, batches in enumerate(batches_per_epoch):
             stats = engine.epoch_stats(run, epoch)

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import capture
 import checkpoints
 import flags
 import models
@@ -224,13 +225,13 @@ def test_default_step_matches_the_eager_fp32_step(amp_dtype):
 @pytest.mark.parametrize("amp_dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
 def test_captured_competitive_step_matches_eager(device, optimizer, amp_dtype):
     """Same weights, same batches: the script's step called as the scripts call it, step(inputs,
-    labels, labels_perm, lams), through utils.CapturedStep tracks the eager step, replays of a perturbed
+    labels, labels_perm, lams), through capture.CapturedStep tracks the eager step, replays of a perturbed
     (mixup) batch and of rate changes included. On the CPU the capture is off (the same warm-up and
     static inputs, the step run eagerly on them), so the body runs, and must pass, without a GPU."""
     device = torch.device(device)
-    capture = device.type == "cuda"
+    on_gpu = device.type == "cuda"
     args = competitive.get_args_parser().parse_args(["--models", "resnet20", "resnet20"])
-    rt = utils.Runtime(device, amp_dtype, True, cuda_graphs=capture)
+    rt = utils.Runtime(device, amp_dtype, True, cuda_graphs=on_gpu)
     stats_tol, param_tol = (1e-3, 1e-4) if amp_dtype is None else (2e-2, 1e-2)
     lr = 0.1 if optimizer == "sgd" else 1e-3
 
@@ -244,8 +245,8 @@ def test_captured_competitive_step_matches_eager(device, optimizer, amp_dtype):
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     (eager_nets, eager_opts), (graph_nets, graph_opts) = group(), group()
     eager = functools.partial(competitive.competitive_step, eager_nets, eager_opts, scaler, args=args, rt=rt)
-    captured = utils.CapturedStep(functools.partial(competitive.competitive_step, graph_nets, graph_opts, scaler,
-                                                    args=args, rt=rt), warmup=2, capture=capture)
+    captured = capture.CapturedStep(functools.partial(competitive.competitive_step, graph_nets, graph_opts, scaler,
+                                                    args=args, rt=rt), warmup=2, capture=on_gpu)
     generator = torch.Generator(device).manual_seed(0)
     for step in range(8):
         for opt in eager_opts + graph_opts:
@@ -261,7 +262,7 @@ def test_captured_competitive_step_matches_eager(device, optimizer, amp_dtype):
         for name, value in expected.items():
             torch.testing.assert_close(got[name], value, rtol=stats_tol, atol=stats_tol, msg=f"step {step}: {name}")
         assert torch.equal(got["leader_share"], expected["leader_share"]), step  # the same leader every step
-    assert (captured.graph is not None) == capture and captured.static_inputs is not None
+    assert (captured.graph is not None) == on_gpu and captured.static_inputs is not None
     for a, b in zip(eager_nets, graph_nets):
         for p, q in zip(a.parameters(), b.parameters()):
             torch.testing.assert_close(p, q, rtol=1e-3, atol=param_tol)

@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import losses
+import engine
 import utils
 from train_competitive_distillation import competitive_step, select_teachers
 from train_mutual_learning import mutual_step
@@ -202,4 +203,4 @@ def test_lr_schedule_shapes():
 def test_topk_correct():
     logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.05], [0.2, 0.3, 0.5]])
     labels = torch.tensor([1, 2, 0])
-    assert utils.topk_correct(logits, labels, ks=(1, 2, 5)).tolist() == [1, 1, 3]
+    assert engine.topk_correct(logits, labels, ks=(1, 2, 5)).tolist() == [1, 1, 3]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import checkpoints
+import engine
 import flags
 import models
 import train_kdcl as kdcl
@@ -58,7 +59,7 @@ def test_the_deployed_network_is_a_plain_network_of_the_base(module, tmp_path):
     args = module.get_args_parser().parse_args([*TINY, *GROUP[module]])
     rt = utils.setup_runtime(args)
     _, (_, _, test_loader) = utils.setup_data(args, rt)
-    assert utils.evaluate([plain], test_loader, rt)[0]["acc"] == results["networks"][0]["final_test_acc"]
+    assert engine.evaluate([plain], test_loader, rt)[0]["acc"] == results["networks"][0]["final_test_acc"]
     # ... and --init takes it
     run_main(kdcl, [*TINY, "--models", "resnet20", "resnet20", "--epochs", "1", "--init", f"0={tmp_path / 'deployed.pt'}",
                     "--out-dir", tmp_path / "init"])
@@ -85,7 +86,7 @@ def test_a_mid_epoch_resume_is_exact(module, tmp_path):
     argv = [*TINY, *GROUP[module], "--epochs", "2", "--deterministic", *ramp]
     run_main(module, [*argv, "--out-dir", tmp_path / "straight"])
     calls = {"n": 0}
-    requested = module.engine.StopRequest.requested
+    requested = module.stopping.StopRequest.requested
 
     def stop_at_step_five(self, step=None):
         if step is not None:
@@ -95,7 +96,7 @@ def test_a_mid_epoch_resume_is_exact(module, tmp_path):
         return requested(self, step)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(module.engine.StopRequest, "requested", stop_at_step_five)
+        patch.setattr(module.stopping.StopRequest, "requested", stop_at_step_five)
         with pytest.raises(SystemExit) as stopped:
             run_main(module, [*argv, "--out-dir", tmp_path / "resumed"])
     assert stopped.value.code == 143

@@ -5,6 +5,7 @@ import checkpoints
 import errno
 import os
 import signal
+import stopping
 import subprocess
 import sys
 import time
@@ -13,7 +14,6 @@ import types
 import pytest
 import torch
 
-import engine
 import flags
 import metrics
 import train
@@ -303,11 +303,11 @@ def test_a_stop_request_leaves_later_signals_ignored_while_the_process_exits():
     previous_term = signal.getsignal(signal.SIGTERM)
     try:
         rt = types.SimpleNamespace(distributed=False)
-        with engine.StopRequest(rt):
+        with stopping.StopRequest(rt):
             pass
         assert signal.getsignal(signal.SIGINT) is previous
         with pytest.raises(SystemExit):
-            with engine.StopRequest(rt) as stop:
+            with stopping.StopRequest(rt) as stop:
                 stop.signal = signal.SIGINT
                 raise SystemExit(130)
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN

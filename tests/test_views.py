@@ -78,7 +78,7 @@ def test_a_mid_epoch_resume_with_independent_views_is_exact(tmp_path):
     argv = [*TINY, "--models", "resnet20", "resnet20", "--epochs", "2", "--views", "independent", "--deterministic"]
     competitive.main(competitive.get_args_parser().parse_args([*argv, "--out-dir", str(tmp_path / "straight")]))
     calls = {"n": 0}
-    requested = competitive.engine.StopRequest.requested
+    requested = competitive.stopping.StopRequest.requested
 
     def stop_at_step_five(self, step=None):
         if step is not None:
@@ -88,7 +88,7 @@ def test_a_mid_epoch_resume_with_independent_views_is_exact(tmp_path):
         return requested(self, step)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(competitive.engine.StopRequest, "requested", stop_at_step_five)
+        patch.setattr(competitive.stopping.StopRequest, "requested", stop_at_step_five)
         with pytest.raises(SystemExit) as stopped:
             competitive.main(competitive.get_args_parser().parse_args([*argv, "--out-dir", str(tmp_path / "resumed")]))
     assert stopped.value.code == 143

@@ -125,7 +125,7 @@ def test_init_from_a_train_run_reproduces_its_test_accuracy_at_step_0(trained, t
     nets, test_loader, rt = initialised_group([*TINY, "--models", "resnet20", "resnet20", "resnet20", "--init",
                                                f"0={single / 'last.pt'}", f"1={tmp_path / 'plain.pth'}",
                                                f"2={pair / 'last.pt'}@net1_resnet20"])
-    results = utils.evaluate(nets, test_loader, rt)
+    results = engine.evaluate(nets, test_loader, rt)
     assert results[0]["acc"] == results[1]["acc"] == test_acc
     pair_state = checkpoints.load_checkpoint(str(pair / "last.pt"))["nets"][1]
     assert all(torch.equal(value, pair_state[key]) for key, value in nets[2].state_dict().items())
