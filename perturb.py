@@ -55,7 +55,9 @@ def add_perturbation_flags(add, *, every, every_help):
 
 @contextlib.contextmanager
 def bn_statistics_kept(net):
-    """Run the block without changing `net`'s BatchNorm running statistics (None: no network).
+    """Run the block without changing `net`'s normalisation running statistics (None: no network):
+    BatchNorm's, and those of any norm that keeps them (InstanceNorm with track_running_stats, which
+    tv:/timm: networks can contain; both derive from torch's _NormBase).
 
     A perturbed batch is a deliberate outlier: it should move the perturbed network's weights,
     not the statistics that every later evaluation normalises with. The buffers are restored in
@@ -63,7 +65,8 @@ def bn_statistics_kept(net):
     """
     buffers = [] if net is None else [
         buffer for module in net.modules()
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.track_running_stats
+        if isinstance(module, torch.nn.modules.batchnorm._NormBase) and module.track_running_stats
+        and module.running_mean is not None
         for buffer in (module.running_mean, module.running_var, module.num_batches_tracked)]
     saved = [buffer.clone() for buffer in buffers]
     yield

@@ -533,3 +533,19 @@ def test_a_run_with_four_step_epochs_perturbs_exactly_one_step_in_n(monkeypatch,
     competitive.main(args)
     assert [step for step, _ in chosen] == list(range(12))
     assert [step for step, net in chosen if net >= 0] == [0, 3, 6, 9]
+
+
+def test_the_statistics_guard_covers_every_norm_that_keeps_running_statistics():
+    """InstanceNorm with track_running_stats (in some tv:/timm: networks) keeps its statistics too;
+    LayerNorm has none and is left alone."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4),
+                              torch.nn.InstanceNorm2d(4, affine=True, track_running_stats=True), torch.nn.LayerNorm([4, 6, 6]))
+    before = {key: value.clone() for key, value in net.state_dict().items()}
+    with bn_statistics_kept(net):
+        net.train()(torch.randn(5, 3, 8, 8))
+    after = net.state_dict()
+    for key in ("1.running_mean", "1.running_var", "1.num_batches_tracked",
+                "2.running_mean", "2.running_var", "2.num_batches_tracked"):
+        assert torch.equal(after[key], before[key]), key
+    net(torch.randn(5, 3, 8, 8))  # outside the guard they move
+    assert not torch.equal(net.state_dict()["2.running_mean"], before["2.running_mean"])
