@@ -26,7 +26,7 @@ import stopping
 import utils
 from ema import ModelEma
 from losses import accuracy, kd_loss, peer_attention_weights, peer_teachers, sigmoid_rampup
-from train_one import branched_group, save_deployed
+from train_one import branched_group, describe_deployed, save_deployed
 
 
 def get_args_parser():
@@ -99,6 +99,7 @@ def main(args):
     averages = ModelEma(nets, args.model_ema, group.frozen)  # --model-ema; off by default
     run = engine.start_run(args, "okddip", group, rt, data.info, nets, optimizers, steps_per_epoch=len(train_loader),
                            state={"scaler": scaler, "ema": averages}, members=members, outputs=okddip_outputs)
+    describe_deployed(run)
     kd_weight = torch.zeros((), device=rt.device)
     train_step = functools.partial(okddip_step, nets[0], optimizers[0], scaler, args=args, rt=rt)
     if rt.cuda_graphs:  # captured once, then replayed

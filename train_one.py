@@ -92,6 +92,14 @@ def one_step(model, optimizer, scaler, images, labels, kd_weight, args, rt):
             "gate": out.gate.detach().float().mean(0)}                          # each branch's mean gate weight
 
 
+def describe_deployed(run):
+    """The startup line of the deployed network: what is used after training, with its own size."""
+    state = utils.unwrap(run.nets[0]).deployed_state_dict()
+    engine.print_main(run.rt, f"  deployed network: {run.labels[0]}, a plain {run.models[0]} of "
+                              f"{sum(v.numel() for k, v in state.items() if 'running' not in k and 'num_batches' not in k) / 1e6:.2f}M "
+                              f"parameters (deployed.pt at the end)")
+
+
 def save_deployed(run):
     """At the end of training, the deployed branch as a plain network of the base architecture:
     <run_dir>/deployed.pt, a state_dict that models.create_model(base) loads (and --init takes)."""
@@ -113,6 +121,7 @@ def main(args):
     averages = ModelEma(nets, args.model_ema, group.frozen)  # --model-ema; off by default
     run = engine.start_run(args, "one", group, rt, data.info, nets, optimizers, steps_per_epoch=len(train_loader),
                            state={"scaler": scaler, "ema": averages}, members=members, outputs=one_outputs)
+    describe_deployed(run)
     kd_weight = torch.zeros((), device=rt.device)
     train_step = functools.partial(one_step, nets[0], optimizers[0], scaler, args=args, rt=rt)
     if rt.cuda_graphs:  # captured once, then replayed

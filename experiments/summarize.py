@@ -494,7 +494,10 @@ def main(argv=None):
     try:
         study = load_study(args.study)
         rows, notes = summarize(study)
-        plot(rows, png, budget_line(study))
+        try:
+            plot(rows, png, budget_line(study))
+        except OSError as error:
+            raise StudyError(f"cannot write the plot '{png}': {error.strerror or error}") from None
     except (StudyError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -435,3 +435,9 @@ def test_the_headline_table_by_hand(study):
     # ensemble (83, 82, 81.5): 82.17 ± 0.76; − independent (82, 81.5, 80): 1.0, 0.5, 1.5: half 4.303 * 0.5 / sqrt(3) = 1.24
     assert dml == "| dml | resnet20 + resnet20 | 3 | 81.00 ± 0.50 | +1.00 [-1.15, +3.15] | 82.17 ± 0.76 | +1.00 [-0.24, +2.24] |"
     assert lines[2].startswith("| vanilla | resnet20 | 3 | 80.00 ± 1.00 | – |")
+
+
+def test_an_unwritable_png_is_one_line(study, tmp_path, capsys):
+    assert summarize.main([study, "--png", str(tmp_path / "no" / "such" / "dir" / "study.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: cannot write the plot") and "No such file or directory" in err[0]

@@ -204,3 +204,12 @@ def test_topk_correct():
     logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.05], [0.2, 0.3, 0.5]])
     labels = torch.tensor([1, 2, 0])
     assert engine.topk_correct(logits, labels, ks=(1, 2, 5)).tolist() == [1, 1, 3]
+
+
+def test_a_mixup_batchs_training_accuracy_is_weighted_as_its_loss():
+    """lam * acc(y) + (1 - lam) * acc(y_perm): a network right on y for 3 of 4 samples and on y_perm
+    for 1 of 4, with lam 0.7, scores 0.7 * 75 + 0.3 * 25 = 60; with lam 1 it is plain accuracy."""
+    logits = torch.eye(4)[None].repeat(2, 1, 1)            # predicts class i for sample i
+    labels, labels_perm = torch.tensor([0, 1, 2, 0]), torch.tensor([1, 0, 3, 3])
+    acc = losses.mixed_accuracy(logits, labels, labels_perm, torch.tensor([0.7, 1.0]))
+    assert torch.allclose(acc, torch.tensor([60.0, 75.0]))

@@ -50,10 +50,14 @@ def test_two_epochs_write_one_row_per_member_and_epoch(module, tmp_path):
 
 
 @pytest.mark.parametrize("module", [one, okddip], ids=lambda m: m.__name__)
-def test_the_deployed_network_is_a_plain_network_of_the_base(module, tmp_path):
+def test_the_deployed_network_is_a_plain_network_of_the_base(module, tmp_path, capsys):
     """deployed.pt loads into create_model(base) and gives the branched network's first row: the
-    deployed branch's test accuracy, exactly."""
+    deployed branch's test accuracy, exactly; the startup line gives its size; demo.py shows the run."""
+    import demo
     results = run_main(module, [*TINY, *GROUP[module], "--epochs", "1", "--out-dir", tmp_path])
+    assert f"deployed network: {ROWS[module][0]}, a plain resnet20 of 0.27M parameters" in capsys.readouterr().out
+    demo.main(demo.get_args_parser().parse_args([str(tmp_path), "--num-images", "2", "--device", "cpu"]))
+    assert f"{results['networks'][0]['final_test_acc']:.2f}%" in capsys.readouterr().out  # the deployed network's
     plain = models.create_model("resnet20", num_classes=10, img_size=16, in_chans=3)
     plain.load_state_dict(torch.load(tmp_path / "deployed.pt", weights_only=True))  # strict
     args = module.get_args_parser().parse_args([*TINY, *GROUP[module]])
