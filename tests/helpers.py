@@ -1,8 +1,10 @@
 """Helpers shared by the test files: paths, subprocess environment, run outputs, data sets written
 in their real on-disk formats."""
+import contextlib
 import csv
 import gzip
 import os
+import signal
 import struct
 
 import numpy as np
@@ -89,3 +91,23 @@ def write_broken_image_tree(root):
     truncated.write_bytes(png[: len(png) // 2])
     text.write_text("not an image")
     return truncated, text
+
+
+@contextlib.contextmanager
+def sigterm_after_step(calls):
+    """Within the block, the training loop's stop check behaves as if SIGTERM arrived during training
+    step number `calls` (counted over the whole invocation, from 1), so the run saves last.pt after
+    that step and exits with 143: an exact mid-epoch interruption without timing a real signal."""
+    import stopping
+    count, requested = {"n": 0}, stopping.StopRequest.requested
+
+    def checked(self, step=None):
+        if step is not None:
+            count["n"] += 1
+            if count["n"] == calls:
+                self.signal = signal.SIGTERM
+        return requested(self, step)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(stopping.StopRequest, "requested", checked)
+        yield

@@ -18,7 +18,7 @@ import train_ceit
 import utils
 from datasets import augment, build_data, make_loaders
 from datasets.loaders import REPEATED_EPOCH_ROUND, _EpochSampler, _epoch_order, _SeededItems, repeated_epoch_length
-from helpers import ROOT, read_rows
+from helpers import ROOT, read_rows, sigterm_after_step
 
 TIMM = importlib.util.find_spec("timm") is not None
 IMPLEMENTATIONS = [pytest.param("timm", marks=pytest.mark.skipif(not TIMM, reason="timm is not installed")), "torchvision"]
@@ -280,20 +280,8 @@ def test_a_two_epoch_run_takes_the_recipe_by_default_and_resumes_exactly(capsys,
     straight = read_rows(tmp_path / "straight")
     assert float(straight[1]["lr"]) == pytest.approx(last, rel=1e-4) and 1e-5 < last < 1.1e-5  # (5 digits in the csv)
 
-    calls = {"n": 0}
-    requested = train_ceit.stopping.StopRequest.requested
-
-    def stop_in_epoch_two(self, step=None):
-        if step is not None:
-            calls["n"] += 1
-            if calls["n"] == steps + 3:  # after step 3 of epoch 2
-                self.signal = 15
-        return requested(self, step)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train_ceit.stopping.StopRequest, "requested", stop_in_epoch_two)
-        with pytest.raises(SystemExit) as stopped:
-            train_ceit.main(train_ceit.get_args_parser().parse_args([*argv, "--out-dir", str(tmp_path / "resumed")]))
+    with sigterm_after_step(steps + 3), pytest.raises(SystemExit) as stopped:  # after step 3 of epoch 2
+        train_ceit.main(train_ceit.get_args_parser().parse_args([*argv, "--out-dir", str(tmp_path / "resumed")]))
     assert stopped.value.code == 143
     train_ceit.main(train_ceit.get_args_parser().parse_args([*argv, "--out-dir", str(tmp_path / "resumed"),
                                                              "--resume", "auto"]))

@@ -13,7 +13,7 @@ import train_kdcl as kdcl
 import train_okddip as okddip
 import train_one as one
 import utils
-from helpers import read_rows
+from helpers import read_rows, sigterm_after_step
 from test_distributed import torchrun
 
 TINY = ["--dataset", "fake", "--img-size", "16", "--train-subset", "96", "--val-size", "32", "--batch-size", "32",
@@ -89,20 +89,8 @@ def test_a_mid_epoch_resume_is_exact(module, tmp_path):
     ramp = [] if module is kdcl else ["--rampup-epochs", "2"]  # a distillation weight that changes between the epochs
     argv = [*TINY, *GROUP[module], "--epochs", "2", "--deterministic", *ramp]
     run_main(module, [*argv, "--out-dir", tmp_path / "straight"])
-    calls = {"n": 0}
-    requested = module.stopping.StopRequest.requested
-
-    def stop_at_step_five(self, step=None):
-        if step is not None:
-            calls["n"] += 1
-            if calls["n"] == 5:
-                self.signal = 15
-        return requested(self, step)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(module.stopping.StopRequest, "requested", stop_at_step_five)
-        with pytest.raises(SystemExit) as stopped:
-            run_main(module, [*argv, "--out-dir", tmp_path / "resumed"])
+    with sigterm_after_step(5), pytest.raises(SystemExit) as stopped:  # step 2 of epoch 2
+        run_main(module, [*argv, "--out-dir", tmp_path / "resumed"])
     assert stopped.value.code == 143
     assert checkpoints.load_checkpoint(str(tmp_path / "resumed" / "last.pt"))["step"] == 2
     run_main(module, [*argv, "--out-dir", tmp_path / "resumed", "--resume", "auto"])

@@ -20,23 +20,13 @@ import train_competitive_distillation as competitive
 import utils
 from helpers import ROOT, cpu_env
 from test_distributed import torchrun_command, worker_pids
+from test_reliability import launch  # a script run in-process as from a shell, its one error line
 
 TINY = ["--dataset", "fake", "--img-size", "16", "--train-subset", "64", "--val-size", "32", "--batch-size", "32",
         "--eval-batch-size", "256", "--device", "cpu", "--workers", "0", "--no-progress"]
 # Long enough (many 4-image steps) to be signalled in the middle of an epoch.
 LONG = ["--dataset", "fake", "--img-size", "16", "--train-subset", "512", "--val-size", "0", "--batch-size", "4",
         "--device", "cpu", "--workers", "0", "--no-progress", "--model", "resnet20", "--epochs", "50"]
-
-
-def launch(capsys, module, args, code):
-    """Run a script in-process as from a shell; asserts its exit code and one stderr line, returns that line."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        flags.launch(module.main, module.get_args_parser(), [str(a) for a in args])
-    assert exit_info.value.code == code
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    return err
 
 
 def start(script, args, **kwargs):

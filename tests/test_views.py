@@ -7,7 +7,7 @@ import flags
 import train_competitive_distillation as competitive
 import train_mutual_learning as mutual
 from datasets import make_loaders
-from helpers import read_rows
+from helpers import read_rows, sigterm_after_step
 from test_datasets import coded_data, decode_and_check
 
 TINY = ["--dataset", "fake", "--img-size", "16", "--train-subset", "96", "--val-size", "0", "--batch-size", "32",
@@ -77,20 +77,8 @@ def test_a_mid_epoch_resume_with_independent_views_is_exact(tmp_path):
     """Interrupted after step 2 of epoch 2 (a stop request), resumed: metrics equal an uninterrupted run."""
     argv = [*TINY, "--models", "resnet20", "resnet20", "--epochs", "2", "--views", "independent", "--deterministic"]
     competitive.main(competitive.get_args_parser().parse_args([*argv, "--out-dir", str(tmp_path / "straight")]))
-    calls = {"n": 0}
-    requested = competitive.stopping.StopRequest.requested
-
-    def stop_at_step_five(self, step=None):
-        if step is not None:
-            calls["n"] += 1
-            if calls["n"] == 5:
-                self.signal = 15
-        return requested(self, step)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(competitive.stopping.StopRequest, "requested", stop_at_step_five)
-        with pytest.raises(SystemExit) as stopped:
-            competitive.main(competitive.get_args_parser().parse_args([*argv, "--out-dir", str(tmp_path / "resumed")]))
+    with sigterm_after_step(5), pytest.raises(SystemExit) as stopped:  # step 2 of epoch 2
+        competitive.main(competitive.get_args_parser().parse_args([*argv, "--out-dir", str(tmp_path / "resumed")]))
     assert stopped.value.code == 143
     competitive.main(competitive.get_args_parser().parse_args([*argv, "--out-dir", str(tmp_path / "resumed"),
                                                                "--resume", "auto"]))
