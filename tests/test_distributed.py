@@ -408,6 +408,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(ranks):
 
 def test_sync_bn_is_refused_on_the_cpu(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
     args = group_args(["resnet20", "resnet20"], 8, "--sync-bn")
     with pytest.raises(flags.UsageError, match="--sync-bn needs CUDA"):
         utils.setup_runtime(args)

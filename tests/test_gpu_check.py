@@ -104,17 +104,23 @@ def test_a_stage_that_no_longer_fits_the_budget_is_skipped_in_one_line(tmp_path,
     """With the slot mostly spent (GPU_CHECK_SPENT_S), only the first stage still fits: every later one
     says so on one line, and the summary records it."""
     stages, _, reserve, budget = planned_stages()
-    spent = budget - reserve - stages[0][1] - 5  # 5 s for the start and the data check
+    spent = budget - reserve - stages[0][1]  # exactly the first stage's limit is left
     out = tmp_path / "out"
     rc, stdout, err = finished(gpu_check("--data-dir", str(data_dir), str(out), GPU_CHECK_SPENT_S=str(spent)))
     assert rc == 3 and err == "", (stdout, err)
     lines = stdout.splitlines()
     assert lines[0].startswith("== env: no GPU")
+    statuses = ["no GPU"]
     for (name, seconds), line in zip(stages[1:], lines[1:len(stages)], strict=True):
-        assert re.fullmatch(rf"== {name}: skipped \(-?\d+ s left of the budget, its limit is {seconds - 3} s \+ 3 s grace\)",
-                            line), line
+        skipped = re.fullmatch(rf"== {name}: skipped \(-?\d+ s left of the budget, its limit is {seconds - 3} s \+ 3 s grace\)",
+                               line)
+        # whatever the first stage took, less than its limit is left: every stage as long is skipped (a
+        # shorter one may still fit, how much less depends on the machine's speed)
+        assert skipped or (seconds < stages[0][1] and line.startswith(f"== {name}: no GPU")), line
+        statuses.append("skipped" if skipped else "no GPU")
+    assert sum(status == "skipped" for status in statuses) >= sum(seconds >= stages[0][1] for _, seconds in stages[1:]) > 0
     summary = json.loads((out / "summary.json").read_text())
-    assert [s["status"] for s in summary["stages"]] == ["no GPU"] + ["skipped"] * (len(stages) - 1)
+    assert [s["status"] for s in summary["stages"]] == statuses
     assert output_files(out) == ["logs.tar.gz", "summary.json"]
 
 
