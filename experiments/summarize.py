@@ -402,10 +402,17 @@ def headline(rows):
         acc = "; ".join(fmt(sorted_values(mean_by_seed(part, "values"))) for part in shown)
         alone = "; ".join(fmt_diff(merged_diffs(part), full=False, n_expected=len(members[0]["values"]))
                           if all(row["alone"] for row in part) else "–" for part in shown)
-        lines.append(f"| {config} | {' + '.join(row['model'] for row in members)} | {len(members[0]['values'])} | {acc} | "
+        lines.append(f"| {config} | {group_models([row['model'] for row in members])} | {len(members[0]['values'])} | {acc} | "
                      f"{alone} | {fmt(sorted_values(ensemble['values'])) if ensemble else '–'} | "
                      f"{fmt_diff(ensemble and ensemble['ensemble'], full=False, n_expected=len(members[0]['values']))} |")
     return "\n".join(lines)
+
+
+def group_models(models):
+    """A group's architectures, short: '2 × resnet20' for copies of one, 'resnet20 + mobilenet_v1' otherwise."""
+    if len(models) > 1 and len(set(models)) == 1:
+        return f"{len(models)} × {models[0]}"
+    return " + ".join(models)
 
 
 def by_label(rows):
@@ -477,14 +484,48 @@ def plot(rows, path, title):
 
 
 def get_args_parser():
-    """The command line: STUDY [--png FILE] [--compact]."""
+    """The command line: STUDY [--png FILE] [--compact] [--headline] [--readme FILE]."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("study", help="the directory experiments/compare.py wrote")
     parser.add_argument("--png", default=None, help="dot plot to write (default: STUDY/study.png)")
     parser.add_argument("--compact", action="store_true", help="also print one line per configuration")
     parser.add_argument("--headline", action="store_true",
                         help="also print the shortest table: each configuration's deployed network and ensemble (the README's)")
+    parser.add_argument("--readme", default=None, metavar="FILE",
+                        help=f"also write the shortest table into FILE between the lines {README_MARKERS[0]} and "
+                             f"{README_MARKERS[1]} (how the README's table is made)")
     return parser
+
+
+README_MARKERS = ("<!-- study table: begin -->", "<!-- study table: end -->")
+
+
+def write_readme_table(path, table):
+    """Replace the lines between README_MARKERS in the file `path` with `table`, atomically."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as error:
+        raise StudyError(f"cannot read '{path}': {error.strerror or error}") from None
+    begin, end = (text.find(marker) for marker in README_MARKERS)
+    if begin < 0 or end < begin:
+        raise StudyError(f"'{path}' has no table to replace: it needs the line {README_MARKERS[0]}, "
+                         f"later the line {README_MARKERS[1]}")
+    begin += len(README_MARKERS[0])
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text[:begin] + "\n" + table + "\n" + text[end:])
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def readme_table(text):
+    """The table between README_MARKERS in `text` (None without them)."""
+    begin, end = (text.find(marker) for marker in README_MARKERS)
+    return None if begin < 0 or end < begin else text[begin + len(README_MARKERS[0]):end].strip("\n")
 
 
 def main(argv=None):
@@ -498,6 +539,8 @@ def main(argv=None):
             plot(rows, png, budget_line(study))
         except OSError as error:
             raise StudyError(f"cannot write the plot '{png}': {error.strerror or error}") from None
+        if args.readme:
+            write_readme_table(args.readme, headline(rows))
     except (StudyError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -513,7 +556,7 @@ def main(argv=None):
         print("\nincomplete, not in the tables: " + ", ".join(study["incomplete"]))
     if study["warnings"] or notes:
         print("\n" + "\n".join(study["warnings"] + notes))
-    print(f"\nplot: {png}")
+    print(f"\nplot: {png}" + (f"\ntable written into {args.readme}" if args.readme else ""))
     return 0
 
 

@@ -433,7 +433,7 @@ def test_the_headline_table_by_hand(study):
     # networks per seed: (81 + 82) / 2 = 81.5, (81.5 + 80.5) / 2 = 81.0, (80 + 81) / 2 = 80.5: 81.00 ± 0.50
     # − alone (80, 81, 79): 1.5, 0.0, 1.5: mean 1.00, sd 0.866, half 4.303 * 0.866 / sqrt(3) = 2.15
     # ensemble (83, 82, 81.5): 82.17 ± 0.76; − independent (82, 81.5, 80): 1.0, 0.5, 1.5: half 4.303 * 0.5 / sqrt(3) = 1.24
-    assert dml == "| dml | resnet20 + resnet20 | 3 | 81.00 ± 0.50 | +1.00 [-1.15, +3.15] | 82.17 ± 0.76 | +1.00 [-0.24, +2.24] |"
+    assert dml == "| dml | 2 × resnet20 | 3 | 81.00 ± 0.50 | +1.00 [-1.15, +3.15] | 82.17 ± 0.76 | +1.00 [-0.24, +2.24] |"
     assert lines[2].startswith("| vanilla | resnet20 | 3 | 80.00 ± 1.00 | – |")
 
 
@@ -441,3 +441,23 @@ def test_an_unwritable_png_is_one_line(study, tmp_path, capsys):
     assert summarize.main([study, "--png", str(tmp_path / "no" / "such" / "dir" / "study.png")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: cannot write the plot") and "No such file or directory" in err[0]
+
+
+def test_the_readme_table_is_written_between_its_markers(study, tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    begin, end = summarize.README_MARKERS
+    readme.write_text(f"# Title\n\n{begin}\nan old table\n{end}\n\nafter\n")
+    assert summarize.main([study, "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith(f"# Title\n\n{begin}\n| configuration |") and text.endswith(f"|\n{end}\n\nafter\n")
+    assert summarize.readme_table(text) == summarize.compact_table(study, summarize.headline)
+    assert summarize.main([study, "--readme", str(readme)]) == 0 and readme.read_text() == text  # idempotent
+
+
+def test_a_readme_without_markers_is_one_line_and_unchanged(study, tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    readme.write_text("no table here\n")
+    assert summarize.main([study, "--readme", str(readme)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has no table to replace" in err[0] and summarize.README_MARKERS[0] in err[0]
+    assert readme.read_text() == "no table here\n" and not (tmp_path / "README.md.tmp").exists()

@@ -92,3 +92,13 @@ def test_ci_runs_the_readme_test_command():
     ci = [line for line in open(os.path.join(ROOT, ".ci", "run")).read().splitlines()
           if line and not line.startswith(("#", "set ", "cd "))]
     assert len(ci) == 1 and f"```bash\n{ci[0]}\n```" in open(os.path.join(ROOT, "README.md")).read()
+
+
+def test_the_results_table_is_the_committed_studys_summary():
+    """The README's table is what experiments/summarize.py makes of experiments/study, number for number."""
+    import sys
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    import summarize
+    table = summarize.readme_table(open(os.path.join(ROOT, "README.md")).read())
+    assert table and table.startswith("| configuration |"), "README.md lacks the study table's markers"
+    assert table == summarize.compact_table(os.path.join(ROOT, "experiments", "study"), summarize.headline)
