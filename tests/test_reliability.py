@@ -188,7 +188,7 @@ def test_a_second_ctrl_c_does_not_lose_the_state(tmp_path):
     """Two SIGINTs 30 ms apart: exit 130 without a traceback, and a loadable last.pt."""
     out = tmp_path / "run"
     process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_competitive_distillation.py"),
-                                *TINY[:4], "--train-subset", "1024", *TINY[6:8], "--batch-size", "4", *TINY[10:],
+                                *TINY[:4], "--train-subset", "512", *TINY[6:8], "--batch-size", "4", *TINY[10:],
                                 "--models", "resnet20", "resnet20", "--epochs", "2", "--out-dir", str(out)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cpu_env(), cwd=ROOT)
     while not (out / "last.pt").exists() and process.poll() is None:
