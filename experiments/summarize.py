@@ -17,6 +17,7 @@ are named in printed lines. For each competitive configuration it also prints th
 steps its most frequent leader led. Every run must share the data and the budget (BUDGET).
 
     python experiments/summarize.py runs/study --png docs/study.png --compact
+    python experiments/summarize.py experiments/study --readme README.md   # the README's table
 """
 import argparse
 import json
