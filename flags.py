@@ -76,7 +76,8 @@ def launch(main, parser, argv=None):
 
 
 class SignalStop(KeyboardInterrupt):
-    """SIGTERM or SIGHUP outside the training loop (whose stopping.StopRequest saves the state first)."""
+    """SIGTERM or SIGHUP outside the training loop (whose stopping.StopRequest saves the state first),
+    or a second signal inside it before the first was honoured; carries the signal's number."""
 
     def __init__(self, signum):
         super().__init__(signal.Signals(signum).name)

@@ -37,8 +37,8 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         if self.signal is not None:
-            if self._escalate:  # a second Ctrl-C: stop now
-                raise KeyboardInterrupt
+            if self._escalate:  # a second Ctrl-C (or SIGTERM) before the first was honoured: stop now
+                raise flags.SignalStop(signum)
             return
         self.signal = signum
 
@@ -48,7 +48,8 @@ class StopRequest:
         exiting = self.signal is not None and exc_type is not None
         for sig, handler in self._previous.items():
             signal.signal(sig, signal.SIG_IGN if exiting else handler)
-        flags.STOP["phase"] = "finishing"
+        if exc_type is None:  # the loop ran to its end; an exception leaves the phase for launch's message
+            flags.STOP["phase"] = "finishing"
         return False
 
     def requested(self, step=None):

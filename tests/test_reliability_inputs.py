@@ -133,7 +133,9 @@ def test_a_killed_compare_leaves_no_orphan(tmp_path):
     assert not (run_dir / ".lock").exists()  # the child ended
     assert (run_dir / "last.pt").exists()    # ... having saved its state
     log = (study / "logs" / "vanilla-seed0.log").read_text()
-    assert "SIGTERM: stopped at epoch" in log
+    # SIGTERM saved the state (a second signal during that save, seen once in a loaded full suite, stops
+    # at once and says so; last.pt then is epoch 1's)
+    assert "SIGTERM: stopped at epoch" in log or "error: interrupted twice" in log, log[-500:]
 
 
 # 4. one line where a traceback was --------------------------------------------------------------
