@@ -11,7 +11,7 @@ PyTorch with onnxruntime when it is installed. Every file is written under a tem
 renamed into place at the end: an export that fails leaves none of its files.
 
     python export.py runs/train-cifar100-resnet32-20250101-120000
-    python export.py runs/my-run --which last --format onnx --out shared/my-run
+    python export.py runs/my-run --which last --format onnx --out exported/my-run
 
 Rebuilding a network from its files (docs/usage.md, "Sharing trained networks"):
 
