@@ -48,13 +48,10 @@ def launch(main, parser, argv=None):
         except (MemoryError, torch.OutOfMemoryError) as error:
             fail(rank + out_of_memory_message(error), 1)
         except RuntimeError as error:
-            # gloo: "Timed out waiting ...", "Application timeout caused pair closure"; NCCL: "... timed out"
-            if any(word in str(error).lower() for word in ("timed out", "timeout")) and dist.is_initialized():
-                fail(rank + f"waited longer than --dist-timeout ({args.dist_timeout:g} s) for the other processes: one "
-                            f"of them is stopped, hung or gone; continue with --resume auto once all can run", 1)
-            if "can't allocate memory" not in str(error) and "out of memory" not in str(error):
+            message = runtime_error_message(error, args)
+            if message is None:  # a bug: its traceback
                 raise
-            fail(rank + out_of_memory_message(error), 1)
+            fail(rank + message, 1)
 
     if "TORCHELASTIC_RUN_ID" in os.environ:
         # Under torchrun, record() saves a crashing rank's traceback for the launcher's
@@ -73,6 +70,17 @@ def launch(main, parser, argv=None):
     if dist.is_initialized():
         dist.destroy_process_group()
     return result
+
+
+def runtime_error_message(error, args):
+    """The one line for a RuntimeError a user can cause (a distributed timeout, memory running out), or None."""
+    # gloo: "Timed out waiting ...", "Application timeout caused pair closure"; NCCL: "... timed out"
+    if any(word in str(error).lower() for word in ("timed out", "timeout")) and dist.is_initialized():
+        return (f"waited longer than --dist-timeout ({args.dist_timeout:g} s) for the other processes: one "
+                f"of them is stopped, hung or gone; continue with --resume auto once all can run")
+    if "can't allocate memory" in str(error) or "out of memory" in str(error):
+        return out_of_memory_message(error)
+    return None
 
 
 class SignalStop(KeyboardInterrupt):
