@@ -14,10 +14,13 @@ differences paired by seed over the seeds both sides have, as mean [95 % Student
     configuration (as many independently trained networks of the same architectures).
 Runs that have not finished, seeds one side of a comparison lacks and truncated metrics.csv files
 are named in printed lines. For each competitive configuration it also prints the share of the
-steps its most frequent leader led. Every run must share the data and the budget (study_runs.BUDGET).
+steps its most frequent leader led. `--versus A:B` compares two configurations directly, paired by
+seed: A's deployed networks minus B's, and A's ensemble minus B's. Every run must share the data and
+the budget (study_runs.BUDGET).
 
     python experiments/summarize.py runs/study --png docs/study.png --compact
     python experiments/summarize.py experiments/study --readme README.md   # the README's table
+    python experiments/summarize.py experiments/study --versus cd:dml cd:independent-perturb
 """
 import argparse
 import math
@@ -242,10 +245,7 @@ def headline(rows):
     for config, group in by_label(rows).items():
         members = [row for row in group if row["label"] != "ensemble"]
         ensemble = next((row for row in group if row["label"] == "ensemble"), None)
-        deployed = members[:1] if members[0]["label"].startswith(("branch", "leader")) else members
-        models = [row["model"] for row in deployed]
-        # homogeneous members are averaged per seed; a mixed group shows each architecture
-        shown = [deployed] if len(set(models)) == 1 else [[row] for row in deployed]
+        shown = deployed_parts(members)
         acc = "; ".join(fmt(sorted_values(mean_by_seed(part, "values"))) for part in shown)
         alone = "; ".join(fmt_diff(merged_diffs(part), full=False, n_expected=len(members[0]["values"]))
                           if all(row["alone"] for row in part) else "–" for part in shown)
@@ -253,6 +253,44 @@ def headline(rows):
                      f"{alone} | {fmt(sorted_values(ensemble['values'])) if ensemble else '–'} | "
                      f"{fmt_diff(ensemble and ensemble['ensemble'], full=False, n_expected=len(members[0]['values']))} |")
     return "\n".join(lines)
+
+
+def deployed_parts(members):
+    """A configuration's deployed networks, in parts shown side by side: ONE's branch 0 or OKDDip's
+    leader alone; every member of a group of one architecture together (averaged per seed); each
+    member of a mixed group apart."""
+    deployed = members[:1] if members[0]["label"].startswith(("branch", "leader")) else members
+    return [deployed] if len({row["model"] for row in deployed}) == 1 else [[row] for row in deployed]
+
+
+def versus(rows, comparisons):
+    """One line per (A, B) of `comparisons`: A's deployed networks minus B's (deployed_parts, per
+    architecture), and A's ensemble minus B's, paired by seed over the seeds both have, with 95 %
+    t-intervals and n; a one-line StudyError for an unknown configuration or unlike networks."""
+    configs = by_label(rows)
+    lines = ["| A − B | deployed networks [95% CI] (n) | ensemble [95% CI] (n) |", "|---|---|---|"]
+    for a, b in comparisons:
+        for name in (a, b):
+            if name not in configs:
+                raise StudyError(f"--versus {a}:{b}: no finished run of '{name}'; the study has: {', '.join(configs)}")
+        sides = [[row for row in configs[name] if row["label"] != "ensemble"] for name in (a, b)]
+        parts = [deployed_parts(members) for members in sides]
+        models = [[part[0]["model"] for part in side] for side in parts]
+        if models[0] != models[1]:
+            raise StudyError(f"--versus {a}:{b}: {a} deploys {' and '.join(models[0])}, {b} "
+                             f"{' and '.join(models[1])}; compare configurations of the same networks")
+        cells = [fmt_diff(difference(mean_by_seed(x, "values"), mean_by_seed(y, "values"), b), full=False)
+                 for x, y in zip(*parts)]
+        ensembles = [next((row["values"] for row in configs[name] if row["label"] == "ensemble"), None) for name in (a, b)]
+        ensemble = fmt_diff(difference(*ensembles, b), full=False) if all(ensembles) else "–"
+        lines.append(f"| {a} − {b} | {'; '.join(cells)} | {ensemble} |")
+    return "\n".join(lines)
+
+
+def difference(values, baseline_values, baseline):
+    """A comparison (as pair makes it) of two {seed: value} dicts over the seeds both have."""
+    seeds = sorted(set(values) & set(baseline_values))
+    return {"baseline": baseline, "diffs": {seed: values[seed] - baseline_values[seed] for seed in seeds}}
 
 
 def group_models(models):
@@ -330,14 +368,25 @@ def plot(rows, path, title):
             os.remove(tmp)
 
 
+def comparison(text):
+    """'A:B' -> ("A", "B") for --versus."""
+    a, colon, b = text.partition(":")
+    if not (a and colon and b) or ":" in b:
+        raise argparse.ArgumentTypeError(f"'{text}' is not A:B (two configuration names, e.g. cd:dml)")
+    return a, b
+
+
 def get_args_parser():
-    """The command line: STUDY [--png FILE] [--compact] [--headline] [--readme FILE]."""
+    """The command line: STUDY [--png FILE] [--compact] [--headline] [--versus A:B ...] [--readme FILE]."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("study", help="the directory experiments/compare.py wrote")
     parser.add_argument("--png", default=None, help="dot plot to write (default: STUDY/study.png)")
     parser.add_argument("--compact", action="store_true", help="also print one line per configuration")
     parser.add_argument("--headline", action="store_true",
                         help="also print the shortest table: each configuration's deployed network and ensemble (the README's)")
+    parser.add_argument("--versus", nargs="+", default=[], metavar="A:B", type=comparison,
+                        help="also print configuration A minus configuration B, paired by seed: their deployed "
+                             "networks and their ensembles (e.g. cd:dml cd:independent-perturb)")
     parser.add_argument("--readme", default=None, metavar="FILE",
                         help=f"also write the shortest table into FILE between the lines {README_MARKERS[0]} and "
                              f"{README_MARKERS[1]} (how the README's table is made)")
@@ -386,6 +435,7 @@ def main(argv=None):
             plot(rows, png, budget_line(study))
         except OSError as error:
             raise StudyError(f"cannot write the plot '{png}': {error.strerror or error}") from None
+        pairs = versus(rows, args.versus) if args.versus else None
         if args.readme:
             write_readme_table(args.readme, headline(rows))
     except (StudyError, OSError) as error:
@@ -396,6 +446,8 @@ def main(argv=None):
         print("\n" + compact(rows))
     if args.headline:
         print("\n" + headline(rows))
+    if pairs:
+        print("\nA − B, paired by seed, mean [95 % Student-t interval] (B, n):\n" + pairs)
     leaders = leadership(study["runs"])
     if leaders:
         print("\nshare of the steps led by the most frequent leader, mean over epochs, per seed:\n" + leaders)

@@ -437,6 +437,37 @@ def test_the_headline_table_by_hand(study):
     assert lines[2].startswith("| vanilla | resnet20 | 3 | 80.00 ± 1.00 | – |")
 
 
+def test_versus_pairs_two_methods_by_hand(study, capsys):
+    """--versus A:B: A's deployed networks (averaged per seed) minus B's, and A's ensemble minus B's,
+    over the seeds both have; a mixed pair compares each architecture apart."""
+    png = os.path.join(study, "x.png")
+    assert summarize.main([study, "--png", png, "--versus", "cd:dml", "cd-hetero:independent-hetero"]) == 0
+    out = capsys.readouterr().out
+    # cd per seed (82+84)/2 = 83, (83+82)/2 = 82.5, (81+80)/2 = 80.5; dml 81.5, 81.0, 80.5: 1.5, 1.5, 0.0:
+    # mean 1.00, sd 0.866, half 4.303 * 0.866 / sqrt(3) = 2.15. Ensembles (85, 84, 82.5) - (83, 82, 81.5):
+    # 2, 2, 1: mean 1.67, sd 0.577, half 4.303 * 0.577 / sqrt(3) = 1.43
+    assert "| cd − dml | +1.00 [-1.15, +3.15] (n=3) | +1.67 [+0.23, +3.10] (n=3) |" in out
+    # only seed 0 is finished on both sides: 81 - 80, 74 - 72.5, and the ensembles 82 - 81
+    assert "| cd-hetero − independent-hetero | +1.00 (n=1); +1.50 (n=1) | +1.00 (n=1) |" in out
+
+
+@pytest.mark.parametrize("pair, message", [
+    ("cd:nope", "--versus cd:nope: no finished run of 'nope'; the study has: vanilla, "),
+    ("cd:vanilla-other", "--versus cd:vanilla-other: cd deploys resnet20, vanilla-other mobilenet_v1; compare "),
+    ("cd:cd-hetero", "--versus cd:cd-hetero: cd deploys resnet20, cd-hetero resnet20 and mobilenet_v1; "),
+])
+def test_versus_refuses_unknown_or_unlike_configurations_in_one_line(study, capsys, pair, message):
+    assert summarize.main([study, "--versus", pair]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: " + message), err
+
+
+def test_versus_needs_two_names(study, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        summarize.main([study, "--versus", "cd"])
+    assert exit_info.value.code == 2 and "'cd' is not A:B" in capsys.readouterr().err
+
+
 def test_an_unwritable_png_is_one_line(study, tmp_path, capsys):
     assert summarize.main([study, "--png", str(tmp_path / "no" / "such" / "dir" / "study.png")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
