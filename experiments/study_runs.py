@@ -97,7 +97,8 @@ def load_study(study):
 def load_run(config, seed, run_dir, warnings):
     """A finished run: config, seed, script, epochs, args, labels and models (its members, in
     results.json order), test ({label: last-epoch test accuracy}, "ensemble" included when it has
-    one), train ({label: last-epoch training accuracy or None}) and leader (top_leader_share)."""
+    one), train ({label: last-epoch training accuracy or None}), leader (top_leader_share) and seconds
+    (the training time: its epochs' epoch_time_s summed; None unless every epoch has one)."""
     results_path = os.path.join(run_dir, "results.json")
     results, args = read_json(results_path), read_json(os.path.join(run_dir, "args.json"))
     networks = results.get("networks")
@@ -115,11 +116,11 @@ def load_run(config, seed, run_dir, warnings):
         raise StudyError(f"{results_path}: no integer epochs (neither there nor in args.json)")
     members = [network for network in networks if network["net"] != "ensemble"]
     labels = [network["net"] for network in members]
-    train, leader = last_epoch_train(run_dir, f"{config}/seed{seed}", labels, epochs, warnings)
+    train, leader, seconds = last_epoch_train(run_dir, f"{config}/seed{seed}", labels, epochs, warnings)
     return {"config": config, "seed": seed, "script": results.get("script", "train" if len(members) == 1 else "?"),
             "epochs": epochs, "args": args, "labels": labels, "models": [network["model"] for network in members],
             "test": {network["net"]: network["final_test_acc"] for network in networks}, "train": train,
-            "leader": leader}
+            "leader": leader, "seconds": seconds}
 
 
 def check_seed(run_dir, seed, args):
@@ -130,7 +131,7 @@ def check_seed(run_dir, seed, args):
 
 
 def last_epoch_train(run_dir, name, labels, epochs, warnings):
-    """({label: training accuracy in epoch `epochs`, or None}, top_leader_share) from metrics.csv;
+    """({label: training accuracy in epoch `epochs`, or None}, top_leader_share, training seconds) from metrics.csv;
     a missing file, or one that stops before `epochs` (truncated), gives none, with a warning."""
     try:
         series = read_metrics(run_dir)
@@ -146,7 +147,8 @@ def last_epoch_train(run_dir, name, labels, epochs, warnings):
                             "so no training accuracy or leader share")
             series = {}
     train = {label: dict(series.get(label, {}).get("train_acc", [])).get(epochs) for label in labels}
-    return train, top_leader_share(series, labels, epochs)
+    times = {epoch: value for epoch, value in series.get(labels[0], {}).get("epoch_time_s", []) if epoch <= epochs}
+    return train, top_leader_share(series, labels, epochs), sum(times.values()) if len(times) == epochs else None
 
 
 def top_leader_share(series, labels, epochs):

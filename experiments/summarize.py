@@ -334,6 +334,18 @@ def leadership(runs):
     return "\n".join(lines)
 
 
+def timing(runs):
+    """The training time (metrics.csv's epoch times summed; evaluation and start-up excluded): per
+    configuration the mean over its timed seeds, in minutes, then the sum over every timed run, in hours."""
+    timed = [run for run in runs if run["seconds"] is not None]
+    if not timed:
+        return ""
+    parts = [f"{config} {sum(run['seconds'] for run in group.values()) / len(group) / 60:.1f}"
+             for config, group in by_config(timed).items()]
+    return (", ".join(parts) + f"; in all {sum(run['seconds'] for run in timed) / 3600:.2f} h over {len(timed)} runs"
+            + (f" ({len(runs) - len(timed)} untimed)" if len(timed) < len(runs) else ""))
+
+
 def plot(rows, path, title):
     """A dot plot as a PNG, written atomically: one line per row, a dot per seed, the mean as a bar
     and ±1 sample std as a line."""
@@ -451,6 +463,9 @@ def main(argv=None):
     leaders = leadership(study["runs"])
     if leaders:
         print("\nshare of the steps led by the most frequent leader, mean over epochs, per seed:\n" + leaders)
+    times = timing(study["runs"])
+    if times:
+        print("\ntraining time per run (min), mean over seeds: " + times)
     if study["incomplete"]:
         print("\nincomplete, not in the tables: " + ", ".join(study["incomplete"]))
     if study["warnings"] or notes:

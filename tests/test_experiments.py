@@ -468,6 +468,29 @@ def test_versus_needs_two_names(study, capsys):
     assert exit_info.value.code == 2 and "'cd' is not A:B" in capsys.readouterr().err
 
 
+def write_times(run_dir, labels, seconds_per_epoch, epochs=40):
+    """A metrics.csv whose networks' rows carry epoch_time_s for `epochs` epochs."""
+    with open(os.path.join(run_dir, "metrics.csv"), "w") as f:
+        f.write("epoch,net,model,train_acc,epoch_time_s\n")
+        f.writelines(f"{epoch},{label},resnet20,99.0,{seconds_per_epoch}\n"
+                     for epoch in range(1, epochs + 1) for label in labels)
+
+
+def test_training_time_is_the_epoch_times_summed(tmp_path, capsys):
+    """vanilla: 40 epochs of 3 s and of 6 s (2 and 4 min, mean 3.0); dml: 40 of 15 s (10 min), and one
+    run whose metrics.csv stops at epoch 39, which is untimed (and truncated)."""
+    root = str(tmp_path / "study")
+    for seed, seconds in ((0, 3.0), (1, 6.0)):
+        write_times(write_run(root, "vanilla", seed, "train", [R], [80.0]), ["net0_resnet20"], seconds)
+    write_times(write_run(root, "dml", 0, "mutual", [R, R], [80.0, 80.0, 81.0]), ["net0_resnet20", "net1_resnet20"], 15.0)
+    write_times(write_run(root, "dml", 1, "mutual", [R, R], [80.0, 80.0, 81.0]), ["net0_resnet20", "net1_resnet20"],
+                15.0, epochs=39)
+    assert summarize.main([root, "--png", os.path.join(root, "x.png")]) == 0
+    # in all (120 + 240 + 600) s = 0.27 h
+    assert ("training time per run (min), mean over seeds: vanilla 3.0, dml 10.0; in all 0.27 h over 3 runs "
+            "(1 untimed)") in capsys.readouterr().out
+
+
 def test_an_unwritable_png_is_one_line(study, tmp_path, capsys):
     assert summarize.main([study, "--png", str(tmp_path / "no" / "such" / "dir" / "study.png")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
