@@ -265,8 +265,9 @@ def deployed_parts(members):
 
 def versus(rows, comparisons):
     """One line per (A, B) of `comparisons`: A's deployed networks minus B's (deployed_parts, per
-    architecture), and A's ensemble minus B's, paired by seed over the seeds both have, with 95 %
-    t-intervals and n; a one-line StudyError for an unknown configuration or unlike networks."""
+    architecture), and A's ensemble minus B's when both ensemble as many networks of the same
+    architectures (the same compare.ENSEMBLE_BASELINE), paired by seed over the seeds both have, with
+    95 % t-intervals and n; a one-line StudyError for an unknown configuration or unlike networks."""
     configs = by_label(rows)
     lines = ["| A − B | deployed networks [95% CI] (n) | ensemble [95% CI] (n) |", "|---|---|---|"]
     for a, b in comparisons:
@@ -282,7 +283,10 @@ def versus(rows, comparisons):
         cells = [fmt_diff(difference(mean_by_seed(x, "values"), mean_by_seed(y, "values"), b), full=False)
                  for x, y in zip(*parts)]
         ensembles = [next((row["values"] for row in configs[name] if row["label"] == "ensemble"), None) for name in (a, b)]
-        ensemble = fmt_diff(difference(*ensembles, b), full=False) if all(ensembles) else "–"
+        # ensembles of as many networks of the same architectures: the same independent baseline
+        alike = ENSEMBLE_BASELINE.get(a, a) == ENSEMBLE_BASELINE.get(b, b)
+        ensemble = fmt_diff(difference(*ensembles, b), full=False) if all(ensembles) and alike else (
+            "– (unlike ensembles)" if all(ensembles) else "–")
         lines.append(f"| {a} − {b} | {'; '.join(cells)} | {ensemble} |")
     return "\n".join(lines)
 

@@ -441,7 +441,9 @@ def test_versus_pairs_two_methods_by_hand(study, capsys):
     """--versus A:B: A's deployed networks (averaged per seed) minus B's, and A's ensemble minus B's,
     over the seeds both have; a mixed pair compares each architecture apart."""
     png = os.path.join(study, "x.png")
-    assert summarize.main([study, "--png", png, "--versus", "cd:dml", "cd-hetero:independent-hetero"]) == 0
+    write_run(study, "cd-3", 0, "competitive", [R] * 3, [80.0, 81.0, 82.0, 83.0])
+    assert summarize.main([study, "--png", png, "--versus", "cd:dml", "cd-hetero:independent-hetero", "cd-3:cd",
+                           "cd:vanilla"]) == 0
     out = capsys.readouterr().out
     # cd per seed (82+84)/2 = 83, (83+82)/2 = 82.5, (81+80)/2 = 80.5; dml 81.5, 81.0, 80.5: 1.5, 1.5, 0.0:
     # mean 1.00, sd 0.866, half 4.303 * 0.866 / sqrt(3) = 2.15. Ensembles (85, 84, 82.5) - (83, 82, 81.5):
@@ -449,6 +451,10 @@ def test_versus_pairs_two_methods_by_hand(study, capsys):
     assert "| cd − dml | +1.00 [-1.15, +3.15] (n=3) | +1.67 [+0.23, +3.10] (n=3) |" in out
     # only seed 0 is finished on both sides: 81 - 80, 74 - 72.5, and the ensembles 82 - 81
     assert "| cd-hetero − independent-hetero | +1.00 (n=1); +1.50 (n=1) | +1.00 (n=1) |" in out
+    # three networks against two: (80 + 81 + 82) / 3 - 83 = -2.00; ensembles of 3 and 2 are not compared
+    assert "| cd-3 − cd | -2.00 (n=1) | – (unlike ensembles) |" in out
+    # against one network: (83, 82.5, 80.5) - (80, 81, 79) = 3, 1.5, 1.5: mean 2.00, sd 0.866, half 2.15
+    assert "| cd − vanilla | +2.00 [-0.15, +4.15] (n=3) | – |" in out
 
 
 @pytest.mark.parametrize("pair, message", [
