@@ -47,6 +47,13 @@ def get_args_parser():
     return parser
 
 
+def fix_projections(net):
+    """--detach-teachers: no gradient reaches the attention projections, so they keep their initial
+    weights; fixed (requires_grad off), the optimizer skips them and DDP does not wait for their gradients."""
+    for projection in (net.query, net.key):
+        projection.requires_grad_(False)
+
+
 def leader_first(values):
     """Reorder a per-branch tensor (peers..., leader) to (leader, peers...), the rows' order."""
     return torch.cat([values[-1:], values[:-1]])
@@ -90,7 +97,7 @@ def main(args):
     group = branched_group(args, "okddip")
     rt = utils.setup_runtime(args)
     data, (train_loader, val_loader, test_loader) = utils.setup_data(args, rt)
-    nets = utils.build_nets(group, data.info, rt)
+    nets = utils.build_nets(group, data.info, rt, prepare=fix_projections if args.detach_teachers else None)
     optimizers, peak_lrs = utils.build_optimizers(args, nets, rt)
     schedule = utils.Schedule(args, optimizers, peak_lrs, len(train_loader))
     scaler = utils.make_scaler(rt)

@@ -12,7 +12,7 @@ network of the base architecture (deployed.pt) at the end.
 
     python train_one.py --model resnet32 --dataset cifar100
     python train_one.py --model resnet32 --dataset cifar100 --epochs 300 --no-nesterov --weight-decay 1e-4 \\
-        --schedule step --milestones 0.5 0.75 --warmup-epochs 0     # the official recipe (docs/online_kd.md)
+        --schedule step --milestones 0.5033 0.75 --warmup-epochs 0  # the official recipe (docs/online_kd.md)
 """
 import functools
 import os

@@ -276,10 +276,12 @@ def train_subset(data, size):
     return dataclasses.replace(data, info=info, train=torch.utils.data.Subset(data.train, range(size)))
 
 
-def build_nets(group, info, rt, drop_path=0.0):
+def build_nets(group, info, rt, drop_path=0.0, prepare=None):
     """Create the networks of `group` (a flags.Group, or a list of model names) for the dataset's
     geometry, on the device (DDP-wrapped under torchrun); the transformers among them get stochastic
-    depth `drop_path` (the CNNs have none); --init gives some their initial weights, --freeze fixes some."""
+    depth `drop_path` (the CNNs have none); --init gives some their initial weights, --freeze fixes some;
+    prepare(net), when given, runs on each plain network before it is moved and wrapped (e.g. to fix
+    some parameters: DDP must know which ones train)."""
     group = group if isinstance(group, Group) else Group(list(group))
     nets = []
     for i, name in enumerate(group.names):
@@ -297,6 +299,8 @@ def build_nets(group, info, rt, drop_path=0.0):
         if i in group.frozen:
             # eval mode: BatchNorm normalises with (and keeps) its running statistics, dropout is off
             net.requires_grad_(False).eval()
+        if prepare is not None:
+            prepare(net)
         if rt.sync_bn:
             net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
         memory_format = torch.channels_last if rt.channels_last else torch.preserve_format
@@ -304,7 +308,8 @@ def build_nets(group, info, rt, drop_path=0.0):
         if rt.distributed and i not in group.frozen:  # (DDP refuses a module without trainable parameters)
             # One DDP per network: each averages its own gradients over the processes during the
             # group's single backward. Every registered model uses all its parameters in forward
-            # (tests/test_models.py), so no unused-parameter search is needed.
+            # (tests/test_models.py), so no unused-parameter search is needed; a script that leaves
+            # some without gradient fixes them first (prepare).
             net = DDP(net, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
         if rt.compile:
             # Compiled outside DDP: Dynamo's DDP optimizer then splits the graph at DDP's gradient

@@ -123,6 +123,31 @@ def test_two_processes_under_torchrun(module, tmp_path):
     assert [r["net"] for r in read_rows(tmp_path)] == ROWS[module]
 
 
+def test_okddip_with_detached_teachers_under_torchrun(tmp_path):
+    """--detach-teachers leaves the attention projections without gradient: fixed before DDP wraps the
+    network, two processes train (DDP would otherwise wait for their gradients and fail at step 2)."""
+    result = torchrun("train_okddip.py", [*TINY, *GROUP[okddip], "--batch-size", "16", "--epochs", "1",
+                                          "--detach-teachers", "--out-dir", str(tmp_path)])
+    assert result.returncode == 0, result.stderr
+    assert [r["net"] for r in read_rows(tmp_path)] == ROWS[okddip]
+
+
+def test_detached_teachers_keep_the_projections_as_initialised(tmp_path, monkeypatch):
+    """With --detach-teachers the projections end as they started; the rest of the network trains."""
+    initial = {}
+
+    def recording(net):
+        initial.update({key: value.clone() for key, value in net.state_dict().items()})
+        okddip_fix(net)
+
+    okddip_fix = okddip.fix_projections
+    monkeypatch.setattr(okddip, "fix_projections", recording)
+    run_main(okddip, [*TINY, *GROUP[okddip], "--epochs", "1", "--detach-teachers", "--out-dir", tmp_path])
+    trained = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=False)["nets"][0]
+    assert all(torch.equal(trained[key], initial[key]) for key in ("query.weight", "key.weight"))
+    assert not torch.equal(trained["heads.0.weight"], initial["heads.0.weight"])  # a peer's classifier learnt
+
+
 def test_bad_input_is_one_line(capsys, tmp_path):
     for module in (one, okddip):
         err = one_line_error(capsys, module, [*TINY, "--model", "vit_tiny", "--out-dir", tmp_path / "vit"])
