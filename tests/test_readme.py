@@ -105,3 +105,19 @@ def test_the_results_table_is_the_committed_studys_summary():
     table = summarize.readme_table(open(os.path.join(ROOT, "README.md")).read())
     assert table and table.startswith("| configuration |"), "README.md lacks the study table's markers"
     assert table == summarize.compact_table(os.path.join(ROOT, "experiments", "study"), summarize.headline)
+
+
+def test_the_results_pages_tables_are_the_committed_studys_summary():
+    """docs/results.md's full study tables (the compact one, and the --versus one of the pairs its
+    summarize.py command names) are what experiments/summarize.py makes of experiments/study."""
+    import sys
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    import summarize
+    text = open(os.path.join(ROOT, "docs", "results.md")).read()
+    study = os.path.join(ROOT, "experiments", "study")
+    rows = summarize.summarize(summarize.load_study(study))[0]
+    assert summarize.compact(rows) in text
+    command = next(argv for _, script, argv in commands_in(text)
+                   if script == "experiments/summarize.py" and "--versus" in argv and argv[0] == "experiments/study")
+    args = summarize.get_args_parser().parse_args(command)
+    assert len(args.versus) >= 5 and summarize.versus(rows, args.versus) in text
