@@ -108,8 +108,9 @@ def test_the_results_table_is_the_committed_studys_summary():
 
 
 def test_the_results_pages_tables_are_the_committed_studys_summary():
-    """docs/results.md's full study tables (the compact one, and the --versus one of the pairs its
-    summarize.py command names) are what experiments/summarize.py makes of experiments/study."""
+    """docs/results.md's full study tables (the compact one, the --versus one of the pairs its
+    summarize.py command names, and the AdamW one) are what experiments/summarize.py makes of
+    experiments/study and experiments/study-adamw."""
     import sys
     sys.path.insert(0, os.path.join(ROOT, "experiments"))
     import summarize
@@ -121,3 +122,5 @@ def test_the_results_pages_tables_are_the_committed_studys_summary():
                    if script == "experiments/summarize.py" and "--versus" in argv and argv[0] == "experiments/study")
     args = summarize.get_args_parser().parse_args(command)
     assert len(args.versus) >= 5 and summarize.versus(rows, args.versus) in text
+    adamw = summarize.summarize(summarize.load_study(os.path.join(ROOT, "experiments", "study-adamw")))[0]
+    assert summarize.compact(adamw) in text
