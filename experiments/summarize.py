@@ -146,7 +146,13 @@ def pair(row, baseline, baseline_values, notes):
                 (f"; {baseline} lacks seeds {only_here}" if only_here else "") +
                 (f"; {row['config']} lacks seeds {only_there}" if only_there else ""))
         notes += [line] if line not in notes else []
-    return {"baseline": baseline, "diffs": {seed: row["values"][seed] - baseline_values[seed] for seed in seeds}}
+    return difference(row["values"], baseline_values, baseline)
+
+
+def difference(values, baseline_values, baseline):
+    """A comparison (as pair makes it) of two {seed: value} dicts over the seeds both have."""
+    seeds = sorted(set(values) & set(baseline_values))
+    return {"baseline": baseline, "diffs": {seed: values[seed] - baseline_values[seed] for seed in seeds}}
 
 
 def fmt(values):
@@ -289,12 +295,6 @@ def versus(rows, comparisons):
             "– (unlike ensembles)" if all(ensembles) else "–")
         lines.append(f"| {a} − {b} | {'; '.join(cells)} | {ensemble} |")
     return "\n".join(lines)
-
-
-def difference(values, baseline_values, baseline):
-    """A comparison (as pair makes it) of two {seed: value} dicts over the seeds both have."""
-    seeds = sorted(set(values) & set(baseline_values))
-    return {"baseline": baseline, "diffs": {seed: values[seed] - baseline_values[seed] for seed in seeds}}
 
 
 def group_models(models):
