@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import random
+import subprocess
 import zipfile
 
 import numpy as np
@@ -203,19 +204,37 @@ def same_value(key, new, old):
 
 
 def save_args(args, run_dir, script, resumed=None):
-    """args.json: the run's arguments and its script (so that --config knows whose recipe it holds); a
-    resumed run keeps the history of its resumes ("resumes": when, from which checkpoint, what changed)."""
-    record = {**flags.recorded(args), "script": script}
+    """args.json: the run's arguments, its script (so that --config knows whose recipe it holds) and the
+    code that ran it (code_version); a resumed run keeps the code it started with and the history of its
+    resumes ("resumes": when, from which checkpoint, what changed, which code continued it)."""
+    record = {**flags.recorded(args), "script": script, "code": code_version()}
     path = os.path.join(run_dir, "args.json")
     if resumed is not None:
         try:
             with open(path) as f:
-                history = json.load(f).get("resumes", [])
+                earlier = json.load(f)
+            history, started = earlier.get("resumes", []), earlier.get("code")
         except (OSError, ValueError, AttributeError):
-            history = []
+            history, started = [], None
         changes = getattr(args, "_resume_changes", {})
-        record["resumes"] = [*history, {**resumed, "changed": changes}]
+        record["resumes"] = [*history, {**resumed, "changed": changes, "code": record["code"]}]
+        record["code"] = started  # None: the run began before args.json recorded its code
     save_json(record, path)
+
+
+def code_version():
+    """What computed the run, so that a claim that two runs used the same code can be checked: the git
+    commit of this repository (None outside a git checkout), whether tracked files differed from it,
+    the torch version and the number of threads torch computes with on the CPU."""
+    root = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, timeout=10).stdout.strip()) if commit else None
+    except (OSError, subprocess.SubprocessError):
+        commit = dirty = None
+    return {"commit": commit, "modified": dirty, "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
 def check_resumable(ckpt, path, args, info, names, rt):

@@ -30,7 +30,7 @@ def parse_args(parser, argv=None):
 # args.json entries that belong to the run that wrote them, not to a run repeating it: its directory
 # (a repeat must not write over it), how it was resumed or stopped, and values recorded for the log.
 CONFIG_SKIPPED = ("config", "config_any_script", "out_dir", "resume", "overwrite", "stop_after", "world_size",
-                  "script", "resumes")
+                  "script", "resumes", "code")
 
 # Values a run computes from other flags and records (args.json holds the rate the run used): a repeat
 # that changes one of those flags computes them again instead of taking the old run's.

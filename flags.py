@@ -230,6 +230,7 @@ def get_args_parser(description, *, script, group=False, authors_pair=True, epoc
     recipe defaults given here."""
     parser = ArgumentParser(description=description, formatter_class=HelpFormatter)
     parser.script = script  # the name a run of this script records (args.json, checkpoints)
+    parser.older_runs = {"clip_grad": None, "clip_mode": "norm"}  # flags newer than the first recorded runs
     add_model_flags(parser.add_argument_group("model"), group, authors_pair)
     add_data_flags(parser.add_argument_group("data"))
     add_optimization_flags(parser.add_argument_group("optimization"), epochs=epochs, batch_size=batch_size,
@@ -328,6 +329,12 @@ def add_optimization_flags(flags, *, epochs, batch_size, optimizer, schedule, we
     add("--milestones", nargs="+", type=float, default=[0.5, 0.75], help="step schedule: decay points as fractions of training")
     add("--gamma", type=float, default=0.1, help="step schedule: decay factor at each milestone")
     add("--min-lr", type=float, default=0.0, help="cosine schedule: final learning rate as a fraction of the peak")
+    add("--clip-grad", type=float, default=None, metavar="NORM",
+        help="clip each network's gradients before its optimizer step (timm's flag): their global L2 norm to at "
+             "most NORM with --clip-mode norm, each element to [-NORM, NORM] with value; default off")
+    add("--clip-mode", default="norm", choices=["norm", "value"],
+        help="--clip-grad's rule: norm (torch.nn.utils.clip_grad_norm_; its norm before clipping is logged as "
+             "train_grad_norm) or value (clip_grad_value_)")
     add("--label-smoothing", type=float, default=label_smoothing, help="label smoothing of the cross-entropy")
     add("--model-ema", type=float, default=None, metavar="DECAY",
         help="keep an exponential moving average of each network's weights and buffers with this decay, updated "
@@ -413,7 +420,7 @@ FLAG_RANGES = {
     "cutmix": (_non_negative, ">= 0"), "mix_prob": (_fraction, "in [0, 1]"), "switch_prob": (_fraction, "in [0, 1]"),
     "drop_path": (_below_one, "in [0, 1)"), "rotate": (_half_turn, "in [0, 180] (degrees)"),
     "dist_timeout": (_positive, "positive (seconds)"), "model_ema": (lambda v: 0 < v < 1, "in (0, 1)"),
-    "reprob": (_fraction, "in [0, 1]"), "absolute_min_lr": (_non_negative, ">= 0"),
+    "reprob": (_fraction, "in [0, 1]"), "absolute_min_lr": (_non_negative, ">= 0"), "clip_grad": (_positive, "positive"),
 }
 
 

@@ -37,9 +37,8 @@ def vanilla_step(net, optimizer, scaler, images, labels, labels_perm, lam, args,
     loss = mixed_cross_entropy(logits, labels, labels_perm, lam, label_smoothing=args.label_smoothing)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    return {"loss": loss.detach(), "acc": mixed_accuracy(logits, labels, labels_perm, lam)}
+    clipped = utils.step_optimizers([optimizer], scaler, args.clip_grad, args.clip_mode)
+    return {"loss": loss.detach(), "acc": mixed_accuracy(logits, labels, labels_perm, lam), **clipped}
 
 
 def main(args):

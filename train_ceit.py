@@ -64,7 +64,7 @@ def get_args_parser():
         "cosine schedule: final learning rate as a fraction of the peak, instead of --absolute-min-lr")
     # Runs recorded before these flags trained without them (and recorded their --min-lr, 0 by default, which
     # stands): their resumes and --config repeats keep them off.
-    parser.older_runs = {"rand_augment": "none", "reprob": 0.0, "repeated_aug": False}
+    parser.older_runs = {**parser.older_runs, "rand_augment": "none", "reprob": 0.0, "repeated_aug": False}
     return parser
 
 
@@ -164,10 +164,9 @@ def transformer_step(net, optimizer, scaler, images, targets, labels, args, rt):
     loss = soft_target_cross_entropy(logits, targets)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
+    clipped = utils.step_optimizers([optimizer], scaler, args.clip_grad, args.clip_mode)
     # Against the unmixed labels: on mixed batches this understates what the network learned.
-    return {"loss": loss.detach(), "acc": accuracy(logits, labels)}
+    return {"loss": loss.detach(), "acc": accuracy(logits, labels), **clipped}
 
 
 def main(args):

@@ -70,21 +70,19 @@ def competitive_step(nets, optimizers, scaler, inputs, labels, labels_perm, lams
     teachers = teacher_mask.sum(1)
     kd = (pairwise_kd(logits, args.temperature) * teacher_mask).sum(1) / teachers.clamp(min=1)
     loss = ce + args.kd_weight * kd                   # the leader's kd is 0: it trains on CE only
-    optimizers = [optimizer for optimizer in optimizers if optimizer is not None]  # a --freeze network has none
     for optimizer in optimizers:
-        optimizer.zero_grad(set_to_none=True)
+        if optimizer is not None:  # a --freeze network has none
+            optimizer.zero_grad(set_to_none=True)
     # Every target in kd is detached, so one backward gives each network exactly its own gradient.
     scaler.scale(loss.sum()).backward()
-    for optimizer in optimizers:
-        scaler.step(optimizer)
-    scaler.update()
+    clipped = utils.step_optimizers(optimizers, scaler, args.clip_grad, args.clip_mode)
     # one_hot would check its input on the host; a comparison keeps the step free of syncs
     leader = (torch.arange(len(nets), device=ce.device) == ranking_ce.argmin()).float()
     # Who learned from whom: taught_by_net<j>[i] = 1 when network j taught network i at this step.
     taught_by = {f"taught_by_net{j}": teacher_mask[:, j] for j in range(len(nets))}
     return {"loss": loss.detach(), "ce": ce.detach(), "kd": kd.detach(),
             "acc": mixed_accuracy(logits, labels, labels_perm, lams),  # a mixup batch's weighted as its loss
-            "leader_share": leader, "teachers": teachers, **taught_by}
+            "leader_share": leader, "teachers": teachers, **taught_by, **clipped}
 
 
 def main(args):

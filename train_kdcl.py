@@ -60,17 +60,15 @@ def kdcl_step(nets, optimizers, scaler, inputs, labels, labels_perm, lams, args,
     teacher = kdcl_teacher(logits, labels, args.kdcl_teacher)                                  # (B, C)
     kd = torch.stack([kd_loss(z, teacher, args.temperature) for z in logits])
     loss = ce + args.kd_weight * kd
-    optimizers = [optimizer for optimizer in optimizers if optimizer is not None]  # a --freeze network has none
     for optimizer in optimizers:
-        optimizer.zero_grad(set_to_none=True)
+        if optimizer is not None:  # a --freeze network has none
+            optimizer.zero_grad(set_to_none=True)
     # The teacher is detached, so one backward gives each network exactly its own gradient.
     scaler.scale(loss.sum()).backward()
-    for optimizer in optimizers:
-        scaler.step(optimizer)
-    scaler.update()
+    clipped = utils.step_optimizers(optimizers, scaler, args.clip_grad, args.clip_mode)
     return {"loss": loss.detach(), "ce": ce.detach(), "kd": kd.detach(),
             "acc": mixed_accuracy(logits, labels, labels_perm, lams),
-            "teacher_acc": accuracy(teacher, labels).expand(len(nets))}  # the same for every network
+            "teacher_acc": accuracy(teacher, labels).expand(len(nets)), **clipped}  # teacher_acc: the same for every network
 
 
 def main(args):

@@ -52,16 +52,14 @@ def mutual_step(nets, optimizers, scaler, inputs, labels, labels_perm, lams, arg
     # Every peer teaches: the mean over the n - 1 others (the diagonal KD(i <- i) is zero).
     kd = pairwise_kd(logits, args.temperature).sum(1) / (len(nets) - 1)
     loss = ce + args.kd_weight * kd
-    optimizers = [optimizer for optimizer in optimizers if optimizer is not None]  # a --freeze network has none
     for optimizer in optimizers:
-        optimizer.zero_grad(set_to_none=True)
+        if optimizer is not None:  # a --freeze network has none
+            optimizer.zero_grad(set_to_none=True)
     # Every target in kd is detached, so one backward gives each network exactly its own gradient.
     scaler.scale(loss.sum()).backward()
-    for optimizer in optimizers:
-        scaler.step(optimizer)
-    scaler.update()
+    clipped = utils.step_optimizers(optimizers, scaler, args.clip_grad, args.clip_mode)
     return {"loss": loss.detach(), "ce": ce.detach(), "kd": kd.detach(),
-            "acc": mixed_accuracy(logits, labels, labels_perm, lams)}
+            "acc": mixed_accuracy(logits, labels, labels_perm, lams), **clipped}
 
 
 def sequential_mutual_step(nets, optimizers, scaler, inputs, labels, labels_perm, lams, args, rt):
@@ -73,7 +71,7 @@ def sequential_mutual_step(nets, optimizers, scaler, inputs, labels, labels_perm
     targets = [z.detach() for z in logits]
     ce = [mixed_cross_entropy(z, labels, labels_perm, lam, label_smoothing=args.label_smoothing)
           for z, lam in zip(logits, lams)]
-    kd = []
+    kd, norms = [], [None] * len(nets)
     for i, (net, optimizer) in enumerate(zip(nets, optimizers)):
         kd.append(sum(kd_loss(logits[i], targets[j], args.temperature) for j in range(len(nets)) if j != i)
                   / (len(nets) - 1))
@@ -81,14 +79,17 @@ def sequential_mutual_step(nets, optimizers, scaler, inputs, labels, labels_perm
             continue
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(ce[i] + args.kd_weight * kd[i]).backward()
+        norms[i] = utils.clip_gradients(optimizer, scaler, args.clip_grad, args.clip_mode)
         scaler.step(optimizer)
         if i < len(nets) - 1:  # the later networks learn from i's new predictions (its BatchNorm counts the batch once)
             with torch.no_grad(), utils.autocast(rt), bn_statistics_kept(net):
                 targets[i] = net(inputs[i]).float()
     scaler.update()
     ce, kd = torch.stack(ce).detach(), torch.stack(kd).detach()
+    clipped = {"grad_norm": torch.stack([ce.new_zeros(()) if n is None else n for n in norms])} \
+        if any(n is not None for n in norms) else {}
     return {"loss": ce + args.kd_weight * kd, "ce": ce, "kd": kd,
-            "acc": mixed_accuracy(torch.stack(logits).detach(), labels, labels_perm, lams)}
+            "acc": mixed_accuracy(torch.stack(logits).detach(), labels, labels_perm, lams), **clipped}
 
 
 def main(args):

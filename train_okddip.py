@@ -83,13 +83,13 @@ def okddip_step(model, optimizer, scaler, images, labels, kd_weight, args, rt):
     loss = ce.sum() + kd_weight * kd.sum()
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
+    clipped = {name: value.expand(len(logits)) for name, value in  # one network: its norm on every branch's row
+               utils.step_optimizers([optimizer], scaler, args.clip_grad, args.clip_mode).items()}
     # Each peer's attention on itself (the diagonal's batch mean); the leader attends to nobody: 0.
     self_attention = torch.cat([attention.diagonal(dim1=1, dim2=2).mean(0).detach(), attention.new_zeros(1)])
     return {key: leader_first(value) for key, value in {
         "loss": (ce + kd_weight * kd).detach(), "ce": ce.detach(), "kd": kd.detach(), "acc": accuracy(logits, labels),
-        "self_attention": self_attention}.items()}
+        "self_attention": self_attention, **clipped}.items()}
 
 
 def main(args):

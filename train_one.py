@@ -84,12 +84,12 @@ def one_step(model, optimizer, scaler, images, labels, kd_weight, args, rt):
     loss = ce.sum() + ensemble_ce + kd_weight * kd.sum()
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
+    clipped = {name: value.expand(len(logits)) for name, value in  # one network: its norm on every branch's row
+               utils.step_optimizers([optimizer], scaler, args.clip_grad, args.clip_mode).items()}
     m = len(logits)
     return {"loss": (ce + kd_weight * kd).detach(), "ce": ce.detach(), "kd": kd.detach(), "acc": accuracy(logits, labels),
             "ensemble_ce": ensemble_ce.detach().expand(m), "ensemble_acc": accuracy(ensemble, labels).expand(m),
-            "gate": out.gate.detach().float().mean(0)}                          # each branch's mean gate weight
+            "gate": out.gate.detach().float().mean(0), **clipped}               # gate: each branch's mean gate weight
 
 
 def describe_deployed(run):

@@ -461,6 +461,43 @@ def build_optimizers(args, nets, rt=None):
     return optimizers, [lr if train else 0.0 for lr, train in zip(lrs, trainable)]
 
 
+def step_optimizers(optimizers, scaler, clip_grad=None, clip_mode="norm"):
+    """Step every optimizer through the gradient scaler, then update the scaler; returns the statistics
+    it adds to the step's: {"grad_norm": (n,)} with --clip-grad by norm, else {}.
+
+    optimizers: one per network (None for a --freeze network, whose norm reads 0). With clip_grad, each
+    network's gradients are clipped before its step as timm's --clip-grad/--clip-mode do: "norm" scales
+    them so that their global L2 norm is at most clip_grad (torch.nn.utils.clip_grad_norm_), "value"
+    clamps each element to [-clip_grad, clip_grad]. Under fp16 they are unscaled first, so the bound is
+    on the true gradient. Both are tensor operations: no host synchronisation, the step stays capturable.
+    """
+    norms = []
+    for optimizer in optimizers:
+        if optimizer is None:
+            norms.append(None)
+            continue
+        norms.append(clip_gradients(optimizer, scaler, clip_grad, clip_mode))
+        scaler.step(optimizer)
+    scaler.update()
+    known = [norm for norm in norms if norm is not None]
+    if not known:
+        return {}
+    return {"grad_norm": torch.stack([known[0].new_zeros(()) if norm is None else norm for norm in norms])}
+
+
+def clip_gradients(optimizer, scaler, clip_grad, clip_mode="norm"):
+    """Clip the gradients of one optimizer's parameters (see step_optimizers); returns their L2 norm
+    before clipping in "norm" mode, else None (also when clip_grad is None: nothing is clipped)."""
+    if clip_grad is None:
+        return None
+    scaler.unscale_(optimizer)  # fp16: the bound applies to the true gradient (a no-op otherwise)
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if clip_mode == "value":
+        torch.nn.utils.clip_grad_value_(params, clip_grad)
+        return None
+    return torch.nn.utils.clip_grad_norm_(params, clip_grad).float()
+
+
 class Schedule:
     """Per-iteration learning rates for a group of optimizers with their own peak rates."""
 

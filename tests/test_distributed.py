@@ -237,7 +237,8 @@ def competition(rt, rule):
     labels = torch.zeros(4, dtype=torch.long)
     nets = [nn.parallel.DistributedDataParallel(LogitColumn(i)) for i in range(3)]
     optimizers = [torch.optim.SGD(net.parameters(), lr=0.1) for net in nets]
-    args = types.SimpleNamespace(label_smoothing=0.0, teacher_rule=rule, temperature=1.0, kd_weight=1.0)
+    args = types.SimpleNamespace(label_smoothing=0.0, teacher_rule=rule, temperature=1.0, kd_weight=1.0, clip_grad=None,
+                                 clip_mode="norm")
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     return competitive.competitive_step(nets, optimizers, scaler, [x] * 3, labels, labels, torch.ones(3), args, rt)
 

@@ -103,7 +103,7 @@ def group(n):
 
 
 def step_args(**kwargs):
-    values = dict(label_smoothing=0.0, teacher_rule="better", temperature=1.0, kd_weight=1.0)
+    values = dict(label_smoothing=0.0, teacher_rule="better", temperature=1.0, kd_weight=1.0, clip_grad=None, clip_mode="norm")
     values.update(kwargs)
     return argparse.Namespace(**values)
 

@@ -4,8 +4,10 @@ must, and --resume auto never loses a run."""
 import json
 import os
 import shutil
+import subprocess
 
 import pytest
+import torch
 
 import checkpoints
 import flags
@@ -80,6 +82,21 @@ def test_a_resume_takes_the_recorded_arguments_and_records_what_changed(capsys, 
     last = checkpoints.load_checkpoint(str(run / "last.pt"))
     assert last["epoch"] == 3 and last["optimizers"][0]["param_groups"][0]["weight_decay"] == 1e-3
     assert [r["epoch"] for r in read_rows(run) if r["net"] == "ensemble"] == ["1", "2", "3"]
+
+
+def test_args_json_records_the_code_of_the_start_and_of_each_resume(capsys, one_epoch, tmp_path, monkeypatch):
+    run = copy_run(one_epoch, tmp_path)
+    started = json.loads((run / "args.json").read_text())["code"]
+    assert started["threads"] == torch.get_num_threads() and started["torch"] == torch.__version__
+    head = subprocess.run(["git", "-C", os.path.dirname(checkpoints.__file__), "rev-parse", "HEAD"],
+                          capture_output=True, text=True).stdout.strip() or None  # None outside a git checkout
+    assert started["commit"] == head and (started["modified"] is None) == (head is None)
+    monkeypatch.setattr(checkpoints, "code_version", lambda: {"commit": "f" * 40, "modified": False, "torch": "x", "threads": 7})
+    launch(capsys, competitive, [*PAIR, "--epochs", "2", "--resume", "auto", "--out-dir", run])
+    record = json.loads((run / "args.json").read_text())
+    assert record["code"] == started  # the code the run began with ...
+    assert record["resumes"][0]["code"]["commit"] == "f" * 40  # ... and the code that continued it
+    assert flags.parse_args(competitive.get_args_parser(), ["--config", str(run / "args.json")]).epochs == 2  # not a flag
 
 
 def test_freeze_is_compared_as_a_set(capsys, tmp_path):
