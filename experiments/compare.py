@@ -9,10 +9,17 @@ makes the table and the figure.
     python experiments/compare.py --out runs/study --seeds 0 1 2 --jobs 2 --configs vanilla dml cd -- \\
         --dataset fashion-mnist --train-subset 512 --epochs 120 --eval-every 120
 
+--grid sweeps flags. `--grid lr=0.05,0.1 clip-grad=none,2` trains every configuration at each
+combination (none: the flag left out), each combination a study of its own, OUT/lr=0.05_clip-grad=none/
+<config>/seed<k>; `--grid kdcl-naive,cd:temperature=1,4` varies a flag of some configurations only, which
+become configurations of their own, OUT/kdcl-naive+temperature=1/seed<k>.
+
 Edit CONFIGS to compare other groups; NET and OTHER stand for --net and --other-net.
 """
 import argparse
+import itertools
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -57,6 +64,11 @@ ENSEMBLE_BASELINE = {"independent-perturb": "independent", "dml": "independent",
                      "one": "independent-3", "okddip": "independent-3"}
 
 
+def base_config(name):
+    """The configuration of CONFIGS that a --grid variant (kdcl-naive+temperature=1) varies."""
+    return name.split("+", 1)[0]
+
+
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -70,23 +82,81 @@ def get_args_parser():
                         help="runs at a time; on a CPU each gets cores/jobs threads (two one-thread runs of a small "
                              "network beat one two-thread run on two cores)")
     parser.add_argument("--python", default=sys.executable, help="interpreter that runs the scripts")
+    parser.add_argument("--grid", nargs="+", default=[], metavar="[CONFIGS:]FLAG=V1,V2",
+                        help="sweep a flag (its name without dashes; a value 'none' leaves it out): over every "
+                             "configuration, each combination into OUT/FLAG=V_.../, or, prefixed with configurations "
+                             "(kdcl-naive,cd:temperature=1,4), over those only, as configurations CONFIG+FLAG=V")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     parser.add_argument("common", nargs=argparse.REMAINDER, help="after --: flags for every run")
     return parser
 
 
+GRID_SPEC = re.compile(r"(?:(?P<configs>[a-z0-9,-]+):)?(?P<flag>[a-z][a-z0-9-]*)=(?P<values>[^=]+)")
+
+
+class GridError(ValueError):
+    """A --grid that cannot be run; main prints it as one line."""
+
+
+def parse_grid(specs, configs, common):
+    """--grid as (axes over every configuration, {configuration: its own axes}); an axis is (flag, values),
+    a value None leaving the flag out. GridError for a malformed spec, an unknown or unchosen configuration,
+    a flag swept twice or also given after --."""
+    shared, own, seen = [], {}, set()
+    for spec in specs:
+        match = GRID_SPEC.fullmatch(spec)
+        if match is None:
+            raise GridError(f"--grid '{spec}' is not [CONFIGS:]FLAG=V1,V2 (e.g. lr=0.05,0.1 or kdcl-naive:temperature=1,4)")
+        flag, values = match["flag"], [None if v == "none" else v for v in match["values"].split(",")]
+        if "" in values or len(set(values)) < len(values):
+            raise GridError(f"--grid '{spec}': give each value once, none for the flag left out")
+        if f"--{flag}" in common or any(arg.startswith(f"--{flag}=") for arg in common):
+            raise GridError(f"--grid '{spec}' sweeps --{flag}, which the flags after -- also give; give it in one place")
+        targets = match["configs"].split(",") if match["configs"] else [None]
+        for target in targets:
+            if target is not None and target not in configs:
+                raise GridError(f"--grid '{spec}': '{target}' is not among the configurations run ({', '.join(configs)})")
+            if (target, flag) in seen or (None, flag) in seen or (target is None and any(f == flag for _, f in seen)):
+                raise GridError(f"--grid sweeps --{flag} twice for {target or 'every configuration'}")
+            seen.add((target, flag))
+            (shared if target is None else own.setdefault(target, [])).append((flag, values))
+    return shared, own
+
+
+def settings(axes):
+    """Every combination of the axes' values: [[(flag, value), ...], ...] ([[]] without axes)."""
+    return [list(zip([flag for flag, _ in axes], values)) for values in itertools.product(*(v for _, v in axes))]
+
+
+def setting_name(setting):
+    """A combination as a directory name: lr=0.05_clip-grad=none."""
+    return "_".join(f"{flag}={'none' if value is None else value}" for flag, value in setting)
+
+
+def setting_flags(setting):
+    """A combination as command-line flags (a None value gives none)."""
+    return [arg for flag, value in setting if value is not None for arg in (f"--{flag}", value)]
+
+
 def commands(args):
     """(name, run_dir, log, argv) of every run, seed by seed, so that early seeds complete first."""
     common = args.common[1:] if args.common[:1] == ["--"] else args.common
+    shared, own = parse_grid(args.grid, args.configs, common)
+    out = os.path.abspath(args.out)  # the runs start in ROOT: a relative --out is the caller's
     runs = []
     for seed in args.seeds:
-        for name in args.configs:
-            script, flags = CONFIGS[name]
-            flags = [{"NET": args.net, "OTHER": args.other_net}.get(flag, flag) for flag in flags]
-            run_dir = os.path.join(args.out, name, f"seed{seed}")
-            argv = [args.python, os.path.join(ROOT, script), *flags, *common, "--seed", str(seed),
-                    "--out-dir", run_dir, "--no-progress"]
-            runs.append((f"{name} seed {seed}", run_dir, os.path.join(args.out, "logs", f"{name}-seed{seed}.log"), argv))
+        for point in settings(shared):
+            study = os.path.join(out, setting_name(point)) if point else out
+            for config in args.configs:
+                script, flags = CONFIGS[config]
+                flags = [{"NET": args.net, "OTHER": args.other_net}.get(flag, flag) for flag in flags]
+                for variant in settings(own.get(config, [])):
+                    name = "+".join([config, *(setting_name([item]) for item in variant)])
+                    run_dir = os.path.join(study, name, f"seed{seed}")
+                    label = "_".join(filter(None, [setting_name(point), name]))
+                    argv = [args.python, os.path.join(ROOT, script), *flags, *common, *setting_flags(point + variant),
+                            "--seed", str(seed), "--out-dir", run_dir, "--no-progress"]
+                    runs.append((f"{label} seed {seed}", run_dir, os.path.join(out, "logs", f"{label}-seed{seed}.log"), argv))
     return runs
 
 
@@ -120,7 +190,10 @@ def main(args):
         twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
         if twice is not None:
             sys.exit(f"error: {flag} names {twice} twice; each run is trained once")
-    runs = commands(args)
+    try:
+        runs = commands(args)
+    except GridError as error:
+        sys.exit(f"error: {error}")
     if args.dry_run:
         for _, _, _, argv in runs:
             print(" ".join(argv))

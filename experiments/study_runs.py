@@ -12,7 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from compare import CONFIGS  # noqa: E402
+from compare import CONFIGS, base_config  # noqa: E402
 from metrics import read_metrics  # noqa: E402
 
 # args.json fields that must agree across a study's runs (the same data, budget and recipe)
@@ -40,8 +40,10 @@ def read_json(path):
 
 
 def config_order(name):
-    """Sort key: compare.CONFIGS order, then other configurations by name."""
-    return (list(CONFIGS).index(name), "") if name in CONFIGS else (len(CONFIGS), name)
+    """Sort key: compare.CONFIGS order (a --grid variant after the configuration it varies, by name), then
+    other configurations by name."""
+    base = base_config(name)
+    return (list(CONFIGS).index(base), name) if base in CONFIGS else (len(CONFIGS), name)
 
 
 def run_dirs(study):

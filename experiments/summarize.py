@@ -29,7 +29,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from compare import ENSEMBLE_BASELINE  # noqa: E402
+from compare import ENSEMBLE_BASELINE, base_config  # noqa: E402
 from study_runs import StudyError, config_order, load_study  # noqa: E402  (reading the run directories)
 
 # The configurations that train networks which do not distil (compare.CONFIGS), and among them the
@@ -121,7 +121,7 @@ def member_values(runs):
 def ensemble_row(config, runs, configs, notes):
     """The ensemble's row, paired with its ENSEMBLE_BASELINE configuration's ensemble."""
     row = new_row(config, "ensemble", "+".join(next(iter(runs.values()))["models"]), runs)
-    baseline = ENSEMBLE_BASELINE.get(config)
+    baseline = ENSEMBLE_BASELINE.get(base_config(config))
     if baseline is None:
         return row
     models = set(next(iter(runs.values()))["models"])
@@ -290,7 +290,7 @@ def versus(rows, comparisons):
                  for x, y in zip(*parts)]
         ensembles = [next((row["values"] for row in configs[name] if row["label"] == "ensemble"), None) for name in (a, b)]
         # ensembles of as many networks of the same architectures: the same independent baseline
-        alike = ENSEMBLE_BASELINE.get(a, a) == ENSEMBLE_BASELINE.get(b, b)
+        alike = ENSEMBLE_BASELINE.get(base_config(a), base_config(a)) == ENSEMBLE_BASELINE.get(base_config(b), base_config(b))
         ensemble = fmt_diff(difference(*ensembles, b), full=False) if all(ensembles) and alike else (
             "– (unlike ensembles)" if all(ensembles) else "–")
         lines.append(f"| {a} − {b} | {'; '.join(cells)} | {ensemble} |")

@@ -521,3 +521,37 @@ def test_a_readme_without_markers_is_one_line_and_unchanged(study, tmp_path, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "has no table to replace" in err[0] and summarize.README_MARKERS[0] in err[0]
     assert readme.read_text() == "no table here\n" and not (tmp_path / "README.md.tmp").exists()
+
+
+def dry_run(tmp_path, capsys, *argv):
+    """compare.py --dry-run's commands, each as (script, its flags after the script's path)."""
+    capsys.readouterr()
+    assert compare.main(compare.get_args_parser().parse_args(["--out", str(tmp_path), "--dry-run", *argv])) == 0
+    lines = capsys.readouterr().out.splitlines()
+    return [(os.path.basename(line.split()[1]), line.split()[2:]) for line in lines]
+
+
+def test_a_grid_makes_one_study_per_combination_and_configurations_of_their_own(tmp_path, capsys):
+    runs = dry_run(tmp_path, capsys, "--seeds", "0", "--configs", "vanilla", "kdcl-naive", "--grid", "lr=0.1,0.05",
+                   "clip-grad=none,2", "kdcl-naive:temperature=1,4", "--", "--epochs", "3")
+    assert len(runs) == 4 * (1 + 2)  # 4 combinations; vanilla once, kdcl-naive at each temperature
+    dirs = [flags[flags.index("--out-dir") + 1] for _, flags in runs]
+    assert dirs[:3] == [str(tmp_path / "lr=0.1_clip-grad=none" / name / "seed0")
+                        for name in ("vanilla", "kdcl-naive+temperature=1", "kdcl-naive+temperature=4")]
+    script, flags = runs[5]  # lr 0.1, clipped at 2, kdcl-naive at T = 4
+    assert script == "train_kdcl.py" and dirs[5] == str(tmp_path / "lr=0.1_clip-grad=2" / "kdcl-naive+temperature=4" / "seed0")
+    assert flags[flags.index("--lr") + 1] == "0.1" and flags[flags.index("--clip-grad") + 1] == "2"
+    assert flags[flags.index("--temperature") + 1] == "4" and flags.count("--temperature") == 1
+    assert "--clip-grad" not in runs[0][1] and "--temperature" not in runs[0][1]  # none: the flag left out
+
+
+@pytest.mark.parametrize("grid, message", [
+    (["lr"], "is not [CONFIGS:]FLAG=V1,V2"), (["lr=0.1,0.1"], "give each value once"),
+    (["epochs=2,3"], "which the flags after -- also give"), (["cd:temperature=1,2"], "'cd' is not among the configurations run"),
+    (["lr=0.1,0.2", "vanilla:lr=0.3"], "sweeps --lr twice")])
+def test_a_grid_that_cannot_run_is_one_line(tmp_path, capsys, grid, message):
+    with pytest.raises(SystemExit) as exit_info:
+        compare.main(compare.get_args_parser().parse_args(["--out", str(tmp_path), "--configs", "vanilla", "--grid",
+                                                          *grid, "--", "--epochs", "3"]))
+    assert message in str(exit_info.value.code) and str(exit_info.value.code).startswith("error: ")
+    assert not os.listdir(tmp_path)
