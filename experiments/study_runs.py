@@ -6,6 +6,7 @@ files are named in one line each; stray directories and runs of different data o
 refused with a one-line StudyError.
 """
 import json
+import math
 import os
 import re
 import sys
@@ -21,6 +22,14 @@ BUDGET = ("dataset", "train_subset", "val_size", "split_seed", "img_size", "crop
           "min_lr", "label_smoothing", "amp", "clip_grad", "clip_mode")
 
 SEED_DIR = re.compile(r"seed(0|-?[1-9][0-9]*)")  # as compare.py names them: f"seed{seed}"
+
+# A run diverged when, after its first DIVERGENCE_GRACE epochs, some member's epoch-mean training
+# cross-entropy (metrics.csv's train_ce, or train_loss where a script logs no separate CE: train.py,
+# train_ceit.py) rises above ln(number of classes), which a network guessing uniformly would score: it
+# then predicts worse than chance on the batches it trains on. The early epochs are spared, where every
+# network starts there; epoch means are what every committed study logged (a per-step maximum would
+# be more sensitive, but the first study never recorded one).
+DIVERGENCE_GRACE = 5
 
 
 class StudyError(Exception):
@@ -66,6 +75,26 @@ def run_dirs(study):
                 raise StudyError(f"{run_dir}: not a run directory (seed<k>, k the seed); move it out of the study")
             found.append((config, int(match.group(1)), run_dir))
     return sorted(found, key=lambda found: (config_order(found[0]), found[1]))
+
+
+def grid_points(path):
+    """The studies of a compare.py --grid directory (one per combination of the swept flags: directories
+    whose configuration directories hold seed<k> directories), in name order; None for a plain study."""
+    if not os.path.isdir(path):
+        return None
+    children = [os.path.join(path, name) for name in sorted(os.listdir(path))
+                if name != "logs" and not name.startswith(".") and os.path.isdir(os.path.join(path, name))]
+
+    def holds_seeds(directory):
+        return any(SEED_DIR.fullmatch(name) for name in os.listdir(directory))
+
+    def holds_configs(directory):
+        return any(os.path.isdir(os.path.join(directory, name)) and holds_seeds(os.path.join(directory, name))
+                   for name in os.listdir(directory))
+
+    if children and all(not holds_seeds(child) and holds_configs(child) for child in children):
+        return children
+    return None
 
 
 def load_study(study):
@@ -118,11 +147,13 @@ def load_run(config, seed, run_dir, warnings):
         raise StudyError(f"{results_path}: no integer epochs (neither there nor in args.json)")
     members = [network for network in networks if network["net"] != "ensemble"]
     labels = [network["net"] for network in members]
-    train, leader, seconds = last_epoch_train(run_dir, f"{config}/seed{seed}", labels, epochs, warnings)
+    train, leader, seconds, diverged = last_epoch_train(run_dir, f"{config}/seed{seed}", labels, epochs,
+                                                        args.get("num_classes") or 10, warnings)
     return {"config": config, "seed": seed, "script": results.get("script", "train" if len(members) == 1 else "?"),
             "epochs": epochs, "args": args, "labels": labels, "models": [network["model"] for network in members],
             "test": {network["net"]: network["final_test_acc"] for network in networks}, "train": train,
-            "leader": leader, "seconds": seconds}
+            "val": {network["net"]: network.get("final_val_acc") for network in networks},
+            "leader": leader, "seconds": seconds, "diverged": diverged}
 
 
 def check_seed(run_dir, seed, args):
@@ -132,9 +163,9 @@ def check_seed(run_dir, seed, args):
                          f"seed{seed}; a run belongs in the directory of its seed")
 
 
-def last_epoch_train(run_dir, name, labels, epochs, warnings):
-    """({label: training accuracy in epoch `epochs`, or None}, top_leader_share, training seconds) from metrics.csv;
-    a missing file, or one that stops before `epochs` (truncated), gives none, with a warning."""
+def last_epoch_train(run_dir, name, labels, epochs, classes, warnings):
+    """({label: training accuracy in epoch `epochs`, or None}, top_leader_share, training seconds, divergence's list)
+    from metrics.csv; a missing file, or one that stops before `epochs` (truncated), gives none, with a warning."""
     try:
         series = read_metrics(run_dir)
     except ValueError as error:
@@ -150,7 +181,23 @@ def last_epoch_train(run_dir, name, labels, epochs, warnings):
             series = {}
     train = {label: dict(series.get(label, {}).get("train_acc", [])).get(epochs) for label in labels}
     times = {epoch: value for epoch, value in series.get(labels[0], {}).get("epoch_time_s", []) if epoch <= epochs}
-    return train, top_leader_share(series, labels, epochs), sum(times.values()) if len(times) == epochs else None
+    return (train, top_leader_share(series, labels, epochs), sum(times.values()) if len(times) == epochs else None,
+            divergence(series, labels, epochs, classes))
+
+
+def divergence(series, labels, epochs, classes):
+    """The members whose training cross-entropy rose above ln(classes) after DIVERGENCE_GRACE epochs (the
+    run diverged), each at its worst: [{"net": label, "epoch": k, "ce": value}, ...], the worst first;
+    empty when none did (or nothing was logged)."""
+    found = []
+    for label in labels:
+        columns = series.get(label, {})
+        above = [(ce, epoch) for epoch, ce in columns.get("train_ce", columns.get("train_loss", []))
+                 if DIVERGENCE_GRACE < epoch <= epochs and ce > math.log(classes)]
+        if above:
+            ce, epoch = max(above)
+            found.append({"net": label, "epoch": epoch, "ce": ce})
+    return sorted(found, key=lambda entry: -entry["ce"])
 
 
 def top_leader_share(series, labels, epochs):

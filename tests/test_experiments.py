@@ -13,13 +13,15 @@ from helpers import ROOT
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import compare  # noqa: E402
 import metrics  # noqa: E402
+import stats  # noqa: E402
 import summarize  # noqa: E402
 
 BUDGET = {"dataset": "fashion-mnist", "train_subset": 1000, "val_size": 0, "img_size": 28, "epochs": 40,
           "batch_size": 128, "optimizer": ["sgd"], "lr": [0.1], "weight_decay": [0.0005], "schedule": "cosine",
           "warmup_epochs": 1.0, "amp": "auto", "label_smoothing": 0.0}
-T3 = 4.303   # t_{0.975, 2}: three seeds
-T2 = 12.706  # t_{0.975, 1}: two seeds
+# Student-t quantiles in closed form: t_{0.975, 1} = tan(0.475 pi); t_{0.975, 2} = (2p - 1) sqrt(2 / (4p(1 - p))), p = 0.975
+T2 = math.tan(0.475 * math.pi)                    # 12.706: two seeds
+T3 = 0.95 * math.sqrt(2 / (4 * 0.975 * 0.025))    # 4.303: three seeds
 
 
 def write_run(study, config, seed, script, models, accs, train=None, leader=None, labels=None, **changes):
@@ -103,38 +105,58 @@ def ci(comparison):
     return mean - half, mean + half
 
 
-def test_t_quantiles_are_the_student_t_distributions():
-    stats = pytest.importorskip("scipy.stats")
-    assert summarize.T_975 == tuple(round(float(stats.t.ppf(0.975, df)), 3) for df in range(1, 31))
-    # [1, 2, 3]: mean 2, sd 1, n 3: 2 ± 4.303 / sqrt(3); 35 values beyond the table: 1.96
-    assert summarize.t_interval([1.0, 2.0, 3.0]) == pytest.approx((2.0, T3 / math.sqrt(3)))
-    values = [float(v % 2) for v in range(35)]  # 18 zeros, 17 ones
-    mean, sd = 17 / 35, math.sqrt((18 * (17 / 35) ** 2 + 17 * (18 / 35) ** 2) / 34)
-    assert summarize.t_interval(values) == pytest.approx((mean, 1.96 * sd / math.sqrt(35)))
-    assert math.isnan(summarize.t_interval([5.0])[1])
+def test_t_quantiles_p_values_and_holm_by_hand():
+    assert stats.t_quantile(1) == pytest.approx(T2) and stats.t_quantile(2) == pytest.approx(T3)
+    # NIST/SEMATECH e-Handbook, table 1.3.6.7.2 (0.975 column), beyond n = 30 too: 2.228 (10), 2.042 (30), 1.984 (100)
+    assert [round(stats.t_quantile(df), 3) for df in (10, 30, 100)] == [2.228, 2.042, 1.984]
+    assert stats.t_interval([1.0, 2.0, 3.0]) == pytest.approx((2.0, T3 / math.sqrt(3)))
+    assert math.isnan(stats.t_interval([5.0])[1])
+    # [1, 2, 3]: t = 2 / (1 / sqrt 3) = 2 sqrt 3 with 2 degrees of freedom, whose two-sided tail is 1 - t / sqrt(t^2 + 2)
+    t = 2 * math.sqrt(3)
+    assert stats.p_value([1.0, 2.0, 3.0]) == pytest.approx(1 - t / math.sqrt(t * t + 2))
+    assert stats.p_value([1.0, 1.0]) == 0.0 and stats.p_value([0.0, 0.0]) == 1.0 and math.isnan(stats.p_value([1.0]))
+    # Holm: 0.01 x 3, then max(0.03, 0.03 x 2), then max(0.06, 0.04 x 1); nan is no test
+    assert stats.holm([0.01, 0.04, 0.03, float("nan")])[:3] == pytest.approx([0.03, 0.06, 0.06])
+    assert math.isnan(stats.holm([0.5, float("nan")])[1]) and stats.holm([0.9, 0.8]) == pytest.approx([1.0, 1.0])
 
 
-def test_members_are_paired_by_seed_with_their_architecture_alone(study):
+def test_members_are_paired_by_seed_with_themselves_trained_alone(study):
+    """Member i of a group meets member i of `independent` (the same initial weights and batches, no
+    distillation); a single network and a perturbed comparison without independent-perturb meet vanilla."""
     rows, _ = rows_of(study)
     cd0, cd1 = rows[("cd", "net0_resnet20")], rows[("cd", "net1_resnet20")]
     assert cd0["values"] == {0: 82.0, 1: 83.0, 2: 81.0}
     assert summarize.mean_std(list(cd0["values"].values())) == pytest.approx((82.0, 1.0))  # sample std
-    # − vanilla: 82-80, 83-81, 81-79 = 2, 2, 2 (sd 0); net1: 84-80, 82-81, 80-79 = 4, 1, 1: mean 2, sd sqrt(3)
-    assert cd0["alone"]["baseline"] == "vanilla" and cd0["alone"]["diffs"] == pytest.approx({0: 2.0, 1: 2.0, 2: 2.0})
-    assert ci(cd0["alone"]) == pytest.approx((2.0, 2.0))
-    assert cd1["alone"]["diffs"] == pytest.approx({0: 4.0, 1: 1.0, 2: 1.0})
-    assert ci(cd1["alone"]) == interval(2.0, math.sqrt(3), 3, T3)  # 2 ± 4.303
+    # − independent's net0 (80.5, 81, 78): 1.5, 2, 3: mean 13/6, sd sqrt(7/12); net1 (79.5, 80, 79): 4.5, 2, 1
+    assert cd0["alone"]["baseline"] == "independent" and cd0["alone"]["diffs"] == pytest.approx({0: 1.5, 1: 2.0, 2: 3.0})
+    assert ci(cd0["alone"]) == interval(13 / 6, math.sqrt(7 / 12), 3, T3)
+    assert cd1["alone"]["diffs"] == pytest.approx({0: 4.5, 1: 2.0, 2: 1.0})
     # − vanilla-perturb: 82-80.5, 83-81.5, 81-80 = 1.5, 1.5, 1: mean 4/3, sd sqrt(((1/6)^2*2 + (1/3)^2)/2)
     assert cd0["perturbed"]["baseline"] == "vanilla-perturb"
     assert cd0["perturbed"]["diffs"] == pytest.approx({0: 1.5, 1: 1.5, 2: 1.0})
     assert ci(cd0["perturbed"]) == interval(4 / 3, math.sqrt(((1 / 6) ** 2 * 2 + (1 / 3) ** 2) / 2), 3, T3)
-    # the heterogeneous pair: MobileNet against vanilla-other (its architecture), ResNet against vanilla;
-    # two seeds (0, 1): 74-72, 74.5-73 = 2, 1.5: mean 1.75, sd sqrt(0.125), t_{0.975,1} = 12.706
+    # the heterogeneous pair meets independent-hetero, member by member, over the one seed both have (0)
     hetero0, hetero1 = rows[("cd-hetero", "net0_resnet20")], rows[("cd-hetero", "net1_mobilenet_v1")]
-    assert hetero0["alone"]["baseline"] == "vanilla" and hetero0["alone"]["diffs"] == pytest.approx({0: 1.0, 1: 1.0})
-    assert hetero1["alone"]["baseline"] == "vanilla-other" and hetero1["alone"]["diffs"] == pytest.approx({0: 2.0, 1: 1.5})
-    assert ci(hetero1["alone"]) == interval(1.75, math.sqrt(0.125), 2, T2)
+    assert hetero0["alone"] == {"baseline": "independent-hetero", "diffs": pytest.approx({0: 1.0})}   # 81 - 80
+    assert hetero1["alone"] == {"baseline": "independent-hetero", "diffs": pytest.approx({0: 1.5})}   # 74 - 72.5
     assert hetero0["perturbed"]["diffs"] == pytest.approx({0: 0.5, 1: 0.5}) and hetero1["perturbed"] is None  # NET only
+    # without independent-hetero, each architecture meets its network alone
+    shutil.rmtree(os.path.join(study, "independent-hetero"))
+    rows, _ = rows_of(study)
+    assert rows[("cd-hetero", "net1_mobilenet_v1")]["alone"] == {"baseline": "vanilla-other", "diffs": pytest.approx({0: 2.0, 1: 1.5})}
+    assert rows[("cd-hetero", "net0_resnet20")]["alone"]["baseline"] == "vanilla"
+
+
+def test_a_pair_meets_independent_perturb_member_by_member(study):
+    for seed, accs in enumerate([(81.0, 80.0, 82.0), (81.5, 81.0, 82.5), (79.0, 80.0, 81.0)]):
+        write_run(study, "independent-perturb", seed, "mutual", [R, R], list(accs))
+    rows, _ = rows_of(study)
+    # cd (82, 84), (83, 82), (81, 80) − (81, 80), (81.5, 81), (79, 80)
+    assert rows[("cd", "net1_resnet20")]["perturbed"] == {"baseline": "independent-perturb",
+                                                          "diffs": pytest.approx({0: 4.0, 1: 1.0, 2: 0.0})}
+    assert rows[("independent-perturb", "net1_resnet20")]["alone"] == {"baseline": "independent",
+                                                                       "diffs": pytest.approx({0: 0.5, 1: 1.0, 2: 1.0})}
+    assert rows[("cd-hetero", "net0_resnet20")]["perturbed"]["baseline"] == "vanilla-perturb"  # not a pair of NET
 
 
 def test_controls_are_compared_with_vanilla_only(study):
@@ -144,12 +166,9 @@ def test_controls_are_compared_with_vanilla_only(study):
     assert perturb["alone"]["baseline"] == "vanilla" and perturb["alone"]["diffs"] == pytest.approx({0: 0.5, 1: 0.5, 2: 1.0})
     assert ci(perturb["alone"]) == interval(2 / 3, math.sqrt(((1 / 6) ** 2 * 2 + (1 / 3) ** 2) / 2), 3, T3)
     assert perturb["perturbed"] is None
-    # independent members − vanilla: 80.5-80, 81-81, 78-79 = 0.5, 0, -1: mean -1/6, sd sqrt(7/12)
-    independent = rows[("independent", "net0_resnet20")]
-    assert independent["alone"]["diffs"] == pytest.approx({0: 0.5, 1: 0.0, 2: -1.0}) and independent["perturbed"] is None
-    assert ci(independent["alone"]) == interval(-1 / 6, math.sqrt(7 / 12), 3, T3)
-    # independent-hetero's MobileNet − vanilla-other over seeds 0 and 2: 72.5-72, 70-71 = 0.5, -1
-    assert rows[("independent-hetero", "net1_mobilenet_v1")]["alone"]["diffs"] == pytest.approx({0: 0.5, 2: -1.0})
+    # the independent groups' networks are the networks alone: nothing to compare them with
+    for config, label in (("independent", "net1_resnet20"), ("independent-hetero", "net1_mobilenet_v1")):
+        assert rows[(config, label)]["alone"] is None and rows[(config, label)]["perturbed"] is None
     for config in ("vanilla", "vanilla-other"):
         row = next(row for (name, _), row in rows.items() if name == config)
         assert row["alone"] is None and row["perturbed"] is None and row["ensemble"] is None
@@ -221,13 +240,12 @@ def test_incomplete_missing_and_truncated_runs_are_reported(study, capsys):
             "cd-hetero/seed2 (args.json, last.pt; no results.json)") in out
     assert "warning: cd/seed1: metrics.csv stops at epoch 1 of 40 (truncated), so no training accuracy or leader share" in out
     assert "warning: dml/seed0: no metrics.csv, so no training accuracy" in out
-    for line in ("note: independent-hetero − vanilla paired over seeds [0, 2] (n=2); independent-hetero lacks seeds [1]",
-                 "note: cd-hetero − vanilla paired over seeds [0, 1] (n=2); cd-hetero lacks seeds [2]",
-                 "note: cd-hetero − vanilla-other paired over seeds [0, 1] (n=2); cd-hetero lacks seeds [2]",
+    for line in ("note: cd-hetero − independent-hetero paired over seeds [0] (n=1); independent-hetero lacks seeds [1]; "
+                 "cd-hetero lacks seeds [2]",
                  "note: cd-hetero − vanilla-perturb paired over seeds [0, 1] (n=2); cd-hetero lacks seeds [2]"):
         assert line in out.splitlines()
     # the truncated run keeps its test accuracy, but no training accuracy from an earlier epoch (10.0)
-    assert "| cd | net0_resnet20 | 98.00 ± 1.41 | 82.00 ± 1.00 (n=3) |" in out  # seeds 0 and 2: 97, 99
+    assert "| cd | net0_resnet20 | 0/3 | 98.00 ± 1.41 | 82.00 ± 1.00 (n=3) |" in out  # seeds 0 and 2: 97, 99
     assert "cd: 0.75 / 0.75 (seeds 0, 2)" in out
 
 
@@ -243,14 +261,15 @@ def test_leadership_is_the_most_frequent_leaders_mean_share(study):
 def test_the_table_and_the_plot(study, capsys):
     assert summarize.main([study]) == 0
     out = capsys.readouterr().out
-    assert ("| cd | net0_resnet20 | 98.00 ± 1.00 | 82.00 ± 1.00 (n=3) | 82.00 / 83.00 / 81.00 | "
-            "+2.00 [+2.00, +2.00] (vanilla, n=3) | +1.33 [+0.62, +2.05] (vanilla-perturb, n=3) | – |") in out
+    # − independent's net0: 1.5, 2, 3: 13/6 ± 4.303 * sqrt(7/12) / sqrt(3) = 2.17 ± 1.90
+    assert ("| cd | net0_resnet20 | 0/3 | 98.00 ± 1.00 | 82.00 ± 1.00 (n=3) | 82.00 / 83.00 / 81.00 | "
+            "+2.17 [+0.27, +4.06] (independent, n=3) | +1.33 [+0.62, +2.05] (vanilla-perturb, n=3) | – |") in out
     # 85, 84, 82.5: mean 83.83, sd sqrt(((7/6)^2 + (1/6)^2 + (4/3)^2)/2) = 1.26; − independent 8/3 ± 4.303*sqrt(1/12)/sqrt(3)
-    assert ("| cd | ensemble | – | 83.83 ± 1.26 (n=3) | 85.00 / 84.00 / 82.50 | – | – | "
+    assert ("| cd | ensemble | 0/3 | – | 83.83 ± 1.26 (n=3) | 85.00 / 84.00 / 82.50 | – | – | "
             "+2.67 [+1.95, +3.38] (independent, n=3) |") in out
-    assert "| cd-hetero | net1_mobilenet_v1 | 90.50 ± 0.71 | 74.25 ± 0.35 (n=2) | 74.00 / 74.50 | " \
-           "+1.75 [-1.43, +4.93] (vanilla-other, n=2) | – | – |" in out
-    assert "| cd-hetero | ensemble | – | 82.50 ± 0.71 (n=2) | 82.00 / 83.00 | – | – | +1.00 (independent-hetero, n=1) |" in out
+    assert "| cd-hetero | net1_mobilenet_v1 | 0/2 | 90.50 ± 0.71 | 74.25 ± 0.35 (n=2) | 74.00 / 74.50 | " \
+           "+1.50 (independent-hetero, n=1) | – | – |" in out
+    assert "| cd-hetero | ensemble | 0/2 | – | 82.50 ± 0.71 (n=2) | 82.00 / 83.00 | – | – | +1.00 (independent-hetero, n=1) |" in out
     order = [line.split(" | ")[0][2:] for line in out.splitlines() if line.startswith("| ") and "configuration" not in line]
     assert list(dict.fromkeys(order)) == ["vanilla", "vanilla-perturb", "vanilla-other", "independent", "independent-hetero",
                                           "dml", "cd", "cd-hetero"]  # compare.CONFIGS order
@@ -273,34 +292,33 @@ def test_the_compact_table_has_one_line_per_configuration(study, capsys):
     lines = summarize.compact_table(study).splitlines()
     # every number by hand from the fixture; intervals mean ± t * sd / sqrt(n), t = 4.303 (n=3) or 12.706 (n=2):
     # vanilla-perturb − vanilla: 0.5, 0.5, 1 -> 2/3 ± 4.303 * 0.2887 / 1.732 = 0.667 ± 0.717
-    # independent − vanilla: (0.5, 0, -1) -> -1/6 ± 4.303 * 0.7638 / 1.732 = -0.167 ± 1.897; (-0.5, -1, 0) -> -0.5 ± 1.242
-    # independent-hetero (seeds 0, 2) − vanilla: (0, 0.5) -> 0.25 ± 12.706 * 0.3536 / 1.414 = 0.25 ± 3.177;
-    #   − vanilla-other: (0.5, -1) -> -0.25 ± 12.706 * 1.0607 / 1.414 = -0.25 ± 9.530
-    # dml − vanilla: (1, 0.5, 1) -> 0.833 ± 0.717; (2, -0.5, 2) -> 1.167 ± 4.303 * 1.4434 / 1.732 = 1.167 ± 3.586
+    # the independent groups are their networks alone: no − alone
+    # dml − independent, member by member: (0.5, 0.5, 2) -> 1 ± 4.303 * 0.866 / 1.732 = 1 ± 2.15;
+    #   (2.5, 0.5, 2) -> 1.667 ± 4.303 * 1.041 / 1.732 = 1.667 ± 2.59
     #   − vanilla-perturb: (0.5, 0, 0) -> 0.167 ± 0.717; (1.5, -1, 1) -> 0.5 ± 4.303 * 1.3229 / 1.732 = 0.5 ± 3.286
     #   ensemble − independent: (1, 0.5, 1.5) -> 1 ± 4.303 * 0.5 / 1.732 = 1 ± 1.242
-    # cd − vanilla: (2, 2, 2) -> 2 ± 0; (4, 1, 1) -> 2 ± 4.303; − vanilla-perturb: (1.5, 1.5, 1) -> 1.333 ± 0.717;
-    #   (3.5, 0.5, 0) -> 1.333 ± 4.303 * 1.8930 / 1.732 = 1.333 ± 4.703; ensemble − independent: (3, 2.5, 2.5) -> 2.667 ± 0.717
-    # cd-hetero (seeds 0, 1) − vanilla: (1, 1); − vanilla-other: (2, 1.5) -> 1.75 ± 3.177; − vanilla-perturb: (0.5, 0.5);
+    # cd − independent: (1.5, 2, 3) -> 2.167 ± 4.303 * 0.764 / 1.732 = 2.167 ± 1.897; (4.5, 2, 1) -> 2.5 ± 4.303 * 1.803 / 1.732
+    #   = 2.5 ± 4.48; − vanilla-perturb: (1.5, 1.5, 1) -> 1.333 ± 0.717; (3.5, 0.5, 0) -> 1.333 ± 4.303 * 1.8930 / 1.732
+    #   = 1.333 ± 4.703; ensemble − independent: (3, 2.5, 2.5) -> 2.667 ± 0.717
+    # cd-hetero − independent-hetero (seed 0 only): 81 - 80, 74 - 72.5; − vanilla-perturb: (0.5, 0.5);
     #   ensemble − independent-hetero: seed 0 only, 82 - 81
     assert lines == [
-        "| configuration | models | n | train acc | test acc | − alone [95% CI] | − alone, perturbed [95% CI] | ensemble | "
-        "− independent ensemble [95% CI] |",
-        "|---|---|---|---|---|---|---|---|---|",
-        "| vanilla | resnet20 | 3 | 99.50 ± 0.50 | 80.00 ± 1.00 | – | – | – | – |",
-        "| vanilla-perturb | resnet20 | 3 | 98.50 ± 0.50 | 80.67 ± 0.76 | +0.67 [-0.05, +1.38] | – | – | – |",
-        "| vanilla-other | mobilenet_v1 | 3 | 91.00 ± 1.00 | 72.00 ± 1.00 | – | – | – | – |",
-        "| independent | resnet20 + resnet20 | 3 | 99.00 ± 0.00; 99.00 ± 0.00 | 79.83 ± 1.61; 79.50 ± 0.50 | "
-        "-0.17 [-2.06, +1.73]; -0.50 [-1.74, +0.74] | – | 81.17 ± 1.04 | – |",
-        "| independent-hetero | resnet20 + mobilenet_v1 | 2 | – | 79.75 ± 0.35; 71.25 ± 1.77 | "
-        "+0.25 [-2.93, +3.43]; -0.25 [-9.78, +9.28] | – | 80.50 ± 0.71 | – |",
-        "| dml | resnet20 + resnet20 | 3 | – | 80.83 ± 0.76; 81.17 ± 0.76 | +0.83 [+0.12, +1.55]; +1.17 [-2.42, +4.75] | "
+        "| configuration | models | n | diverged | train acc | test acc | − alone [95% CI] | − alone, perturbed [95% CI] | "
+        "ensemble | − independent ensemble [95% CI] |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        "| vanilla | resnet20 | 3 | 0/3 | 99.50 ± 0.50 | 80.00 ± 1.00 | – | – | – | – |",
+        "| vanilla-perturb | resnet20 | 3 | 0/3 | 98.50 ± 0.50 | 80.67 ± 0.76 | +0.67 [-0.05, +1.38] | – | – | – |",
+        "| vanilla-other | mobilenet_v1 | 3 | 0/3 | 91.00 ± 1.00 | 72.00 ± 1.00 | – | – | – | – |",
+        "| independent | resnet20 + resnet20 | 3 | 0/3 | 99.00 ± 0.00; 99.00 ± 0.00 | 79.83 ± 1.61; 79.50 ± 0.50 | – | – | "
+        "81.17 ± 1.04 | – |",
+        "| independent-hetero | resnet20 + mobilenet_v1 | 2 | 0/2 | – | 79.75 ± 0.35; 71.25 ± 1.77 | – | – | 80.50 ± 0.71 | – |",
+        "| dml | resnet20 + resnet20 | 3 | 0/3 | – | 80.83 ± 0.76; 81.17 ± 0.76 | +1.00 [-1.15, +3.15]; +1.67 [-0.92, +4.25] | "
         "+0.17 [-0.55, +0.88]; +0.50 [-2.79, +3.79] | 82.17 ± 0.76 | +1.00 [-0.24, +2.24] |",
-        "| cd | resnet20 + resnet20 | 3 | 98.00 ± 1.00; 100.00 ± 0.00 | 82.00 ± 1.00; 82.00 ± 2.00 | "
-        "+2.00 [+2.00, +2.00]; +2.00 [-2.30, +6.30] | +1.33 [+0.62, +2.05]; +1.33 [-3.37, +6.04] | 83.83 ± 1.26 | "
+        "| cd | resnet20 + resnet20 | 3 | 0/3 | 98.00 ± 1.00; 100.00 ± 0.00 | 82.00 ± 1.00; 82.00 ± 2.00 | "
+        "+2.17 [+0.27, +4.06]; +2.50 [-1.98, +6.98] | +1.33 [+0.62, +2.05]; +1.33 [-3.37, +6.04] | 83.83 ± 1.26 | "
         "+2.67 [+1.95, +3.38] |",
-        "| cd-hetero | resnet20 + mobilenet_v1 | 2 | 96.50 ± 0.71; 90.50 ± 0.71 | 81.50 ± 0.71; 74.25 ± 0.35 | "
-        "+1.00 [+1.00, +1.00]; +1.75 [-1.43, +4.93] | +0.50 [+0.50, +0.50]; – | 82.50 ± 0.71 | +1.00 (n=1) |",
+        "| cd-hetero | resnet20 + mobilenet_v1 | 2 | 0/2 | 96.50 ± 0.71; 90.50 ± 0.71 | 81.50 ± 0.71; 74.25 ± 0.35 | "
+        "+1.00 (n=1); +1.50 (n=1) | +0.50 [+0.50, +0.50]; – | 82.50 ± 0.71 | +1.00 (n=1) |",
     ]
     assert summarize.main([study, "--compact"]) == 0  # the CLI prints the same table
     assert "\n".join(lines) in capsys.readouterr().out
@@ -431,10 +449,11 @@ def test_the_headline_table_by_hand(study):
     lines = summarize.compact_table(study, summarize.headline).splitlines()
     dml = next(line for line in lines if line.startswith("| dml |"))
     # networks per seed: (81 + 82) / 2 = 81.5, (81.5 + 80.5) / 2 = 81.0, (80 + 81) / 2 = 80.5: 81.00 ± 0.50
-    # − alone (80, 81, 79): 1.5, 0.0, 1.5: mean 1.00, sd 0.866, half 4.303 * 0.866 / sqrt(3) = 2.15
+    # − alone, member by member with independent's (80.5, 79.5), (81, 80), (78, 79): per seed (0.5 + 2.5) / 2 = 1.5,
+    # (0.5 + 0.5) / 2 = 0.5, (2 + 2) / 2 = 2: mean 4/3, sd sqrt(7/12), half 4.303 * 0.764 / sqrt(3) = 1.90
     # ensemble (83, 82, 81.5): 82.17 ± 0.76; − independent (82, 81.5, 80): 1.0, 0.5, 1.5: half 4.303 * 0.5 / sqrt(3) = 1.24
-    assert dml == "| dml | 2 × resnet20 | 3 | 81.00 ± 0.50 | +1.00 [-1.15, +3.15] | 82.17 ± 0.76 | +1.00 [-0.24, +2.24] |"
-    assert lines[2].startswith("| vanilla | resnet20 | 3 | 80.00 ± 1.00 | – |")
+    assert dml == "| dml | 2 × resnet20 | 3 | 0/3 | 81.00 ± 0.50 | +1.33 [-0.56, +3.23] | 82.17 ± 0.76 | +1.00 [-0.24, +2.24] |"
+    assert lines[2].startswith("| vanilla | resnet20 | 3 | 0/3 | 80.00 ± 1.00 | – |")
 
 
 def test_versus_pairs_two_methods_by_hand(study, capsys):
@@ -448,13 +467,16 @@ def test_versus_pairs_two_methods_by_hand(study, capsys):
     # cd per seed (82+84)/2 = 83, (83+82)/2 = 82.5, (81+80)/2 = 80.5; dml 81.5, 81.0, 80.5: 1.5, 1.5, 0.0:
     # mean 1.00, sd 0.866, half 4.303 * 0.866 / sqrt(3) = 2.15. Ensembles (85, 84, 82.5) - (83, 82, 81.5):
     # 2, 2, 1: mean 1.67, sd 0.577, half 4.303 * 0.577 / sqrt(3) = 1.43
-    assert "| cd − dml | +1.00 [-1.15, +3.15] (n=3) | +1.67 [+0.23, +3.10] (n=3) |" in out
+    # p-values (two-sided, 2 degrees of freedom: 1 - t / sqrt(t^2 + 2)): cd − dml t = 1 / (0.866 / sqrt 3) = 2,
+    # p = 0.1835; ensembles t = 5, p = 0.0377; cd − vanilla (below) t = 4, p = 0.0572. Holm over these three
+    # (the n=1 comparisons have none): 0.0377 x 3 = 0.113, max(0.113, 0.0572 x 2) = 0.114, max(0.114, 0.1835) = 0.184
+    assert "| cd − dml | +1.00 [-1.15, +3.15] (n=3) | 0.184 | +1.67 [+0.23, +3.10] (n=3) | 0.113 | 0/3, 0/3 |" in out
     # only seed 0 is finished on both sides: 81 - 80, 74 - 72.5, and the ensembles 82 - 81
-    assert "| cd-hetero − independent-hetero | +1.00 (n=1); +1.50 (n=1) | +1.00 (n=1) |" in out
+    assert "| cd-hetero − independent-hetero | +1.00 (n=1); +1.50 (n=1) | –; – | +1.00 (n=1) | – | 0/2, 0/2 |" in out
     # three networks against two: (80 + 81 + 82) / 3 - 83 = -2.00; ensembles of 3 and 2 are not compared
-    assert "| cd-3 − cd | -2.00 (n=1) | – (unlike ensembles) |" in out
+    assert "| cd-3 − cd | -2.00 (n=1) | – | – (unlike ensembles) | – | 0/1, 0/3 |" in out
     # against one network: (83, 82.5, 80.5) - (80, 81, 79) = 3, 1.5, 1.5: mean 2.00, sd 0.866, half 2.15
-    assert "| cd − vanilla | +2.00 [-0.15, +4.15] (n=3) | – |" in out
+    assert "| cd − vanilla | +2.00 [-0.15, +4.15] (n=3) | 0.114 | – | – | 0/3, 0/3 |" in out
 
 
 @pytest.mark.parametrize("pair, message", [
@@ -555,3 +577,80 @@ def test_a_grid_that_cannot_run_is_one_line(tmp_path, capsys, grid, message):
                                                           *grid, "--", "--epochs", "3"]))
     assert message in str(exit_info.value.code) and str(exit_info.value.code).startswith("error: ")
     assert not os.listdir(tmp_path)
+
+
+def test_a_run_made_to_diverge_is_marked_and_a_stable_one_is_not(tmp_path, capsys):
+    """Real runs: SGD at lr 10 drives the training cross-entropy far above ln 10 after epoch 5, and
+    finite (so the run finishes); at lr 0.05 it falls below. The diverged run stays in the tables."""
+    import flags
+    import train
+    for name, lr in (("calm", "0.05"), ("wild", "10")):
+        flags.launch(train.main, train.get_args_parser(), [
+            "--dataset", "fake", "--img-size", "16", "--train-subset", "128", "--val-size", "32", "--batch-size", "32",
+            "--epochs", "8", "--eval-every", "8", "--warmup-epochs", "0", "--lr", lr, "--device", "cpu", "--workers", "0",
+            "--no-progress", "--model", "resnet20", "--out-dir", str(tmp_path / name / "vanilla" / "seed0")])
+    calm, wild = (summarize.load_study(str(tmp_path / name))["runs"][0] for name in ("calm", "wild"))
+    assert calm["diverged"] == []
+    ce = {epoch: value for epoch, value in metrics.read_metrics(str(tmp_path / "wild" / "vanilla" / "seed0"))[
+        "net0_resnet20"]["train_loss"]}
+    worst = max((value, epoch) for epoch, value in ce.items() if epoch > 5)
+    assert worst[0] > math.log(10)
+    assert wild["diverged"] == [{"net": "net0_resnet20", "epoch": worst[1], "ce": worst[0]}]
+    capsys.readouterr()
+    assert summarize.main([str(tmp_path / "wild")]) == 0
+    out = capsys.readouterr().out
+    assert f"| vanilla | net0_resnet20 | 1/1 |" in out and f"{wild['test']['net0_resnet20']:.2f}×" in out
+
+
+def test_the_divergence_rule_spares_the_first_epochs_and_reads_train_ce(tmp_path):
+    run_dir = write_run(str(tmp_path / "study"), "cd", 0, "competitive", [R, R], [80.0, 80.0, 81.0])
+    with open(os.path.join(run_dir, "metrics.csv"), "w") as f:
+        f.write("epoch,net,model,train_loss,train_ce\n")
+        for epoch in range(1, 41):
+            f.write(f"{epoch},net0_resnet20,{R},9.0,{3.0 if epoch <= 5 else 0.5}\n")  # loss (with KD) high, CE calm
+            f.write(f"{epoch},net1_resnet20,{R},1.0,{2.31 if epoch == 17 else 0.5}\n")  # ln 10 = 2.3026
+    (run,) = summarize.load_study(str(tmp_path / "study"))["runs"]
+    assert run["diverged"] == [{"net": "net1_resnet20", "epoch": 17, "ce": 2.31}]
+
+
+def test_split_val_reads_the_validation_accuracies(study, capsys):
+    assert summarize.main([study, "--split", "val"]) == 2  # the fixture's runs have none
+    assert "has no validation accuracy" in capsys.readouterr().err
+    for config, seeds in (("vanilla", 3), ("vanilla-perturb", 3), ("vanilla-other", 3), ("independent", 3), ("dml", 3),
+                          ("cd", 3), ("independent-hetero", (0, 2)), ("cd-hetero", 2)):
+        for seed in (range(seeds) if isinstance(seeds, int) else seeds):
+            path = os.path.join(study, config, f"seed{seed}", "results.json")
+            results = json.load(open(path))
+            for i, network in enumerate(results["networks"]):
+                network["final_val_acc"] = 50.0 + seed + i
+            json.dump(results, open(path, "w"))
+    rows = {(row["config"], row["label"]): row for row in summarize.summarize(summarize.load_study(study), "val")[0]}
+    assert rows[("cd", "net1_resnet20")]["values"] == {0: 51.0, 1: 52.0, 2: 53.0}
+    assert rows[("cd", "ensemble")]["values"] == {0: 52.0, 1: 53.0, 2: 54.0}
+    assert summarize.headline(list(rows.values())).splitlines()[0].startswith("| configuration | models | seeds | diverged | val acc |")
+
+
+def test_a_grid_is_summarized_setting_by_setting_then_together(tmp_path, capsys):
+    root = tmp_path / "grid"
+    for point, accs in (("lr=0.05", (80.0, 81.0)), ("lr=0.1", (82.0, 83.0))):
+        for seed, acc in enumerate(accs):
+            write_run(str(root / point), "vanilla", seed, "train", [R], [acc], lr=[float(point[3:])])
+            write_run(str(root / point), "dml", seed, "mutual", [R, R], [acc + 1, acc + 2, acc + 3], lr=[float(point[3:])])
+    os.makedirs(root / "logs")
+    assert summarize.main([str(root)]) == 0
+    out = capsys.readouterr().out
+    assert out.index("## lr=0.05") < out.index("## lr=0.1") < out.index(f"## every setting of {root}")
+    assert "| lr=0.05 | vanilla | resnet20 | 2 | 0/2 | 80.50 ± 0.71 | – |" in out
+    assert "| lr=0.1 | dml | 2 × resnet20 | 2 | 0/2 | 84.00 ± 0.71 | 85.50 ± 0.71 |" in out  # (83 + 84) / 2, (84 + 85) / 2
+    assert (root / "lr=0.1" / "study.png").exists()
+    assert summarize.main([str(root), "--readme", str(tmp_path / "README.md")]) == 2
+    assert "is a --grid of 2 studies" in capsys.readouterr().err
+
+
+def test_the_readme_holds_named_tables(study, tmp_path):
+    readme = tmp_path / "README.md"
+    first, second = summarize.readme_markers("study"), summarize.readme_markers("authors")
+    readme.write_text(f"{first[0]}\n{first[1]}\ntext\n{second[0]}\nold\n{second[1]}\n")
+    assert summarize.main([study, "--readme", str(readme), "--readme-table", "authors"]) == 0
+    text = readme.read_text()
+    assert summarize.readme_table(text, "study") == "" and summarize.readme_table(text, "authors").startswith("| configuration")
