@@ -654,3 +654,20 @@ def test_the_readme_holds_named_tables(study, tmp_path):
     assert summarize.main([study, "--readme", str(readme), "--readme-table", "authors"]) == 0
     text = readme.read_text()
     assert summarize.readme_table(text, "study") == "" and summarize.readme_table(text, "authors").startswith("| configuration")
+
+
+def test_same_numbers_hashes_the_state_and_the_metrics_without_their_times(tmp_path):
+    import same_numbers
+    import torch
+    state = {"nets": [{"w": torch.arange(6.0).reshape(2, 3), "n": torch.tensor(3)}], "optimizers": [{"state": {}}]}
+    torch.save(state, tmp_path / "a.pt")
+    torch.save(state, tmp_path / "b.pt")
+    state["nets"][0]["w"][1, 2] = 5.000001
+    torch.save(state, tmp_path / "c.pt")
+    assert same_numbers.state_hash(tmp_path / "a.pt") == same_numbers.state_hash(tmp_path / "b.pt")
+    assert same_numbers.state_hash(tmp_path / "a.pt") != same_numbers.state_hash(tmp_path / "c.pt")
+    (tmp_path / "m1.csv").write_text("epoch,net,train_loss,epoch_time_s,images_per_s\n1,net0,2.5,3.1,100\n")
+    (tmp_path / "m2.csv").write_text("epoch,net,train_loss,epoch_time_s,images_per_s\n1,net0,2.5,9.9,42\n")
+    (tmp_path / "m3.csv").write_text("epoch,net,train_loss,epoch_time_s,images_per_s\n1,net0,2.6,3.1,100\n")
+    hashes = [same_numbers.metrics_hash(tmp_path / f"m{i}.csv") for i in (1, 2, 3)]
+    assert hashes[0] == hashes[1] != hashes[2]
