@@ -6,9 +6,9 @@ import torch
 
 
 class StepSums:
-    """The statistics' sums in device buffers of fixed address, to which a captured step adds its own
-    statistics (--cuda-graphs): the additions are part of its CUDA graph, instead of the ~25 small
-    kernels per step that EpochStats.add launches outside it. Same arithmetic as EpochStats.add."""
+    """The statistics' sums in device buffers of fixed address, to which a step adds its statistics: every
+    epoch's EpochStats sums with one, and with --cuda-graphs the captured step adds to the run's own inside
+    its CUDA graph (no per-step kernels outside it)."""
 
     def __init__(self, device):
         self.sums, self.first_nonfinite = {}, None
@@ -21,9 +21,10 @@ class StepSums:
         if allocating and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("StepSums allocate their buffers in an eager call: warm the captured step up first")
         for name, value in zip(stats, values):
-            if name not in self.sums:
-                self.sums[name] = torch.zeros_like(value)
-            self.sums[name].add_(value)
+            if name in self.sums:
+                self.sums[name].add_(value)
+            else:  # the first step: its values are the sums
+                self.sums[name] = value.clone()
         bad = ~torch.isfinite(torch.stack(values)).all(0)
         if self.first_nonfinite is None:
             self.first_nonfinite = torch.full_like(bad, -1, dtype=torch.int64)

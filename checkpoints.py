@@ -13,17 +13,14 @@ import hashlib
 import json
 import os
 import random
-import subprocess
 import zipfile
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-import flags
-from configs import given_flags
 from errors import RunComplete, RunFailure, UsageError
-from utils import unwrap
+from models import unwrap
 
 CHECKPOINT_FORMAT = 2  # 2: the scripts' own resumable objects under "state" (format 1 named it "extra")
 
@@ -36,15 +33,6 @@ RUN_FILES = ("args.json", "metrics.csv", "last.pt", "best.pt", "results.json", "
              "predictions.png", "curves.png", "deployed.pt")
 LOCK_FILE = ".lock"
 
-# What a resume may change: how long and where the run goes on, how it logs, which device computes it
-# and how fast; never what it trains on or how (the data, batches, networks, recipe, method). Every other
-# flag given with --resume must equal the run's recorded value; the flags not given take it.
-RESUME_MAY_CHANGE = ("epochs", "stop_after", "eval_every", "eval_batch_size", "progress", "log_interval", "workers",
-                     "device", "compile", "cuda_graphs", "data_dir", "download", "out_dir", "resume", "overwrite",
-                     "config")
-# ... of which these belong to one invocation: a resume that does not give them has none.
-PER_INVOCATION = ("stop_after", "resume", "overwrite", "config", "world_size", "out_dir")
-
 # The group settings that belong to this run, not to the run that wrote the checkpoint: the kernels
 # (foreach on the CPU, fused on CUDA, capturable with --cuda-graphs) and the rate holder (a device tensor that a
 # captured step reads must stay the same tensor; the schedule rewrites its value every step).
@@ -56,10 +44,12 @@ class Checkpoints:
 
     `state` maps names to the script's own objects with state_dict()/load_state_dict() (the gradient
     scaler, the perturbation's generators, ...): they go into every checkpoint and come back on resume.
+    `record`: the run's arguments as configs.record makes them ({"args": its flags, "given": the flags its
+    command line gave, "resolved": what it computed from them}), written into every checkpoint.
     """
 
-    def __init__(self, run_dir, *, script, args, info, names, nets, optimizers, rt, state):
-        self.run_dir, self.script, self.args, self.info, self.rt = run_dir, script, args, info, rt
+    def __init__(self, run_dir, *, script, args, record, info, names, nets, optimizers, rt, state):
+        self.run_dir, self.script, self.args, self.record, self.info, self.rt = run_dir, script, args, record, info, rt
         self.names, self.nets, self.optimizers, self.state = list(names), nets, optimizers, state
         n = len(nets)
         self.best = {"val_acc": [-1.0] * n, "epoch": [0] * n, "test_acc": [None] * n}
@@ -82,7 +72,7 @@ class Checkpoints:
         return {"format": CHECKPOINT_FORMAT, "script": self.script, "models": self.names,
                 "num_classes": info.num_classes, "img_size": info.img_size, "in_chans": info.in_chans,
                 "dataset": info.name, "classes": list(info.classes), "mean": list(info.mean), "std": list(info.std),
-                "args": flags.recorded(self.args), "epoch": epoch, "step": step,
+                **self.record, "epoch": epoch, "step": step,
                 "nets": [{k: v.detach().cpu() for k, v in unwrap(net).state_dict().items()} for net in self.nets],
                 "optimizers": [opt.state_dict() if opt is not None else {} for opt in self.optimizers],  # {}: --freeze
                 "rng": rng_state(self.rt), "state": state}
@@ -166,77 +156,6 @@ class Checkpoints:
         return os.path.join(self.run_dir, name)
 
 
-def adopt_recorded_arguments(args):
-    """With --resume: the run's recorded arguments become this run's, so that a resume continues the
-    run it resumes. A flag given on the command line with another value is refused in one line,
-    unless RESUME_MAY_CHANGE lists it; what changed is kept in args._resume_changes for args.json."""
-    path = resolve_resume(args)
-    if path is None:
-        return
-    ckpt = load_checkpoint(path, mmap=True)
-    if not ckpt["optimizers"] and ckpt["nets"]:
-        raise UsageError(f"--resume '{path}' is a best.pt: each network at its best validation epoch, without optimizer "
-                         f"state, a selection rather than a training state; resume from "
-                         f"'{os.path.join(os.path.dirname(path), 'last.pt')}'")
-    given, changes = given_flags(args), {}
-    # a flag newer than the run: the run went without it, with the value the script gives that (flags.ArgumentParser)
-    for key, old in {**getattr(args, "_older_runs", {}), **ckpt["args"]}.items():
-        if key in PER_INVOCATION or not hasattr(args, key):
-            continue
-        new = getattr(args, key)
-        explicit = key in given if given is not None else new is not None
-        if not explicit or same_value(key, new, old):
-            setattr(args, key, old)
-        elif key in RESUME_MAY_CHANGE:
-            changes[key] = [old, new]
-        else:
-            raise UsageError(f"--resume '{path}' was written with --{key.replace('_', '-')} {old}; this run has {new} "
-                             f"(a resume continues its run: it may change how long and where it runs, not what it "
-                             f"trains, docs/usage.md; start a new run with --config to change it)")
-    args._resume_changes = changes
-
-
-def same_value(key, new, old):
-    """Whether a flag's value equals its recorded one (--freeze as a set of networks)."""
-    if key == "freeze":
-        return set(new) == set(old)
-    return new == old
-
-
-def save_args(args, run_dir, script, resumed=None):
-    """args.json: the run's arguments, its script (so that --config knows whose recipe it holds) and the
-    code that ran it (code_version); a resumed run keeps the code it started with and the history of its
-    resumes ("resumes": when, from which checkpoint, what changed, which code continued it)."""
-    record = {**flags.recorded(args), "script": script, "code": code_version()}
-    path = os.path.join(run_dir, "args.json")
-    if resumed is not None:
-        try:
-            with open(path) as f:
-                earlier = json.load(f)
-            history, started = earlier.get("resumes", []), earlier.get("code")
-        except (OSError, ValueError, AttributeError):
-            history, started = [], None
-        changes = getattr(args, "_resume_changes", {})
-        record["resumes"] = [*history, {**resumed, "changed": changes, "code": record["code"]}]
-        record["code"] = started  # None: the run began before args.json recorded its code
-    save_json(record, path)
-
-
-def code_version():
-    """What computed the run, so that a claim that two runs used the same code can be checked: the git
-    commit of this repository (None outside a git checkout), whether tracked files differed from it,
-    the torch version and the number of threads torch computes with on the CPU."""
-    root = os.path.dirname(os.path.abspath(__file__))
-    try:
-        commit = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10).stdout.strip() or None
-        dirty = bool(subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
-                                    capture_output=True, text=True, timeout=10).stdout.strip()) if commit else None
-    except (OSError, subprocess.SubprocessError):
-        commit = dirty = None
-    return {"commit": commit, "modified": dirty, "torch": torch.__version__, "threads": torch.get_num_threads()}
-
-
 def check_resumable(ckpt, path, args, info, names, rt):
     """UsageError in one line unless checkpoint `ckpt` holds this run's group, task and processes."""
     if list(ckpt["models"]) != list(names):
@@ -245,8 +164,9 @@ def check_resumable(ckpt, path, args, info, names, rt):
         raise UsageError(f"--resume '{path}' was trained for {ckpt['num_classes']} classes at "
                          f"{ckpt['in_chans']}x{ckpt['img_size']}px; this run has {info.num_classes} classes at "
                          f"{info.in_chans}x{info.img_size}px")
-    if ckpt["args"].get("world_size", 1) != rt.world_size:
-        raise UsageError(f"--resume '{path}' was written by {ckpt['args'].get('world_size', 1)} processes; "
+    processes = ckpt.get("resolved", ckpt["args"]).get("world_size", 1)
+    if processes != rt.world_size:
+        raise UsageError(f"--resume '{path}' was written by {processes} processes; "
                          f"resume it with the same number (this run has {rt.world_size})")
 
 

@@ -1,9 +1,27 @@
-"""--config FILE: a run's args.json as the defaults of a new run, checked against the script's flags,
-with what the old run computed from a flag the command line changes computed anew."""
+"""A run's arguments as recorded and replayed: what args.json and the checkpoints hold (recorded), and
+parsing a command line over a recorded run: --config FILE (an args.json whose flags become this run's
+defaults) and --resume (the resumed run's flags are this run's; a flag that would change what it trains
+is refused in one line).
+
+A run records its flags as parsed (vars(args): a flag the command line left out holds its default, None
+for a value the run computes, such as the default learning rate); what it computed from them is
+recorded apart (args.json's "resolved"), so a repeat or a resume computes it again from the flags.
+"""
 import argparse
 import json
+import os
+import subprocess
 
+import torch
+
+from checkpoints import load_checkpoint, resolve_resume, save_json
 from errors import UsageError
+
+
+def recorded(args):
+    """The run's flags as args.json and the checkpoints record them: vars(args) without the parser's
+    private entries (configs.given_flags, script_of)."""
+    return {key: value for key, value in vars(args).items() if not key.startswith("_")}
 
 
 def given_flags(args):
@@ -12,36 +30,106 @@ def given_flags(args):
     return getattr(args, "_given", None)
 
 
-def parse_args(parser, argv=None):
-    """parser.parse_args(argv) with the values of --config FILE (a run's args.json) as defaults, so
-    that the flags given on the command line override them; a recorded value that was computed from
-    a flag the command line changes is computed anew (CONFIG_DERIVED)."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config")
-    path = pre.parse_known_args(argv)[0].config
-    if path is not None and any(action.dest == "config" for action in parser._actions):
-        given = given_flags(parser.parse_args(argv)) or frozenset()
-        config = read_config(path, parser, any_script=getattr(parser.parse_args(argv), "config_any_script", False))
-        parser.set_defaults(**{key: value for key, value in config.items()
-                               if not any(flag in given for flag in CONFIG_DERIVED.get(key, ()))})
-    return parser.parse_args(argv)
+def script_of(args):
+    """The name of the script whose parser made `args` (None for a namespace made otherwise)."""
+    return getattr(args, "_script", None)
 
 
 # args.json entries that belong to the run that wrote them, not to a run repeating it: its directory
-# (a repeat must not write over it), how it was resumed or stopped, and values recorded for the log.
+# (a repeat must not write over it), how it was resumed or stopped, and what it recorded for the log.
 CONFIG_SKIPPED = ("config", "config_any_script", "out_dir", "resume", "overwrite", "stop_after", "world_size",
-                  "script", "resumes", "code")
+                  "script", "resumes", "code", "given", "resolved")
 
-# Values a run computes from other flags and records (args.json holds the rate the run used): a repeat
-# that changes one of those flags computes them again instead of taking the old run's.
-CONFIG_DERIVED = {"lr": ("optimizer", "batch_size"), "eval_batch_size": ("batch_size",),
-                  "img_size": ("dataset",), "val_size": ("dataset",), "num_classes": ("dataset",),
-                  "rampup_epochs": ("epochs",)}
+# What a resume may change: how long and where the run goes on, how it logs, which device computes it
+# and how fast; never what it trains on or how (the data, batches, networks, recipe, method). Every other
+# flag given with --resume must equal the run's recorded value; the flags not given take it.
+RESUME_MAY_CHANGE = ("epochs", "stop_after", "eval_every", "eval_batch_size", "progress", "log_interval", "workers",
+                     "device", "compile", "cuda_graphs", "data_dir", "download", "out_dir", "resume", "overwrite",
+                     "config")
+# ... of which these belong to one invocation: a resume that does not give them has none.
+PER_INVOCATION = ("stop_after", "resume", "overwrite", "config", "world_size", "out_dir")
+
+# Runs recorded before args.json kept its computed values apart wrote them over their flags: for such a
+# file (no "resolved" entry) a repeat that changes one of these flags computes the value anew instead of
+# taking the old run's. Fixed: later runs record computed values apart, and they are never replayed.
+LEGACY_COMPUTED = {"lr": ("optimizer", "batch_size"), "eval_batch_size": ("batch_size",),
+                   "img_size": ("dataset",), "val_size": ("dataset",), "num_classes": ("dataset",),
+                   "rampup_epochs": ("epochs",)}
+
+
+def parse_args(parser, argv=None):
+    """parser.parse_args(argv): a flags.ArgumentParser replays the recorded run itself (replayed)."""
+    return parser.parse_args(argv)
+
+
+def replayed(parser, args):
+    """(defaults, changes) of a command line parsed as `args` over a recorded run: with --config FILE its
+    flags are defaults that the command line overrides; with --resume the resumed run's recorded flags are
+    this run's, a given flag that changes one of them refused (unless RESUME_MAY_CHANGE lists it), the
+    allowed changes returned as {flag: [old, new]} for args.json. Values the run computes are never
+    replayed: it computes them again."""
+    has = {action.dest for action in parser._actions}
+    defaults, changes = {}, {}
+    if "config" in has and args.config is not None:
+        defaults.update(config_defaults(args, parser))
+    if "resume" in has and args.resume is not None:
+        recorded_flags, changes = resume_defaults(args, parser)
+        defaults.update(recorded_flags)
+    return defaults, changes
+
+
+def config_defaults(args, parser):
+    """The flags of --config FILE, as defaults (in a file of the older kind, a value it computed from a
+    flag this command line gives is left out: it is computed anew)."""
+    config, legacy = read_config(args.config, parser, any_script=getattr(args, "config_any_script", False))
+    given = given_flags(args) or frozenset()
+    return {key: value for key, value in config.items()
+            if not (legacy and any(flag in given for flag in LEGACY_COMPUTED.get(key, ())))}
+
+
+def resume_defaults(args, parser):
+    """({flag: the resumed run's value}, {flag: [old, new]} of the allowed changes) for --resume; UsageError
+    for a checkpoint that cannot be resumed, or a given flag that would change what the run trains."""
+    path = resolve_resume(args)
+    if path is None:
+        return {}, {}
+    ckpt = load_checkpoint(path, mmap=True)
+    if not ckpt["optimizers"] and ckpt["nets"]:
+        raise UsageError(f"--resume '{path}' is a best.pt: each network at its best validation epoch, without optimizer "
+                         f"state, a selection rather than a training state; resume from "
+                         f"'{os.path.join(os.path.dirname(path), 'last.pt')}'")
+    given, flags, changes = given_flags(args), {}, {}
+    # a flag newer than the run: the run went without it, with the value the script gives that (older_runs)
+    for key, old in {**parser.older_runs, **ckpt["args"]}.items():
+        if key in PER_INVOCATION or not hasattr(args, key):
+            continue
+        new = getattr(args, key)
+        explicit = key in given if given is not None else new is not None
+        if not explicit or same_value(key, new, old):
+            flags[key] = old
+        elif key in RESUME_MAY_CHANGE:
+            changes[key] = [old, new]
+        else:
+            flag, computed = key.replace('_', '-'), ckpt.get("resolved", {}).get(key)
+            written = (f"with --{flag} {old}" if old is not None else
+                       f"without --{flag}" + (f" (it computed {computed})" if computed is not None else ""))
+            raise UsageError(f"--resume '{path}' was written {written}; this run has {new} "
+                             f"(a resume continues its run: it may change how long and where it runs, not what it "
+                             f"trains, docs/usage.md; start a new run with --config to change it)")
+    return flags, changes
+
+
+def same_value(key, new, old):
+    """Whether a flag's value equals its recorded one (--freeze as a set of networks)."""
+    if key == "freeze":
+        return set(new) == set(old)
+    return new == old
 
 
 def read_config(path, parser, any_script=False):
-    """The flag values of --config FILE, checked against the parser's flags; UsageError in one line.
-    A run of another script is refused unless any_script: its recipe is not this script's."""
+    """(the flag values of --config FILE, checked against the parser's flags; whether the file is of the
+    older kind, whose computed values stand among its flags); UsageError in one line. A run of another
+    script is refused unless any_script: its recipe is not this script's."""
     try:
         with open(path) as f:
             config = json.load(f)
@@ -70,7 +158,7 @@ def read_config(path, parser, any_script=False):
             raise UsageError(f"--config '{path}': {key} = {json.dumps(value)} is not a value of {actions[key].option_strings[0]}")
         defaults[key] = [float(v) for v in value] if actions[key].type is float and isinstance(value, list) else \
             float(value) if actions[key].type is float and value is not None else value
-    return defaults
+    return defaults, "resolved" not in config
 
 
 def config_value_ok(action, value):
@@ -89,3 +177,49 @@ def config_value_ok(action, value):
     allowed = kinds.get(action.type, (str,))
     return all(isinstance(v, allowed) and not (isinstance(v, bool) and bool not in allowed)
                and (not action.choices or v in action.choices) for v in values)
+
+
+# ----------------------------------------------------------------------------------------------
+# What a run records: args.json and every checkpoint's arguments
+# ----------------------------------------------------------------------------------------------
+def record(args, resolved):
+    """The run's arguments as its checkpoints hold them: {"args": its flags (recorded), "given": the flags
+    its command line gave, "resolved": what it computed from them (engine.resolve)}."""
+    return {"args": recorded(args), "given": sorted(given_flags(args) or ()), "resolved": dict(resolved)}
+
+
+def save_args(args, resolved, run_dir, script, resumed=None):
+    """args.json: the run's flags (recorded), which of them its command line gave, what it computed from
+    them (resolved), its script (so that --config knows whose recipe it holds) and the code that ran it
+    (code_version); a resumed run keeps the code it started with and the history of its resumes
+    ("resumes": when, from which checkpoint, what changed, which code continued it)."""
+    record_ = record(args, resolved)
+    entry = {**record_["args"], "script": script, "given": record_["given"], "resolved": record_["resolved"],
+             "code": code_version()}
+    path = os.path.join(run_dir, "args.json")
+    if resumed is not None:
+        try:
+            with open(path) as f:
+                earlier = json.load(f)
+            history, started = earlier.get("resumes", []), earlier.get("code")
+        except (OSError, ValueError, AttributeError):
+            history, started = [], None
+        changes = getattr(args, "_resume_changes", {})
+        entry["resumes"] = [*history, {**resumed, "changed": changes, "code": entry["code"]}]
+        entry["code"] = started  # None: the run began before args.json recorded its code
+    save_json(entry, path)
+
+
+def code_version():
+    """What computed the run, so that a claim that two runs used the same code can be checked: the git
+    commit of this repository (None outside a git checkout), whether tracked files differed from it,
+    the torch version and the number of threads torch computes with on the CPU."""
+    root = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, timeout=10).stdout.strip()) if commit else None
+    except (OSError, subprocess.SubprocessError):
+        commit = dirty = None
+    return {"commit": commit, "modified": dirty, "torch": torch.__version__, "threads": torch.get_num_threads()}

@@ -25,8 +25,10 @@ import engine
 import flags
 import metrics
 import models
+import stopping
 import utils
 from datasets import build_data, data_from_arrays, make_loaders
+from errors import UsageError
 from models.weights import net_labels
 
 RIGHT, WRONG, TEXT = (0, 130, 0), (200, 0, 0), (0, 0, 0)
@@ -66,9 +68,9 @@ def check_args(args):
     """Reject flag values that cannot work, with one line saying what is accepted."""
     for name in ("topk", "num_images", "batch_size"):
         if getattr(args, name) < 1:
-            raise flags.UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     if args.workers is not None and args.workers < 0:
-        raise flags.UsageError(f"--workers must be >= 0, got {args.workers}")
+        raise UsageError(f"--workers must be >= 0, got {args.workers}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -81,9 +83,9 @@ def resolve_checkpoint(path, which):
         for name in names:
             if os.path.isfile(os.path.join(path, name)):
                 return os.path.join(path, name), path
-        raise flags.UsageError(f"'{path}' holds no {' or '.join(names)}: not a run directory of this repository's scripts")
+        raise UsageError(f"'{path}' holds no {' or '.join(names)}: not a run directory of this repository's scripts")
     if not os.path.exists(path):
-        raise flags.UsageError(f"'{path}' does not exist")
+        raise UsageError(f"'{path}' does not exist")
     return path, os.path.dirname(os.path.abspath(path))
 
 
@@ -98,7 +100,7 @@ def check_group(paths, ckpts):
     for path, ckpt in zip(paths[1:], ckpts[1:]):
         if any(ckpt[k] != ckpts[0][k] for k in keys):
             detail = " with other class names" if describe(ckpt) == describe(ckpts[0]) else ""
-            raise flags.UsageError(f"'{path}' was trained on {describe(ckpt)} but '{paths[0]}' on "
+            raise UsageError(f"'{path}' was trained on {describe(ckpt)} but '{paths[0]}' on "
                                    f"{describe(ckpts[0])}{detail}; a group must share dataset, classes and input size")
 
 
@@ -117,7 +119,7 @@ def with_averages(path, ckpt):
     network, which has none, stays itself)."""
     averages = ckpt["state"].get("ema", {}).get("averages")
     if not averages:
-        raise flags.UsageError(f"'{path}' holds no --model-ema averages: the run was trained without --model-ema")
+        raise UsageError(f"'{path}' holds no --model-ema averages: the run was trained without --model-ema")
     prefix = "module."  # an AveragedModel's state: its module's tensors, and its update count
     nets = [state if average is None else {k[len(prefix):]: v for k, v in average.items() if k.startswith(prefix)}
             for state, average in zip(ckpt["nets"], averages)]
@@ -135,7 +137,7 @@ def build_group(paths, ckpts, device):
                 net.load_state_dict(state)
             except (ValueError, RuntimeError) as error:
                 # a renamed model or changed architecture since training: say which network, briefly
-                raise flags.UsageError(f"'{path}' network {i} ({name}) cannot be rebuilt: "
+                raise UsageError(f"'{path}' network {i} ({name}) cannot be rebuilt: "
                                        f"{str(error).splitlines()[0][:160]}") from None
             nets.append(net.to(device).eval())
     return nets
@@ -163,7 +165,7 @@ def load_test_data(ckpt, args):
                       split_seed=train_args.get("split_seed", 0), download=download,
                       num_classes=train_args.get("num_classes"))
     if list(data.info.classes) != list(ckpt["classes"]):
-        raise flags.UsageError(f"the {ckpt['dataset']} classes found in '{data_dir}' are not the {ckpt['num_classes']} "
+        raise UsageError(f"the {ckpt['dataset']} classes found in '{data_dir}' are not the {ckpt['num_classes']} "
                                "the checkpoint was trained on; point --data-dir at the training data")
     stored = dataclasses.replace(data.info, mean=tuple(ckpt["mean"]), std=tuple(ckpt["std"]))
     if stored != data.info:
@@ -180,21 +182,21 @@ def load_images(paths, ckpt):
     """User image files as the networks expect them: (normalised batch, displayable PIL images)."""
     mode = {1: "L", 3: "RGB"}.get(ckpt["in_chans"])
     if mode is None:
-        raise flags.UsageError(f"--images needs networks with 1 or 3 input channels, these have {ckpt['in_chans']}")
+        raise UsageError(f"--images needs networks with 1 or 3 input channels, these have {ckpt['in_chans']}")
     # Resize the short side and crop the centre: keeps the aspect ratio, like the eval transform.
     geometry = transforms.Compose([transforms.Resize(ckpt["img_size"]), transforms.CenterCrop(ckpt["img_size"])])
     finish = transforms.Compose([transforms.ToTensor(), transforms.Normalize(ckpt["mean"], ckpt["std"])])
     shown, tensors = [], []
     for path in paths:
         if not os.path.isfile(path):
-            raise flags.UsageError(f"image '{path}' does not exist")
+            raise UsageError(f"image '{path}' does not exist")
         try:
             with warnings.catch_warnings():  # an image of more pixels than PIL's bomb limit: an error, not a warning
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 with Image.open(path) as image:
                     image = geometry(image.convert(mode))
         except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-            raise flags.UsageError(f"'{path}' is not a readable image ({' '.join(str(error).split())[:120]})") from None
+            raise UsageError(f"'{path}' is not a readable image ({' '.join(str(error).split())[:120]})") from None
         shown.append(image)
         tensors.append(finish(image))
     return torch.stack(tensors), shown
@@ -405,7 +407,7 @@ def main(args):
     for path, flag in ((out, "--out"), (args.curves or os.path.join(run_dir, "curves.png"), "--curves")):
         folder = os.path.dirname(os.path.abspath(path))
         if not os.access(folder, os.W_OK):  # fail before the evaluation, not after it
-            raise flags.UsageError(f"cannot write '{path}': '{folder}' is not writable; write elsewhere with {flag} FILE")
+            raise UsageError(f"cannot write '{path}': '{folder}' is not writable; write elsewhere with {flag} FILE")
     batch, shown = load_images(args.images, ckpt) if args.images else (None, None)  # fail before heavy work
     names = [name for c in ckpts for name in c["models"]]
     labels = net_labels(names)  # numbered across checkpoints, so two runs' net0 stay apart
@@ -441,4 +443,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    flags.launch(main, get_args_parser())
+    stopping.launch(main, get_args_parser())

@@ -10,7 +10,7 @@ main.py --model-ema-decay; timm's ModelEma).
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from utils import unwrap
+from models import unwrap
 
 
 class ModelEma:

@@ -1,166 +1,77 @@
-"""Plain helpers that the training scripts' loops call: start the run, the epoch's batches and
-statistics, evaluation, logging (console, metrics.csv, TensorBoard), stop requests and finishing.
+"""The loop every training script runs (in the shape of facebookresearch/deit's engine.py): one epoch's
+batches (train_one_epoch), its statistics, evaluation, and logging an epoch (console, metrics.csv,
+TensorBoard).
 
 engine.py knows no paradigm: a training step returns a dict of named statistics, and the names
-become metrics.csv columns (`train_<name>`), TensorBoard tags and the epoch line. It never ends
-the process: every way out of a loop is a line in the script's loop.
+become metrics.csv columns (`train_<name>`), TensorBoard tags and the epoch line. The run itself
+(its setup, its epochs, its final files) is lifecycle.py's.
 """
 import datetime
 import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
-
 import torch.nn.functional as F
 
-import checkpoints
+import stopping
 from capture import StepSums
-from flags import RunComplete, RunFailure, UsageError
-from metrics import MetricsLog
-from models.weights import net_labels
-from utils import all_reduce_sum, autocast, sync_replicas, to_input, unwrap
+from errors import RunFailure
+from models import unwrap
+from perturb import bn_statistics_kept
+from utils import all_reduce_sum, autocast, sync_replicas, to_input
 
 
 # ----------------------------------------------------------------------------------------------
-# The run: what one invocation of a script carries from epoch to epoch
+# One epoch of training
 # ----------------------------------------------------------------------------------------------
-@dataclass
-class RunState:
-    """Plain data: the run's settings, its group, where it starts and what it has written."""
-    args: object
-    rt: object
-    script: str
-    names: list
-    info: object
-    nets: list
-    optimizers: list
-    steps_per_epoch: int
-    run_dir: str
-    checkpoints: object          # checkpoints.Checkpoints of run_dir
-    metrics: object = None       # MetricsLog
-    labels: list = field(default_factory=list)     # the members' row labels: the networks, or a network's branches
-    models: list = field(default_factory=list)     # each member's architecture
-    outputs: object = None                         # evaluation: evaluate's `outputs` for the members (None: group_outputs)
-    start_epoch: int = 0         # epochs completed before this invocation
-    start_step: int = 0          # steps of epoch `start_epoch` completed before it (mid-epoch resume)
-    resumed: dict = field(default_factory=dict)    # the resumed checkpoint's "state" (fresh run: empty)
-    last_rows: list = field(default_factory=list)  # the latest epoch's metrics rows
-    lock: tuple = None           # (path, content) of the run directory's lock, held by the main process
-    train_seconds: float = float("nan")            # wall time of the latest epoch's training steps
-    last_ema_rows: list = field(default_factory=list)  # the latest epoch's rows of the --model-ema averages
-    interval: dict = field(default_factory=dict)   # the --log-interval line's last (step, time)
-    step_sums: object = None     # with --cuda-graphs, the StepSums its captured step adds to (capture_step)
+def train_one_epoch(run, epoch):
+    """Train the steps of `epoch` that this invocation has to train; returns their EpochStats.
 
-
-def start_run(args, script, group, rt, info, nets, optimizers, *, steps_per_epoch, state, members=None,
-              outputs=None):
-    """Open the run directory and, with --resume, restore the group, its optimizers and `state` (the
-    script's own objects with state_dict()/load_state_dict()) from the checkpoint; returns the RunState.
-
-    The run's members, one metrics row each (plus an ensemble row when there are several), are its
-    networks; a branched network names its branches instead: members = [(label, architecture), ...],
-    the first the deployed one (best.pt selects on it), and `outputs` evaluates them (engine.evaluate).
+    Each step, in this order: the learning rate of the global step; the step's arguments (run.batch:
+    the perturbation of one network's batch every --perturb-every steps, mixup, ...) with the BatchNorm
+    statistics of a perturbed network kept out of the batch; the paradigm's step; the --model-ema update
+    (after those statistics are restored); the --log-interval line; a stop request. A signal (SIGINT,
+    SIGTERM, SIGHUP) saves last.pt after the step it arrived in and exits with its code (130, 143, 129).
     """
-    args.world_size = rt.world_size
-    resume = checkpoints.resolve_resume(args)
-    run_dir = args.out_dir or (os.path.dirname(os.path.abspath(resume)) if resume else
-                               checkpoints.default_run_dir(script, args.dataset, group.names))
-    saver = checkpoints.Checkpoints(run_dir, script=script, args=args, info=info, names=group.names, nets=nets,
-                                    optimizers=optimizers, rt=rt, state=state)
-    members = members or list(zip(net_labels(group.names), group.names))
-    run = RunState(args, rt, script, list(group.names), info, nets, optimizers, steps_per_epoch, run_dir, saver,
-                   labels=[label for label, _ in members], models=[model for _, model in members], outputs=outputs)
-    if resume:
-        try:
-            run.start_epoch, run.start_step, run.resumed = saver.restore(resume)
-        except RunComplete as complete:
-            raise finish_complete_run(run_dir, complete) if rt.is_main else complete from None
-    if rt.distributed:
-        check_same_resume_point(run)
-    if rt.is_main:
-        run.lock = checkpoints.prepare_run_dir(run_dir, fresh=resume is None, args=args)
-        saver.copy_resumed_best()
-        resumed = {"time": f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S}", "checkpoint": resume,
-                   "epoch": run.start_epoch, "step": run.start_step} if resume else None
-        checkpoints.save_args(args, run_dir, script, resumed=resumed)
-    run.metrics = MetricsLog(run_dir, rt, run.start_epoch, resumed=resume is not None)
-    print_main(rt, describe_run(run, resume), *describe_nets(run, group, resume))
-    return run
+    stats = epoch_stats(run, epoch)
+    for step, (images, labels) in batches(run, epoch):
+        global_step = epoch * run.steps_per_epoch + step
+        run.schedule.step(global_step)
+        arguments, perturbed = run.batch(run, global_step, images, labels)
+        with bn_statistics_kept(perturbed):
+            stats.add(run.train_step(*arguments))
+        run.ema.update(run.nets)
+        log_step(run, epoch, step, stats)
+        if run.stop.requested(step):
+            sys.exit(stopping.save_and_stop(run, run.stop, epoch, step + 1, stats))
+    return stats
 
 
-def check_same_resume_point(run):
-    """Under torchrun every rank reads the checkpoint itself: one that finds none, or another one,
-    would train a different model in lockstep with the others."""
-    where = torch.tensor([run.start_epoch, run.start_step], device=run.rt.device)
-    lowest, highest = where.clone(), where.clone()
-    dist.all_reduce(lowest, op=dist.ReduceOp.MIN)
-    dist.all_reduce(highest, op=dist.ReduceOp.MAX)
-    if not torch.equal(lowest, highest):
-        raise UsageError(f"the processes found different checkpoints to resume from (epoch {run.start_epoch} "
-                         f"step {run.start_step} on rank {run.rt.rank}); the run directory must be on storage that every node reads")
-
-
-def describe_run(run, resume):
-    """The one startup line: what trains on what, where, how, and the run directory."""
-    args, rt, info = run.args, run.rt, run.info
-    where = (f" from epoch {run.start_epoch + 1}" + (f" step {run.start_step}" if run.start_step else "")) if resume else ""
-    synthetic = " (SYNTHETIC data: numbers mean nothing)" if info.synthetic else ""
-    scaling = ", lr x{} (--lr-scaling linear)".format(rt.world_size) if rt.distributed and args.lr_scaling == "linear" else ""
-    return (f"{'resuming' if resume else 'training'} {', '.join(run.labels)} on {info.name}{synthetic}{where}: "
-            f"{info.train_size} train / {info.val_size} val / {info.test_size} test images{f' from {info.source}' if info.source else ''}, "
-            f"{info.in_chans}x{info.img_size}px, {info.num_classes} classes, device {rt.device}, amp {rt.amp_dtype}, "
-            f"{rt.world_size} process(es) x batch {args.batch_size} (global {args.batch_size * rt.world_size})"
-            f"{scaling}{', SyncBatchNorm' if rt.sync_bn else ''}, compile {'on' if rt.compile else 'off'}, "
-            f"CUDA graphs {'on' if rt.cuda_graphs else 'off'}; run dir {run.run_dir}")
-
-
-def describe_nets(run, group, resume):
-    """One startup line per network: parameters, where its weights come from, its optimizer and peak rate."""
-    lines = []
-    for i, (label, net, optimizer) in enumerate(zip(run.labels, run.nets, run.optimizers)):
-        params = sum(p.numel() for p in unwrap(net).parameters())
-        init = group.init.get(i)
-        start = ("weights of the checkpoint" if resume else
-                 f"initialised from {init[0]}{'@' + init[1] if init[1] else ''}" if init else "random initial weights")
-        if optimizer is None:
-            training = "frozen (--freeze: no optimizer, eval mode)"
-        else:
-            first = optimizer.param_groups[0]
-            training = f"{type(optimizer).__name__} peak lr {float(first['lr']):.4g}, weight decay {first['weight_decay']:g}"
-        lines.append(f"  {label}: {params / 1e6:.2f}M parameters, {start}, {training}")
-    return lines
-
-
-def print_main(rt, *lines):
-    """Print on the main process only."""
-    if rt.is_main:
-        for line in lines:
-            print(line, flush=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# One epoch: its batches and statistics
-# ----------------------------------------------------------------------------------------------
 class EpochStats:
     """Sums of each named per-network statistic over an epoch's steps, kept on the device (read
     once per epoch: no host synchronisation per step). A step returns {name: tensor of shape (n,)}
     (or a scalar for one network); the epoch's value of a statistic is its mean over steps.
 
-    Bound to a StepSums (`sums`, with --cuda-graphs) it restarts them and reads them as its own sums:
-    the captured step adds its statistics there itself, and add() only counts the step."""
+    The sums are a capture.StepSums: with --cuda-graphs the run's own (its captured step adds its
+    statistics there itself, and add() only counts the step), otherwise one of the epoch's."""
 
     def __init__(self, rt, first_step=0, sums=None):
-        self.rt, self.steps, self.restored_steps = rt, 0, 0
-        self.first_step = first_step  # the epoch's first step trained here (> 0 on a mid-epoch resume)
-        self.first_nonfinite = None   # per network: the first step with a NaN/inf statistic, -1 if none
-        self.step_sums = sums
-        if sums is not None:
-            sums.restart(first_step)
-        self.sums = {} if sums is None else sums.sums
+        self.rt, self.steps = rt, 0
+        self.step_sums = StepSums(rt.device) if sums is None else sums
+        self.step_sums.restart(first_step)  # the epoch's first step trained here (> 0 on a mid-epoch resume)
+        self.captured = sums is not None
+
+    @property
+    def sums(self):
+        """{name: per-network sums (float64, on the device)}."""
+        return self.step_sums.sums
+
+    @property
+    def first_nonfinite(self):
+        """Per network: the first step of the epoch with a NaN/inf statistic, -1 if none (None before a step)."""
+        return self.step_sums.first_nonfinite
 
     def add(self, stats):
         """Add one step's statistics (a dict of device tensors), or count a step whose captured graph
@@ -168,18 +79,8 @@ class EpochStats:
         if isinstance(stats, StepSums):
             if stats is not self.step_sums:
                 raise ValueError("a step that sums its own statistics needs EpochStats(rt, sums=its StepSums)")
-            self.first_nonfinite = stats.first_nonfinite
-            self.steps += 1
-            return
-        values = [value.detach().to(torch.float64).reshape(-1) for value in stats.values()]
-        for name, value in zip(stats, values):
-            self.sums[name] = self.sums[name] + value if name in self.sums else value.clone()
-        # Divergence is noted on the device (no host read per step) and read at the epoch's end.
-        bad = ~torch.isfinite(torch.stack(values)).all(0)
-        if self.first_nonfinite is None:
-            self.first_nonfinite = torch.full_like(bad, -1, dtype=torch.int64)
-        step = self.first_step + self.steps - self.restored_steps  # this step's index in its epoch
-        self.first_nonfinite = torch.where(bad & (self.first_nonfinite < 0), step, self.first_nonfinite)
+        else:
+            self.step_sums.add(stats)
         self.steps += 1
 
     def _reduced(self):
@@ -203,12 +104,8 @@ class EpochStats:
     def load_state_dict(self, state):
         """Restore the step count, and the sums on rank 0 only: they already cover every process."""
         keep = 1.0 if self.rt.is_main else 0.0
-        sums = {name: (sums * keep).to(self.rt.device) for name, sums in state["sums"].items()}
-        if self.step_sums is None:
-            self.sums = sums
-        else:  # into the buffers the captured step adds to
-            self.step_sums.load(sums)
-        self.steps = self.restored_steps = int(state["steps"])
+        self.step_sums.load({name: (sums * keep).to(self.rt.device) for name, sums in state["sums"].items()})
+        self.steps = int(state["steps"])
 
 
 def epoch_stats(run, epoch):
@@ -221,12 +118,14 @@ def epoch_stats(run, epoch):
     return stats
 
 
-def batches(run, loader, epoch):
-    """Yield (step, batch) for the steps of `epoch` this invocation still has to train.
+def batches(run, epoch):
+    """Yield (step, batch) of the training loader for the steps of `epoch` this invocation still has to
+    train.
 
     On a mid-epoch resume the already-trained steps are drawn from the loader and dropped, so its
     random stream stays exact. Afterwards run.train_seconds holds the wall time of the epoch's steps.
     """
+    loader = run.loaders[0]
     loader.set_epoch(epoch)
     skip = run.start_step if epoch == run.start_epoch else 0
     start = now()
@@ -358,15 +257,15 @@ def last_epoch_here(run, epoch):
         run.args.stop_after is not None and epoch + 1 - run.start_epoch >= run.args.stop_after)
 
 
-def evaluate_epoch(run, val_loader, test_loader, epoch):
+def evaluate_epoch(run, epoch):
     """{"val": ..., "test": ...}: per-network (and ensemble) loss/acc/top5 after `epoch`; both None
     on an epoch that --eval-every skips (the last epoch, and the last of this invocation, never are)."""
+    _, val_loader, test_loader = run.loaders
     sync_replicas(run.nets, run.rt, epoch)
     if (epoch + 1) % getattr(run.args, "eval_every", 1) and not last_epoch_here(run, epoch):
         return {"val": None, "test": None}
     shown = progress_enabled(run.args, run.rt)
-    ema = run.checkpoints.state.get("ema")
-    results, groups = {}, [("", run.nets)] + ([("ema ", ema.modules(run.nets))] if ema else [])
+    results, groups = {}, [("", run.nets)] + ([("ema ", run.ema.modules(run.nets))] if run.ema else [])
     for prefix, nets in groups:  # the networks, then their --model-ema averages
         for split, loader in (("val", val_loader), ("test", test_loader)):
             results[prefix + split] = None if loader is None else evaluate(
@@ -375,13 +274,14 @@ def evaluate_epoch(run, val_loader, test_loader, epoch):
     return results
 
 
-def log_epoch(run, epoch, stats, evals, schedule):
+def log_epoch(run, epoch, stats, evals):
     """Write epoch `epoch`'s rows (one per network, plus the ensemble) to metrics.csv, TensorBoard
-    and the console; returns them."""
+    and the console; returns them. Training statistics that became NaN or infinite end the run here:
+    RunFailure (exit code 3) after the rows are written, before anything of the epoch is saved."""
     # Only the steps this invocation ran (a resumed epoch replays the others without training).
     steps = run.steps_per_epoch - (run.start_step if epoch == run.start_epoch else 0)
     seconds = run.train_seconds
-    lrs = schedule.rates((epoch + 1) * run.steps_per_epoch - 1)   # the rate of the epoch's last step
+    lrs = run.schedule.rates((epoch + 1) * run.steps_per_epoch - 1)   # the rate of the epoch's last step
     train = stats.means()
     rows, members = [], len(run.labels)
     for i, label in enumerate(run.labels + (["ensemble"] if members > 1 else [])):
@@ -401,6 +301,8 @@ def log_epoch(run, epoch, stats, evals, schedule):
     print_main(run.rt, *(epoch_line(epoch + 1, run.args.epochs, row) for row in rows + averages))
     run.last_rows = run.checkpoints.last_rows = rows
     run.last_ema_rows = averages
+    if diverged(rows):
+        raise divergence(run, epoch, stats, rows)
     return rows
 
 
@@ -429,11 +331,6 @@ def divergence(run, epoch, stats, rows):
                       f"{kept}; lower --lr or check the flags", exit_code=3)
 
 
-def stop_after(run, epoch):
-    """True when this invocation ends after `epoch` (--stop-after N: N epochs per invocation)."""
-    return run.args.stop_after is not None and epoch + 1 - run.start_epoch >= run.args.stop_after
-
-
 def epoch_line(epoch, epochs, row):
     """One console summary line for one network (or the ensemble) after an epoch."""
     parts = [f"epoch {epoch:>3}/{epochs}", f"{row['net']:<18}"]
@@ -449,49 +346,8 @@ def epoch_line(epoch, epochs, row):
     return " | ".join(parts)
 
 
-def finish(run):
-    """Print and save (results.json) the last epoch's and the best-validation numbers; unlock the run directory."""
-    run.metrics.close()
-    if run.lock:
-        checkpoints.unlock_run_dir(*run.lock)
-    if not run.last_rows:
-        return None
-    results = results_record(run.run_dir, run.script, run.info.name, run.info.synthetic, run.last_rows,
-                             run.checkpoints.best, len(run.nets))
-    if run.last_ema_rows:
-        results["ema"] = [{"net": row["net"], "model": row["model"], "final_test_acc": row["test_acc"],
-                           "final_val_acc": row.get("val_acc")} for row in run.last_ema_rows]
-    if run.rt.is_main:
-        checkpoints.save_json(results, os.path.join(run.run_dir, "results.json"))
-        print_main(run.rt, "final test accuracy (last epoch): " + ", ".join(
-            f"{e['net']} {e['final_test_acc']:.2f}%" for e in results["networks"]))
-    return results
-
-
-def results_record(run_dir, script, dataset, synthetic, rows, best, nets):
-    """results.json's content: the last epoch's `rows` (one per member, then the ensemble) and the
-    best-validation record of the `nets` networks."""
-    results = {"run_dir": run_dir, "script": script, "dataset": dataset, "synthetic": synthetic,
-               "epochs": rows[0]["epoch"], "networks": []}
-    for i, row in enumerate(rows):
-        entry = {"net": row["net"], "model": row["model"], "final_test_acc": row["test_acc"],
-                 "final_val_acc": row.get("val_acc")}
-        if i < nets and row.get("val_acc") is not None:
-            entry.update(best_val_acc=best["val_acc"][i], best_epoch=best["epoch"][i],
-                         test_acc_at_best_val=best["test_acc"][i])
-        results["networks"].append(entry)
-    return results
-
-
-def finish_complete_run(run_dir, complete):
-    """--resume auto on a complete run whose results.json is missing (killed after its last
-    checkpoint): write it from last.pt and metrics.csv, so that finishing is idempotent."""
-    ckpt, path = complete.checkpoint, os.path.join(run_dir, "results.json")
-    if ckpt is None or os.path.exists(path):
-        return complete
-    rows = ckpt["state"].get("rows")  # the last epoch's rows, as finish() would have written them
-    if not rows:
-        return UsageError(f"{complete}; its results.json is missing and its last.pt holds no metrics rows to write it from")
-    checkpoints.save_json(results_record(run_dir, ckpt["script"], ckpt["dataset"], ckpt["dataset"] == "fake", rows,
-                                         ckpt["state"]["best"], len(ckpt["nets"])), path)
-    return RunComplete(f"{complete}; its results.json was missing and is written now")
+def print_main(rt, *lines):
+    """Print on the main process only."""
+    if rt.is_main:
+        for line in lines:
+            print(line, flush=True)

@@ -1,4 +1,4 @@
-"""The errors a user can cause, each said in one line with its exit code (flags.launch prints them):
+"""The errors a user can cause, each said in one line with its exit code (stopping.launch prints them):
 2 bad input, 1 a run that cannot go on, 3 divergence, 0 nothing left to do."""
 import sys
 

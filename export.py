@@ -30,6 +30,7 @@ import torch
 import checkpoints
 import flags
 import models
+import stopping
 from errors import RunFailure, UsageError
 from models.weights import net_labels
 
@@ -301,4 +302,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    flags.launch(main, get_args_parser())
+    stopping.launch(main, get_args_parser())

@@ -1,164 +1,17 @@
-"""The command line every script shares: its flags, their validation, --config replay, and
-`launch`, which turns what a user can cause into one line on stderr and an exit code.
-
-Exit codes: 0 done (or nothing left to do), 1 the run cannot go on (disk full or read-only, out of
-memory), 2 bad input (flags, files, data), 3 training diverged, 130/143 stopped by SIGINT/SIGTERM
-with the state saved.
+"""The command line every script shares: its flags, each with its range, and the checks of what the
+flags name together (the group of networks, --init, --freeze). Parsing with --config and --resume is
+configs.py; launching a script and its exit codes, stopping.py.
 """
 import argparse
 import math
 import os
 import re
-import signal
-import sys
 from typing import NamedTuple
 
-import torch
-import torch.distributed as dist
-
+import configs
 import models
-from configs import parse_args
-from datasets import DATASETS, DatasetError
-from errors import RunComplete, RunFailure, UsageError, fail
-
-def launch(main, parser, argv=None):
-    """Parse argv and run main(args); what a user can cause ends in one line on stderr and a
-    non-zero exit code (2 for bad input), never in a traceback."""
-    try:
-        args = parse_args(parser, argv)
-    except UsageError as error:
-        fail(str(error))
-
-    def checked_main(args):
-        rank = f"rank {os.environ['RANK']}: " if os.environ.get("WORLD_SIZE", "1") not in ("1", "") and "RANK" in os.environ else ""
-        try:
-            return main(args)
-        except (UsageError, DatasetError) as error:
-            fail(rank + str(error))
-        except RunFailure as error:
-            fail(rank + str(error), error.exit_code)
-        except RunComplete as error:
-            print(str(error), flush=True)
-            return None
-        except KeyboardInterrupt as error:
-            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # a further one must not interrupt the exit
-                signal.signal(sig, signal.SIG_IGN)
-            signum = getattr(error, "signum", signal.SIGINT)
-            fail(rank + interrupted_message(signum), 128 + signum)
-        except (MemoryError, torch.OutOfMemoryError) as error:
-            fail(rank + out_of_memory_message(error), 1)
-        except RuntimeError as error:
-            message = runtime_error_message(error, args)
-            if message is None:  # a bug: its traceback
-                raise
-            fail(rank + message, 1)
-
-    if "TORCHELASTIC_RUN_ID" in os.environ:
-        # Under torchrun, record() saves a crashing rank's traceback for the launcher's
-        # end-of-job summary, whose "Root Cause" names the rank that failed first.
-        from torch.distributed.elastic.multiprocessing.errors import record
-        checked_main = record(checked_main)
-    stdout, sys.stdout = sys.stdout, SurvivingStdout(sys.stdout)
-    STOP["phase"] = "setup"
-    handlers = stop_outside_the_loop()
-    try:
-        result = checked_main(args)
-    finally:
-        sys.stdout = stdout
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return result
-
-
-def runtime_error_message(error, args):
-    """The one line for a RuntimeError a user can cause (a distributed timeout, memory running out), or None."""
-    # gloo: "Timed out waiting ...", "Application timeout caused pair closure"; NCCL: "... timed out"
-    if any(word in str(error).lower() for word in ("timed out", "timeout")) and dist.is_initialized():
-        return (f"waited longer than --dist-timeout ({args.dist_timeout:g} s) for the other processes: one "
-                f"of them is stopped, hung or gone; continue with --resume auto once all can run")
-    if "can't allocate memory" in str(error) or "out of memory" in str(error):
-        return out_of_memory_message(error)
-    return None
-
-
-class SignalStop(KeyboardInterrupt):
-    """SIGTERM or SIGHUP outside the training loop (whose stopping.StopRequest saves the state first),
-    or a second signal inside it before the first was honoured; carries the signal's number."""
-
-    def __init__(self, signum):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def stop_outside_the_loop():
-    """SIGTERM and SIGHUP raise SignalStop until the training loop takes the signals over, so that a
-    run stopped while it starts or finishes exits in one line, releasing its run directory's lock;
-    returns the previous handlers."""
-    def handle(signum, frame):
-        raise SignalStop(signum)
-    try:
-        return {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    except ValueError:  # not the main thread: signals are the main thread's
-        return {}
-
-
-def interrupted_message(signum=signal.SIGINT):
-    """What a KeyboardInterrupt (or SignalStop) that reached launch means, by the run's phase (STOP)."""
-    name = signal.Signals(signum).name
-    if STOP["phase"] == "setup":  # before the training loop took over the signals
-        return ("interrupted" if signum == signal.SIGINT else f"stopped by {name}") + " before training began: nothing was saved"
-    if STOP["phase"] == "finishing":
-        return f"{name} while finishing: last.pt holds the trained run; --resume auto finishes it"
-    # a second Ctrl-C while a step ran: the first one had not been honoured yet
-    return "interrupted twice: stopped at once, without saving; the run directory keeps the last checkpoint written, if any"
-
-
-# Where the run is, for the message of a KeyboardInterrupt (stopping.StopRequest sets it): in "setup"
-# it stops a run that saved nothing; in "training" the loop's handler turned the first signal into a
-# stop request, so it is a second Ctrl-C; in "finishing" the last checkpoint is written.
-STOP = {"phase": "setup"}
-
-
-class SurvivingStdout:
-    """stdout that stops printing, not training, when its reader goes away (`train.py ... | head -3`):
-    a write to a closed pipe sends the rest of the run's output to /dev/null."""
-
-    def __init__(self, stream):
-        self.stream, self.reader_gone = stream, False
-
-    def write(self, text):
-        if not self.reader_gone:
-            try:
-                return self.stream.write(text)
-            except BrokenPipeError:
-                self._reader_went_away()
-        return len(text)
-
-    def flush(self):
-        if not self.reader_gone:
-            try:
-                self.stream.flush()
-            except BrokenPipeError:
-                self._reader_went_away()
-
-    def _reader_went_away(self):
-        self.reader_gone = True
-        try:  # the interpreter flushes stdout at exit too: point the descriptor at /dev/null
-            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
-        except (OSError, AttributeError, ValueError):
-            pass
-
-    def __getattr__(self, name):
-        return getattr(self.stream, name)
-
-
-def out_of_memory_message(error):
-    """One line for an allocation that failed (host or device memory)."""
-    detail = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
-    return f"out of memory ({detail}); lower --batch-size, --eval-batch-size or --img-size"
-
+from datasets import DATASETS
+from errors import UsageError, fail
 
 # ----------------------------------------------------------------------------------------------
 # Flags
@@ -174,16 +27,31 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 _NOT_GIVEN = object()
 
+# What a number flag may be declared to hold (add(..., valid=NAME), next to the flag): a test and the
+# words that say it; parsing refuses any other value in one line, whether from the command line, a
+# --config file or a resumed run. Every float flag must also be finite.
+VALID = {
+    "positive": (lambda v: v > 0, "positive"),
+    "positive integer": (lambda v: v >= 1, "a positive integer"),
+    "non-negative": (lambda v: v >= 0, ">= 0"),
+    "fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "below one": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "open fraction": (lambda v: 0 < v < 1, "in (0, 1)"),
+}
+
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser whose usage errors (unknown flag, bad choice, missing value) are one line on
     stderr, `error: PROG: ...`, and exit code 2, like every other bad input; --help shows the usage.
-    The namespace it returns also knows which flags the command line gave (given_flags), which a
-    resume needs: the run's recorded arguments stand for every other one.
+    The namespace it returns also knows which flags the command line gave (configs.given_flags) and
+    which script parsed it (configs.script_of); a number outside its flag's declared range (`valid`,
+    see adder) is a UsageError.
 
+    script: the name a run of this script records (args.json, checkpoints).
     older_runs: the value of each flag added since runs were first recorded that such a run had in effect
     (the behaviour before the flag), so that a resume or --config of a run whose arguments lack the flag
     continues or repeats that run rather than taking the flag's new default."""
+    script = None
     older_runs = {}
 
     def error(self, message):
@@ -192,20 +60,50 @@ class ArgumentParser(argparse.ArgumentParser):
     def parse_known_args(self, args=None, namespace=None):
         if namespace is not None:
             return super().parse_known_args(args, namespace)
-        parsed, extras = super().parse_known_args(args)
+        parsed, extras = self._parse_over(args, {})
+        defaults, changes = configs.replayed(self, parsed)  # --config FILE, --resume: the recorded run's flags
+        if defaults:
+            parsed, extras = self._parse_over(args, defaults)
+        parsed._resume_changes = changes
+        self.check_numbers(parsed)
+        return parsed, extras
+
+    def _parse_over(self, args, defaults):
+        """Parse `args` with `defaults` standing in for the flags' own (the parser is not changed), and mark
+        which flags the command line gave and which script parsed them."""
+        parsed, extras = super().parse_known_args(args, argparse.Namespace(**defaults))
         # Parsed once more into a namespace whose every flag already holds a marker: argparse then
         # writes only the flags that the command line gives.
         probe = argparse.Namespace(**{a.dest: _NOT_GIVEN for a in self._actions if a.dest != argparse.SUPPRESS})
         super().parse_known_args(args, probe)
         parsed._given = frozenset(k for k, v in vars(probe).items() if v is not _NOT_GIVEN)
-        parsed._older_runs = dict(self.older_runs)
+        parsed._script = self.script
         return parsed, extras
 
+    def check_numbers(self, args):
+        """UsageError in one line for a float flag that is not finite or a number outside its flag's range."""
+        for action in self._actions:
+            value = getattr(args, action.dest, None)
+            values = value if isinstance(value, list) else [value]
+            flag = action.option_strings[-1] if action.option_strings else action.dest
+            for v in values:
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise UsageError(f"{flag} must be a finite number, got {v}")
+                valid = getattr(action, "valid", None)
+                if valid is not None and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    test, words = VALID[valid] if isinstance(valid, str) else valid
+                    if not test(v):
+                        raise UsageError(f"{flag} must be {words}, got {v}")
 
-def recorded(args):
-    """The run's arguments as args.json and the checkpoints record them: vars(args) without this
-    module's private entries."""
-    return {key: value for key, value in vars(args).items() if not key.startswith("_")}
+
+def adder(group):
+    """group.add_argument that also takes valid=RANGE, the range of the flag's numbers: a name of VALID or
+    (test, words)."""
+    def add(*names, valid=None, **kwargs):
+        action = group.add_argument(*names, **kwargs)
+        action.valid = valid
+        return action
+    return add
 
 
 class ListModels(argparse.Action):
@@ -225,17 +123,17 @@ class ListModels(argparse.Action):
 
 
 def get_args_parser(description, *, script, group=False, authors_pair=True, epochs=200, batch_size=128, optimizer="sgd",
-                    schedule="cosine", weight_decay=5e-4, warmup_epochs=1.0, label_smoothing=0.0):
+                    schedule="cosine", weight_decay=5e-4, warmup_epochs=1.0, label_smoothing=0.0, min_lr=0.0):
     """The flags every script shares, in groups; scripts add their own group and may change the
-    recipe defaults given here."""
+    recipe defaults given here (min_lr None: unset unless given, as when a script has another final rate)."""
     parser = ArgumentParser(description=description, formatter_class=HelpFormatter)
-    parser.script = script  # the name a run of this script records (args.json, checkpoints)
+    parser.script = script
     parser.older_runs = {"clip_grad": None, "clip_mode": "norm"}  # flags newer than the first recorded runs
     add_model_flags(parser.add_argument_group("model"), group, authors_pair)
     add_data_flags(parser.add_argument_group("data"))
     add_optimization_flags(parser.add_argument_group("optimization"), epochs=epochs, batch_size=batch_size,
                            optimizer=optimizer, schedule=schedule, weight_decay=weight_decay,
-                           warmup_epochs=warmup_epochs, label_smoothing=label_smoothing)
+                           warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, min_lr=min_lr)
     add_run_flags(parser.add_argument_group("run"))
     add_speed_flags(parser.add_argument_group("speed"))
     add_distributed_flags(parser.add_argument_group("distributed (under torchrun)"))
@@ -245,7 +143,7 @@ def get_args_parser(description, *, script, group=False, authors_pair=True, epoc
 def add_model_flags(flags, group, authors_pair=True):
     """Which network(s): --model, or a group's --models (and the pair spellings --model1/--model2 and,
     with authors_pair, the competitive-distillation authors' --teacher/--student)."""
-    add = flags.add_argument
+    add = adder(flags)
     names = (f"{', '.join(models.list_models())}; tv:NAME a torchvision model, timm:NAME a timm model; "
              "aliases and zoo names: --list-models")
     if group:
@@ -277,14 +175,14 @@ def add_model_flags(flags, group, authors_pair=True):
 
 def add_data_flags(flags):
     """Data set, split and input size."""
-    add = flags.add_argument
+    add = adder(flags)
     add("--dataset", default="cifar10", help=", ".join(DATASETS))
     add("--data-dir", default="./data", help="where datasets are looked for and downloaded")
     add("--download", action=argparse.BooleanOptionalAction, default=True,
         help="download missing datasets when the network allows")
-    add("--img-size", type=int, default=None,
+    add("--img-size", valid=(lambda v: v >= 8, ">= 8"), type=int, default=None,
         help="input size fed to the networks (default: the dataset's native size; the authors used 224 for CIFAR-100)")
-    add("--val-size", type=int, default=None,
+    add("--val-size", valid="non-negative", type=int, default=None,
         help="images held out from the training set to select the best checkpoint "
              "(default: 5000 for CIFAR, MNIST-likes and SVHN, 0 otherwise)")
     add("--split-seed", type=int, default=0, help="seed of the train/validation split (fixed across runs so runs compare)")
@@ -294,52 +192,55 @@ def add_data_flags(flags):
         help="train on random crops of the zero-padded image (4 px on CIFAR and SVHN, 2 on MNIST-likes, the usual "
              "CIFAR augmentation); --no-crop trains on whole images, as the authors did on CIFAR-100 (in-memory sets "
              "only: image folders always use RandomResizedCrop)")
-    add("--rotate", type=float, default=0.0, metavar="DEG",
+    add("--rotate", valid=(lambda v: 0 <= v <= 180, "in [0, 180] (degrees)"), type=float, default=0.0, metavar="DEG",
         help="train: rotate each image by an angle uniform in [-DEG, DEG] at the input size, nearest sampling, "
              "black corners (torchvision's RandomRotation; the authors used 15); default 0: off")
     add("--num-classes", type=int, default=None, help="class count of the synthetic 'fake' dataset (other datasets set their own)")
     add("--loader", default="auto", choices=["auto", "gpu", "torch"],
         help="gpu: dataset held on the device with batched augmentation there (in-memory sets); torch: DataLoader with workers")
-    add("--workers", type=int, default=None,
+    add("--workers", valid="non-negative", type=int, default=None,
         help="DataLoader worker processes (torch loader; default: min(8, CPUs per process of this node) on CUDA, 2 on the CPU)")
     add("--skip-bad-images", action=argparse.BooleanOptionalAction, default=True,
         help="image folders: replace an unreadable image file (truncated, not an image) by the next image, with a "
              "warning naming it, as timm does; --no-skip-bad-images stops at the first with one line naming it")
 
 
-def add_optimization_flags(flags, *, epochs, batch_size, optimizer, schedule, weight_decay, warmup_epochs, label_smoothing):
+def add_optimization_flags(flags, *, epochs, batch_size, optimizer, schedule, weight_decay, warmup_epochs, label_smoothing,
+                           min_lr=0.0):
     """The recipe: epochs, batch, optimizer, learning-rate schedule, regularisation."""
-    add = flags.add_argument
-    add("--epochs", type=int, default=epochs, help="training epochs")
-    add("--batch-size", type=int, default=batch_size, help="training batch size (per process)")
-    add("--eval-batch-size", type=int, default=None, help="evaluation batch size (default: 2 x batch size)")
+    add = adder(flags)
+    add("--epochs", valid="positive integer", type=int, default=epochs, help="training epochs")
+    add("--batch-size", valid="positive integer", type=int, default=batch_size, help="training batch size (per process)")
+    add("--eval-batch-size", valid="positive integer", type=int, default=None, help="evaluation batch size (default: 2 x batch size)")
     add("--optimizer", nargs="+", default=[optimizer], choices=["sgd", "adamw", "adam"],
         help="optimizer, one for all networks or one per network")
-    add("--lr", nargs="+", type=float, default=None,
+    add("--lr", valid="positive", nargs="+", type=float, default=None,
         help="learning rate, one or one per network (default: sgd 0.1 x batch/128, adam/adamw 1e-3)")
-    add("--weight-decay", nargs="+", type=float, default=[weight_decay],
+    add("--weight-decay", valid="non-negative", nargs="+", type=float, default=[weight_decay],
         help="weight decay, one or one per network (decoupled for AdamW)")
-    add("--momentum", type=float, default=0.9, help="SGD momentum")
+    add("--momentum", valid="below one", type=float, default=0.9, help="SGD momentum")
     add("--nesterov", action=argparse.BooleanOptionalAction, default=True, help="Nesterov momentum for SGD")
     add("--schedule", default=schedule, choices=["cosine", "step", "constant"],
         help="learning-rate schedule, stepped every iteration")
-    add("--warmup-epochs", type=float, default=warmup_epochs,
+    add("--warmup-epochs", valid="non-negative", type=float, default=warmup_epochs,
         help="linear warm-up length in epochs (1 for the CNN recipe: at lr 0.1 a network that distils "
              "from a peer in its first steps can otherwise diverge)")
-    add("--milestones", nargs="+", type=float, default=[0.5, 0.75], help="step schedule: decay points as fractions of training")
-    add("--gamma", type=float, default=0.1, help="step schedule: decay factor at each milestone")
-    add("--min-lr", type=float, default=0.0, help="cosine schedule: final learning rate as a fraction of the peak")
-    add("--clip-grad", type=float, default=None, metavar="NORM",
+    add("--milestones", valid="fraction", nargs="+", type=float, default=[0.5, 0.75], help="step schedule: decay points as fractions of training")
+    add("--gamma", valid="positive", type=float, default=0.1, help="step schedule: decay factor at each milestone")
+    add("--min-lr", valid="fraction", type=float, default=min_lr,
+        help="cosine schedule: final learning rate as a fraction of the peak" +
+             ("" if min_lr is not None else ", instead of --absolute-min-lr"))
+    add("--clip-grad", valid="positive", type=float, default=None, metavar="NORM",
         help="clip each network's gradients before its optimizer step (timm's flag): their global L2 norm to at "
              "most NORM with --clip-mode norm, each element to [-NORM, NORM] with value; default off")
     add("--clip-mode", default="norm", choices=["norm", "value"],
         help="--clip-grad's rule: norm (torch.nn.utils.clip_grad_norm_; its norm before clipping is logged as "
              "train_grad_norm) or value (clip_grad_value_)")
-    add("--label-smoothing", type=float, default=label_smoothing, help="label smoothing of the cross-entropy")
-    add("--model-ema", type=float, default=None, metavar="DECAY",
+    add("--label-smoothing", valid="below one", type=float, default=label_smoothing, help="label smoothing of the cross-entropy")
+    add("--model-ema", valid="open fraction", type=float, default=None, metavar="DECAY",
         help="keep an exponential moving average of each network's weights and buffers with this decay, updated "
              "every step and evaluated beside the networks (ema_* rows; DeiT/CeiT: 0.99996); default off")
-    add("--drop-path", type=float, default=0.1,
+    add("--drop-path", valid="below one", type=float, default=0.1,
         help="stochastic depth of the transformers (ViT/CeiT), rising linearly to this rate in the last "
              "block (DeiT/CeiT: 0.1); CNNs have none")
     add("--decay-norm-and-bias", action=argparse.BooleanOptionalAction, default=None,
@@ -349,35 +250,35 @@ def add_optimization_flags(flags, *, epochs, batch_size, optimizer, schedule, we
 
 def add_run_flags(flags):
     """Seeds, run directory, resume and output."""
-    add = flags.add_argument
+    add = adder(flags)
     add("--config", default=None, metavar="FILE",
         help="a run's args.json, whose values become this run's defaults (flags given here override them, and "
              "values it computed from a changed flag, such as the default lr, are computed anew; its out_dir, "
              "resume, overwrite and stop_after are not taken): repeat a run, or change one flag")
     add("--config-any-script", action="store_true",
         help="take --config from a run of another script (refused without: its recipe is that script's)")
-    add("--seed", type=int, default=0, help="seed of weights, data order, augmentation and perturbation")
+    add("--seed", valid=(lambda v: 0 <= v < 2**63, "in 0..2**63-1"), type=int, default=0, help="seed of weights, data order, augmentation and perturbation")
     add("--deterministic", action=argparse.BooleanOptionalAction, default=False,
         help="deterministic kernels (slower); exact resume")
     add("--out-dir", default=None, help="run directory (default: runs/<script>-<dataset>-<models>-<time>)")
     add("--resume", default=None, help="checkpoint to continue from, or 'auto' for <out-dir>/last.pt when it exists")
     add("--overwrite", action="store_true",
         help="start afresh in a --out-dir that holds an earlier run, deleting that run's files (without it such a directory is refused)")
-    add("--stop-after", type=int, default=None,
+    add("--stop-after", valid="positive integer", type=int, default=None,
         help="stop this invocation after N epochs (for time-limited jobs); continue with --resume")
-    add("--eval-every", type=int, default=1,
+    add("--eval-every", valid="positive integer", type=int, default=1,
         help="evaluate (validation and test sets) every N epochs and always after the last one; "
              "best.pt is chosen among the evaluated epochs")
     add("--progress", action=argparse.BooleanOptionalAction, default=None,
         help="tqdm progress bars (default: when stdout is a terminal)")
-    add("--log-interval", type=int, default=None, metavar="N",
+    add("--log-interval", valid=(lambda v: v >= 0, ">= 0 (0 = off)"), type=int, default=None, metavar="N",
         help="print a line every N training steps: loss, lr, images/s, time left in the epoch and the run "
              "(default: 50 when stdout is not a terminal, as in a batch job; 0 = off)")
 
 
 def add_speed_flags(flags):
     """Device, precision, memory format, compilation and CUDA graphs."""
-    add = flags.add_argument
+    add = adder(flags)
     add("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     add("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"],
         help="autocast precision (auto: bf16 on CUDA, none on CPU)")
@@ -391,51 +292,17 @@ def add_speed_flags(flags):
 
 def add_distributed_flags(flags):
     """Data parallelism under torchrun."""
-    add = flags.add_argument
+    add = adder(flags)
     add("--sync-bn", action=argparse.BooleanOptionalAction, default=False,
         help="normalise BatchNorm with statistics of the global batch (SyncBatchNorm, GPUs only); "
              "off: each process uses its own batch's statistics, running statistics follow rank 0 (DDP's default)")
-    add("--dist-timeout", type=float, default=300, metavar="SECONDS",
+    add("--dist-timeout", valid=(lambda v: v > 0, "positive (seconds)"), type=float, default=300, metavar="SECONDS",
         help="how long a process waits for the others in a collective before the run ends in one line "
              "(a stopped, hung or lost process; torch's default is 30 minutes)")
     add("--lr-scaling", default="linear", choices=["linear", "none"],
         help="with K processes, linear multiplies the peak lr (--lr, or its default computed from the "
              "per-process batch) by K, so K processes x batch B follow the recipe of one process with batch K*B "
              "(Goyal et al. 2017; DeiT); none uses the rate as given")
-
-
-# Ranges of the numeric flags: a flag outside its range is refused in one line.
-def _positive(v): return v > 0
-def _non_negative(v): return v >= 0
-def _fraction(v): return 0 <= v <= 1
-def _below_one(v): return 0 <= v < 1
-def _half_turn(v): return 0 <= v <= 180
-
-
-FLAG_RANGES = {
-    "lr": (_positive, "positive"), "weight_decay": (_non_negative, ">= 0"), "momentum": (_below_one, "in [0, 1)"),
-    "warmup_epochs": (_non_negative, ">= 0"), "min_lr": (_fraction, "in [0, 1]"),
-    "label_smoothing": (_below_one, "in [0, 1)"), "gamma": (_positive, "positive"), "milestones": (_fraction, "in [0, 1]"),
-    "kd_weight": (_non_negative, ">= 0"), "temperature": (_positive, "positive"), "mixup": (_non_negative, ">= 0"),
-    "cutmix": (_non_negative, ">= 0"), "mix_prob": (_fraction, "in [0, 1]"), "switch_prob": (_fraction, "in [0, 1]"),
-    "drop_path": (_below_one, "in [0, 1)"), "rotate": (_half_turn, "in [0, 180] (degrees)"),
-    "dist_timeout": (_positive, "positive (seconds)"), "model_ema": (lambda v: 0 < v < 1, "in (0, 1)"),
-    "reprob": (_fraction, "in [0, 1]"), "absolute_min_lr": (_non_negative, ">= 0"), "clip_grad": (_positive, "positive"),
-}
-
-
-def check_numbers(args):
-    """Every float flag is a finite number within its range (NaN, inf and negative rates are refused)."""
-    for name, value in vars(args).items():
-        values = value if isinstance(value, list) else [value]
-        if not values or not all(isinstance(v, float) for v in values):
-            continue
-        flag = "--" + name.replace("_", "-")
-        for v in values:
-            if not math.isfinite(v):
-                raise UsageError(f"{flag} must be a finite number, got {v}")
-            if name in FLAG_RANGES and not FLAG_RANGES[name][0](v):
-                raise UsageError(f"{flag} must be {FLAG_RANGES[name][1]}, got {v}")
 
 
 class Group(NamedTuple):
@@ -449,31 +316,25 @@ class Group(NamedTuple):
 
 
 def check_args(args):
-    """Reject flag values that cannot work, with one line saying what is accepted; returns the
-    run's Group (--model or --models, --init and --freeze parsed here, once, before any data loads).
-    With --resume the run's recorded arguments are taken first (checkpoints.adopt_recorded_arguments)."""
+    """Reject what the flags name together that cannot work, with one line saying what is accepted;
+    returns the run's Group (--model or --models, --init and --freeze parsed here, once, before any data
+    loads). Each number's own range was checked when it was parsed (ArgumentParser.check_numbers)."""
     if args.resume == "auto" and args.out_dir is None:
         raise UsageError("--resume auto needs --out-dir (the run directory to continue)")
-    import checkpoints  # here, not at the top: checkpoints imports this module's errors
-    if args.out_dir is not None:
-        checkpoints.check_run_dir(args.out_dir)  # before any data or network is built
-    if args.resume is not None:
-        checkpoints.adopt_recorded_arguments(args)
-    check_numbers(args)
-    for name in ("epochs", "batch_size", "eval_every"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
-    for name, low, meaning in (("eval_batch_size", 1, "a positive integer"), ("img_size", 8, ">= 8"),
-                               ("val_size", 0, ">= 0"), ("workers", 0, ">= 0"),
-                               ("log_interval", 0, ">= 0 (0 = off)"), ("stop_after", 1, "a positive integer")):
-        if getattr(args, name) is not None and getattr(args, name) < low:
-            raise UsageError(f"--{name.replace('_', '-')} must be {meaning}, got {getattr(args, name)}")
-    if not 0 <= args.seed < 2**63:
-        raise UsageError(f"--seed must be in 0..2**63-1, got {args.seed}")
-    if getattr(args, "perturb_every", 0) < 0:
-        raise UsageError(f"--perturb-every must be >= 0 (0 disables perturbation), got {args.perturb_every}")
     names = model_names(args)
     return Group(names, init_files(args, len(names)), frozen_nets(args, len(names)), args.reset_classifier)
+
+
+def branched_group(args, method, minimum=2):
+    """The run's Group with --model replaced by the branched network METHOD:BASE:M of --branches M (at
+    least `minimum`, the method's), models/branched.py."""
+    group = check_args(args)
+    if args.branches < minimum:
+        raise UsageError(f"--branches must be >= {minimum} for {method}, got {args.branches}")
+    base = group.names[0]
+    if base not in models.BRANCHABLE:
+        raise UsageError(f"--model {args.model}: {base} cannot branch; choose from: {', '.join(models.BRANCHABLE)}")
+    return group._replace(names=[f"{method}:{base}:{args.branches}"])
 
 
 def model_names(args):

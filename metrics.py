@@ -5,7 +5,7 @@ import csv
 import os
 
 from checkpoints import atomic_write
-from flags import UsageError
+from errors import UsageError
 
 
 def read_metrics(run_dir):

@@ -45,7 +45,7 @@ def _uniform(generator, ranges):
 
 def add_perturbation_flags(add, *, every, every_help):
     """The perturbation flags of the group scripts (`add`: an argument group's add_argument)."""
-    add("--perturb-every", type=int, default=every, help=every_help)
+    add("--perturb-every", type=int, default=every, valid=(lambda v: v >= 0, ">= 0 (0 disables perturbation)"), help=every_help)
     add("--perturbations", nargs="+", default=list(PERTURBATIONS), choices=PERTURBATIONS,
         help="operations drawn uniformly for the perturbed network")
     add("--update-bn-on-perturbed", action="store_true",

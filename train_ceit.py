@@ -7,21 +7,20 @@ random erasing and repeated augmentation.
     python train_ceit.py --model ceit --dataset imagenet --data-dir /data/imagenet --img-size 224
 """
 import argparse
-import functools
 import random
-import sys
 
 import torch
 
-import capture
+import configs
 import engine
 import flags
+import lifecycle
 import models
 import stopping
 import utils
 from datasets import augment
 from datasets.loaders import per_image_steps, repeated_epoch_length
-from ema import ModelEma
+from errors import UsageError
 from losses import accuracy, soft_target_cross_entropy
 
 
@@ -30,13 +29,14 @@ def get_args_parser():
     erasing, repeated augmentation and the absolute final rate (CeiT's main.py defaults)."""
     parser = flags.get_args_parser(
         "Train a CeiT or ViT with the transformer recipe.", script="ceit", epochs=300, optimizer="adamw",
-        weight_decay=0.05, warmup_epochs=5, label_smoothing=0.1)
+        weight_decay=0.05, warmup_epochs=5, label_smoothing=0.1, min_lr=None)
     parser.set_defaults(model="ceit")
-    add = parser.add_argument_group("transformer recipe").add_argument
-    add("--mixup", type=float, default=0.8, help="mixup Beta(alpha, alpha) parameter (DeiT: 0.8; 0 = off)")
-    add("--cutmix", type=float, default=1.0, help="cutmix Beta(alpha, alpha) parameter (DeiT: 1.0; 0 = off)")
-    add("--mix-prob", type=float, default=1.0, help="probability that a batch is mixed at all (DeiT: 1.0)")
-    add("--switch-prob", type=float, default=0.5, help="probability of cutmix rather than mixup when both are on (DeiT: 0.5)")
+    add = flags.adder(parser.add_argument_group("transformer recipe"))
+    add("--mixup", type=float, default=0.8, valid="non-negative", help="mixup Beta(alpha, alpha) parameter (DeiT: 0.8; 0 = off)")
+    add("--cutmix", type=float, default=1.0, valid="non-negative", help="cutmix Beta(alpha, alpha) parameter (DeiT: 1.0; 0 = off)")
+    add("--mix-prob", type=float, default=1.0, valid="fraction", help="probability that a batch is mixed at all (DeiT: 1.0)")
+    add("--switch-prob", type=float, default=0.5, valid="fraction",
+        help="probability of cutmix rather than mixup when both are on (DeiT: 0.5)")
     add("--rand-augment", default=augment.RAND_AUGMENT_DEFAULT, metavar="CONFIG",
         help="RandAugment of each training image after the crop, flip and resize, in timm's config syntax (CeiT/DeiT main.py "
              "--aa: rand-m9-mstd0.5-inc1 = magnitude 9 of 10, 2 ops, magnitude noise std 0.5, the increasing op "
@@ -46,22 +46,18 @@ def get_args_parser():
              "torchvision's v2.RandAugment(num_ops=n, magnitude=m of 10), which has its own op set, applies every "
              "op it draws and has no magnitude noise (mstd, inc and p are not used); auto: timm when installed. "
              "The run records the one used")
-    add("--reprob", type=float, default=0.25,
+    add("--reprob", type=float, default=0.25, valid="fraction",
         help="random erasing probability (CeiT/DeiT main.py --reprob 0.25, --remode pixel, --recount 1): one box "
              "of per-pixel N(0, 1) values on the normalised image, torchvision's v2.RandomErasing; 0 = off")
     add("--repeated-aug", action=argparse.BooleanOptionalAction, default=True,
         help="repeated augmentation (CeiT/DeiT main.py; DeiT's RASampler): each drawn image --aug-repeats times "
              "per epoch with different augmentations, dealt across the processes; an epoch keeps the data set's "
              "size rounded down to a multiple of 256, as DeiT's")
-    add("--aug-repeats", type=int, default=3,
+    add("--aug-repeats", type=int, default=3, valid=(lambda v: v >= 1, "a positive integer (1 = no repetition)"),
         help="copies of each drawn image per epoch with --repeated-aug (DeiT samplers.py: 3; timm's --aug-repeats)")
-    add("--absolute-min-lr", type=float, default=1e-5, metavar="LR",
+    add("--absolute-min-lr", type=float, default=1e-5, metavar="LR", valid="non-negative",
         help="cosine schedule: the final learning rate itself (CeiT/DeiT main.py --min-lr: 1e-5 at a peak of "
              "5e-4 x global batch / 512), never above the peak; --min-lr (a fraction of the peak) replaces it")
-    # The shared --min-lr is a fraction of the peak: here it is unset unless given (--absolute-min-lr then stands).
-    parser.set_defaults(min_lr=None)
-    next(action for action in parser._actions if action.dest == "min_lr").help = (
-        "cosine schedule: final learning rate as a fraction of the peak, instead of --absolute-min-lr")
     # Runs recorded before these flags trained without them (and recorded their --min-lr, 0 by default, which
     # stands): their resumes and --config repeats keep them off.
     parser.older_runs = {**parser.older_runs, "rand_augment": "none", "reprob": 0.0, "repeated_aug": False}
@@ -69,27 +65,24 @@ def get_args_parser():
 
 
 def check_recipe(args):
-    """Refuse recipe flags that cannot work, in one line each, before any data loads; resolve
-    --rand-augment-impl to the library that will run (auto: timm when installed) and which of --min-lr
-    and --absolute-min-lr stands (--min-lr when set, unless only --absolute-min-lr is given)."""
+    """Refuse recipe flags that cannot work, in one line each, before any data loads; returns what the
+    recipe computes from its flags: which library runs --rand-augment (auto: timm when installed) and the
+    default learning rate (DeiT's linear scaling rule, 5e-4 per 512 images)."""
+    computed = {"lr": list(args.lr) if args.lr else [5e-4 * args.batch_size / 512]}
     try:
         if augment.parse_rand_augment(args.rand_augment) is not None:
-            args.rand_augment_impl = augment.resolve_implementation(args.rand_augment_impl)
+            computed["rand_augment_impl"] = augment.resolve_implementation(args.rand_augment_impl)
     except ValueError as error:
-        raise flags.UsageError(str(error)) from None
-    if args.aug_repeats < 1:
-        raise flags.UsageError(f"--aug-repeats must be a positive integer (1 = no repetition), got {args.aug_repeats}")
-    given = getattr(args, "_given", None) or frozenset()
-    if {"min_lr", "absolute_min_lr"} <= given:
-        raise flags.UsageError("give --min-lr (a fraction of the peak) or --absolute-min-lr (a rate), not both")
-    if "absolute_min_lr" in given and args.resume is None:  # over a --config run's --min-lr
-        args.min_lr = None
+        raise UsageError(str(error)) from None
+    if {"min_lr", "absolute_min_lr"} <= (configs.given_flags(args) or frozenset()):
+        raise UsageError("give --min-lr (a fraction of the peak) or --absolute-min-lr (a rate), not both")
     steps = [name for name, wanted in (("RandAugment", args.rand_augment != "none"), ("random erasing", args.reprob > 0),
                                        ("repeated augmentation", repeats(args) > 1)) if wanted]
     if args.loader == "gpu" and steps:
-        raise flags.UsageError(f"--loader gpu cannot apply {' and '.join(steps)} (per-image steps of the torch "
-                               "loader); use --loader torch or auto, or turn them off (--rand-augment none, "
-                               "--reprob 0, --no-repeated-aug)")
+        raise UsageError(f"--loader gpu cannot apply {' and '.join(steps)} (per-image steps of the torch "
+                         "loader); use --loader torch or auto, or turn them off (--rand-augment none, "
+                         "--reprob 0, --no-repeated-aug)")
+    return computed
 
 
 def repeats(args):
@@ -97,22 +90,30 @@ def repeats(args):
     return args.aug_repeats if args.repeated_aug else 1
 
 
+def absolute_final_rate(args):
+    """Whether --absolute-min-lr sets the final rate: --min-lr is unset, or this command line gives
+    --absolute-min-lr over a --config run's --min-lr."""
+    over_config = "absolute_min_lr" in (configs.given_flags(args) or frozenset()) and args.resume is None
+    return args.min_lr is None or over_config
+
+
 def min_lr_fraction(args, peak):
     """The cosine schedule's final rate as a fraction of the peak rate `peak` (after --lr-scaling):
-    --min-lr, or --absolute-min-lr / peak, at most 1."""
-    return args.min_lr if args.min_lr is not None else min(1.0, args.absolute_min_lr / peak)
+    --absolute-min-lr / peak, at most 1, or --min-lr (absolute_final_rate)."""
+    return min(1.0, args.absolute_min_lr / peak) if absolute_final_rate(args) else args.min_lr
 
 
-def describe_recipe(args, data, rt, min_lr):
+def describe_recipe(run):
     """The startup line of the per-image recipe, the epoch, the loader and the final rate."""
-    parts = [augment.describe(data.info) or "no RandAugment or random erasing"]
+    args, info, min_lr = run.args, run.info, run.resolved["min_lr"]
+    parts = [augment.describe(info) or "no RandAugment or random erasing"]
     if repeats(args) > 1:
-        share = repeated_epoch_length(data.info.train_size, rt.world_size)
+        share = repeated_epoch_length(info.train_size, run.rt.world_size)
         parts.append(f"repeated augmentation x{repeats(args)} (DeiT's RASampler: {share} images per process "
-                     f"and epoch of {data.info.train_size})")
-    if data.info.in_memory and per_image_steps(data.info, repeats(args)):
+                     f"and epoch of {info.train_size})")
+    if info.in_memory and per_image_steps(info, repeats(args)):
         parts.append("torch loader (the gpu loader cannot apply them per image)")
-    final = (f"min lr {args.absolute_min_lr:g} ({min_lr:.3g} of the peak)" if args.min_lr is None
+    final = (f"min lr {args.absolute_min_lr:g} ({min_lr:.3g} of the peak)" if absolute_final_rate(args)
              else f"min lr {min_lr:g} of the peak (--min-lr)")
     return "recipe: " + ", ".join(parts) + (f"; cosine to {final}" if args.schedule == "cosine" else "")
 
@@ -157,14 +158,22 @@ def mix_batch(images, labels, num_classes, args, rng):
     return images, lam * targets + (1 - lam) * targets.flip(0)
 
 
-def transformer_step(net, optimizer, scaler, images, targets, labels, args, rt):
+def mixed_batch(run, global_step, images, labels):
+    """The step's arguments: the batch mixed (mixup/cutmix, host-side draws outside the captured step), its
+    soft targets and the labels."""
+    images, targets = mix_batch(images, labels, run.info.num_classes, run.args, run.checkpoints.state["mix_rng"])
+    return (images, targets, labels), None
+
+
+def transformer_step(run, images, targets, labels):
     """One optimisation step against soft (mixed, smoothed) targets; returns its statistics."""
-    with utils.autocast(rt):
-        logits = net(utils.to_input(images, rt)).float()
+    net, optimizer = run.nets[0], run.optimizers[0]
+    with utils.autocast(run.rt):
+        logits = net(utils.to_input(images, run.rt)).float()
     loss = soft_target_cross_entropy(logits, targets)
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    clipped = utils.step_optimizers([optimizer], scaler, args.clip_grad, args.clip_mode)
+    run.scaler.scale(loss).backward()
+    clipped = utils.step_optimizers([optimizer], run.scaler, run.args.clip_grad, run.args.clip_mode)
     # Against the unmixed labels: on mixed batches this understates what the network learned.
     return {"loss": loss.detach(), "acc": accuracy(logits, labels), **clipped}
 
@@ -173,52 +182,20 @@ def main(args):
     """Train one transformer on args.dataset; returns the results dict."""
     group = flags.check_args(args)
     if not models.is_transformer(group.names[0]):
-        raise flags.UsageError(f"train_ceit.py trains transformers ({', '.join(sorted(models.TRANSFORMERS))}); "
-                               f"use train.py for {group.names[0]}")
-    check_recipe(args)
-    if args.lr is None:  # DeiT's linear scaling rule: 5e-4 per 512 images
-        args.lr = [5e-4 * args.batch_size / 512]
-    rt = utils.setup_runtime(args)
+        raise UsageError(f"train_ceit.py trains transformers ({', '.join(sorted(models.TRANSFORMERS))}); "
+                         f"use train.py for {group.names[0]}")
     # RandAugment, random erasing and repeated augmentation run on the torch loader (--loader auto picks it)
-    data, (train_loader, val_loader, test_loader) = utils.setup_data(args, rt, repeats=repeats(args))
-    nets = utils.build_nets(group, data.info, rt, drop_path=args.drop_path)
-    optimizers, peak_lrs = utils.build_optimizers(args, nets, rt)
-    # The official schedule ends at an absolute rate, whatever the peak (batch, processes): as a fraction here.
-    min_lr = min_lr_fraction(args, peak_lrs[0])
-    schedule = utils.Schedule(args, optimizers, peak_lrs, len(train_loader), min_lr=min_lr)
-    scaler = utils.make_scaler(rt)
-    mix_rng = HostRandom(args.seed)  # host-side draws of lam and boxes: no device synchronisation
-    averages = ModelEma(nets, args.model_ema, group.frozen)  # --model-ema; off by default
-    run = engine.start_run(args, "ceit", group, rt, data.info, nets, optimizers, steps_per_epoch=len(train_loader),
-                           state={"scaler": scaler, "ema": averages, "mix_rng": mix_rng})
-    engine.print_main(rt, describe_recipe(args, data, rt, min_lr))
-    train_step = functools.partial(transformer_step, nets[0], optimizers[0], scaler, args=args, rt=rt)
-    if rt.cuda_graphs:  # captured once, then replayed
-        train_step = capture.capture_step(run, train_step)
-
-    with stopping.StopRequest(rt) as stop:
-        for epoch in range(run.start_epoch, args.epochs):
-            stats = engine.epoch_stats(run, epoch)  # on a mid-epoch resume: the epoch's statistics so far
-            for step, (images, labels) in engine.batches(run, train_loader, epoch):
-                schedule.step(epoch * len(train_loader) + step)
-                # Mixup/cutmix draws happen on the host, outside the captured step.
-                images, targets = mix_batch(images, labels, data.info.num_classes, args, mix_rng)
-                stats.add(train_step(images, targets, labels))
-                averages.update(nets)
-                engine.log_step(run, epoch, step, stats)
-                if stop.requested(step):  # SIGINT/SIGTERM: save last.pt and exit (130/143)
-                    sys.exit(stopping.save_and_stop(run, stop, epoch, step + 1, stats))
-            evals = engine.evaluate_epoch(run, val_loader, test_loader, epoch)
-            rows = engine.log_epoch(run, epoch, stats, evals, schedule)
-            if engine.diverged(rows):  # NaN/inf: stop before saving anything of this epoch (exit 3)
-                raise engine.divergence(run, epoch, stats, rows)
-            run.checkpoints.save(epoch, evals)
-            if stop.requested() and epoch + 1 < args.epochs:
-                sys.exit(stopping.save_and_stop(run, stop, epoch + 1, 0))
-            if engine.stop_after(run, epoch):  # --stop-after N epochs in this invocation
-                break
-    return engine.finish(run)
+    run = lifecycle.start_run(args, transformer_step, group=group, batch=mixed_batch, repeats=repeats(args),
+                              computed=check_recipe(args), min_lr=lambda peak: min_lr_fraction(args, peak),
+                              state={"mix_rng": HostRandom(args.seed)})  # host-side mixup draws, resumed exactly
+    engine.print_main(run.rt, describe_recipe(run))
+    for epoch in lifecycle.epochs(run):  # to --epochs, or --stop-after N; a signal between epochs: saved, exit 130/143
+        stats = engine.train_one_epoch(run, epoch)  # a signal mid-epoch: last.pt after its step, exit 130/143
+        evals = engine.evaluate_epoch(run, epoch)
+        engine.log_epoch(run, epoch, stats, evals)  # NaN/inf training statistics: exit 3, nothing of the epoch saved
+        run.checkpoints.save(epoch, evals)
+    return lifecycle.finish(run)
 
 
 if __name__ == "__main__":
-    flags.launch(main, get_args_parser())
+    stopping.launch(main, get_args_parser())

@@ -8,30 +8,26 @@ steps one random network sees a perturbed copy of the batch (stochastic perturba
     python train_competitive_distillation.py --models resnet32 resnet32 --dataset cifar100
     python train_competitive_distillation.py --teacher resnet --student vit --dataset cifar10
 """
-import functools
-import sys
-
 import torch
 
-import capture
 import engine
 import flags
+import lifecycle
 import stopping
 import utils
-from ema import ModelEma
 from losses import mixed_accuracy, mixed_cross_entropy, pairwise_kd
-from perturb import Perturber, add_perturbation_flags, bn_statistics_kept
+from perturb import add_perturbation_flags
 
 
 def get_args_parser():
     """Flags: the shared ones plus the competition, distillation and perturbation settings."""
     parser = flags.get_args_parser("Competitive distillation of a group of networks.", script="competitive", group=True)
-    add = parser.add_argument_group("competitive distillation").add_argument
+    add = flags.adder(parser.add_argument_group("competitive distillation"))
     add("--teacher-rule", default="better", choices=["better", "best"],
         help="better: learn from every network with a lower loss (authors' code); "
              "best: only from the step's leader (paper text)")
-    add("--kd-weight", type=float, default=1.0, help="weight w of the distillation term (authors: 1)")
-    add("--temperature", type=float, default=1.0, help="distillation temperature T (authors: 1)")
+    add("--kd-weight", type=float, default=1.0, valid="non-negative", help="weight w of the distillation term (authors: 1)")
+    add("--temperature", type=float, default=1.0, valid="positive", help="distillation temperature T (authors: 1)")
     add_perturbation_flags(add, every=10, every_help="perturb one random network every N steps, counted over the whole run "
                                                      "(authors: 10; 0 = off)")
     return parser
@@ -54,12 +50,13 @@ def select_teachers(ranking_ce, rule):
     return teacher_mask
 
 
-def competitive_step(nets, optimizers, scaler, inputs, labels, labels_perm, lams, args, rt):
+def competitive_step(run, inputs, labels, labels_perm, lams):
     """One synchronous step of the whole group; returns its statistics, each (n,) on the device.
 
     inputs: one batch per network (the perturbed network's differs); lams: (n,) mixup weights
     (1 for clean inputs), so every network's loss is lam * CE(y) + (1 - lam) * CE(y_perm).
     """
+    nets, optimizers, args, rt = run.nets, run.optimizers, run.args, run.rt
     with utils.autocast(rt):
         logits = torch.stack([net(x) for net, x in zip(nets, utils.to_inputs(inputs, rt))]).float()  # (n, B, C)
     ce = torch.stack([mixed_cross_entropy(z, labels, labels_perm, lam, label_smoothing=args.label_smoothing)
@@ -74,8 +71,8 @@ def competitive_step(nets, optimizers, scaler, inputs, labels, labels_perm, lams
         if optimizer is not None:  # a --freeze network has none
             optimizer.zero_grad(set_to_none=True)
     # Every target in kd is detached, so one backward gives each network exactly its own gradient.
-    scaler.scale(loss.sum()).backward()
-    clipped = utils.step_optimizers(optimizers, scaler, args.clip_grad, args.clip_mode)
+    run.scaler.scale(loss.sum()).backward()
+    clipped = utils.step_optimizers(optimizers, run.scaler, args.clip_grad, args.clip_mode)
     # one_hot would check its input on the host; a comparison keeps the step free of syncs
     leader = (torch.arange(len(nets), device=ce.device) == ranking_ce.argmin()).float()
     # Who learned from whom: taught_by_net<j>[i] = 1 when network j taught network i at this step.
@@ -87,49 +84,14 @@ def competitive_step(nets, optimizers, scaler, inputs, labels, labels_perm, lams
 
 def main(args):
     """Train the group on args.dataset with competitive distillation; returns the results dict."""
-    group = flags.check_args(args)
-    rt = utils.setup_runtime(args)
-    views = len(group.names) if args.views == "independent" else 1  # one augmented copy per network, or one for all
-    data, (train_loader, val_loader, test_loader) = utils.setup_data(args, rt, views)
-    nets = utils.build_nets(group, data.info, rt, drop_path=args.drop_path)
-    optimizers, peak_lrs = utils.build_optimizers(args, nets, rt)
-    schedule = utils.Schedule(args, optimizers, peak_lrs, len(train_loader))
-    perturber = Perturber(every=args.perturb_every, ops=args.perturbations, num_nets=len(nets),
-                          seed=args.seed, mean=data.info.mean, std=data.info.std, device=rt.device)
-    scaler = utils.make_scaler(rt)
-    averages = ModelEma(nets, args.model_ema, group.frozen)  # --model-ema; off by default
-    run = engine.start_run(args, "competitive", group, rt, data.info, nets, optimizers, steps_per_epoch=len(train_loader),
-                           state={"scaler": scaler, "ema": averages, "perturber": perturber})
-    train_step = functools.partial(competitive_step, nets, optimizers, scaler, args=args, rt=rt)
-    if rt.cuda_graphs:  # the whole group step captured once, then replayed
-        train_step = capture.capture_step(run, train_step)
-
-    with stopping.StopRequest(rt) as stop:
-        for epoch in range(run.start_epoch, args.epochs):
-            stats = engine.epoch_stats(run, epoch)  # on a mid-epoch resume: the epoch's statistics so far
-            for step, (images, labels) in engine.batches(run, train_loader, epoch):
-                global_step = epoch * len(train_loader) + step
-                schedule.step(global_step)
-                # Every --perturb-every steps one random network gets a perturbed batch (section 3.2) ...
-                batch = perturber(global_step, images, labels)
-                # ... whose BatchNorm running statistics skip that batch (unless --update-bn-on-perturbed)
-                with bn_statistics_kept(nets[batch.net] if batch.net >= 0 and not args.update_bn_on_perturbed else None):
-                    stats.add(train_step(batch.inputs, labels, batch.labels_perm, batch.lams))
-                averages.update(nets)  # after the BatchNorm statistics are restored
-                engine.log_step(run, epoch, step, stats)
-                if stop.requested(step):  # SIGINT/SIGTERM: save last.pt and exit (130/143)
-                    sys.exit(stopping.save_and_stop(run, stop, epoch, step + 1, stats))
-            evals = engine.evaluate_epoch(run, val_loader, test_loader, epoch)
-            rows = engine.log_epoch(run, epoch, stats, evals, schedule)
-            if engine.diverged(rows):  # NaN/inf: stop before saving anything of this epoch (exit 3)
-                raise engine.divergence(run, epoch, stats, rows)
-            run.checkpoints.save(epoch, evals)
-            if stop.requested() and epoch + 1 < args.epochs:
-                sys.exit(stopping.save_and_stop(run, stop, epoch + 1, 0))
-            if engine.stop_after(run, epoch):  # --stop-after N epochs in this invocation
-                break
-    return engine.finish(run)
+    run = lifecycle.start_run(args, competitive_step, views=args.views, perturbation=True)
+    for epoch in lifecycle.epochs(run):  # to --epochs, or --stop-after N; a signal between epochs: saved, exit 130/143
+        stats = engine.train_one_epoch(run, epoch)  # a signal mid-epoch: last.pt after its step, exit 130/143
+        evals = engine.evaluate_epoch(run, epoch)
+        engine.log_epoch(run, epoch, stats, evals)  # NaN/inf training statistics: exit 3, nothing of the epoch saved
+        run.checkpoints.save(epoch, evals)
+    return lifecycle.finish(run)
 
 
 if __name__ == "__main__":
-    flags.launch(main, get_args_parser())
+    stopping.launch(main, get_args_parser())

@@ -10,27 +10,23 @@ here unless --perturb-every.
     python train_mutual_learning.py --models resnet32 mobilenet_v1 --dataset cifar100
     python train_mutual_learning.py --model1 resnet --model2 mobilenet --dataset cifar10
 """
-import functools
-import sys
-
 import torch
 
-import capture
 import engine
 import flags
+import lifecycle
 import stopping
 import utils
-from ema import ModelEma
 from losses import kd_loss, mixed_accuracy, mixed_cross_entropy, pairwise_kd
-from perturb import Perturber, add_perturbation_flags, bn_statistics_kept
+from perturb import add_perturbation_flags, bn_statistics_kept
 
 
 def get_args_parser():
     """Flags: the shared ones plus the distillation and (optional) perturbation settings."""
     parser = flags.get_args_parser("Deep mutual learning of a group of networks.", script="mutual", group=True)
-    add = parser.add_argument_group("mutual learning").add_argument
-    add("--kd-weight", type=float, default=1.0, help="weight w of the distillation term (DML: 1)")
-    add("--temperature", type=float, default=1.0, help="distillation temperature T (DML: 1)")
+    add = flags.adder(parser.add_argument_group("mutual learning"))
+    add("--kd-weight", type=float, default=1.0, valid="non-negative", help="weight w of the distillation term (DML: 1)")
+    add("--temperature", type=float, default=1.0, valid="positive", help="distillation temperature T (DML: 1)")
     add("--sequential", action="store_true",
         help="update the networks one after the other, each distilling from the others' latest predictions "
              "(DML paper, Algorithm 1; one extra forward per network and step); default: all at once")
@@ -39,12 +35,13 @@ def get_args_parser():
     return parser
 
 
-def mutual_step(nets, optimizers, scaler, inputs, labels, labels_perm, lams, args, rt):
+def mutual_step(run, inputs, labels, labels_perm, lams):
     """One synchronous step of the whole group; returns its statistics, each (n,) on the device.
 
     inputs: one batch per network (a perturbed network's differs); lams: (n,) mixup weights
     (1 for clean inputs), so every network's loss is lam * CE(y) + (1 - lam) * CE(y_perm).
     """
+    nets, optimizers, args, rt = run.nets, run.optimizers, run.args, run.rt
     with utils.autocast(rt):
         logits = torch.stack([net(x) for net, x in zip(nets, utils.to_inputs(inputs, rt))]).float()  # (n, B, C)
     ce = torch.stack([mixed_cross_entropy(z, labels, labels_perm, lam, label_smoothing=args.label_smoothing)
@@ -56,15 +53,16 @@ def mutual_step(nets, optimizers, scaler, inputs, labels, labels_perm, lams, arg
         if optimizer is not None:  # a --freeze network has none
             optimizer.zero_grad(set_to_none=True)
     # Every target in kd is detached, so one backward gives each network exactly its own gradient.
-    scaler.scale(loss.sum()).backward()
-    clipped = utils.step_optimizers(optimizers, scaler, args.clip_grad, args.clip_mode)
+    run.scaler.scale(loss.sum()).backward()
+    clipped = utils.step_optimizers(optimizers, run.scaler, args.clip_grad, args.clip_mode)
     return {"loss": loss.detach(), "ce": ce.detach(), "kd": kd.detach(),
             "acc": mixed_accuracy(logits, labels, labels_perm, lams), **clipped}
 
 
-def sequential_mutual_step(nets, optimizers, scaler, inputs, labels, labels_perm, lams, args, rt):
+def sequential_mutual_step(run, inputs, labels, labels_perm, lams):
     """The DML paper's update (Zhang et al. 2018, Algorithm 1): network i steps after networks < i
     and learns from their updated predictions. Same arguments and statistics as mutual_step."""
+    nets, optimizers, scaler, args, rt = run.nets, run.optimizers, run.scaler, run.args, run.rt
     inputs = utils.to_inputs(inputs, rt)
     with utils.autocast(rt):
         logits = [net(x).float() for net, x in zip(nets, inputs)]  # i's graph is valid until i steps
@@ -94,50 +92,15 @@ def sequential_mutual_step(nets, optimizers, scaler, inputs, labels, labels_perm
 
 def main(args):
     """Train the group on args.dataset with deep mutual learning; returns the results dict."""
-    group = flags.check_args(args)
-    rt = utils.setup_runtime(args)
-    views = len(group.names) if args.views == "independent" else 1  # one augmented copy per network, or one for all
-    data, (train_loader, val_loader, test_loader) = utils.setup_data(args, rt, views)
-    nets = utils.build_nets(group, data.info, rt, drop_path=args.drop_path)
-    optimizers, peak_lrs = utils.build_optimizers(args, nets, rt)
-    schedule = utils.Schedule(args, optimizers, peak_lrs, len(train_loader))
-    perturber = Perturber(every=args.perturb_every, ops=args.perturbations, num_nets=len(nets),
-                          seed=args.seed, mean=data.info.mean, std=data.info.std, device=rt.device)
-    scaler = utils.make_scaler(rt)
-    averages = ModelEma(nets, args.model_ema, group.frozen)  # --model-ema; off by default
-    run = engine.start_run(args, "mutual", group, rt, data.info, nets, optimizers, steps_per_epoch=len(train_loader),
-                           state={"scaler": scaler, "ema": averages, "perturber": perturber})
-    group_step = sequential_mutual_step if args.sequential else mutual_step
-    train_step = functools.partial(group_step, nets, optimizers, scaler, args=args, rt=rt)
-    if rt.cuda_graphs:  # the whole group step captured once, then replayed
-        train_step = capture.capture_step(run, train_step)
-
-    with stopping.StopRequest(rt) as stop:
-        for epoch in range(run.start_epoch, args.epochs):
-            stats = engine.epoch_stats(run, epoch)  # on a mid-epoch resume: the epoch's statistics so far
-            for step, (images, labels) in engine.batches(run, train_loader, epoch):
-                global_step = epoch * len(train_loader) + step
-                schedule.step(global_step)
-                # With --perturb-every N, one random network gets a perturbed batch every N steps ...
-                batch = perturber(global_step, images, labels)
-                # ... whose BatchNorm running statistics skip that batch (unless --update-bn-on-perturbed)
-                with bn_statistics_kept(nets[batch.net] if batch.net >= 0 and not args.update_bn_on_perturbed else None):
-                    stats.add(train_step(batch.inputs, labels, batch.labels_perm, batch.lams))
-                averages.update(nets)  # after the BatchNorm statistics are restored
-                engine.log_step(run, epoch, step, stats)
-                if stop.requested(step):  # SIGINT/SIGTERM: save last.pt and exit (130/143)
-                    sys.exit(stopping.save_and_stop(run, stop, epoch, step + 1, stats))
-            evals = engine.evaluate_epoch(run, val_loader, test_loader, epoch)
-            rows = engine.log_epoch(run, epoch, stats, evals, schedule)
-            if engine.diverged(rows):  # NaN/inf: stop before saving anything of this epoch (exit 3)
-                raise engine.divergence(run, epoch, stats, rows)
-            run.checkpoints.save(epoch, evals)
-            if stop.requested() and epoch + 1 < args.epochs:
-                sys.exit(stopping.save_and_stop(run, stop, epoch + 1, 0))
-            if engine.stop_after(run, epoch):  # --stop-after N epochs in this invocation
-                break
-    return engine.finish(run)
+    step = sequential_mutual_step if args.sequential else mutual_step
+    run = lifecycle.start_run(args, step, views=args.views, perturbation=True)
+    for epoch in lifecycle.epochs(run):  # to --epochs, or --stop-after N; a signal between epochs: saved, exit 130/143
+        stats = engine.train_one_epoch(run, epoch)  # a signal mid-epoch: last.pt after its step, exit 130/143
+        evals = engine.evaluate_epoch(run, epoch)
+        engine.log_epoch(run, epoch, stats, evals)  # NaN/inf training statistics: exit 3, nothing of the epoch saved
+        run.checkpoints.save(epoch, evals)
+    return lifecycle.finish(run)
 
 
 if __name__ == "__main__":
-    flags.launch(main, get_args_parser())
+    stopping.launch(main, get_args_parser())

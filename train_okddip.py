@@ -13,31 +13,29 @@ gives the detached variant). The leader is the deployed network; each peer and t
     python train_okddip.py --model resnet32 --dataset cifar100
 """
 import argparse
-import functools
-import sys
 
 import torch
 import torch.nn.functional as F
 
-import capture
 import engine
 import flags
+import lifecycle
 import stopping
 import utils
-from ema import ModelEma
-from losses import accuracy, kd_loss, peer_attention_weights, peer_teachers, sigmoid_rampup
-from train_one import branched_group, describe_deployed, save_deployed
+from losses import accuracy, kd_loss, peer_attention_weights, peer_teachers
+from models.branched import branch_members
 
 
 def get_args_parser():
     """Flags: the shared ones plus the branches, the distillation, its ramp-up and the teachers' gradient."""
     parser = flags.get_args_parser("OKDDip: a branched network whose peers distil from attention-weighted peers.",
                                    script="okddip")
-    add = parser.add_argument_group("online distillation with diverse peers (OKDDip)").add_argument
-    add("--branches", type=int, default=4, help="branches m: m - 1 peers and the leader (OKDDip: 4)")
-    add("--kd-weight", type=float, default=1.0, help="weight of the distillation terms at the end of the ramp-up (OKDDip: 1)")
-    add("--temperature", type=float, default=3.0, help="distillation temperature T (OKDDip: 3)")
-    add("--rampup-epochs", type=float, default=None,
+    add = flags.adder(parser.add_argument_group("online distillation with diverse peers (OKDDip)"))
+    add("--branches", type=int, default=4, help="branches m: m - 1 peers and the leader (OKDDip: 4; at least 3, two peers)")
+    add("--kd-weight", type=float, default=1.0, valid="non-negative",
+        help="weight of the distillation terms at the end of the ramp-up (OKDDip: 1)")
+    add("--temperature", type=float, default=3.0, valid="positive", help="distillation temperature T (OKDDip: 3)")
+    add("--rampup-epochs", type=float, default=None, valid=(lambda v: v >= 0, ">= 0 (0 = off)"),
         help="epochs R of the sigmoid ramp-up w(e) = exp(-5 (1 - e/R)^2) of the distillation weight; 0 = off "
              "(default: 80/300 of --epochs, OKDDip's code's 80 of its 300 epochs)")
     add("--detach-teachers", action=argparse.BooleanOptionalAction, default=False,
@@ -65,11 +63,12 @@ def okddip_outputs(nets, images):
     return leader_first(logits), logits[:-1].float().softmax(-1).mean(0)
 
 
-def okddip_step(model, optimizer, scaler, images, labels, kd_weight, args, rt):
+def okddip_step(run, images, labels, kd_weight):
     """One step of the branched network; returns its statistics per branch (leader first), each (m,).
 
-    kd_weight: a device scalar, w(e) * --kd-weight.
+    kd_weight: a device scalar, w(e) * --kd-weight (lifecycle.rampup_batch).
     """
+    model, optimizer, args, rt = run.nets[0], run.optimizers[0], run.args, run.rt
     with utils.autocast(rt):
         out = model(utils.to_input(images, rt), all_branches=True)
     logits = out.logits.float()                                                    # (m, B, C): peers, leader
@@ -82,9 +81,9 @@ def okddip_step(model, optimizer, scaler, images, labels, kd_weight, args, rt):
     ce = torch.stack([F.cross_entropy(z, labels, label_smoothing=args.label_smoothing) for z in logits])
     loss = ce.sum() + kd_weight * kd.sum()
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    run.scaler.scale(loss).backward()
     clipped = {name: value.expand(len(logits)) for name, value in  # one network: its norm on every branch's row
-               utils.step_optimizers([optimizer], scaler, args.clip_grad, args.clip_mode).items()}
+               utils.step_optimizers([optimizer], run.scaler, args.clip_grad, args.clip_mode).items()}
     # Each peer's attention on itself (the diagonal's batch mean); the leader attends to nobody: 0.
     self_attention = torch.cat([attention.diagonal(dim1=1, dim2=2).mean(0).detach(), attention.new_zeros(1)])
     return {key: leader_first(value) for key, value in {
@@ -94,47 +93,17 @@ def okddip_step(model, optimizer, scaler, images, labels, kd_weight, args, rt):
 
 def main(args):
     """Train an OKDDip network on args.dataset; returns the results dict."""
-    group = branched_group(args, "okddip")
-    rt = utils.setup_runtime(args)
-    data, (train_loader, val_loader, test_loader) = utils.setup_data(args, rt)
-    nets = utils.build_nets(group, data.info, rt, prepare=fix_projections if args.detach_teachers else None)
-    optimizers, peak_lrs = utils.build_optimizers(args, nets, rt)
-    schedule = utils.Schedule(args, optimizers, peak_lrs, len(train_loader))
-    scaler = utils.make_scaler(rt)
-    base = utils.unwrap(nets[0]).base
-    members = [(f"leader_{base}", base)] + [(f"peer{i}_{base}", base) for i in range(args.branches - 1)]
-    averages = ModelEma(nets, args.model_ema, group.frozen)  # --model-ema; off by default
-    run = engine.start_run(args, "okddip", group, rt, data.info, nets, optimizers, steps_per_epoch=len(train_loader),
-                           state={"scaler": scaler, "ema": averages}, members=members, outputs=okddip_outputs)
-    describe_deployed(run)
-    kd_weight = torch.zeros((), device=rt.device)
-    train_step = functools.partial(okddip_step, nets[0], optimizers[0], scaler, args=args, rt=rt)
-    if rt.cuda_graphs:  # captured once, then replayed
-        train_step = capture.capture_step(run, train_step)
-
-    with stopping.StopRequest(rt) as stop:
-        for epoch in range(run.start_epoch, args.epochs):
-            kd_weight.fill_(args.kd_weight * sigmoid_rampup(epoch, args.rampup_epochs))  # w(e), 0-based epoch
-            stats = engine.epoch_stats(run, epoch)  # on a mid-epoch resume: the epoch's statistics so far
-            for step, (images, labels) in engine.batches(run, train_loader, epoch):
-                schedule.step(epoch * len(train_loader) + step)
-                stats.add(train_step(images, labels, kd_weight))
-                averages.update(nets)
-                engine.log_step(run, epoch, step, stats)
-                if stop.requested(step):  # SIGINT/SIGTERM: save last.pt and exit (130/143)
-                    sys.exit(stopping.save_and_stop(run, stop, epoch, step + 1, stats))
-            evals = engine.evaluate_epoch(run, val_loader, test_loader, epoch)
-            rows = engine.log_epoch(run, epoch, stats, evals, schedule)
-            if engine.diverged(rows):  # NaN/inf: stop before saving anything of this epoch (exit 3)
-                raise engine.divergence(run, epoch, stats, rows)
-            run.checkpoints.save(epoch, evals)
-            if stop.requested() and epoch + 1 < args.epochs:
-                sys.exit(stopping.save_and_stop(run, stop, epoch + 1, 0))
-            if engine.stop_after(run, epoch):  # --stop-after N epochs in this invocation
-                break
-    save_deployed(run)
-    return engine.finish(run)
+    group = flags.branched_group(args, "okddip", minimum=3)
+    run = lifecycle.start_run(args, okddip_step, group=group, members=branch_members(group.names[0]),
+                              outputs=okddip_outputs, prepare=fix_projections if args.detach_teachers else None,
+                              batch=lifecycle.rampup_batch, computed={"rampup_epochs": lifecycle.rampup_epochs(args)})
+    for epoch in lifecycle.epochs(run):  # to --epochs, or --stop-after N; a signal between epochs: saved, exit 130/143
+        stats = engine.train_one_epoch(run, epoch)  # a signal mid-epoch: last.pt after its step, exit 130/143
+        evals = engine.evaluate_epoch(run, epoch)
+        engine.log_epoch(run, epoch, stats, evals)  # NaN/inf training statistics: exit 3, nothing of the epoch saved
+        run.checkpoints.save(epoch, evals)
+    return lifecycle.finish(run)  # with deployed.pt: the leader as a plain network of the base architecture
 
 
 if __name__ == "__main__":
-    flags.launch(main, get_args_parser())
+    stopping.launch(main, get_args_parser())

@@ -1,7 +1,7 @@
 """The one room of setup every training script shares: device, precision and data parallelism;
 the data, the networks and their optimizers; the learning-rate schedule; evaluation; and the
-capture of a whole step in a CUDA graph. The command line is flags.py, the loop's helpers
-engine.py, checkpoints checkpoints.py, the papers' losses losses.py."""
+capture of a whole step in a CUDA graph. The command line is flags.py, a run's life lifecycle.py, the
+loop engine.py, checkpoints checkpoints.py, the papers' losses losses.py."""
 import dataclasses
 import datetime
 import math
@@ -16,7 +16,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import models
 from datasets import build_data, data_from_arrays, make_loaders
-from flags import Group, UsageError
+from errors import UsageError
+from flags import Group
+from models import unwrap
 from models.weights import load_initial_weights
 
 def per_net(values, n, flag):
@@ -167,17 +169,6 @@ def all_reduce_sum(tensor, rt):
     return tensor
 
 
-def unwrap(net):
-    """The plain module inside DDP and torch.compile wrappers, in either order."""
-    while True:
-        if isinstance(net, DDP):
-            net = net.module
-        elif "_orig_mod" in net._modules:  # torch.compile's OptimizedModule holds the module it compiled
-            net = net._orig_mod
-        else:
-            return net
-
-
 # Integer views of each float width: a parameter's bit pattern summed as integers is an exact,
 # order-independent checksum, so equal tensors give equal sums on any device and thread count.
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -211,7 +202,7 @@ def sync_replicas(nets, rt, epoch):
 # ----------------------------------------------------------------------------------------------
 # Data and networks
 # ----------------------------------------------------------------------------------------------
-def setup_data(args, rt, views=1, repeats=1):
+def setup_data(args, rt, *, eval_batch_size=None, views=1, repeats=1, rand_augment_impl="auto"):
     """Build the dataset and its train/val/test loaders from the flags; with views > 1 every training
     batch holds that many independently augmented copies of its images (--views independent), with
     repeats > 1 an epoch is one of repeated augmentation (train_ceit.py's --repeated-aug). The transformer
@@ -220,8 +211,7 @@ def setup_data(args, rt, views=1, repeats=1):
         return build_data(args.dataset, args.data_dir, img_size=args.img_size, val_size=args.val_size,
                           split_seed=args.split_seed, download=download, num_classes=args.num_classes,
                           skip_bad_images=args.skip_bad_images, crop=args.crop, rotate=args.rotate,
-                          rand_augment=getattr(args, "rand_augment", "none"),
-                          rand_augment_impl=getattr(args, "rand_augment_impl", "auto"),
+                          rand_augment=getattr(args, "rand_augment", "none"), rand_augment_impl=rand_augment_impl,
                           erase_prob=getattr(args, "reprob", 0.0))
 
     if rt.distributed and args.download:
@@ -237,20 +227,20 @@ def setup_data(args, rt, views=1, repeats=1):
         data = data or build(download=False)
     else:
         data = build(args.download)
-    # The data set's defaults, written as their values in args.json (so --config repeats the run)
-    for flag in ("img_size", "val_size", "num_classes"):
-        if getattr(args, flag) is None:
-            setattr(args, flag, getattr(data.info, flag))
-    args.eval_batch_size = args.eval_batch_size or 2 * args.batch_size
     if args.train_subset is not None:
         data = train_subset(data, args.train_subset)
-    loaders = make_loaders(data, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
+    loaders = make_loaders(data, batch_size=args.batch_size, eval_batch_size=eval_batch_size or eval_batch_size_of(args),
                            loader=args.loader, device=rt.device, workers=resolve_workers(args.workers, rt.device), seed=args.seed,
                            drop_last=True, rank=rt.rank, world_size=rt.world_size, views=views, repeats=repeats)
     if len(loaders[0]) == 0:
         raise UsageError(f"--batch-size {args.batch_size} is larger than this process's share of the "
                          f"{data.info.train_size} training images")
     return data, loaders
+
+
+def eval_batch_size_of(args):
+    """--eval-batch-size, or its default: twice the training batch."""
+    return args.eval_batch_size or 2 * args.batch_size
 
 
 def resolve_workers(workers, device):
@@ -436,15 +426,21 @@ def use_fused(name, rt):
     return not (name == "sgd" and rt.amp_dtype == torch.float16)
 
 
-def build_optimizers(args, nets, rt=None):
-    """One optimizer per network from the flags, peak lrs scaled to rt's processes; returns (optimizers,
-    peak lrs). A network without trainable parameters (--freeze) gets None and a rate of 0."""
+def default_lrs(args, n):
+    """--lr, or its default for the networks' optimizers (one value when they agree): what the run records."""
+    if args.lr:
+        return list(args.lr)
+    defaults = [default_lr(name, args.batch_size) for name in per_net(args.optimizer, n, "--optimizer")]
+    return defaults[:1] if len(set(defaults)) == 1 else defaults
+
+
+def build_optimizers(args, nets, rt=None, lr=None):
+    """One optimizer per network from the flags, its rate `lr` (one or one per network; default: --lr or its
+    default, default_lrs), peak lrs scaled to rt's processes; returns (optimizers, peak lrs). A network
+    without trainable parameters (--freeze) gets None and a rate of 0."""
     n = len(nets)
     names = per_net(args.optimizer, n, "--optimizer")
-    if not args.lr:  # the computed default is written back, so args.json records the rate the run used
-        defaults = [default_lr(name, args.batch_size) for name in names]
-        args.lr = defaults[:1] if len(set(defaults)) == 1 else defaults
-    lrs = per_net(args.lr, n, "--lr")
+    lrs = per_net(default_lrs(args, n) if lr is None else lr, n, "--lr")
     if args.lr_scaling == "linear" and rt is not None:  # --batch-size is per process; the rate follows the global one
         lrs = [lr * rt.world_size for lr in lrs]
     decays = per_net(args.weight_decay, n, "--weight-decay")

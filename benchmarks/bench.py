@@ -23,6 +23,7 @@ import platform
 import statistics
 import sys
 import time
+import types
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as `python benchmarks/bench.py` from anywhere
@@ -37,6 +38,7 @@ import checkpoints  # noqa: E402
 import engine  # noqa: E402
 import flags  # noqa: E402
 import models  # noqa: E402
+import stopping  # noqa: E402
 import train_competitive_distillation as competitive  # noqa: E402
 import train_mutual_learning as mutual  # noqa: E402
 import utils  # noqa: E402
@@ -164,7 +166,9 @@ def repository_steps(args, device, compile_nets, amp):
     sums = capture.StepSums(device) if rt.cuda_graphs else None
     stats = engine.EpochStats(rt, sums=sums)
     state = {"step": 0}
-    train_step = functools.partial(group_step, nets, optimizers, scaler, args=script_args, rt=rt)
+    # the scripts' step reads the run's networks, optimizers, scaler, flags and runtime (lifecycle.RunState)
+    run = types.SimpleNamespace(nets=nets, optimizers=optimizers, scaler=scaler, args=script_args, rt=rt)
+    train_step = functools.partial(group_step, run)
     if rt.cuda_graphs:  # the statistics summed inside the graph too, as the scripts do (capture.capture_step)
         train_step = capture.CapturedStep(capture.summed(train_step, sums))
 
@@ -295,4 +299,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    flags.launch(main, get_args_parser())
+    stopping.launch(main, get_args_parser())

@@ -10,6 +10,8 @@ Besides the registered names below, `tv:NAME` builds a torchvision classificatio
 `timm:NAME` a timm model, with random weights (models/zoo.py), and `one:BASE:M` / `okddip:BASE:M`
 the branched networks of ONE and OKDDip on a CIFAR ResNet or Wide ResNet (models/branched.py).
 """
+import torch
+
 from . import ceit, vit
 from .ceit import authors_ceit, ceit_base, ceit_small, ceit_tiny
 from .inception import inception_v1
@@ -97,3 +99,14 @@ def create_model(name, *, num_classes, img_size, in_chans, **kwargs):
     if is_branched_name(key):
         return create_branched_by_name(key, num_classes=num_classes, img_size=img_size, in_chans=in_chans, **kwargs)
     return MODELS[key](num_classes=num_classes, img_size=img_size, in_chans=in_chans, **kwargs)
+
+
+def unwrap(net):
+    """The plain module inside DDP and torch.compile wrappers, in either order."""
+    while True:
+        if isinstance(net, torch.nn.parallel.DistributedDataParallel):
+            net = net.module
+        elif "_orig_mod" in net._modules:  # torch.compile's OptimizedModule holds the module it compiled
+            net = net._orig_mod
+        else:
+            return net

@@ -166,6 +166,15 @@ def resolve_branched(name):
     return f"{parts[0]}:{base}:{int(parts[2])}"
 
 
+def branch_members(name):
+    """The rows a branched network METHOD:BASE:M reports, [(label, BASE), ...], the deployed branch first:
+    ONE's branch0..., OKDDip's leader, then its peers."""
+    method, base, branches = resolve_branched(name).split(":")
+    if METHODS[method].get("deployed", 0) == -1:  # the last branch is the leader
+        return [(f"leader_{base}", base)] + [(f"peer{i}_{base}", base) for i in range(int(branches) - 1)]
+    return [(f"branch{i}_{base}", base) for i in range(int(branches))]
+
+
 def create_branched_by_name(name, *, num_classes, img_size, in_chans):
     """The branched model METHOD:BASE:M (see METHODS)."""
     method, base, branches = resolve_branched(name).split(":")

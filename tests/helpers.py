@@ -6,6 +6,7 @@ import gzip
 import os
 import signal
 import struct
+import types
 
 import numpy as np
 import pytest
@@ -25,6 +26,12 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skip
 def cpu_env(**extra):
     """Environment of a subprocess that must not see any GPU (plus `extra` variables)."""
     return dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=ROOT, **extra)
+
+
+def step_run(nets, optimizers, scaler, args, rt):
+    """What a paradigm's step reads of its run (lifecycle.RunState): the networks, their optimizers, the
+    gradient scaler, the flags and the runtime; for calling a step directly."""
+    return types.SimpleNamespace(nets=nets, optimizers=optimizers, scaler=scaler, args=args, rt=rt)
 
 
 def read_rows(run_dir):

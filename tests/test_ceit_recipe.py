@@ -6,10 +6,12 @@ import json
 import os
 import random
 import re
+import configs
 import shlex
 from collections import Counter
 
 import pytest
+import stopping
 import torch
 from PIL import Image
 
@@ -31,7 +33,7 @@ def launch(capsys, argv, code):
     """Run train_ceit.py in-process as from a shell and expect exit `code` with one line on stderr."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        flags.launch(train_ceit.main, train_ceit.get_args_parser(), [str(a) for a in argv])
+        stopping.launch(train_ceit.main, train_ceit.get_args_parser(), [str(a) for a in argv])
     assert exit_info.value.code == code
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: "), err
@@ -250,11 +252,11 @@ def test_the_final_rate_is_absolute_unless_a_fraction_is_given():
     given = parser.parse_args(["--min-lr", "0.1"])
     train_ceit.check_recipe(given)
     assert train_ceit.min_lr_fraction(given, 9.375e-5) == 0.1
-    # --absolute-min-lr given over a --config run's --min-lr: the rate stands
+    # --absolute-min-lr given over a --config run's --min-lr: the rate stands (the flags stay as parsed)
+    parser.set_defaults(min_lr=0.1)  # what --config of a run with --min-lr 0.1 does
     over = parser.parse_args(["--absolute-min-lr", "2e-5"])
-    over.min_lr = 0.1
     train_ceit.check_recipe(over)
-    assert over.min_lr is None and train_ceit.min_lr_fraction(over, 4e-5) == pytest.approx(0.5)
+    assert over.min_lr == 0.1 and train_ceit.min_lr_fraction(over, 4e-5) == pytest.approx(0.5)
 
 
 # ---------------------------------------------------------------- the script: defaults, errors, exact resume
@@ -270,7 +272,8 @@ def test_a_two_epoch_run_takes_the_recipe_by_default_and_resumes_exactly(capsys,
     assert "random erasing p 0.25" in recipe and "repeated augmentation x3" in recipe and "torch loader" in recipe
     assert "256 images per process and epoch of 256" in recipe and "min lr 1e-05" in recipe
     recorded = json.loads((tmp_path / "straight" / "args.json").read_text())
-    assert recorded["rand_augment"] == "rand-m9-mstd0.5-inc1" and recorded["rand_augment_impl"] == ("timm" if TIMM else "torchvision")
+    assert recorded["rand_augment"] == "rand-m9-mstd0.5-inc1" and recorded["rand_augment_impl"] == "auto"  # as given
+    assert recorded["resolved"]["rand_augment_impl"] == ("timm" if TIMM else "torchvision")  # the library that ran
     assert recorded["reprob"] == 0.25 and recorded["repeated_aug"] and recorded["aug_repeats"] == 3
     assert recorded["absolute_min_lr"] == 1e-5 and recorded["min_lr"] is None
     # the rate of the last step: the cosine from the peak 5e-4 x 32 / 512 down to 1e-5 itself
@@ -303,14 +306,15 @@ def test_a_run_recorded_before_the_recipe_flags_resumes_and_repeats_without_them
     recorded = {key: value for key, value in json.loads((tmp_path / "args.json").read_text()).items() if key not in newer}
     (tmp_path / "args.json").write_text(json.dumps(recorded))
     parser = train_ceit.get_args_parser()
-    resumed = parser.parse_args([*TINY, "--train-subset", "64", "--epochs", "2", "--out-dir", str(tmp_path), "--resume", "auto"])
+    resumed = configs.parse_args(parser, [*TINY, "--train-subset", "64", "--epochs", "2", "--out-dir", str(tmp_path),
+                                          "--resume", "auto"])
     flags.check_args(resumed)
     train_ceit.check_recipe(resumed)
-    repeat = flags.parse_args(train_ceit.get_args_parser(), ["--config", str(tmp_path / "args.json")])
+    repeat = configs.parse_args(train_ceit.get_args_parser(), ["--config", str(tmp_path / "args.json")])
     for args in (resumed, repeat):
         assert (args.rand_augment, args.reprob, args.repeated_aug, args.min_lr) == ("none", 0.0, False, 0.0)
     # a new run takes the recipe
-    assert parser.parse_args([]).rand_augment == augment.RAND_AUGMENT_DEFAULT
+    assert train_ceit.get_args_parser().parse_args([]).rand_augment == augment.RAND_AUGMENT_DEFAULT
 
 
 @pytest.mark.parametrize("extra,fragment", [

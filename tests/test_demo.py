@@ -18,6 +18,7 @@ import checkpoints
 import demo
 import flags
 import metrics
+import stopping
 import train
 import train_competitive_distillation as cd
 
@@ -59,7 +60,7 @@ def loose(runs, tmp_path_factory):
 
 def run_demo(argv):
     """demo.py in-process, the way its __main__ runs it (user errors exit with code 2)."""
-    return flags.launch(demo.main, demo.get_args_parser(), [str(a) for a in argv])
+    return stopping.launch(demo.main, demo.get_args_parser(), [str(a) for a in argv])
 
 
 def table(stdout):

@@ -17,13 +17,15 @@ import torch.nn as nn
 
 import checkpoints
 import engine
+import errors
 import flags
 import helpers
+import stopping
 import train_competitive_distillation as competitive
 import utils
-from helpers import ROOT, assert_same_weights, read_rows, weights
+from helpers import ROOT, assert_same_weights, read_rows, step_run, weights
 from perturb import PERTURBATIONS, Perturber
-from utils import unwrap
+from models import unwrap
 
 WORLD_SIZE = 2
 TINY = ["--dataset", "fake", "--img-size", "16", "--train-subset", "128", "--val-size", "64", "--batch-size", "16",
@@ -108,7 +110,7 @@ def test_competitive_two_processes(straight_run):
         assert sum(float(r["train_leader_share"]) for r in nets) == pytest.approx(1.0)
         assert sum(float(r["train_teachers"]) for r in nets) == pytest.approx(1.0)
     # the replica guard ran after every epoch (it raises on a mismatch); rank 0's checkpoint is whole
-    assert checkpoints.load_checkpoint(str(out / "last.pt"))["args"]["world_size"] == 2
+    assert checkpoints.load_checkpoint(str(out / "last.pt"))["resolved"]["world_size"] == 2
     assert_logged_metrics_count_every_sample_once(out, LONG)
 
 
@@ -116,7 +118,7 @@ def test_resume_with_another_process_count_is_refused(straight_run, tmp_path):
     out, _ = straight_run
     args = competitive.get_args_parser().parse_args(
         [*LONG, "--epochs", "3", "--resume", str(out / "last.pt"), "--out-dir", str(tmp_path)])
-    with pytest.raises(flags.UsageError, match=r"written by 2 processes; resume it with the same number \(this run has 1\)"):
+    with pytest.raises(errors.UsageError, match=r"written by 2 processes; resume it with the same number \(this run has 1\)"):
         competitive.main(args)
 
 
@@ -240,7 +242,7 @@ def competition(rt, rule):
     args = types.SimpleNamespace(label_smoothing=0.0, teacher_rule=rule, temperature=1.0, kd_weight=1.0, clip_grad=None,
                                  clip_mode="norm")
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    return competitive.competitive_step(nets, optimizers, scaler, [x] * 3, labels, labels, torch.ones(3), args, rt)
+    return competitive.competitive_step(step_run(nets, optimizers, scaler, args, rt), [x] * 3, labels, labels, torch.ones(3))
 
 
 def perturbation_draws(rt):
@@ -273,8 +275,8 @@ def first_steps(rt, names, batch_size, steps=3):
     losses, leaders = [], []
     for _, (images, labels) in zip(range(steps), train_loader):
         inputs = [utils.to_input(images, rt)] * len(nets)
-        stats = competitive.competitive_step(nets, optimizers, scaler, inputs, labels, labels, torch.ones(len(nets)),
-                                             args, rt)
+        stats = competitive.competitive_step(step_run(nets, optimizers, scaler, args, rt), inputs, labels, labels,
+                                             torch.ones(len(nets)))
         losses.append(utils.all_reduce_sum(torch.stack([stats["loss"], stats["ce"], stats["kd"]], 1), rt) / rt.world_size)
         leaders.append(torch.stack([stats["leader_share"], stats["teachers"]], 1))
     return torch.stack(losses), torch.stack(leaders), [unwrap(net).state_dict() for net in nets]
@@ -290,8 +292,8 @@ def trained_and_evaluated(rt):
     optimizers, _ = utils.build_optimizers(args, nets, rt)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     for _, (images, labels) in zip(range(2), train_loader):
-        competitive.competitive_step(nets, optimizers, scaler, [utils.to_input(images, rt)] * 2, labels, labels,
-                                     torch.ones(2), args, rt)
+        competitive.competitive_step(step_run(nets, optimizers, scaler, args, rt), [utils.to_input(images, rt)] * 2,
+                                     labels, labels, torch.ones(2))
     bn = next(m for m in unwrap(nets[0]).modules() if isinstance(m, nn.BatchNorm2d))
     running_mean_before = bn.running_mean.clone()
     utils.sync_replicas(nets, rt, epoch=0)
@@ -412,7 +414,7 @@ def test_sync_bn_is_refused_on_the_cpu(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     args = group_args(["resnet20", "resnet20"], 8, "--sync-bn")
-    with pytest.raises(flags.UsageError, match="--sync-bn needs CUDA"):
+    with pytest.raises(errors.UsageError, match="--sync-bn needs CUDA"):
         utils.setup_runtime(args)
 
 
@@ -423,7 +425,7 @@ def test_sync_bn_with_compile_is_refused_in_one_line(world_size, monkeypatch, ca
     monkeypatch.setenv("WORLD_SIZE", world_size)
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(SystemExit) as exit_info:
-        flags.launch(competitive.main, competitive.get_args_parser(),
+        stopping.launch(competitive.main, competitive.get_args_parser(),
                      [*TINY, "--models", "resnet20", "resnet20", "--sync-bn", "--compile"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1

@@ -7,6 +7,7 @@ import torch
 
 import capture
 import engine
+import errors
 import flags
 import train
 import train_competitive_distillation as competitive
@@ -178,7 +179,7 @@ def test_eval_every_skips_evaluations_but_never_the_last_epoch(tmp_path, capsys)
     results = run_main(train, [*TINY, "--model", "resnet20", "--epochs", "3", "--eval-every", "5", "--stop-after", "1",
                                "--out-dir", str(out)])
     assert [bool(row["test_acc"]) for row in read_rows(out)] == [True]
-    with pytest.raises(flags.UsageError, match="--eval-every must be a positive integer"):
+    with pytest.raises(errors.UsageError, match="--eval-every must be a positive integer"):
         run_main(train, [*TINY, "--model", "resnet20", "--eval-every", "0"])
 
 
@@ -191,9 +192,9 @@ def test_model_ema_equals_a_hand_computed_average_and_resumes_exactly(tmp_path, 
     seen = []
     step = train.vanilla_step
 
-    def recording(net, *a, **k):
-        stats = step(net, *a, **k)
-        seen.append({key: value.detach().clone() for key, value in net.state_dict().items()})
+    def recording(run, *a, **k):
+        stats = step(run, *a, **k)
+        seen.append({key: value.detach().clone() for key, value in run.nets[0].state_dict().items()})
         return stats
 
     with pytest.MonkeyPatch.context() as patch:

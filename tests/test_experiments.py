@@ -429,9 +429,9 @@ def test_compare_runs_each_configuration_once_then_skips_it(tmp_path, capsys):
 def test_bn_perturbed_reports_every_condition(tmp_path, capsys):
     """experiments/bn_perturbed.py on a tiny trained run: one row per condition, and 'clean' is the reference."""
     import bn_perturbed
-    import flags
+    import stopping
     import train
-    flags.launch(train.main, train.get_args_parser(), [
+    stopping.launch(train.main, train.get_args_parser(), [
         "--dataset", "fake", "--img-size", "16", "--train-subset", "64", "--val-size", "0", "--batch-size", "32",
         "--device", "cpu", "--workers", "0", "--no-progress", "--model", "resnet20", "--epochs", "1",
         "--out-dir", str(tmp_path / "run")])
@@ -582,10 +582,10 @@ def test_a_grid_that_cannot_run_is_one_line(tmp_path, capsys, grid, message):
 def test_a_run_made_to_diverge_is_marked_and_a_stable_one_is_not(tmp_path, capsys):
     """Real runs: SGD at lr 10 drives the training cross-entropy far above ln 10 after epoch 5, and
     finite (so the run finishes); at lr 0.05 it falls below. The diverged run stays in the tables."""
-    import flags
+    import stopping
     import train
     for name, lr in (("calm", "0.05"), ("wild", "10")):
-        flags.launch(train.main, train.get_args_parser(), [
+        stopping.launch(train.main, train.get_args_parser(), [
             "--dataset", "fake", "--img-size", "16", "--train-subset", "128", "--val-size", "32", "--batch-size", "32",
             "--epochs", "8", "--eval-every", "8", "--warmup-epochs", "0", "--lr", lr, "--device", "cpu", "--workers", "0",
             "--no-progress", "--model", "resnet20", "--out-dir", str(tmp_path / name / "vanilla" / "seed0")])

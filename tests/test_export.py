@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shlex
+import stopping
 import subprocess
 import sys
 
@@ -24,6 +25,7 @@ import checkpoints
 import demo
 import export
 import flags
+import models
 import train
 import train_competitive_distillation as competitive
 import train_okddip
@@ -37,7 +39,7 @@ TINY = ["--dataset", "fake", "--img-size", "16", "--train-subset", "64", "--val-
 RUNS = {"single": (train, ["--model", "resnet20"]),
         "pair": (competitive, ["--models", "resnet20", "resnet20"]),
         "one": (train_one, ["--model", "resnet20", "--branches", "2"]),        # deploys branch 0
-        "okddip": (train_okddip, ["--model", "resnet20", "--branches", "2"])}  # deploys the leader, the last branch
+        "okddip": (train_okddip, ["--model", "resnet20", "--branches", "3"])}  # deploys the leader, the last branch
 HAS_ONNX = all(importlib.util.find_spec(name) for name in ("onnx", "onnxscript"))
 needs_onnx = pytest.mark.skipif(not HAS_ONNX, reason="--format onnx needs onnx and onnxscript: pip install onnx onnxscript")
 HAS_ONNXRUNTIME = importlib.util.find_spec("onnxruntime") is not None
@@ -75,7 +77,7 @@ torch.save(logits, spec["logits"])
 
 def run_export(argv):
     """export.py in-process, the way its __main__ runs it (bad input exits with code 2)."""
-    return flags.launch(export.main, export.get_args_parser(), [str(a) for a in argv])
+    return stopping.launch(export.main, export.get_args_parser(), [str(a) for a in argv])
 
 
 def expect_error(argv, capsys, code=2):
@@ -113,7 +115,7 @@ def runs(tmp_path_factory):
     the command line, as a user runs it, with CUDA hidden)."""
     root = tmp_path_factory.mktemp("export")
     for name, (script, argv) in RUNS.items():
-        flags.launch(script.main, script.get_args_parser(), [*TINY, *argv, "--out-dir", str(root / name)])
+        stopping.launch(script.main, script.get_args_parser(), [*TINY, *argv, "--out-dir", str(root / name)])
         if name != "single":
             run_export([root / name])
     cli = subprocess.run([sys.executable, os.path.join(ROOT, "export.py"), str(root / "single")], capture_output=True,
@@ -230,11 +232,11 @@ def test_init_starts_from_an_exported_file(runs, tmp_path, monkeypatch, capsys):
 
     def recording(*args, **kwargs):
         nets = build_nets(*args, **kwargs)
-        built.append({key: value.detach().clone() for key, value in utils.unwrap(nets[0]).state_dict().items()})
+        built.append({key: value.detach().clone() for key, value in models.unwrap(nets[0]).state_dict().items()})
         return nets
 
     monkeypatch.setattr(utils, "build_nets", recording)
-    flags.launch(train.main, train.get_args_parser(), [*TINY, "--model", "resnet20", "--init", str(weights),
+    stopping.launch(train.main, train.get_args_parser(), [*TINY, "--model", "resnet20", "--init", str(weights),
                                                        "--out-dir", str(tmp_path / "init")])
     assert f"initialised from {weights}" in capsys.readouterr().out
     expected = load_file(weights)

@@ -11,11 +11,12 @@ import capture
 import checkpoints
 import flags
 import models
+import stopping
 import train
 import train_competitive_distillation as competitive
 import losses
 import utils
-from helpers import DEVICES
+from helpers import DEVICES, step_run
 
 
 def schedule_args(**kwargs):
@@ -157,7 +158,7 @@ def test_fp16_scaled_steps_skip_an_overflowing_first_step_cleanly(monkeypatch):
 
 def test_cuda_graphs_refused_on_the_cpu(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        flags.launch(train.main, train.get_args_parser(), ["--dataset", "fake", "--device", "cpu", "--cuda-graphs"])
+        stopping.launch(train.main, train.get_args_parser(), ["--dataset", "fake", "--device", "cpu", "--cuda-graphs"])
     assert exit_info.value.code == 2
     assert "--cuda-graphs needs one CUDA process" in capsys.readouterr().err
 
@@ -205,8 +206,8 @@ def test_default_step_matches_the_eager_fp32_step(amp_dtype):
         ce, teachers = eager_fp32_step(eager_nets, eager_opts, images, labels)
         gaps = sorted(abs(a - b) for a in ce for b in ce if a != b)
         assert gaps[0] > 2 * ce_tol  # the three losses are far enough apart for the ranking to be stable
-        stats = competitive.competitive_step(fast_nets, fast_opts, scaler, [utils.to_input(images, rt)] * 3,
-                                             labels, labels, torch.ones(3), args, rt)
+        stats = competitive.competitive_step(step_run(fast_nets, fast_opts, scaler, args, rt),
+                                             [utils.to_input(images, rt)] * 3, labels, labels, torch.ones(3))
         assert torch.allclose(stats["ce"], torch.tensor(ce), atol=ce_tol, rtol=0), (step, stats["ce"], ce)
         assert stats["teachers"].tolist() == [float(len(t)) for t in teachers]
         assert stats["leader_share"].argmax().item() == min(range(3), key=ce.__getitem__)
@@ -244,9 +245,10 @@ def test_captured_competitive_step_matches_eager(device, optimizer, amp_dtype):
 
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     (eager_nets, eager_opts), (graph_nets, graph_opts) = group(), group()
-    eager = functools.partial(competitive.competitive_step, eager_nets, eager_opts, scaler, args=args, rt=rt)
-    captured = capture.CapturedStep(functools.partial(competitive.competitive_step, graph_nets, graph_opts, scaler,
-                                                    args=args, rt=rt), warmup=2, capture=on_gpu)
+    eager = functools.partial(competitive.competitive_step, step_run(eager_nets, eager_opts, scaler, args, rt))
+    captured = capture.CapturedStep(functools.partial(competitive.competitive_step,
+                                                      step_run(graph_nets, graph_opts, scaler, args, rt)),
+                                    warmup=2, capture=on_gpu)
     generator = torch.Generator(device).manual_seed(0)
     for step in range(8):
         for opt in eager_opts + graph_opts:
@@ -288,8 +290,8 @@ def test_a_batch_shared_by_the_networks_is_converted_once(monkeypatch):
         nets = [models.create_model("resnet20", num_classes=10, img_size=16, in_chans=3).to(memory_format=torch.channels_last)
                 for _ in range(3)]
         optimizers = [utils.build_optimizer(net, "sgd", 0.1, 5e-4) for net in nets]
-        stats = competitive.competitive_step(nets, optimizers, torch.amp.GradScaler("cpu", enabled=False), batches,
-                                             labels, labels, torch.ones(3), args, rt)
+        stats = competitive.competitive_step(step_run(nets, optimizers, torch.amp.GradScaler("cpu", enabled=False), args, rt),
+                                             batches, labels, labels, torch.ones(3))
         return stats, [p.detach().clone() for net in nets for p in net.parameters()]
 
     (shared, shared_weights), (copies, copied_weights) = trained([images, images, other]), trained(
@@ -367,7 +369,7 @@ def test_benchmark_reference_uses_the_same_optimizer_family(made_optimizers):
 def test_benchmark_refuses_a_missing_device(capsys):
     from benchmarks import bench
     with pytest.raises(SystemExit) as exit_info:
-        flags.launch(bench.main, bench.get_args_parser(), ["--device", "cuda:0" if not torch.cuda.is_available() else "tpu"])
+        stopping.launch(bench.main, bench.get_args_parser(), ["--device", "cuda:0" if not torch.cuda.is_available() else "tpu"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.startswith("error: --device")
 

@@ -6,9 +6,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import losses
 import engine
+import losses
 import utils
+from helpers import step_run
 from train_competitive_distillation import competitive_step, select_teachers
 from train_mutual_learning import mutual_step
 
@@ -138,7 +139,7 @@ def test_competitive_step_gradients_and_stats(rule):
     expected = expected_gradients(nets, x, y, loss_of)
     before = [[p.detach().clone() for p in net.parameters()] for net in nets]
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    stats = competitive_step(nets, optimizers, scaler, [x] * 3, y, y, torch.ones(3), step_args(teacher_rule=rule), RT)
+    stats = competitive_step(step_run(nets, optimizers, scaler, step_args(teacher_rule=rule), RT), [x] * 3, y, y, torch.ones(3))
     for net, old, grads in zip(nets, before, expected):  # SGD lr 0.1: new = old - 0.1 * grad
         for p, p0, g in zip(net.parameters(), old, grads):
             assert torch.allclose(p.detach(), p0 - 0.1 * g, atol=1e-6)
@@ -163,7 +164,7 @@ def test_mutual_step_averages_over_peers():
         kd = [sum(losses.kd_loss(logits[i], logits[j]) for j in range(3) if j != i) / 2 for i in range(3)]
     before = [[p.detach().clone() for p in net.parameters()] for net in nets]
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    stats = mutual_step(nets, optimizers, scaler, [x] * 3, y, y, torch.ones(3), step_args(), RT)
+    stats = mutual_step(step_run(nets, optimizers, scaler, step_args(), RT), [x] * 3, y, y, torch.ones(3))
     assert torch.allclose(stats["kd"], torch.stack(kd), atol=1e-6)
     for net, old, grads in zip(nets, before, expected):
         for p, p0, g in zip(net.parameters(), old, grads):
@@ -181,7 +182,7 @@ def test_perturbed_network_uses_mixup_loss():
         expected = lam * F.cross_entropy(z1, y) + (1 - lam) * F.cross_entropy(z1, y_perm)
         ce0 = F.cross_entropy(nets[0](x), y)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    stats = competitive_step(nets, optimizers, scaler, [x, x], y, y_perm, torch.tensor([1.0, lam]), step_args(), RT)
+    stats = competitive_step(step_run(nets, optimizers, scaler, step_args(), RT), [x, x], y, y_perm, torch.tensor([1.0, lam]))
     assert torch.allclose(stats["ce"][1], expected, atol=1e-6)
     assert torch.allclose(stats["ce"][0], ce0, atol=1e-6)
 

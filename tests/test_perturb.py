@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 
 import checkpoints
+import lifecycle
 from losses import mixed_cross_entropy
 from helpers import DEVICES
 from perturb import PERTURBATIONS, Perturber, bn_statistics_kept, perturb
@@ -525,7 +526,7 @@ def test_a_run_with_four_step_epochs_perturbs_exactly_one_step_in_n(monkeypatch,
             chosen.append((step, net))
             return net, op
 
-    monkeypatch.setattr(competitive, "Perturber", Recording)
+    monkeypatch.setattr(lifecycle, "Perturber", Recording)
     args = competitive.get_args_parser().parse_args([
         "--dataset", "fake", "--img-size", "8", "--train-subset", "64", "--val-size", "0", "--batch-size", "16",
         "--device", "cpu", "--workers", "0", "--no-progress", "--models", "resnet20", "resnet20", "--epochs", "3",

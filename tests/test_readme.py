@@ -1,10 +1,12 @@
 """Every command in the README and docs/ parses with its script's parser, so the documentation cannot drift."""
+import argparse
 import glob
 import importlib
 import os
 import re
 import flags
 import shlex
+import sys
 
 import pytest
 
@@ -67,7 +69,9 @@ def test_readme_commands_use_the_environment_convention(launcher, script):
 @pytest.mark.parametrize("script,argv", COMMANDS, ids=[" ".join([s, *a])[:90] for s, a in COMMANDS])
 def test_readme_command_parses(script, argv):
     module = importlib.import_module(script[:-3].replace("/", "."))
-    args = module.get_args_parser().parse_args(argv)  # argparse exits (fails the test) on a bad flag
+    # argparse exits (fails the test) on a bad flag; a namespace of our own: --config and --resume name files
+    # of a user's run, which are not read here
+    args = module.get_args_parser().parse_args(argv, argparse.Namespace())
     if hasattr(args, "dataset") and script.startswith(("train", "demo")):
         assert args.dataset in DATASETS
     if script.startswith("train"):
@@ -75,7 +79,8 @@ def test_readme_command_parses(script, argv):
         assert flags.model_names(args)  # every model name resolves
     if script == "experiments/compare.py":  # the flags after `--` parse for every run of the study
         for *_, run in module.commands(args):
-            run_args = importlib.import_module(os.path.basename(run[1])[:-3]).get_args_parser().parse_args(run[2:])
+            run_args = importlib.import_module(os.path.basename(run[1])[:-3]).get_args_parser().parse_args(
+                run[2:], argparse.Namespace())
             flags.check_args(run_args)
             assert flags.model_names(run_args)
 
@@ -84,11 +89,21 @@ def test_readme_is_short_and_its_links_resolve():
     """The front door stays a five-minute read (its prose: the study table, one line per configuration
     that gains digits as seeds land, is data and counted apart); the reference pages it links to exist."""
     text = open(os.path.join(ROOT, "README.md")).read()
-    begin, end = text.index("<!-- study table: begin -->"), text.index("<!-- study table: end -->")
-    assert len((text[:begin] + text[end:]).encode()) < 9 * 1024
-    assert text[begin:end].count("\n") < 25 and len(text[begin:end].encode()) < 4 * 1024
+    tables = re.findall(r"<!-- (\S+) table: begin -->.*?<!-- \1 table: end -->", text, re.S)
+    prose = re.sub(r"<!-- (\S+) table: begin -->.*?<!-- \1 table: end -->", "", text, flags=re.S)
+    assert tables and len(prose.encode()) < 9 * 1024
+    for name in tables:
+        table = summarize_table(text, name)
+        assert table.count("\n") < 25 and len(table.encode()) < 4 * 1024, name
     links = re.findall(r"\]\((docs/[^)]+)\)", text)
     assert links and all(os.path.isfile(os.path.join(ROOT, link)) for link in links), links
+
+
+def summarize_table(text, name):
+    """The README's table `name`, as experiments/summarize.py's markers delimit it."""
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    import summarize
+    return summarize.readme_table(text, name)
 
 
 def test_ci_runs_the_readme_test_command():
@@ -124,3 +139,22 @@ def test_the_results_pages_tables_are_the_committed_studys_summary():
     assert len(args.versus) >= 5 and summarize.versus(rows, args.versus) in text
     adamw = summarize.summarize(summarize.load_study(os.path.join(ROOT, "experiments", "study-adamw")))[0]
     assert summarize.compact(adamw) in text
+
+
+def test_the_adding_a_method_example_trains(tmp_path):
+    """docs/usage.md's "Adding a method" file, as printed there, trains and resumes like every script."""
+    import subprocess
+    import sys
+    from helpers import cpu_env
+    text = open(os.path.join(ROOT, "docs", "usage.md")).read()
+    start = text.index('"""Mean-teacher distillation')
+    (tmp_path / "train_mean.py").write_text(text[start:text.index("```", start)])
+    tiny = ["--models", "resnet20", "resnet20", "--dataset", "fake", "--img-size", "16", "--train-subset", "64",
+            "--val-size", "32", "--batch-size", "32", "--device", "cpu", "--workers", "0", "--no-progress",
+            "--perturb-every", "3", "--out-dir", str(tmp_path / "run")]
+    for argv in (["--epochs", "2", "--stop-after", "1"], ["--epochs", "2", "--resume", "auto"]):
+        done = subprocess.run([sys.executable, str(tmp_path / "train_mean.py"), *tiny, *argv], capture_output=True,
+                              text=True, env=cpu_env(), cwd=tmp_path, timeout=300)
+        assert done.returncode == 0, done.stderr
+    rows = [line for line in open(tmp_path / "run" / "metrics.csv").read().splitlines()[1:]]
+    assert len(rows) == 6 and "final test accuracy" in done.stdout  # 2 epochs x (2 networks + ensemble)

@@ -3,6 +3,7 @@ disks, bad checkpoints, repeated signals) ends in one line and a documented exit
 costs a run's saved work."""
 import checkpoints
 import errno
+import errors
 import os
 import signal
 import stopping
@@ -32,7 +33,7 @@ def launch(capsys, module, args, code):
     """Run a script in-process as from a shell; asserts its exit code and one stderr line, returns that line."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        flags.launch(module.main, module.get_args_parser(), [str(a) for a in args])
+        stopping.launch(module.main, module.get_args_parser(), [str(a) for a in args])
     assert exit_info.value.code == code
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: "), err
@@ -41,7 +42,7 @@ def launch(capsys, module, args, code):
 
 def train_once(out, *extra, epochs=1):
     """A finished one-network run in `out`."""
-    return flags.launch(train.main, train.get_args_parser(), [*TINY, "--model", "resnet20", "--epochs", str(epochs),
+    return stopping.launch(train.main, train.get_args_parser(), [*TINY, "--model", "resnet20", "--epochs", str(epochs),
                                                                 "--out-dir", str(out), *extra])
 
 
@@ -214,7 +215,7 @@ FOLDER = ["--dataset", "imagefolder", "--img-size", "16", "--val-size", "2", "--
 def test_unreadable_images_are_skipped_with_a_counted_warning(capfd, tmp_path):
     bad = write_broken_image_tree(tmp_path / "data")
     # Two epochs read every file twice, through two worker processes per loader (capfd: their stderr too).
-    results = flags.launch(train.main, train.get_args_parser(), [
+    results = stopping.launch(train.main, train.get_args_parser(), [
         *FOLDER, "--data-dir", str(tmp_path / "data"), "--workers", "2", "--epochs", "2", "--out-dir", str(tmp_path / "run")])
     assert results["epochs"] == 2
     warnings = [line for line in capfd.readouterr().err.splitlines() if line.startswith("warning: skipped")]
@@ -239,7 +240,7 @@ def test_a_data_dir_that_is_a_file_is_one_line(capsys, tmp_path):
 
 def test_the_startup_line_names_the_files_read(capsys, tmp_path):
     write_mnist_like(tmp_path / "data", train=80, high=147)  # the four .gz files right in --data-dir
-    flags.launch(train.main, train.get_args_parser(), [
+    stopping.launch(train.main, train.get_args_parser(), [
         *TINY, "--dataset", "fashion-mnist", "--img-size", "28", "--train-subset", "32", "--val-size", "16",
         "--model", "resnet20", "--epochs", "1", "--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "run")])
     startup = capsys.readouterr().out.splitlines()[0]
@@ -263,7 +264,7 @@ def test_resume_auto_on_a_complete_run_exits_0(capsys, tmp_path):
 
 def test_resume_refuses_other_data_seed_or_script(capsys, tmp_path):
     run_dir = tmp_path / "run"
-    flags.launch(competitive.main, competitive.get_args_parser(),
+    stopping.launch(competitive.main, competitive.get_args_parser(),
                  [*PAIR, "--epochs", "1", "--out-dir", str(run_dir)])
     last = run_dir / "last.pt"
     assert "--val-size" in launch(capsys, competitive, [*PAIR, "--epochs", "2", "--val-size", "16", "--resume", last], 2)
@@ -334,7 +335,7 @@ def test_deterministic_cuda_refuses_adaptive_pooling_without_a_deterministic_bac
     with pytest.MonkeyPatch.context() as patch:  # stop before the networks would move to the (absent) GPU
         patch.setattr(torch.nn.Module, "to", lambda net, *args, **kwargs: built.append(net) or net)
         if refused:
-            with pytest.raises(flags.UsageError) as error:
+            with pytest.raises(errors.UsageError) as error:
                 utils.build_nets([name], info, cuda)
             message = str(error.value)
             assert "\n" not in message and message.startswith(f"--deterministic on CUDA: network 0 ({name}) has {refused}")
@@ -356,8 +357,8 @@ def test_deterministic_cuda_refusal_comes_before_training(tmp_path, capsys, monk
     """The same check through a script: exit code 2 and its one line, nothing trained, nothing written."""
     monkeypatch.setattr(utils, "resolve_device", lambda name, local_rank=None: torch.device("cuda", 0))
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
-    monkeypatch.setattr(utils, "setup_data", lambda args, rt, views=1: (types.SimpleNamespace(
-        info=types.SimpleNamespace(num_classes=10, img_size=32, in_chans=3)), (None, None, None)))
+    monkeypatch.setattr(utils, "setup_data", lambda args, rt, **kwargs: (types.SimpleNamespace(
+        info=types.SimpleNamespace(num_classes=10, img_size=32, in_chans=3, val_size=0)), (None, None, None)))
     err = launch(capsys, competitive, [*TINY, "--models", "tv:vgg11", "resnet20", "--deterministic",
                                        "--out-dir", tmp_path / "run"], 2)
     assert "--deterministic on CUDA: network 0 (tv:vgg11) has AdaptiveAvgPool2d" in err

@@ -15,6 +15,7 @@ from PIL import Image
 import checkpoints
 import demo
 import flags
+import stopping
 import train
 import train_competitive_distillation as competitive
 import utils
@@ -142,7 +143,7 @@ def test_a_killed_compare_leaves_no_orphan(tmp_path):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("trained")
-    flags.launch(train.main, train.get_args_parser(), [*TINY, "--model", "resnet20", "--epochs", "1", "--out-dir", str(out)])
+    stopping.launch(train.main, train.get_args_parser(), [*TINY, "--model", "resnet20", "--epochs", "1", "--out-dir", str(out)])
     return out
 
 
@@ -181,7 +182,7 @@ def test_bad_inputs_are_one_line(capsys, tmp_path, monkeypatch, checkpoint, case
 def test_an_at_sign_in_an_init_files_own_name_is_taken_whole(capsys, tmp_path, checkpoint):
     state = checkpoints.load_checkpoint(str(checkpoint / "last.pt"))["nets"][0]
     torch.save(state, tmp_path / "weights@v2.pt")  # a plain state_dict whose name has an @
-    flags.launch(train.main, train.get_args_parser(),
+    stopping.launch(train.main, train.get_args_parser(),
                  [*TINY, "--model", "resnet20", "--init", str(tmp_path / "weights@v2.pt"), "--epochs", "1",
                   "--out-dir", str(tmp_path / "run")])
     assert "initialised from" in capsys.readouterr().out
@@ -203,7 +204,7 @@ def test_a_bad_metrics_csv_is_one_line_in_resume_and_demo(capsys, tmp_path, chec
     (run / "metrics.csv").write_bytes(content)
     err = launch(capsys, train, [*TINY, "--model", "resnet20", "--epochs", "2", "--resume", "auto", "--out-dir", run], code=2)
     assert "metrics.csv" in err and "move it away" in err
-    flags.launch(demo.main, demo.get_args_parser(), [str(run), "--num-images", "2", "--device", "cpu"])
+    stopping.launch(demo.main, demo.get_args_parser(), [str(run), "--num-images", "2", "--device", "cpu"])
     assert "training-curve plot skipped" in capsys.readouterr().out  # the predictions are still shown
 
 
@@ -212,7 +213,7 @@ def test_a_bom_metrics_csv_still_resumes(capsys, tmp_path, checkpoint):
     run = tmp_path / "run"
     shutil.copytree(checkpoint, run)
     (run / "metrics.csv").write_bytes(b"\xef\xbb\xbf" + (run / "metrics.csv").read_bytes())
-    flags.launch(train.main, train.get_args_parser(),
+    stopping.launch(train.main, train.get_args_parser(),
                  [*TINY, "--model", "resnet20", "--epochs", "2", "--resume", "auto", "--out-dir", str(run)])
     assert checkpoints.load_checkpoint(str(run / "last.pt"))["epoch"] == 2
 

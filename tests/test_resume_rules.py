@@ -10,11 +10,14 @@ import pytest
 import torch
 
 import checkpoints
+import configs
 import flags
+import stopping
 import train
 import train_ceit
 import train_competitive_distillation as competitive
 import train_one as one
+import utils
 from helpers import read_rows
 
 TINY = ["--dataset", "fake", "--img-size", "16", "--train-subset", "64", "--val-size", "32", "--batch-size", "32",
@@ -26,9 +29,9 @@ def launch(capsys, module, args, code=None):
     """Run a script in-process as from a shell; with `code`, asserts it exits so with one stderr line."""
     capsys.readouterr()
     if code is None:
-        return flags.launch(module.main, module.get_args_parser(), [str(a) for a in args])
+        return stopping.launch(module.main, module.get_args_parser(), [str(a) for a in args])
     with pytest.raises(SystemExit) as exit_info:
-        flags.launch(module.main, module.get_args_parser(), [str(a) for a in args])
+        stopping.launch(module.main, module.get_args_parser(), [str(a) for a in args])
     assert exit_info.value.code == code
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: "), err
@@ -39,7 +42,7 @@ def launch(capsys, module, args, code=None):
 def one_epoch(tmp_path_factory):
     """A competitive pair trained one of two epochs with a non-default recipe: --stop-after 1."""
     out = tmp_path_factory.mktemp("run")
-    flags.launch(competitive.main, competitive.get_args_parser(),
+    stopping.launch(competitive.main, competitive.get_args_parser(),
                  [*PAIR, "--epochs", "2", "--stop-after", "1", "--weight-decay", "1e-3", "--momentum", "0.8",
                   "--perturb-every", "3", "--out-dir", str(out)])
     return out
@@ -64,7 +67,7 @@ def test_a_resume_refuses_a_changed_recipe_in_one_line(capsys, one_epoch, tmp_pa
         launch(capsys, competitive, argv)
         return
     err = launch(capsys, competitive, argv, code=2)
-    assert "was written with --" in err and "a resume continues its run" in err
+    assert "was written with" in err and "a resume continues its run" in err  # (with --FLAG VALUE, or without --FLAG)
     assert json.loads((run / "args.json").read_text()) == recorded  # nothing rewritten
 
 
@@ -91,12 +94,12 @@ def test_args_json_records_the_code_of_the_start_and_of_each_resume(capsys, one_
     head = subprocess.run(["git", "-C", os.path.dirname(checkpoints.__file__), "rev-parse", "HEAD"],
                           capture_output=True, text=True).stdout.strip() or None  # None outside a git checkout
     assert started["commit"] == head and (started["modified"] is None) == (head is None)
-    monkeypatch.setattr(checkpoints, "code_version", lambda: {"commit": "f" * 40, "modified": False, "torch": "x", "threads": 7})
+    monkeypatch.setattr(configs, "code_version", lambda: {"commit": "f" * 40, "modified": False, "torch": "x", "threads": 7})
     launch(capsys, competitive, [*PAIR, "--epochs", "2", "--resume", "auto", "--out-dir", run])
     record = json.loads((run / "args.json").read_text())
     assert record["code"] == started  # the code the run began with ...
     assert record["resumes"][0]["code"]["commit"] == "f" * 40  # ... and the code that continued it
-    assert flags.parse_args(competitive.get_args_parser(), ["--config", str(run / "args.json")]).epochs == 2  # not a flag
+    assert configs.parse_args(competitive.get_args_parser(), ["--config", str(run / "args.json")]).epochs == 2  # not a flag
 
 
 def test_freeze_is_compared_as_a_set(capsys, tmp_path):
@@ -112,13 +115,21 @@ def test_resuming_a_best_pt_is_refused_naming_last_pt(capsys, one_epoch, tmp_pat
 
 
 def test_config_recomputes_what_depends_on_a_changed_flag(capsys, one_epoch, tmp_path):
-    config = str(one_epoch / "args.json")   # SGD at batch 32: lr 0.025 was computed and recorded
-    assert flags.parse_args(competitive.get_args_parser(), ["--config", config]).lr == [0.025]
-    assert flags.parse_args(competitive.get_args_parser(), ["--config", config, "--optimizer", "adamw"]).lr is None
-    assert flags.parse_args(competitive.get_args_parser(), ["--config", config, "--batch-size", "8"]).lr is None
-    assert flags.parse_args(competitive.get_args_parser(), ["--config", config, "--lr", "0.5"]).lr == [0.5]
-    kept = flags.parse_args(competitive.get_args_parser(), ["--config", config, "--seed", "3"])
+    config = str(one_epoch / "args.json")   # SGD at batch 32: lr 0.025 computed, recorded apart from the flags
+    recorded = json.loads((one_epoch / "args.json").read_text())
+    assert recorded["lr"] is None and recorded["resolved"]["lr"] == [0.025] and "lr" not in recorded["given"]
+    repeat = lambda *argv: configs.parse_args(competitive.get_args_parser(), ["--config", config, *argv])
+    assert repeat().lr is None and utils.default_lrs(repeat(), 2) == [0.025]          # computed again, the same
+    assert utils.default_lrs(repeat("--optimizer", "adamw"), 2) == [1e-3]             # computed anew
+    assert utils.default_lrs(repeat("--batch-size", "8"), 2) == [0.00625]
+    assert repeat("--lr", "0.5").lr == [0.5]
+    kept = repeat("--seed", "3")
     assert kept.weight_decay == [1e-3] and kept.momentum == 0.8 and kept.seed == 3
+    # an args.json of the older kind (its computed values written over the flags): changed flags recompute them
+    older = {key: value for key, value in recorded.items() if key not in ("given", "resolved")}
+    (tmp_path / "older.json").write_text(json.dumps({**older, "lr": [0.025]}))
+    old = lambda *argv: configs.parse_args(competitive.get_args_parser(), ["--config", str(tmp_path / "older.json"), *argv])
+    assert old().lr == [0.025] and old("--optimizer", "adamw").lr is None and old("--batch-size", "8").lr is None
 
 
 def test_config_of_another_scripts_run_is_refused_unless_asked(capsys, tmp_path):
@@ -126,7 +137,7 @@ def test_config_of_another_scripts_run_is_refused_unless_asked(capsys, tmp_path)
     launch(capsys, train, [*TINY, "--model", "resnet20", "--epochs", "1", "--out-dir", out])
     err = launch(capsys, train_ceit, ["--config", out / "args.json", "--model", "vit_tiny"], code=2)
     assert "is a run of the train script" in err and "--config-any-script" in err
-    args = flags.parse_args(train_ceit.get_args_parser(), ["--config", str(out / "args.json"), "--config-any-script"])
+    args = configs.parse_args(train_ceit.get_args_parser(), ["--config", str(out / "args.json"), "--config-any-script"])
     assert args.optimizer == ["sgd"]  # taken as asked
 
 

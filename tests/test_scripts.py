@@ -14,13 +14,15 @@ import torch
 import torch.nn.functional as F
 
 import checkpoints
+import errors
 import flags
 import models
+import stopping
 import train
 import train_competitive_distillation as competitive
 import train_mutual_learning as mutual
 import utils
-from helpers import ROOT, assert_same_weights, cpu_env, read_rows, weights, write_image_tree
+from helpers import ROOT, assert_same_weights, cpu_env, read_rows, step_run, weights, write_image_tree
 from losses import kd_loss
 
 SCRIPTS = ["train.py", "train_mutual_learning.py", "train_competitive_distillation.py", "train_ceit.py", "train_kdcl.py",
@@ -112,8 +114,8 @@ def test_sequential_mutual_learning_is_the_dml_papers_update():
     args = mutual.get_args_parser().parse_args(["--models", "resnet20", "resnet20", "--sequential"])
     rt = utils.Runtime(torch.device("cpu"), None, False)
     optimizers = [torch.optim.SGD(net.parameters(), lr=0.5) for net in nets]
-    stats = mutual.sequential_mutual_step(nets, optimizers, torch.amp.GradScaler("cpu", enabled=False), [x, x], y, y,
-                                          torch.ones(2), args, rt)
+    stats = mutual.sequential_mutual_step(step_run(nets, optimizers, torch.amp.GradScaler("cpu", enabled=False), args, rt),
+                                          [x, x], y, y, torch.ones(2))
     for i, other in ((0, 1), (1, 0)):  # by hand, in the paper's order
         net, teacher = copies[i], copies[other]
         (F.cross_entropy(net(x), y) + kd_loss(net(x), teacher(x).detach())).backward()
@@ -189,7 +191,8 @@ def test_ceit_vit_pair_at_224_px():
     rt = utils.Runtime(torch.device("cpu"), None, False)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     before = [p.detach().clone() for net in nets for p in net.parameters()]
-    stats = competitive.competitive_step(nets, optimizers, scaler, [images, images], labels, labels, torch.ones(2), args, rt)
+    stats = competitive.competitive_step(step_run(nets, optimizers, scaler, args, rt), [images, images], labels, labels,
+                                         torch.ones(2))
     assert all(value.shape == (2,) and torch.isfinite(value).all() for value in stats.values())
     assert stats["leader_share"].sum() == 1 and stats["teachers"].sum() == 1          # one leader, one learner
     after = [p.detach() for net in nets for p in net.parameters()]
@@ -279,7 +282,7 @@ def test_ctrl_c_mid_epoch_then_resume_equals_straight_run(tmp_path):
 def expect_usage_error(capsys, module, args, *fragments):
     """The script exits with code 2 and one stderr line containing every fragment."""
     with pytest.raises(SystemExit) as exit_info:
-        flags.launch(module.main, module.get_args_parser(), args)
+        stopping.launch(module.main, module.get_args_parser(), args)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: "), err
@@ -337,7 +340,7 @@ def test_bad_resume_files(capsys, tmp_path):
     expect_usage_error(capsys, train, [*TINY, "--model", "resnet32", "--epochs", "2", "--resume", last],
                        "was written with --model resnet20; this run has resnet32")
     expect_usage_error(capsys, train, [*TINY, "--model", "resnet20", "--epochs", "2", "--num-classes", "7", "--resume", last],
-                       "was written with --num-classes 10; this run has 7")
+                       "was written without --num-classes (it computed 10); this run has 7")
     expect_usage_error(capsys, train, [*TINY, "--model", "resnet20", "--epochs", "1", "--resume", last], "raise --epochs")
     expect_usage_error(capsys, train, [*TINY, "--model", "resnet20", "--epochs", "2", "--batch-size", "16", "--resume", last],
                        "was written with --batch-size 32; this run has 16")
@@ -369,7 +372,7 @@ def test_compile_flag_wraps_networks_but_not_checkpoints():
     info = argparse.Namespace(num_classes=3, img_size=16, in_chans=3)
     net = utils.build_nets(["resnet20"], info, rt)[0]
     assert hasattr(net, "_orig_mod")  # compiled lazily: nothing is compiled until the first forward
-    saver = checkpoints.Checkpoints("unused", script="train", args=argparse.Namespace(), names=["resnet20"], nets=[net],
+    saver = checkpoints.Checkpoints("unused", script="train", args=argparse.Namespace(), record={}, names=["resnet20"], nets=[net],
                                     info=argparse.Namespace(**vars(info), name="x", classes=(), mean=(), std=()),
                                     optimizers=[], rt=rt, state={})
     ckpt = saver.checkpoint(0, 0)
@@ -394,10 +397,10 @@ def test_compile_under_torchrun_wraps_ddp_and_unwrap_sees_through_either_order(t
         assert isinstance(net._orig_mod, DDP)                  # compile(DDP(network))
         plain = net._orig_mod.module
         assert isinstance(plain, type(models.create_model("resnet20", num_classes=3, img_size=16, in_chans=3)))
-        assert utils.unwrap(net) is plain
-        assert utils.unwrap(DDP(torch.compile(plain))) is plain     # the other order
-        assert utils.unwrap(torch.compile(plain)) is plain and utils.unwrap(DDP(plain)) is plain
-        assert utils.unwrap(plain) is plain
+        assert models.unwrap(net) is plain
+        assert models.unwrap(DDP(torch.compile(plain))) is plain     # the other order
+        assert models.unwrap(torch.compile(plain)) is plain and models.unwrap(DDP(plain)) is plain
+        assert models.unwrap(plain) is plain
     finally:
         dist.destroy_process_group()
 
@@ -436,11 +439,11 @@ def test_resolve_device(monkeypatch):
     assert utils.resolve_device("cuda", local_rank=3) == torch.device("cuda:3")
     assert utils.resolve_device("cpu", local_rank=3) == torch.device("cpu")
     for bad in ("gpu", "meta", "mps"):
-        with pytest.raises(flags.UsageError, match="--device must be auto, cpu, cuda or cuda:N"):
+        with pytest.raises(errors.UsageError, match="--device must be auto, cpu, cuda or cuda:N"):
             utils.resolve_device(bad)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert utils.resolve_device("auto") == torch.device("cpu")
-    with pytest.raises(flags.UsageError, match="no CUDA device is available"):
+    with pytest.raises(errors.UsageError, match="no CUDA device is available"):
         utils.resolve_device("cuda")
 
 

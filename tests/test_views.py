@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import flags
+import stopping
 import train_competitive_distillation as competitive
 import train_mutual_learning as mutual
 from datasets import make_loaders
@@ -59,9 +60,9 @@ def test_independent_views_reach_each_network(monkeypatch, tmp_path):
     seen = []
     step = mutual.mutual_step
 
-    def recording(nets, optimizers, scaler, inputs, *args, **kwargs):
+    def recording(run, inputs, *args, **kwargs):
         seen.append([x.clone() for x in inputs])
-        return step(nets, optimizers, scaler, inputs, *args, **kwargs)
+        return step(run, inputs, *args, **kwargs)
 
     monkeypatch.setattr(mutual, "mutual_step", recording)
     mutual.main(mutual.get_args_parser().parse_args([*TINY, "--models", "resnet20", "resnet20", "--epochs", "1",
@@ -92,7 +93,7 @@ def test_views_are_a_group_flag_and_kept_on_resume(capsys, tmp_path):
     competitive.main(competitive.get_args_parser().parse_args([*TINY, "--models", "resnet20", "resnet20", "--epochs", "1",
                                                                "--out-dir", str(tmp_path)]))
     with pytest.raises(SystemExit) as exit_info:
-        flags.launch(competitive.main, competitive.get_args_parser(),
+        stopping.launch(competitive.main, competitive.get_args_parser(),
                      [*TINY, "--models", "resnet20", "resnet20", "--epochs", "2", "--views", "independent",
                       "--resume", str(tmp_path / "last.pt")])
     assert exit_info.value.code == 2

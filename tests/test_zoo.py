@@ -12,6 +12,7 @@ import demo
 import engine
 import flags
 import models
+import stopping
 import train
 import train_competitive_distillation as competitive
 import train_mutual_learning as mutual
@@ -26,7 +27,7 @@ needs_timm = pytest.mark.skipif(not HAVE_TIMM, reason="timm is not installed (pi
 
 def run(module, argv):
     """A script in-process, as from a shell."""
-    return flags.launch(module.main, module.get_args_parser(), [str(a) for a in argv])
+    return stopping.launch(module.main, module.get_args_parser(), [str(a) for a in argv])
 
 
 def one_line_error(capsys, module, argv, code=2):
@@ -146,8 +147,9 @@ def test_a_frozen_network_never_changes_nor_gets_a_gradient(trained, tmp_path, m
     single = trained[0]
     step, steps = competitive.competitive_step, []
 
-    def checked(nets, *args, **kwargs):
-        stats = step(nets, *args, **kwargs)
+    def checked(run, *args, **kwargs):
+        stats = step(run, *args, **kwargs)
+        nets = run.nets
         assert all(p.grad is None and not p.requires_grad for p in nets[0].parameters())
         assert not nets[0].training and nets[1].training
         steps.append(stats)
@@ -221,13 +223,14 @@ def test_a_run_repeated_from_its_args_json_is_bit_identical(tmp_path):
     run(competitive, [*TINY, "--models", "resnet20", "tv:mobilenet_v3_small", "--epochs", "1", "--deterministic",
                       "--out-dir", first])
     saved = json.loads((first / "args.json").read_text())
-    assert saved["lr"] == [0.025] and saved["img_size"] == 16 and saved["val_size"] == 32 and saved["num_classes"] == 10
+    assert saved["lr"] is None and saved["img_size"] == 16 and saved["val_size"] == 32 and saved["num_classes"] is None
+    assert saved["resolved"]["lr"] == [0.025] and saved["resolved"]["num_classes"] == 10  # computed, recorded apart
     run(competitive, ["--config", first / "args.json", "--out-dir", again])
     assert_same_weights(weights(first / "last.pt"), weights(again / "last.pt"))
     assert [row["test_acc"] for row in read_rows(first)] == [row["test_acc"] for row in read_rows(again)]
     repeated = json.loads((again / "args.json").read_text())
-    assert {k: v for k, v in repeated.items() if k not in ("out_dir", "config")} == \
-           {k: v for k, v in saved.items() if k not in ("out_dir", "config")}
+    assert {k: v for k, v in repeated.items() if k not in ("out_dir", "config", "given")} == \
+           {k: v for k, v in saved.items() if k not in ("out_dir", "config", "given")}  # given: --config alone
     run(competitive, ["--config", first / "args.json", "--seed", "1", "--out-dir", changed])  # one flag changed
     assert json.loads((changed / "args.json").read_text())["seed"] == 1
     assert not torch.equal(weights(first / "last.pt")[0]["fc.weight"], weights(changed / "last.pt")[0]["fc.weight"])
