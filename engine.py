@@ -262,6 +262,8 @@ def evaluate_epoch(run, epoch):
     on an epoch that --eval-every skips (the last epoch, and the last of this invocation, never are)."""
     _, val_loader, test_loader = run.loaders
     sync_replicas(run.nets, run.rt, epoch)
+    if run.ema:  # each process averaged its own BatchNorm statistics: rank 0's are evaluated and saved
+        sync_replicas(run.ema.modules(run.nets), run.rt, epoch)
     if (epoch + 1) % getattr(run.args, "eval_every", 1) and not last_epoch_here(run, epoch):
         return {"val": None, "test": None}
     shown = progress_enabled(run.args, run.rt)

@@ -5,8 +5,8 @@ default; last.pt with --which last) becomes a .safetensors file of its state_dic
 timm's and the Hugging Face hub's weight files) and a JSON file beside it that says how to rebuild
 and feed it: the model name models.create_model takes, the class count and input geometry, the class
 names, the normalisation, its accuracies (results.json), the epoch of its weights and the run's
-arguments. A branched ONE/OKDDip network is exported as its deployed branch: a plain network of its
-base architecture. --format onnx writes each network as ONNX too (dynamic batch), checked against
+arguments. A branched ONE/OKDDip/PCL network or a BYOT network with exits is exported as its deployed
+branch: a plain network of its base architecture. --format onnx writes each network as ONNX too (dynamic batch), checked against
 PyTorch with onnxruntime when it is installed. Every file is written under a temporary name and
 renamed into place at the end: an export that fails leaves none of its files.
 
@@ -127,14 +127,15 @@ def read_results(run_dir):
 # ----------------------------------------------------------------------------------------------
 def exported_networks(ckpt, path):
     """[(model name, name in the run, eval-mode network)] of a checkpoint: each network rebuilt by name
-    with its weights; a branched one as its deployed branch, a plain network of its base architecture."""
+    with its weights; a branched one (or one with exits) as its deployed part, a plain network of its base
+    architecture."""
     exported = []
     for i, (name, state) in enumerate(zip(ckpt["models"], ckpt["nets"])):
         geometry = dict(num_classes=ckpt["num_classes"], img_size=ckpt["img_size"], in_chans=ckpt["in_chans"])
         try:
             net = models.create_model(name, **geometry)
             net.load_state_dict(state)
-            if models.is_branched_name(name):
+            if hasattr(net, "deployed_state_dict"):  # ONE, OKDDip, PCL, BYOT: one network trained as several
                 deployed, base = net.deployed_state_dict(), net.base
                 net = models.create_model(base, **geometry)
                 net.load_state_dict(deployed)

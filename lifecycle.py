@@ -85,7 +85,7 @@ def start_run(args, step, *, group=None, views="same", perturbation=False, batch
     the perturbed group inputs (inputs, labels, labels_perm, lams; perturbed_batch), or those of
     `batch(run, global_step, images, labels)`, which returns (arguments, None). What the scripts vary:
     group: the run's flags.Group (default: flags.check_args); views: --views ("independent": one augmented
-    view of each batch per network); members, outputs: a branched network's rows and evaluation (engine.
+    view of each batch per network) or a number of views; members, outputs: a branched network's rows and evaluation (engine.
     evaluate); prepare(net): run on each network before it is wrapped; state: the script's own resumable
     objects; repeats: repeated augmentation; computed: the script's own values computed from its flags
     (resolve); min_lr(peak rate): the cosine schedule's final fraction.
@@ -96,7 +96,8 @@ def start_run(args, step, *, group=None, views="same", perturbation=False, batch
     rt = utils.setup_runtime(args)
     resolved = resolve(args, rt, len(group.names), computed)
     data, loaders = utils.setup_data(args, rt, eval_batch_size=resolved["eval_batch_size"],
-                                     views=len(group.names) if views == "independent" else 1, repeats=repeats,
+                                     views=views if isinstance(views, int) else len(group.names) if views == "independent" else 1,
+                                     repeats=repeats,
                                      rand_augment_impl=resolved.get("rand_augment_impl", "auto"))
     resolved.update(img_size=data.info.img_size, val_size=data.info.val_size, num_classes=data.info.num_classes)
     nets = utils.build_nets(group, data.info, rt, drop_path=args.drop_path, prepare=prepare)

@@ -119,3 +119,31 @@ def peer_teachers(attention, peer_logits):
     """OKDDip's peer teachers t_a = sum_b alpha_ab z_b: attention (B, p, p) and peer logits (p, B, C)
     -> (p, B, C); not detached here (the official code trains through them)."""
     return torch.einsum("bae,ebc->abc", attention, peer_logits)
+
+
+def peer_mean_kd(logits, mean_logits, temperature=3.0):
+    """PCL's peer mean teacher (Wu & Gong, AAAI 2021, section 3): for each peer i, the mean over the other
+    peers j of KD_T(sg(z'_j) || z_i), z'_j the temporal mean network's peer j (on its own view); (m,).
+    logits, mean_logits: (m, B, C)."""
+    m = len(logits)
+    return torch.stack([sum(kd_loss(logits[i], mean_logits[j], temperature) for j in range(m) if j != i) / (m - 1)
+                        for i in range(m)])
+
+
+def self_distillation(logits, features, labels, *, temperature=3.0, kd_weight=0.3, hint_weight=0.03):
+    """BYOT's losses per exit (Zhang et al., ICCV 2019, section 3.2), the deepest exit last; returns (loss,
+    ce, kd, hint), each (k,). logits (k, B, C) and pooled features (k, B, F) of every exit.
+
+    The deepest exit learns from the labels alone: loss = ce = CE(z_C, y). A shallow exit i learns from the
+    labels, from the deepest exit's softened outputs and from its features: loss = (1 - kd_weight) ce + kd
+    + hint, ce = CE(z_i, y), kd = kd_weight KL(sg(softmax(z_C / T)) || softmax(z_i / T)) (without T^2: the
+    official code's soft cross-entropy, which has this gradient), hint = hint_weight ||f_i - sg(f_C)||_2
+    (batch mean of the L2 norm, not squared, as the official code). Defaults: the official code's 0.3,
+    T = 3 and 0.03, for every shallow exit (that code skips the hint of one of them)."""
+    k = len(logits)
+    ce = torch.stack([F.cross_entropy(z, labels) for z in logits.float()])
+    teacher, deepest = logits[-1].float().detach(), features[-1].float().detach()
+    kd = torch.stack([kd_loss(z, teacher, temperature) / temperature**2 for z in logits[:-1]] + [ce.new_zeros(())])
+    hint = torch.stack([(f.float() - deepest).norm(dim=-1).mean() for f in features[:-1]] + [ce.new_zeros(())])
+    ce_weight = torch.where(torch.arange(k, device=ce.device) < k - 1, 1 - kd_weight, 1.0)
+    return ce_weight * ce + kd_weight * kd + hint_weight * hint, ce, kd_weight * kd, hint_weight * hint

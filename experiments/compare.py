@@ -54,14 +54,17 @@ CONFIGS = {
     "kdcl-minlogit": ("train_kdcl.py", ["--models", "NET", "NET", "--teacher", "minlogit"]),
     "one": ("train_one.py", ["--model", "NET"]),
     "okddip": ("train_okddip.py", ["--model", "NET"]),
+    "pcl": ("train_pcl.py", ["--model", "NET"]),
+    "byot": ("train_byot.py", ["--model", "NET"]),   # self-distillation: one network and its early exits
 }
 
 # The ensemble each group's ensemble is compared with: independently trained networks, as many, of
-# the same architectures, on the same batches (ONE's gated ensemble and OKDDip's peer ensemble have 3).
+# the same architectures, on the same batches (ONE's gated ensemble, OKDDip's and PCL's peer ensembles have 3;
+# BYOT's ensemble of one network's exits has no such baseline).
 ENSEMBLE_BASELINE = {"independent-perturb": "independent", "dml": "independent", "dml-perturb": "independent",
                      "cd": "independent", "cd-no-perturb": "independent", "cd-3": "independent-3",
                      "cd-hetero": "independent-hetero", "kdcl-naive": "independent", "kdcl-minlogit": "independent",
-                     "one": "independent-3", "okddip": "independent-3"}
+                     "one": "independent-3", "okddip": "independent-3", "pcl": "independent-3"}
 
 
 def base_config(name):

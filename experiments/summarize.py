@@ -51,7 +51,8 @@ CONTROLS = ("vanilla", "vanilla-perturb", "vanilla-other", "independent", "indep
 ALONE = ("vanilla", "vanilla-other")
 INDEPENDENT = ("independent", "independent-3", "independent-hetero")
 PERTURBED_ALONE, PERTURBED_INDEPENDENT = "vanilla-perturb", "independent-perturb"
-BRANCHED = ("branch", "leader", "peer")  # the labels of a branched network's members (ONE, OKDDip)
+# The labels of the members of one network trained as several (ONE, OKDDip, PCL, BYOT), the deployed one first.
+BRANCHED = ("branch", "leader", "peer", "deepest", "exit")
 
 
 def by_config(runs):
@@ -292,10 +293,10 @@ def headline(rows):
 
 
 def deployed_parts(members):
-    """A configuration's deployed networks, in parts shown side by side: ONE's branch 0 or OKDDip's
-    leader alone; every member of a group of one architecture together (averaged per seed); each
+    """A configuration's deployed networks, in parts shown side by side: ONE's branch 0, OKDDip's
+    leader, PCL's temporal-mean peer 0 or BYOT's deepest exit alone; every member of a group of one architecture together (averaged per seed); each
     member of a mixed group apart."""
-    deployed = members[:1] if members[0]["label"].startswith(("branch", "leader")) else members
+    deployed = members[:1] if members[0]["label"].startswith(BRANCHED) else members
     return [deployed] if len({row["model"] for row in deployed}) == 1 else [[row] for row in deployed]
 
 

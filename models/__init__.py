@@ -7,8 +7,9 @@ Geometry (strides, patch grid) is derived from img_size; a size a model cannot t
 ValueError with a readable message.
 
 Besides the registered names below, `tv:NAME` builds a torchvision classification model and
-`timm:NAME` a timm model, with random weights (models/zoo.py), and `one:BASE:M` / `okddip:BASE:M`
-the branched networks of ONE and OKDDip on a CIFAR ResNet or Wide ResNet (models/branched.py).
+`timm:NAME` a timm model, with random weights (models/zoo.py), `one:BASE:M` / `okddip:BASE:M` /
+`pcl:BASE:M` the branched networks of ONE, OKDDip and PCL on a CIFAR ResNet or Wide ResNet
+(models/branched.py), and `byot:BASE` such a network with BYOT's early exits (models/exits.py).
 """
 import torch
 
@@ -20,6 +21,7 @@ from .resnet import resnet20, resnet32, resnet44, resnet56, resnet110, resnet120
 from .vit import authors_vit, vit_base, vit_small, vit_tiny
 from .wideresnet import wrn_16_8, wrn_28_10, wrn_40_2
 from .branched import BRANCHABLE, create_branched_by_name, is_branched_name, resolve_branched
+from .exits import create_exit_net, is_exit_name, resolve_exit_name
 from .zoo import create_zoo_model, is_zoo_name, resolve_zoo_name
 
 MODELS = {
@@ -81,6 +83,8 @@ def resolve_name(name):
         return resolve_zoo_name(name)
     if is_branched_name(name):
         return resolve_branched(name)
+    if is_exit_name(name):
+        return resolve_exit_name(name)
     key = name.lower().replace("-", "_")
     key = ALIASES.get(key, key)
     if key not in MODELS:
@@ -98,6 +102,8 @@ def create_model(name, *, num_classes, img_size, in_chans, **kwargs):
         return create_zoo_model(key, num_classes=num_classes, img_size=img_size, in_chans=in_chans, **kwargs)
     if is_branched_name(key):
         return create_branched_by_name(key, num_classes=num_classes, img_size=img_size, in_chans=in_chans, **kwargs)
+    if is_exit_name(key):
+        return create_exit_net(key, num_classes=num_classes, img_size=img_size, in_chans=in_chans, **kwargs)
     return MODELS[key](num_classes=num_classes, img_size=img_size, in_chans=in_chans, **kwargs)
 
 

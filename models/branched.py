@@ -1,4 +1,4 @@
-"""Branched networks for the online-distillation baselines ONE and OKDDip.
+"""Branched networks for the online-distillation baselines ONE, OKDDip and PCL.
 
 One registered CIFAR ResNet or Wide ResNet is cut in two: the stem and stages 1-2 are a shared
 trunk; each of m branches is its own copy of stage 3 (for a WRN with the final BN-ReLU), global
@@ -9,7 +9,13 @@ and of OKDDip (Chen et al., AAAI 2020, arXiv 1912.00350; github.com/DefangChen/O
 shortcuts; the branches here keep the base network of models/resnet.py (option-A shortcuts), so a
 branch is exactly the registered network and its weights load into `models.create_model(base)`.
 
+PCL (Wu & Gong, AAAI 2021, arXiv 2006.04147) uses the same layout (its unofficial reimplementation,
+github.com/shaoeric/Peer-Collaborative-Learning-for-Online-Knowledge-Distillation @6afb473,
+models/resnet.py: conv1 and stages 1-2 shared, a peer = stage 3 + pooling + FC).
+
 Optional parts:
+- peer ensemble (PCL): a classifier Linear(m * C3, classes) on the peers' concatenated pooled features,
+  the peer-ensemble teacher; TemporalMeanNet adds PCL's temporal mean network.
 - gate (ONE): softmax(ReLU(BN1d(Linear(C2, m)(pool(stage-2 output))))), one weight per sample
   and branch; the gated ensemble of the branches' logits is ONE's teacher (losses.gated_ensemble).
 - peer attention (OKDDip): query and key projections Linear(C3, C3 // 8, bias=False) shared by the
@@ -17,9 +23,12 @@ Optional parts:
 
 `forward(x)` returns the deployed branch's logits only (the repository's model contract);
 `forward(x, all_branches=True)` every branch's logits, the gate, the pooled features and their
-projections, for the training scripts. Registered names: `one:BASE:M` (gate, branch 0 deployed)
-and `okddip:BASE:M` (peer attention, the last branch, the leader, deployed); see `resolve_branched`.
+projections, for the training scripts (x may also be a list: one view of the batch per branch).
+Registered names: `one:BASE:M` (gate, branch 0 deployed), `okddip:BASE:M` (peer attention, the last
+branch, the leader, deployed) and `pcl:BASE:M` (peer ensemble and temporal mean, the mean's peer 0
+deployed); see `resolve_branched`.
 """
+import copy
 from typing import NamedTuple, Optional
 
 import torch
@@ -34,12 +43,14 @@ BRANCHABLE = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resn
 
 class BranchOutputs(NamedTuple):
     """Every branch's output: logits (m, B, C), gate (B, m) or None, pooled stage-3 features (m, B, C3),
-    and with peer attention their queries and keys (m, B, C3 // 8) (else None)."""
+    with peer attention their queries and keys (m, B, C3 // 8), with a peer ensemble its logits (B, C)
+    (else None)."""
     logits: torch.Tensor
     gate: Optional[torch.Tensor]
     features: torch.Tensor
     queries: Optional[torch.Tensor] = None
     keys: Optional[torch.Tensor] = None
+    ensemble: Optional[torch.Tensor] = None
 
 
 def stage3_start(features):
@@ -62,7 +73,7 @@ class BranchedNet(nn.Module):
     `create_branched` also sets `base`, the registry name of the base network.
     """
 
-    def __init__(self, networks, *, gate=False, peer_attention=False, deployed=0):
+    def __init__(self, networks, *, gate=False, peer_attention=False, peer_ensemble=False, deployed=0):
         super().__init__()
         branches = len(networks)
         if not -branches <= deployed < branches:
@@ -82,6 +93,7 @@ class BranchedNet(nn.Module):
         if peer_attention:
             self.query = nn.Linear(feature_channels, feature_channels // 8, bias=False)
             self.key = nn.Linear(feature_channels, feature_channels // 8, bias=False)
+        self.ensemble_head = nn.Linear(branches * feature_channels, networks[0].fc.out_features) if peer_ensemble else None
 
     @property
     def branches(self):
@@ -97,17 +109,26 @@ class BranchedNet(nn.Module):
         return self.heads[self.deployed](features)
 
     def forward_branches(self, x):
-        """Every branch's logits, the gate (None without one) and the pooled stage-3 features."""
-        shared = self.trunk(x)
+        """Every branch's logits, the gate (None without one) and the pooled stage-3 features (and the
+        peer projections and peer ensemble of a network that has them). x: the batch, or a list of one
+        view of it per branch, which the trunk then runs once per view (PCL's multi-view peers)."""
+        if isinstance(x, (list, tuple)):
+            if len(x) != self.branches:
+                raise ValueError(f"forward_branches: {len(x)} views for {self.branches} branches")
+            shared = [self.trunk(view) for view in x]
+        else:
+            shared = [self.trunk(x)] * self.branches
         gate = None
         if self.gate is not None:
             # ONE's gate reads the globally pooled trunk (stage-2) output; softmax over branches.
-            gate = F.softmax(self.gate(shared.mean(dim=(2, 3))), dim=1)
-        features = torch.stack([stage(shared).mean(dim=(2, 3)) for stage in self.stages])
+            gate = F.softmax(self.gate(shared[0].mean(dim=(2, 3))), dim=1)
+        features = torch.stack([stage(trunk).mean(dim=(2, 3)) for stage, trunk in zip(self.stages, shared)])
         logits = torch.stack([head(branch) for head, branch in zip(self.heads, features)])
-        if self.query is None:
-            return BranchOutputs(logits, gate, features)
-        return BranchOutputs(logits, gate, features, *self.peer_projections(features))
+        queries, keys = self.peer_projections(features) if self.query is not None else (None, None)
+        ensemble = None
+        if self.ensemble_head is not None:  # PCL's peer-ensemble teacher: a classifier on the concatenated features
+            ensemble = self.ensemble_head(features.permute(1, 0, 2).flatten(1))
+        return BranchOutputs(logits, gate, features, queries, keys, ensemble)
 
     def peer_projections(self, features):
         """OKDDip's queries and keys (..., C3 // 8) of pooled features (..., C3), shared by all peers."""
@@ -126,8 +147,36 @@ class BranchedNet(nn.Module):
         return state
 
 
+class TemporalMeanNet(nn.Module):
+    """PCL's network: `live`, a branched network with a peer ensemble, which trains, and `mean`, its
+    temporal mean (a copy whose parameters follow the live ones as an exponential moving average, updated
+    by the training step, ema.blend; its BatchNorm statistics are its own, from its own train-mode forwards,
+    as in the PCL reimplementation). `forward(x)` is the deployed network, the mean's peer 0 (the PCL
+    reimplementation deploys the mean network's first peer); `forward(x, all_branches=True)` the live
+    network's outputs; the mean is never trained by a gradient."""
+
+    def __init__(self, live):
+        super().__init__()
+        self.live = live
+        self.mean = copy.deepcopy(live).requires_grad_(False)
+        self.base = getattr(live, "base", None)
+
+    @property
+    def branches(self):
+        """Number of peers m."""
+        return self.live.branches
+
+    def forward(self, x, all_branches=False):
+        """The mean's deployed peer's logits; with all_branches, the live network's BranchOutputs."""
+        return self.live(x, all_branches=True) if all_branches else self.mean(x)
+
+    def deployed_state_dict(self):
+        """The mean network's deployed peer under the base network's names (BranchedNet.deployed_state_dict)."""
+        return self.mean.deployed_state_dict()
+
+
 def create_branched(base, *, branches, num_classes, img_size, in_chans, gate=False,
-                    peer_attention=False, deployed=0):
+                    peer_attention=False, peer_ensemble=False, deployed=0):
     """A BranchedNet of `branches` branches on the registered network `base` (or an alias)."""
     from . import create_model, is_zoo_name, resolve_name   # here: models/__init__.py may import this file
 
@@ -138,17 +187,19 @@ def create_branched(base, *, branches, num_classes, img_size, in_chans, gate=Fal
         raise ValueError(f"create_branched: branches must be an integer >= 2, got {branches}")
     networks = [create_model(key, num_classes=num_classes, img_size=img_size, in_chans=in_chans)
                 for _ in range(branches)]
-    model = BranchedNet(networks, gate=gate, peer_attention=peer_attention, deployed=deployed)
+    model = BranchedNet(networks, gate=gate, peer_attention=peer_attention, peer_ensemble=peer_ensemble,
+                        deployed=deployed)
     model.base = key
     return model
 
 
 # Registered branched models by name, METHOD:BASE:M (models.create_model builds them).
-METHODS = {"one": dict(gate=True, deployed=0), "okddip": dict(peer_attention=True, deployed=-1)}
+METHODS = {"one": dict(gate=True, deployed=0), "okddip": dict(peer_attention=True, deployed=-1),
+           "pcl": dict(peer_ensemble=True, deployed=0)}
 
 
 def is_branched_name(name):
-    """True for a name of the form one:BASE:M or okddip:BASE:M."""
+    """True for a name of the form METHOD:BASE:M, METHOD one of METHODS (one, okddip, pcl)."""
     return isinstance(name, str) and name.split(":", 1)[0] in METHODS
 
 
@@ -172,11 +223,14 @@ def branch_members(name):
     method, base, branches = resolve_branched(name).split(":")
     if METHODS[method].get("deployed", 0) == -1:  # the last branch is the leader
         return [(f"leader_{base}", base)] + [(f"peer{i}_{base}", base) for i in range(int(branches) - 1)]
+    if method == "pcl":  # the temporal mean network's peers, the deployed one first
+        return [(f"peer{i}_{base}", base) for i in range(int(branches))]
     return [(f"branch{i}_{base}", base) for i in range(int(branches))]
 
 
 def create_branched_by_name(name, *, num_classes, img_size, in_chans):
     """The branched model METHOD:BASE:M (see METHODS)."""
     method, base, branches = resolve_branched(name).split(":")
-    return create_branched(base, branches=int(branches), num_classes=num_classes, img_size=img_size,
-                           in_chans=in_chans, **METHODS[method])
+    model = create_branched(base, branches=int(branches), num_classes=num_classes, img_size=img_size,
+                            in_chans=in_chans, **METHODS[method])
+    return TemporalMeanNet(model) if method == "pcl" else model

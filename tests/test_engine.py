@@ -207,8 +207,10 @@ def test_model_ema_equals_a_hand_computed_average_and_resumes_exactly(tmp_path, 
                 expected[key] = 0.9 * expected[key] + 0.1 * value.double()
     average = checkpoints.load_checkpoint(str(tmp_path / "straight" / "last.pt"))["state"]["ema"]["averages"][0]
     for key, value in expected.items():
-        if value.is_floating_point():
+        if seen[0][key].is_floating_point():
             torch.testing.assert_close(average[f"module.{key}"].double(), value, rtol=1e-5, atol=1e-6)
+        else:  # BatchNorm's batch counter: the network's own
+            assert torch.equal(average[f"module.{key}"], seen[-1][key])
     assert int(average["n_averaged"]) == len(seen) == 4
     rows = read_rows(tmp_path / "straight")
     assert [r["net"] for r in rows] == ["net0_resnet20", "ema_net0_resnet20"] * 2
@@ -224,3 +226,35 @@ def test_model_ema_equals_a_hand_computed_average_and_resumes_exactly(tmp_path, 
                                                  "--device", "cpu"]))
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("net0_resnet20"))
     assert f"{results['ema'][0]['final_test_acc']:.2f}%" in line  # the average's test accuracy, not the network's
+
+
+def test_the_exponential_average_is_averaged_models_bit_for_bit_and_never_reads_the_device():
+    """ema.ExponentialAverage against torch's AveragedModel with its EMA update (what --model-ema used
+    before): every floating tensor (parameters, BatchNorm statistics) equal bit for bit after several
+    steps; the batch counter copied; the update count a Python number."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    import ema
+    import models
+    torch.manual_seed(0)
+    net = models.create_model("resnet20", num_classes=10, img_size=16, in_chans=3)
+    reference = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    average = ema.ExponentialAverage(net, 0.9)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(4):
+        loss = torch.nn.functional.cross_entropy(net(torch.randn(8, 3, 16, 16)), torch.randint(0, 10, (8,)))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        reference.update_parameters(net)
+        average.update(net)
+    ours, theirs = average.state_dict(), reference.state_dict()
+    assert ours.keys() == theirs.keys() and isinstance(average.count, int) and int(ours["n_averaged"]) == 4
+    for key, value in theirs.items():
+        if value.is_floating_point():
+            assert torch.equal(ours[key], value), key
+        elif key.endswith("num_batches_tracked"):  # copied from the network (AveragedModel blended it as a float)
+            assert torch.equal(ours[key], net.state_dict()[key[len("module."):]])
+    restored = ema.ExponentialAverage(net, 0.9)
+    restored.load_state_dict(theirs)  # an AveragedModel's checkpoint resumes
+    assert restored.count == 4 and all(torch.equal(a, b) for a, b in zip(restored.module.parameters(),
+                                                                          reference.module.parameters()))

@@ -187,3 +187,69 @@ def test_projections_learn_only_through_undetached_teachers():
         for projection in (query, key):
             received = projection.weight.grad is not None and projection.weight.grad.abs().max() > 0
             assert received == learns
+
+
+def test_peer_mean_kd_by_hand():
+    """PCL's peer mean teacher: peer i's KD from each other peer j of the temporal mean, averaged over j."""
+    import math
+    logits = torch.tensor([[[0.0, 0.0]], [[1.0, 0.0]], [[0.0, 2.0]]])      # three peers, one sample, two classes
+    mean = torch.tensor([[[0.0, 1.0]], [[0.0, 0.0]], [[3.0, 0.0]]])
+
+    def kl(teacher, student, t):   # T^2 KL(softmax(teacher / T) || softmax(student / T)), written out
+        p = [math.exp(v / t) for v in teacher]
+        q = [math.exp(v / t) for v in student]
+        p, q = [v / sum(p) for v in p], [v / sum(q) for v in q]
+        return t * t * sum(a * math.log(a / b) for a, b in zip(p, q))
+
+    t = 3.0
+    expected = [(kl(mean[1, 0].tolist(), logits[0, 0].tolist(), t) + kl(mean[2, 0].tolist(), logits[0, 0].tolist(), t)) / 2,
+                (kl(mean[0, 0].tolist(), logits[1, 0].tolist(), t) + kl(mean[2, 0].tolist(), logits[1, 0].tolist(), t)) / 2,
+                (kl(mean[0, 0].tolist(), logits[2, 0].tolist(), t) + kl(mean[1, 0].tolist(), logits[2, 0].tolist(), t)) / 2]
+    assert losses.peer_mean_kd(logits, mean, t).tolist() == pytest.approx(expected, rel=1e-5)
+    student = logits.clone().requires_grad_(True)
+    teacher = mean.clone().requires_grad_(True)
+    losses.peer_mean_kd(student, teacher, t).sum().backward()
+    assert teacher.grad is None and student.grad.abs().sum() > 0  # the temporal mean is never trained
+
+
+def test_self_distillation_by_hand():
+    """BYOT per exit: the deepest exit CE only; a shallow exit (1 - a) CE + a KL(deepest || exit) at T
+    (no T^2) + h ||f_i - f_deepest||; no gradient into the deepest exit's logits or features through them."""
+    import math
+    logits = torch.tensor([[[2.0, 0.0]], [[0.0, 0.0]], [[0.0, 1.0]]], requires_grad=True)   # exits 1, 2, deepest
+    features = torch.tensor([[[3.0, 4.0]], [[0.0, 0.0]], [[0.0, 0.0]]], requires_grad=True)
+    labels = torch.tensor([1])
+    loss, ce, kd, hint = losses.self_distillation(logits, features, labels, temperature=2.0, kd_weight=0.3, hint_weight=0.1)
+    ce_of = lambda z: -z[1] + math.log(math.exp(z[0]) + math.exp(z[1]))
+    assert ce.tolist() == pytest.approx([ce_of([2.0, 0.0]), ce_of([0.0, 0.0]), ce_of([0.0, 1.0])])
+    p = [math.exp(0.0) / (1 + math.exp(0.5)), math.exp(0.5) / (1 + math.exp(0.5))]      # deepest at T = 2
+    q1 = [math.exp(1.0) / (math.exp(1.0) + 1), 1 / (math.exp(1.0) + 1)]                 # exit 1 at T = 2
+    kl1 = sum(a * math.log(a / b) for a, b in zip(p, q1))
+    kl2 = sum(a * math.log(a / 0.5) for a in p)
+    assert kd.tolist() == pytest.approx([0.3 * kl1, 0.3 * kl2, 0.0], rel=1e-5)
+    assert hint.tolist() == pytest.approx([0.1 * 5.0, 0.0, 0.0])                          # |(3, 4)| = 5
+    assert loss.tolist() == pytest.approx([0.7 * ce[0].item() + 0.3 * kl1 + 0.5, 0.7 * ce[1].item() + 0.3 * kl2, ce[2].item()],
+                                          rel=1e-5)
+    (kd.sum() + hint.sum()).backward()
+    assert logits.grad[2].abs().sum() == 0 and features.grad[2].abs().sum() == 0     # the deepest exit teaches only
+
+
+def test_pcl_and_byot_parameter_counts():
+    """PCL on ResNet-32, 3 peers, 100 classes: ONE's branched network without the gate plus the peer-ensemble
+    classifier (3 x 64 -> 100), and a temporal mean of the same size that never trains; BYOT on ResNet-32:
+    the network plus its two exits, counted by hand (see below); both deploy a plain ResNet-32 (0.47 M)."""
+    import models
+    one = models.create_model("one:resnet32:3", num_classes=100, img_size=32, in_chans=3)
+    gate = sum(p.numel() for p in one.gate.parameters())
+    pcl = models.create_model("pcl:resnet32:3", num_classes=100, img_size=32, in_chans=3)
+    trained = sum(p.numel() for p in pcl.parameters() if p.requires_grad)
+    assert trained == sum(p.numel() for p in one.parameters()) - gate + (3 * 64 * 100 + 100)
+    assert sum(p.numel() for p in pcl.mean.parameters()) == trained and not any(p.requires_grad for p in pcl.mean.parameters())
+    plain = sum(p.numel() for p in models.create_model("resnet32", num_classes=100, img_size=32, in_chans=3).parameters())
+    assert plain == pytest.approx(0.47e6, rel=0.01)
+    # exit 1 (16 channels): 1x1 16->4 (64), BN 4 (8), 4x4 stride 4, 4->4 (256), BN (8), 1x1 4->64 (256), BN 64 (128),
+    # Linear 64->100 (6,500): 7,220; exit 2 (32 channels): 256 + 16 + 2x2x8x8 (256) + 16 + 512 + 128 + 6,500 = 7,684
+    byot = models.create_model("byot:resnet32", num_classes=100, img_size=32, in_chans=3)
+    assert sum(p.numel() for p in byot.parameters()) == plain + 7220 + 7684
+    for net in (pcl, byot):
+        assert sum(v.numel() for k, v in net.deployed_state_dict().items() if "running" not in k and "num_batches" not in k) == plain

@@ -14,7 +14,7 @@ from datasets import DATASETS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = {"train.py", "train_mutual_learning.py", "train_competitive_distillation.py", "train_ceit.py",
-           "train_kdcl.py", "train_one.py", "train_okddip.py", "demo.py", "export.py", "benchmarks/bench.py", "experiments/compare.py", "experiments/summarize.py",
+           "train_kdcl.py", "train_one.py", "train_okddip.py", "train_pcl.py", "train_byot.py", "demo.py", "export.py", "benchmarks/bench.py", "experiments/compare.py", "experiments/summarize.py",
            "experiments/bn_perturbed.py"}
 
 

@@ -26,7 +26,7 @@ from helpers import ROOT, assert_same_weights, cpu_env, read_rows, step_run, wei
 from losses import kd_loss
 
 SCRIPTS = ["train.py", "train_mutual_learning.py", "train_competitive_distillation.py", "train_ceit.py", "train_kdcl.py",
-           "train_one.py", "train_okddip.py", "demo.py"]
+           "train_one.py", "train_okddip.py", "train_pcl.py", "train_byot.py", "demo.py"]
 # 128 synthetic 16-px images, 4 steps of 32: seconds per epoch on two CPU cores.
 TINY = ["--dataset", "fake", "--img-size", "16", "--train-subset", "128", "--val-size", "64",
         "--batch-size", "32", "--eval-batch-size", "256", "--device", "cpu", "--workers", "0", "--no-progress"]
