@@ -131,7 +131,7 @@ def load_run(config, seed, run_dir, warnings):
     one), train ({label: last-epoch training accuracy or None}), leader (top_leader_share) and seconds
     (the training time: its epochs' epoch_time_s summed; None unless every epoch has one)."""
     results_path = os.path.join(run_dir, "results.json")
-    results, args = read_json(results_path), read_json(os.path.join(run_dir, "args.json"))
+    results, args = read_json(results_path), effective_args(read_json(os.path.join(run_dir, "args.json")))
     networks = results.get("networks")
     if not isinstance(networks, list) or not networks:
         raise StudyError(f"{results_path}: no 'networks' list")
@@ -154,6 +154,14 @@ def load_run(config, seed, run_dir, warnings):
             "test": {network["net"]: network["final_test_acc"] for network in networks}, "train": train,
             "val": {network["net"]: network.get("final_val_acc") for network in networks},
             "leader": leader, "seconds": seconds, "diverged": diverged}
+
+
+def effective_args(args):
+    """A run's args.json as the values it trained with: its flags, with what it computed from them
+    ("resolved": the default learning rate, the data set's image size, ...) in place of the flags it left
+    to compute (args.json of earlier runs wrote those values over the flags)."""
+    resolved = args.get("resolved")
+    return {**args, **resolved} if isinstance(resolved, dict) else args
 
 
 def check_seed(run_dir, seed, args):

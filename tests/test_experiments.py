@@ -671,3 +671,13 @@ def test_same_numbers_hashes_the_state_and_the_metrics_without_their_times(tmp_p
     (tmp_path / "m3.csv").write_text("epoch,net,train_loss,epoch_time_s,images_per_s\n1,net0,2.6,3.1,100\n")
     hashes = [same_numbers.metrics_hash(tmp_path / f"m{i}.csv") for i in (1, 2, 3)]
     assert hashes[0] == hashes[1] != hashes[2]
+
+
+def test_runs_recorded_with_their_computed_values_apart_share_a_budget_with_older_ones(study):
+    """args.json of newer runs keeps what a run computed under "resolved" (their flags hold null there): a
+    study mixing them with older runs compares the values they trained with."""
+    run_dir = write_run(study, "cd-3", 0, "competitive", [R] * 3, [80.0] * 4, img_size=None, lr=None,
+                        resolved={"img_size": 28, "lr": [0.1]})
+    runs = summarize.load_study(study)["runs"]
+    newer = next(run for run in runs if run["config"] == "cd-3")
+    assert newer["args"]["img_size"] == 28 and newer["args"]["lr"] == [0.1] and os.path.isdir(run_dir)
