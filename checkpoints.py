@@ -56,6 +56,7 @@ class Checkpoints:
         self.best_states = [None] * n   # each network's weights at its best validation accuracy
         self.resumed_best = None        # the best.pt found beside the checkpoint resumed from
         self.last_rows = []             # the latest epoch's metrics rows (engine.log_epoch), for results.json
+        self.last_ema_rows = []         # ... and those of the --model-ema averages
 
     def checkpoint(self, epoch, step, stats=None):
         """Everything needed to rebuild the group (demo.py) and to continue training exactly.
@@ -65,8 +66,8 @@ class Checkpoints:
         epoch's statistics so far, come along). A collective under torchrun (the statistics' sums).
         """
         info = self.info
-        state = {key: obj.state_dict() for key, obj in self.state.items()}
-        state["best"], state["rows"] = self.best, self.last_rows
+        state = {key: to_cpu(obj.state_dict()) for key, obj in self.state.items()}
+        state["best"], state["rows"], state["ema_rows"] = self.best, self.last_rows, self.last_ema_rows
         if stats is not None:
             state["stats"] = stats.state_dict()
         return {"format": CHECKPOINT_FORMAT, "script": self.script, "models": self.names,
@@ -74,7 +75,7 @@ class Checkpoints:
                 "dataset": info.name, "classes": list(info.classes), "mean": list(info.mean), "std": list(info.std),
                 **self.record, "epoch": epoch, "step": step,
                 "nets": [{k: v.detach().cpu() for k, v in unwrap(net).state_dict().items()} for net in self.nets],
-                "optimizers": [opt.state_dict() if opt is not None else {} for opt in self.optimizers],  # {}: --freeze
+                "optimizers": [to_cpu(opt.state_dict()) if opt is not None else {} for opt in self.optimizers],  # {}: --freeze
                 "rng": rng_state(self.rt), "state": state}
 
     def save(self, epoch, evals):
@@ -154,6 +155,19 @@ class Checkpoints:
     def path(self, name):
         """A file of this run directory."""
         return os.path.join(self.run_dir, name)
+
+
+def to_cpu(value):
+    """`value` (a state_dict: nested dicts, lists and tensors) with every tensor copied to the CPU, so that a
+    checkpoint written on a GPU loads on a machine without one (torch.load with no map_location); loading
+    puts the tensors back where the run computes (the optimizers and modules copy them to their device)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {key: to_cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_cpu(item) for item in value)
+    return value
 
 
 def check_resumable(ckpt, path, args, info, names, rt):
@@ -278,6 +292,18 @@ def prepare_run_dir(run_dir, *, fresh, args):
         return lock
     except OSError as error:
         raise RunFailure(f"cannot write to run directory '{run_dir}': {error.strerror or error}") from None
+
+
+def check_resume_target(run_dir, resume):
+    """UsageError in one line when --resume A/last.pt --out-dir B names a B that holds another run's files:
+    a run directory belongs to one run, so B must be empty (or new) or A's own directory."""
+    if os.path.realpath(run_dir) == os.path.realpath(os.path.dirname(os.path.abspath(resume))):
+        return
+    found = sorted({os.path.basename(p) for pattern in RUN_FILES for p in glob.glob(os.path.join(glob.escape(run_dir), pattern))})
+    if found:
+        raise UsageError(f"--out-dir '{run_dir}' holds another run ({', '.join(found[:4])}), not the one of --resume "
+                         f"'{resume}': a resume continues its run in its own directory or in an empty one; choose "
+                         f"another --out-dir")
 
 
 def check_run_dir(run_dir):

@@ -99,9 +99,11 @@ def resume_defaults(args, parser):
                          f"state, a selection rather than a training state; resume from "
                          f"'{os.path.join(os.path.dirname(path), 'last.pt')}'")
     given, flags, changes = given_flags(args), {}, {}
+    recorded_flags = {**parser.older_runs, **ckpt["args"]}
+    respelled = spelled_group(recorded_flags, args, given)  # the group named by another of its spellings
     # a flag newer than the run: the run went without it, with the value the script gives that (older_runs)
-    for key, old in {**parser.older_runs, **ckpt["args"]}.items():
-        if key in PER_INVOCATION or not hasattr(args, key):
+    for key, old in recorded_flags.items():
+        if key in PER_INVOCATION or not hasattr(args, key) or (respelled and key in GROUP_SPELLINGS):
             continue
         new = getattr(args, key)
         explicit = key in given if given is not None else new is not None
@@ -110,13 +112,42 @@ def resume_defaults(args, parser):
         elif key in RESUME_MAY_CHANGE:
             changes[key] = [old, new]
         else:
-            flag, computed = key.replace('_', '-'), ckpt.get("resolved", {}).get(key)
-            written = (f"with --{flag} {old}" if old is not None else
-                       f"without --{flag}" + (f" (it computed {computed})" if computed is not None else ""))
+            flag, computed = option(parser, key), ckpt.get("resolved", {}).get(key)
+            written = (f"with {flag} {old}" if old is not None else
+                       f"without {flag}" + (f" (it computed {computed})" if computed is not None else ""))
             raise UsageError(f"--resume '{path}' was written {written}; this run has {new} "
                              f"(a resume continues its run: it may change how long and where it runs, not what it "
                              f"trains, docs/usage.md; start a new run with --config to change it)")
     return flags, changes
+
+
+# The spellings of a group's networks: --models A B, or the pair --model1 A --model2 B (--teacher A --student B).
+GROUP_SPELLINGS = ("models", "model1", "model2", "teacher", "student")
+
+
+def group_of(values):
+    """The networks a group's spellings name (None when none is given)."""
+    pair = [values.get(key) for key in ("model1", "model2", "teacher", "student") if values.get(key)]
+    return values.get("models") or pair or None
+
+
+def spelled_group(recorded_flags, args, given):
+    """True when this command line names the resumed run's group by another spelling (--model1/--model2 for
+    --models, ...): the spelling then stands, and the recorded one is not taken. UsageError when it names
+    other networks."""
+    if not any(key in (given or ()) for key in GROUP_SPELLINGS):
+        return False
+    old, new = group_of(recorded_flags), group_of(vars(args))
+    if old is not None and new is not None and list(old) != list(new):
+        raise UsageError(f"--resume was written with the networks {' '.join(old)}; this run names {' '.join(new)} "
+                         f"(a resume continues its run's networks)")
+    return True
+
+
+def option(parser, dest):
+    """The command-line name of the flag whose value is args.<dest> (--teacher for kdcl_teacher)."""
+    action = next((a for a in parser._actions if a.dest == dest and a.option_strings), None)
+    return action.option_strings[0] if action else f"--{dest.replace('_', '-')}"
 
 
 def same_value(key, new, old):

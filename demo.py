@@ -189,7 +189,9 @@ def load_images(paths, ckpt):
     shown, tensors = [], []
     for path in paths:
         if not os.path.isfile(path):
-            raise UsageError(f"image '{path}' does not exist")
+            what = ("does not exist" if not os.path.exists(path) else "is a directory" if os.path.isdir(path)
+                    else "is not a regular file (a pipe or a device)")
+            raise UsageError(f"image '{path}' {what}; --images takes image files")
         try:
             with warnings.catch_warnings():  # an image of more pixels than PIL's bomb limit: an error, not a warning
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -391,6 +393,11 @@ def show_user_images(nets, labels, ckpt, args, rt, out, batch, shown):
     print(f"wrote {out} ({len(args.images)} images)")
 
 
+# What --out (PIL) and --curves (matplotlib) can write, by the file's ending
+GRID_FORMATS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+CURVE_FORMATS = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
+
+
 def main(args):
     """Load the group, show its test-set results (or classify --images), save the grid and curves."""
     check_args(args)
@@ -404,10 +411,14 @@ def main(args):
     ckpt = ckpts[0]
     run_dir = sources[0][1]
     out = args.out or os.path.join(run_dir, "predictions.png")
-    for path, flag in ((out, "--out"), (args.curves or os.path.join(run_dir, "curves.png"), "--curves")):
+    for path, flag, kinds in ((out, "--out", GRID_FORMATS), (args.curves or os.path.join(run_dir, "curves.png"), "--curves",
+                                                           CURVE_FORMATS)):
         folder = os.path.dirname(os.path.abspath(path))
         if not os.access(folder, os.W_OK):  # fail before the evaluation, not after it
             raise UsageError(f"cannot write '{path}': '{folder}' is not writable; write elsewhere with {flag} FILE")
+        if os.path.splitext(path)[1].lower() not in kinds:
+            raise UsageError(f"{flag} '{path}': the file's ending names no image format it can be written in; "
+                             f"give one of {', '.join(kinds)}")
     batch, shown = load_images(args.images, ckpt) if args.images else (None, None)  # fail before heavy work
     names = [name for c in ckpts for name in c["models"]]
     labels = net_labels(names)  # numbered across checkpoints, so two runs' net0 stay apart

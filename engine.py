@@ -36,17 +36,37 @@ def train_one_epoch(run, epoch):
     SIGTERM, SIGHUP) saves last.pt after the step it arrived in and exits with its code (130, 143, 129).
     """
     stats = epoch_stats(run, epoch)
-    for step, (images, labels) in batches(run, epoch):
-        global_step = epoch * run.steps_per_epoch + step
-        run.schedule.step(global_step)
-        arguments, perturbed = run.batch(run, global_step, images, labels)
-        with bn_statistics_kept(perturbed):
-            stats.add(run.train_step(*arguments))
-        run.ema.update(run.nets)
-        log_step(run, epoch, step, stats)
-        if run.stop.requested(step):
-            sys.exit(stopping.save_and_stop(run, run.stop, epoch, step + 1, stats))
+    done = run.start_step if epoch == run.start_epoch else 0  # steps of the epoch trained so far
+    try:
+        for step, (images, labels) in batches(run, epoch):
+            global_step = epoch * run.steps_per_epoch + step
+            run.schedule.step(global_step)
+            arguments, perturbed = run.batch(run, global_step, images, labels)
+            with bn_statistics_kept(perturbed):
+                stats.add(run.train_step(*arguments))
+            run.ema.update(run.nets)
+            log_step(run, epoch, step, stats)
+            done = step + 1
+            if run.stop.requested(step):
+                sys.exit(stopping.save_and_stop(run, run.stop, epoch, step + 1, stats))
+    except RuntimeError as error:
+        if "DataLoader worker" not in str(error):
+            raise
+        raise loader_failure(run, epoch, done, stats, error) from None
     return stats
+
+
+def loader_failure(run, epoch, done, stats, error):
+    """A DataLoader worker that died (killed by the system when memory runs out, most often): last.pt saved
+    after the last step trained (one process), and the RunFailure (exit code 1) that says so in one line."""
+    reason = " ".join(str(error).split())[:160]
+    if run.rt.distributed:  # the other processes are elsewhere in the loop: no collective save is possible
+        return RunFailure(f"a DataLoader worker died in epoch {epoch + 1} ({reason}); nothing of this epoch was saved: "
+                          f"continue with --resume auto, with fewer --workers or a smaller --batch-size", exit_code=1)
+    path = run.checkpoints.save_interrupted(epoch, done, stats)
+    run.metrics.close()
+    return RunFailure(f"a DataLoader worker died in epoch {epoch + 1} ({reason}); the {done} steps trained are saved in "
+                      f"{path}: continue with --resume auto, with fewer --workers or a smaller --batch-size", exit_code=1)
 
 
 class EpochStats:
@@ -302,7 +322,7 @@ def log_epoch(run, epoch, stats, evals):
     run.metrics.write(epoch + 1, rows + averages)
     print_main(run.rt, *(epoch_line(epoch + 1, run.args.epochs, row) for row in rows + averages))
     run.last_rows = run.checkpoints.last_rows = rows
-    run.last_ema_rows = averages
+    run.last_ema_rows = run.checkpoints.last_ema_rows = averages
     if diverged(rows):
         raise divergence(run, epoch, stats, rows)
     return rows

@@ -19,6 +19,7 @@ Rebuilding a network from its files (docs/usage.md, "Sharing trained networks"):
                               in_chans=meta["in_chans"])
     net.load_state_dict(safetensors.torch.load_file("net0_resnet32.safetensors"))
 """
+import fnmatch
 import hashlib
 import importlib.util
 import inspect
@@ -28,6 +29,7 @@ import os
 import torch
 
 import checkpoints
+import configs
 import flags
 import models
 import stopping
@@ -74,7 +76,11 @@ def find_checkpoint(run_dir, which):
         path = os.path.join(run_dir, name)
         if os.path.isfile(path):
             if name != names[0]:
-                print(f"note: '{run_dir}' has no best.pt (the run had no validation split): exporting its last.pt")
+                record = checkpoints.load_checkpoint(path, mmap=True)
+                validated = {**record["args"], **record.get("resolved", {})}.get("val_size")
+                why = ("its best.pt is missing, though the run had a validation split (deleted?)" if validated
+                       else "it has no best.pt (the run had no validation split)")
+                print(f"note: '{run_dir}': {why}: exporting its last.pt")
             return path
     if not any(os.path.exists(os.path.join(run_dir, marker)) for marker in RUN_MARKERS):
         raise UsageError(f"'{run_dir}' is not a run directory of this repository's scripts "
@@ -97,6 +103,56 @@ def check_out_dir(out):
         raise UsageError(f"--out '{out}' is not writable ('{existing}' is not); choose another --out")
 
 
+# The flags a checkpoint of one run may record differently (a resume may change them, one invocation sets them).
+PER_RUN_IGNORED = set(configs.RESUME_MAY_CHANGE) | set(configs.PER_INVOCATION)
+
+
+def check_same_run(run_dir, path, ckpt):
+    """UsageError in one line when the checkpoint is not of the run whose directory holds it: its flags differ
+    from the directory's last.pt's (a best.pt copied or linked from another run), or from its args.json."""
+    flags_of = lambda record: {key: value for key, value in record.items() if key not in PER_RUN_IGNORED}
+    others = []
+    last = os.path.join(run_dir, "last.pt")
+    if os.path.isfile(last) and os.path.realpath(last) != os.path.realpath(path):
+        others.append((last, checkpoints.load_checkpoint(last, mmap=True)["args"]))
+    try:
+        with open(os.path.join(run_dir, "args.json")) as f:
+            others.append((os.path.join(run_dir, "args.json"), json.load(f)))
+    except (OSError, ValueError):
+        pass
+    mine = flags_of(json.loads(json.dumps(ckpt["args"], default=str)))
+    for other, record in others:
+        theirs = flags_of(json.loads(json.dumps(record, default=str)))
+        differ = next((key for key in mine if key in theirs and mine[key] != theirs[key]), None)
+        if differ is not None:
+            raise UsageError(f"'{path}' is not of the run in '{run_dir}': its --{differ.replace('_', '-')} is "
+                             f"{mine[differ]!r}, {os.path.basename(other)}'s {theirs[differ]!r} (a checkpoint copied or "
+                             f"linked from another run?); nothing was exported")
+
+
+def check_out_holds_this_run(out, ckpt):
+    """UsageError in one line when --out holds another run's files (a run directory's, or another run's export:
+    its files would mix with this one's); an earlier export of this run is replaced, other files stay."""
+    if not os.path.isdir(out):
+        return
+    mine = json.loads(json.dumps(ckpt["args"], default=str))
+    names = sorted(os.listdir(out))
+    theirs = [name for name in names if any(fnmatch.fnmatch(name, pattern) for pattern in checkpoints.RUN_FILES)]
+    for name in names:
+        if name.endswith(".json") and name not in theirs:
+            try:
+                with open(os.path.join(out, name)) as f:
+                    record = json.load(f)
+            except (OSError, ValueError):
+                continue
+            if isinstance(record, dict) and "export_format" in record and record.get("args") != mine:
+                theirs += [name] + [record[key] for key in ("weights", "onnx") if record.get(key) in names]
+    if theirs:
+        raise UsageError(f"--out '{out}' holds another run's files ({', '.join(sorted(set(theirs))[:3])}"
+                         f"{', ...' if len(set(theirs)) > 3 else ''}): its export would mix with them; export into an "
+                         f"empty directory or this run's own")
+
+
 def check_onnx_packages():
     """UsageError in one line unless torch.onnx's torch.export-based exporter can run (it needs onnx and onnxscript)."""
     needed = {"dynamo", "dynamic_shapes", "external_data"}  # the torch.export-based exporter's arguments used here
@@ -109,17 +165,30 @@ def check_onnx_packages():
                          f"(torch.onnx's exporter): pip install onnx onnxscript (and onnxruntime, which checks the export)")
 
 
-def read_results(run_dir):
-    """results.json's per-network entries (None for a run without one: it has not finished)."""
+def read_results(run_dir, ckpt):
+    """results.json's per-network entries when they describe the checkpoint's weights (None for a run without
+    one, one that has not finished, or one whose results are of other weights: a note says which)."""
     path = os.path.join(run_dir, "results.json")
     if not os.path.isfile(path):
         return None
     try:
         with open(path) as f:
-            return json.load(f)["networks"]
+            results = json.load(f)
+        networks, epochs = results["networks"], results.get("epochs")
     except (OSError, ValueError, KeyError, TypeError) as error:
         print(f"note: '{path}' is unreadable ({type(error).__name__}); the accuracies are left out")
         return None
+    best = ckpt["state"].get("best")
+    if ckpt["optimizers"] or best is None:  # last.pt: the results of its epoch only
+        same = epochs == ckpt["epoch"] and ckpt["step"] == 0
+    else:  # best.pt: each network's best epoch as results.json records it
+        same = [n.get("best_epoch") for n in networks[:len(best["epoch"])]] == list(best["epoch"])
+    if not same:
+        where = f"epoch {ckpt['epoch']}" + (f" step {ckpt['step']}" if ckpt["step"] else "")
+        print(f"note: '{path}' describes other weights than the checkpoint's (results of epoch {epochs}, weights of "
+              f"{where}): the accuracies are left out")
+        return None
+    return networks
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,7 +344,9 @@ def main(args):
     except ImportError:
         raise UsageError("export.py needs the safetensors package: pip install safetensors") from None
     ckpt = checkpoints.load_checkpoint(path)
-    results, epochs = read_results(args.run_dir), weight_epochs(ckpt)
+    check_same_run(args.run_dir, path, ckpt)
+    check_out_holds_this_run(out, ckpt)
+    results, epochs = read_results(args.run_dir, ckpt), weight_epochs(ckpt)
     networks = exported_networks(ckpt, path)
     labels = net_labels([name for name, _, _ in networks])
     files, records, unchecked = {}, {}, False

@@ -85,7 +85,7 @@ class ArgumentParser(argparse.ArgumentParser):
         for action in self._actions:
             value = getattr(args, action.dest, None)
             values = value if isinstance(value, list) else [value]
-            flag = action.option_strings[-1] if action.option_strings else action.dest
+            flag = action.option_strings[0] if action.option_strings else action.dest
             for v in values:
                 if isinstance(v, float) and not math.isfinite(v):
                     raise UsageError(f"{flag} must be a finite number, got {v}")
@@ -349,9 +349,15 @@ def model_names(args):
         if len(given) < 2:
             raise UsageError(f"a group needs at least 2 networks, got {len(given)}: {' '.join(given)}")
     try:
-        return [models.resolve_name(name) for name in given]
+        names = [models.resolve_name(name) for name in given]
     except ValueError as error:
         raise UsageError(str(error)) from None
+    for name in names:
+        if models.is_branched_name(name) or models.is_exit_name(name):
+            method = name.split(":", 1)[0]
+            raise UsageError(f"{name} is one network trained as several by train_{method}.py (--model "
+                             f"{name.split(':')[1]}); here only its deployed part would train")
+    return names
 
 
 def init_files(args, n):

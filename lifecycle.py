@@ -171,6 +171,8 @@ def open_run(args, group, rt, info, nets, optimizers, steps_per_epoch, resolved,
     resume = checkpoints.resolve_resume(args)
     run_dir = args.out_dir or (os.path.dirname(os.path.abspath(resume)) if resume else
                                checkpoints.default_run_dir(script, args.dataset, group.names))
+    if resume:
+        checkpoints.check_resume_target(run_dir, resume)
     saver = checkpoints.Checkpoints(run_dir, script=script, args=args, record=configs.record(args, resolved), info=info,
                                     names=group.names, nets=nets, optimizers=optimizers, rt=rt, state=state)
     members = members or list(zip(net_labels(group.names), group.names))
@@ -181,7 +183,7 @@ def open_run(args, group, rt, info, nets, optimizers, steps_per_epoch, resolved,
         try:
             run.start_epoch, run.start_step, run.resumed = saver.restore(resume)
         except RunComplete as complete:
-            raise finish_complete_run(run_dir, complete) if rt.is_main else complete from None
+            raise repair_complete_run(run, complete) if rt.is_main else complete from None
     if rt.distributed:
         check_same_resume_point(run)
     if rt.is_main:
@@ -263,26 +265,38 @@ def stop_after(run, epoch):
 
 
 def finish(run):
-    """The run's final files: a branched network's deployed branch as a plain network (deployed.pt, once
-    the last epoch is trained), and results.json with the last epoch's and the best-validation numbers,
-    printed; unlock the run directory. Returns the results."""
+    """Close the run: its final files (write_final_files) once the last epoch of this invocation is trained,
+    the last epoch's test accuracies printed; unlock the run directory. Returns the results."""
     run.metrics.close()
-    deployed = getattr(unwrap(run.nets[0]), "deployed_state_dict", None)
-    if deployed is not None and run.rt.is_main and run.last_rows and run.last_rows[0]["epoch"] == run.args.epochs:
-        checkpoints.atomic_save(deployed(), os.path.join(run.run_dir, "deployed.pt"))
+    results = write_final_files(run) if run.last_rows else None
     if run.lock:
         checkpoints.unlock_run_dir(*run.lock)
-    if not run.last_rows:
-        return None
+    if results is not None:
+        print_main(run.rt, "final test accuracy (last epoch): " + ", ".join(
+            f"{e['net']} {e['final_test_acc']:.2f}%" for e in results["networks"]))
+    return results
+
+
+def final_files(run):
+    """The files a finished run writes at its end: results.json, and for a network trained as several
+    (ONE, OKDDip, PCL, BYOT) its deployed part as a plain network, deployed.pt."""
+    return ["results.json"] + (["deployed.pt"] if hasattr(unwrap(run.nets[0]), "deployed_state_dict") else [])
+
+
+def write_final_files(run):
+    """Write final_files from the run's last epoch (its rows, the best-validation record, the networks' weights);
+    the same files whenever it is called (at the end of training, or to repair a run killed before they were
+    written). deployed.pt only once the run's last epoch is trained. Returns the results."""
     results = results_record(run.run_dir, run.script, run.info.name, run.info.synthetic, run.last_rows,
                              run.checkpoints.best, len(run.nets))
     if run.last_ema_rows:
         results["ema"] = [{"net": row["net"], "model": row["model"], "final_test_acc": row["test_acc"],
                            "final_val_acc": row.get("val_acc")} for row in run.last_ema_rows]
     if run.rt.is_main:
+        if "deployed.pt" in final_files(run) and run.last_rows[0]["epoch"] == run.args.epochs:
+            deployed = {key: value.detach().cpu() for key, value in unwrap(run.nets[0]).deployed_state_dict().items()}
+            checkpoints.atomic_save(deployed, os.path.join(run.run_dir, "deployed.pt"))
         checkpoints.save_json(results, os.path.join(run.run_dir, "results.json"))
-        print_main(run.rt, "final test accuracy (last epoch): " + ", ".join(
-            f"{e['net']} {e['final_test_acc']:.2f}%" for e in results["networks"]))
     return results
 
 
@@ -301,15 +315,22 @@ def results_record(run_dir, script, dataset, synthetic, rows, best, nets):
     return results
 
 
-def finish_complete_run(run_dir, complete):
-    """--resume auto on a complete run whose results.json is missing (killed after its last
-    checkpoint): write it from last.pt and metrics.csv, so that finishing is idempotent."""
-    ckpt, path = complete.checkpoint, os.path.join(run_dir, "results.json")
-    if ckpt is None or os.path.exists(path):
+def repair_complete_run(run, complete):
+    """--resume auto on a complete run some of whose final files are missing (killed after its last
+    checkpoint): restore the networks and the run's last rows from last.pt and write them
+    (write_final_files), so that finishing is idempotent. Returns the RunComplete (or UsageError) to raise."""
+    ckpt = complete.checkpoint
+    missing = [name for name in final_files(run) if not os.path.exists(os.path.join(run.run_dir, name))]
+    if ckpt is None or not missing:
         return complete
     rows = ckpt["state"].get("rows")  # the last epoch's rows, as finish() would have written them
     if not rows:
-        return UsageError(f"{complete}; its results.json is missing and its last.pt holds no metrics rows to write it from")
-    checkpoints.save_json(results_record(run_dir, ckpt["script"], ckpt["dataset"], ckpt["dataset"] == "fake", rows,
-                                         ckpt["state"]["best"], len(ckpt["nets"])), path)
-    return RunComplete(f"{complete}; its results.json was missing and is written now")
+        return UsageError(f"{complete}; its {' and '.join(missing)} missing, and its last.pt holds no metrics rows to "
+                          f"write them from")
+    for net, weights in zip(run.nets, ckpt["nets"]):
+        unwrap(net).load_state_dict(weights)
+    run.last_rows, run.last_ema_rows = rows, ckpt["state"].get("ema_rows", [])
+    run.checkpoints.best = ckpt["state"]["best"]
+    write_final_files(run)
+    return RunComplete(f"{complete}; its {' and '.join(missing)} {'was' if len(missing) == 1 else 'were'} missing and "
+                       f"{'is' if len(missing) == 1 else 'are'} written now")

@@ -94,6 +94,20 @@ def _rotation_basis(height, width, device, dtype):
                          [[0.0, -height / width, 0.0], [width / height, 0.0, 0.0]]], dtype=dtype, device=device)
 
 
+@contextlib.contextmanager
+def exact_matmul():
+    """TF32 matrix products off for the block (utils.setup_runtime turns them on for CUDA): F.affine_grid
+    builds a rotation's sampling grid with a matrix product, and at TF32's 10-bit mantissa nearest sampling
+    can read other pixels than a CPU run does, which would break the promise that a GPU run perturbs as a
+    CPU one. A no-op on the CPU, which has no TF32."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
 def _rotate(x, degrees, fill):
     """Rotate a float batch counter-clockwise by `degrees`, nearest sampling (the authors'
     RandomRotation's default), filling uncovered pixels with `fill`.
@@ -107,7 +121,8 @@ def _rotate(x, degrees, fill):
     basis = _rotation_basis(height, width, x.device, x.dtype)
     angle = math.radians(degrees)
     theta = (basis[0] * math.cos(angle) + basis[1] * math.sin(angle)).expand(batch, 2, 3)
-    grid = F.affine_grid(theta, [batch, channels + 1, height, width], align_corners=False)
+    with exact_matmul():
+        grid = F.affine_grid(theta, [batch, channels + 1, height, width], align_corners=False)
     with_mask = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
     sampled = F.grid_sample(with_mask, grid, mode="nearest", padding_mode="zeros", align_corners=False)
     rotated, mask = sampled[:, :channels], sampled[:, channels:]

@@ -153,9 +153,18 @@ def launch(main, parser, argv=None):
         sys.stdout = stdout
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+    if argv is None:  # the process's own command line: it ends now, its run complete
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, after_the_run)
     if dist.is_initialized():
         dist.destroy_process_group()
     return result
+
+
+def after_the_run(signum, frame):
+    """A signal while a process whose run is complete exits: one line, and exit code 0 (nothing is lost)."""
+    print(f"{signal.Signals(signum).name} after the run had finished: its files are complete", flush=True)
+    sys.exit(0)
 
 
 def runtime_error_message(error, args):

@@ -179,6 +179,8 @@ def repository_steps(args, device, compile_nets, amp):
         stats.add(train_step(batch.inputs, labels, batch.labels_perm, batch.lams))
 
     step.precision = PRECISIONS[rt.amp_dtype]
+    if rt.cuda_graphs:  # its warm-up calls, then the one that captures: none of them timed
+        step.untimed = train_step.warmup + 1
     return step
 
 
@@ -199,8 +201,11 @@ def time_variant(name, args, device, amp="auto"):
     torch.backends.cudnn.benchmark = False
     torch.backends.cuda.matmul.allow_tf32 = False
     step = reference_steps(args, device) if name == "reference" else repository_steps(args, device, name == "fast", amp)
+    # A captured step records its graph at the call after its own warm-up (capture.CapturedStep): the timing
+    # starts after that call whatever --warmup says, so that no timed repeat includes the capture.
+    untimed = max(args.warmup, getattr(step, "untimed", 0))
     start = time.perf_counter()
-    for _ in range(args.warmup):
+    for _ in range(untimed):
         step()
     synchronize(device)
     warmup_s = time.perf_counter() - start
@@ -213,7 +218,8 @@ def time_variant(name, args, device, amp="auto"):
         rates.append(args.steps * args.batch_size / (time.perf_counter() - start))
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     return {"variant": name, "amp": amp, "precision": getattr(step, "precision", "fp32"),
-            "images_per_s": statistics.median(rates), "repeats": rates, "warmup_s": warmup_s, "peak_mem_mib": peak}
+            "images_per_s": statistics.median(rates), "repeats": rates, "warmup_s": warmup_s, "warmup_steps": untimed,
+            "peak_mem_mib": peak}
 
 
 def run_config(args, device, report):

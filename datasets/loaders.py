@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from perturb import exact_matmul
+
 from .augment import uses_host_random
 from .sources import AUGMENT_STREAM, ORDER_STREAM, WORKERS_STREAM, DatasetError, mix_seed
 
@@ -233,7 +235,8 @@ def _rotate(images, angles):
     # per axis (y pointing down): the inverse rotation, with the aspect ratio folded into the sine terms.
     theta = torch.stack([torch.stack([cos, -sin * height / width, zero], 1),
                          torch.stack([sin * width / height, cos, zero], 1)], 1)
-    grid = F.affine_grid(theta, [batch, 1, height, width], align_corners=False)
+    with exact_matmul():  # the grid in full float32, as on the CPU (TF32 could move a nearest sample)
+        grid = F.affine_grid(theta, [batch, 1, height, width], align_corners=False)
     return F.grid_sample(images, grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
 

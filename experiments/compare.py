@@ -24,7 +24,6 @@ import signal
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -72,9 +71,21 @@ def base_config(name):
     return name.split("+", 1)[0]
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose usage errors are one line on stderr and exit code 2, like every script's."""
+
+    def error(self, message):
+        usage_error(f"compare.py: {message} (see --help)")
+
+
+def usage_error(message):
+    """`error: message` on one line on stderr, exit code 2 (bad input)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", required=True, help="study directory: OUT/<config>/seed<k> per run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), metavar="NAME",
@@ -172,31 +183,49 @@ def end_with_parent():
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
-def run_one(name, run_dir, log, argv, threads):
-    """Train one run (continuing an earlier attempt); returns (name, exit code, seconds)."""
-    if os.path.exists(os.path.join(run_dir, "results.json")):
-        return name, 0, 0.0
+def start_one(run_dir, log, argv, threads):
+    """Start one run (continuing an earlier attempt) from this, the main thread: Linux sends the parent-death
+    signal when the thread that started a child ends, and again each time the child's parent changes, so a
+    child of a worker thread of a dying process is signalled twice; of the main thread, once. Returns the
+    process and its log file."""
     argv = [*argv, "--resume", "auto"]  # also a run that died before its first checkpoint
     env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else os.environ
-    start = time.time()
-    with open(log, "a") as f:
-        f.write(" ".join(argv) + "\n")
-        f.flush()
-        code = subprocess.call(argv, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT, preexec_fn=end_with_parent)
-    return name, code, time.time() - start
+    f = open(log, "a")
+    f.write(" ".join(argv) + "\n")
+    f.flush()
+    return subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT, preexec_fn=end_with_parent), f
+
+
+def run_all(runs, jobs, threads):
+    """Train the runs, `jobs` at a time, each started from this thread; yields (name, exit code, seconds) as they
+    end (a finished run, results.json, with 0 seconds)."""
+    waiting, running = list(runs), []
+    while waiting or running:
+        while waiting and len(running) < jobs:
+            name, run_dir, log, argv = waiting.pop(0)
+            if os.path.exists(os.path.join(run_dir, "results.json")):
+                yield name, 0, 0.0
+                continue
+            running.append((name, time.time(), *start_one(run_dir, log, argv, threads)))
+        for entry in [entry for entry in running if entry[2].poll() is not None]:
+            running.remove(entry)
+            entry[3].close()
+            yield entry[0], entry[2].returncode, time.time() - entry[1]
+        if running:
+            time.sleep(0.2)
 
 
 def main(args):
     if args.jobs < 1:
-        sys.exit(f"error: --jobs must be a positive integer, got {args.jobs}")
+        usage_error(f"--jobs must be a positive integer, got {args.jobs}")
     for values, flag in ((args.seeds, "--seeds"), (args.configs, "--configs")):
         twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
         if twice is not None:
-            sys.exit(f"error: {flag} names {twice} twice; each run is trained once")
+            usage_error(f"{flag} names {twice} twice; each run is trained once")
     try:
         runs = commands(args)
     except GridError as error:
-        sys.exit(f"error: {error}")
+        usage_error(str(error))
     if args.dry_run:
         for _, _, _, argv in runs:
             print(" ".join(argv))
@@ -205,12 +234,11 @@ def main(args):
     # On a CPU, split the cores between the runs (unless OMP_NUM_THREADS was set); a GPU run ignores it.
     threads = None if "OMP_NUM_THREADS" in os.environ else max(1, (os.cpu_count() or 1) // args.jobs)
     start, failed = time.time(), []
-    with ThreadPoolExecutor(args.jobs) as pool:
-        for name, code, seconds in pool.map(lambda run: run_one(*run, threads), runs):
-            print(f"{name}: {'done' if code == 0 else f'failed (exit {code})'}" + (f" in {seconds:.0f} s" if seconds else " (already done)"),
-                  flush=True)
-            if code:
-                failed.append(name)
+    for name, code, seconds in run_all(runs, args.jobs, threads):
+        print(f"{name}: {'done' if code == 0 else f'failed (exit {code})'}" + (f" in {seconds:.0f} s" if seconds else " (already done)"),
+              flush=True)
+        if code:
+            failed.append(name)
     print(f"{len(runs) - len(failed)}/{len(runs)} runs done in {time.time() - start:.0f} s; "
           f"table: python experiments/summarize.py {args.out}")
     return 1 if failed else 0

@@ -139,6 +139,13 @@ def load_run(config, seed, run_dir, warnings):
         if not (isinstance(network, dict) and isinstance(network.get("net"), str) and isinstance(network.get("model"), str)
                 and isinstance(network.get("final_test_acc"), (int, float))):
             raise StudyError(f"{results_path}: networks[{i}] lacks a net, a model or a numeric final_test_acc")
+        if not math.isfinite(network["final_test_acc"]):
+            raise StudyError(f"{results_path}: {network['net']}'s final_test_acc is {network['final_test_acc']}, not a "
+                             f"number: the run is broken; train it again")
+    written = results.get("run_dir")
+    if isinstance(written, str) and not os.path.normpath(written).endswith(os.path.join(config, f"seed{seed}")):
+        raise StudyError(f"{results_path}: written by the run in '{written}', not by {config}/seed{seed} (a copied run "
+                         f"would count twice); move it where it was trained, or remove it")
     if any(network["net"] == "ensemble" for network in networks[:-1]) or networks[0]["net"] == "ensemble":
         raise StudyError(f"{results_path}: the ensemble must be the last of several networks")
     check_seed(run_dir, seed, args)

@@ -517,11 +517,23 @@ def grid_overview(studies, split="test"):
     return "\n".join(lines)
 
 
+def check_png(path):
+    """StudyError in one line unless `path` may take the plot: a name ending .png, and no other file's (a run's
+    results.json, say) in its place."""
+    if not path.lower().endswith(".png"):
+        raise StudyError(f"--png '{path}': the plot is a PNG file; give a name that ends .png")
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            if f.read(8) != b"\x89PNG\r\n\x1a\n":
+                raise StudyError(f"--png '{path}' exists and is not a PNG image: not written over; choose another --png")
+
+
 def report(path, args, png):
     """Summarize one study: print its tables and lines, write its plot; returns its rows. StudyError
     (printed by main as one line) before anything is printed or written when it cannot be summarized."""
     study = load_study(path)
     rows, notes = summarize(study, args.split)
+    check_png(png)
     try:
         plot(rows, png, budget_line(study), args.split)
     except OSError as error:

@@ -130,6 +130,11 @@ class BranchedNet(nn.Module):
             ensemble = self.ensemble_head(features.permute(1, 0, 2).flatten(1))
         return BranchOutputs(logits, gate, features, queries, keys, ensemble)
 
+    def classifier_names(self):
+        """The modules that output class logits: every branch's classifier, and the peer ensemble's (not the
+        gate, nor the attention projections)."""
+        return [f"heads.{i}" for i in range(self.branches)] + (["ensemble_head"] if self.ensemble_head is not None else [])
+
     def peer_projections(self, features):
         """OKDDip's queries and keys (..., C3 // 8) of pooled features (..., C3), shared by all peers."""
         if self.query is None:
@@ -169,6 +174,10 @@ class TemporalMeanNet(nn.Module):
     def forward(self, x, all_branches=False):
         """The mean's deployed peer's logits; with all_branches, the live network's BranchOutputs."""
         return self.live(x, all_branches=True) if all_branches else self.mean(x)
+
+    def classifier_names(self):
+        """The trained network's classifiers and its temporal mean's."""
+        return [f"{part}.{name}" for part in ("live", "mean") for name in self.live.classifier_names()]
 
     def deployed_state_dict(self):
         """The mean network's deployed peer under the base network's names (BranchedNet.deployed_state_dict)."""

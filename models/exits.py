@@ -81,6 +81,10 @@ class ExitNet(nn.Module):
         logits = [exit_["fc"](f) for exit_, f in zip(self.exits, pooled)] + [self.fc(pooled[-1])]
         return ExitOutputs(torch.stack(logits), torch.stack(pooled))
 
+    def classifier_names(self):
+        """The deepest classifier and the shallow exits' (not their bottlenecks)."""
+        return ["fc"] + [f"exits.{i}.fc" for i in range(len(self.exits))]
+
     def deployed_state_dict(self):
         """The deepest exit, the base network, under its own names (`features.*`, `fc.*`): loadable with
         strict=True into `models.create_model(base, ...)`."""

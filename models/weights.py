@@ -38,8 +38,11 @@ def load_initial_weights(net, path, pick, *, label, reset_classifier):
 
 
 def classifier_keys(net):
-    """State-dict keys of the network's classifier: timm's get_classifier(), else its last Linear or
-    Conv2d module (SqueezeNet's classifier is a 1x1 convolution)."""
+    """State-dict keys of the network's classifier(s): those its family names (classifier_names(): the
+    heads of a branched network, the exits' of a BYOT network), timm's get_classifier(), else its last
+    Linear or Conv2d module (SqueezeNet's classifier is a 1x1 convolution)."""
+    if hasattr(net, "classifier_names"):
+        return {f"{name}.{key}" for name in net.classifier_names() for key in net.get_submodule(name).state_dict()}
     head = net.get_classifier() if hasattr(net, "get_classifier") else None
     last = None
     for name, module in net.named_modules():

@@ -575,7 +575,8 @@ def test_a_grid_that_cannot_run_is_one_line(tmp_path, capsys, grid, message):
     with pytest.raises(SystemExit) as exit_info:
         compare.main(compare.get_args_parser().parse_args(["--out", str(tmp_path), "--configs", "vanilla", "--grid",
                                                           *grid, "--", "--epochs", "3"]))
-    assert message in str(exit_info.value.code) and str(exit_info.value.code).startswith("error: ")
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ") and message in err
     assert not os.listdir(tmp_path)
 
 

@@ -4,12 +4,14 @@ the log archive (about a minute on 2 cores). And the tests it runs on the GPU, `
 the CUDA run of a test whose body also runs, and passes, on the CPU."""
 import json
 import os
+import time
 import re
 import subprocess
 import sys
 import tarfile
 
 import pytest
+import torch
 
 from helpers import ROOT, cpu_env
 
@@ -55,7 +57,9 @@ def test_dry_run_plans_one_command_within_six_minutes():
     # the most important first: the interpreter, the CUDA tests, the pair benchmark, the quick start
     assert names[:4] == ["env", "tests", "bench_pair", "quickstart"] and len(set(names)) == len(names)
     limits = dict(stages)
-    assert limits["bench_pair"] >= 100 and limits["quickstart_fast"] >= 60  # cold torch.compile compilations
+    # cold torch.compile compilations: the quick start's two networks, and the benchmark's fast variant
+    assert limits["quickstart_fast"] >= 100 and limits["bench_pair"] >= 85
+    assert names.index("agreement") == names.index("quickstart_fast") + 1  # the fast path checked against the default
 
 
 @pytest.fixture
@@ -174,3 +178,43 @@ def test_every_cuda_test_body_also_runs_on_the_cpu():
                             env=cpu_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:]
     assert re.search(rf"^{len(twins)} passed in ", result.stdout.splitlines()[-1]), result.stdout[-500:]
+
+
+def write_fake_run(run_dir, accuracies, losses):
+    """results.json and metrics.csv of a finished run, with these final test accuracies and first-epoch losses."""
+    run_dir.mkdir(parents=True)
+    (run_dir / "results.json").write_text(json.dumps({"networks": [{"net": net, "final_test_acc": acc}
+                                                                   for net, acc in accuracies.items()]}))
+    rows = "".join(f"1,{net},{loss}\n" for net, loss in losses.items())
+    (run_dir / "metrics.csv").write_text("epoch,net,train_loss\n" + rows + "1,ensemble,\n")
+
+
+@pytest.mark.parametrize("fast, code", [
+    (({"net0": 88.4, "net1": 87.9, "ensemble": 88.6}, {"net0": 0.61, "net1": 0.62}), 0),   # within 1.5 points, 5 %
+    (({"net0": 85.9, "net1": 88.0, "ensemble": 88.6}, {"net0": 0.61, "net1": 0.62}), 1),   # net0 2.6 points lower
+    (({"net0": 88.6, "net1": 88.1, "ensemble": 88.7}, {"net0": 0.66, "net1": 0.62}), 1),   # net0's loss 10 % higher
+])
+def test_the_agreement_stage_fails_when_the_fast_run_trains_otherwise(tmp_path, fast, code):
+    write_fake_run(tmp_path / "default", {"net0": 88.5, "net1": 88.2, "ensemble": 88.7}, {"net0": 0.60, "net1": 0.62})
+    write_fake_run(tmp_path / "fast", *fast)
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "agreement.py"), str(tmp_path / "default"),
+                             str(tmp_path / "fast")], capture_output=True, text=True, env=cpu_env())
+    assert result.returncode == code, result.stdout
+    assert result.stdout.splitlines()[-1].startswith("agree" if code == 0 else "disagree")
+    assert (result.returncode == 1) == ("apart" in result.stdout)
+
+
+def test_the_benchmark_times_a_captured_step_only_after_its_capture(monkeypatch):
+    """--warmup 3 equals CapturedStep's own warm-up: the capture (the 4th call) must still be untimed."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import bench
+    calls = []
+
+    def step():
+        calls.append(time.perf_counter())
+
+    step.untimed = 3 + 1  # what repository_steps gives a captured step: its warm-up calls and the capture
+    monkeypatch.setattr(bench, "repository_steps", lambda *a, **k: step)
+    args = bench.get_args_parser().parse_args(["--device", "cpu", "--warmup", "3", "--steps", "2", "--repeats", "2"])
+    result = bench.time_variant("fast", args, torch.device("cpu"))
+    assert result["warmup_steps"] == 4 and len(calls) == 4 + 2 * 2

@@ -550,3 +550,35 @@ def test_the_statistics_guard_covers_every_norm_that_keeps_running_statistics():
         assert torch.equal(after[key], before[key]), key
     net(torch.randn(5, 3, 8, 8))  # outside the guard they move
     assert not torch.equal(net.state_dict()["2.running_mean"], before["2.running_mean"])
+
+
+def test_the_rotation_grid_is_built_without_tf32():
+    """exact_matmul turns TF32 matrix products off inside the block (F.affine_grid's) and restores the setting."""
+    from perturb import exact_matmul
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        with exact_matmul():
+            assert torch.backends.cuda.matmul.allow_tf32 is False
+        assert torch.backends.cuda.matmul.allow_tf32 is True
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rotation_and_blur_on_a_device_are_the_cpus(device):
+    """With TF32 matrix products on, as utils.setup_runtime sets them on CUDA, a rotated batch samples the
+    pixels a CPU run samples (the grid is built without TF32) and a blurred one is the CPU's to rounding."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        images, labels = batch(3, size=(6, 28, 28))
+        for op, atol in (("rotation", 1e-6), ("color_jitter_blur", 1e-5)):
+            on_cpu = sequence(make_perturber(every=1, ops=(op,), device="cpu"), range(6), images, labels)
+            elsewhere = sequence(make_perturber(every=1, ops=(op,), device=torch.device(device)), range(6),
+                                 images.to(device), labels.to(device))
+            for (net_a, images_a, *_), (net_b, images_b, *_) in zip(on_cpu, elsewhere):
+                assert net_a == net_b and images_b.device.type == device
+                torch.testing.assert_close(images_b.cpu(), images_a, rtol=0, atol=atol)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
