@@ -30,7 +30,7 @@ CHECKPOINT_KEYS = ("models", "num_classes", "img_size", "in_chans", "dataset", "
 
 # What a run writes into its directory (--overwrite deletes these, and nothing else).
 RUN_FILES = ("args.json", "metrics.csv", "last.pt", "best.pt", "results.json", "events.out.tfevents.*",
-             "predictions.png", "curves.png", "deployed.pt")
+             "predictions.png", "curves.png", "deployed.pt", os.path.join("steps", "events.out.tfevents.*"), "wandb_id")
 LOCK_FILE = ".lock"
 
 # The group settings that belong to this run, not to the run that wrote the checkpoint: the kernels
@@ -275,7 +275,7 @@ def prepare_run_dir(run_dir, *, fresh, args):
         earlier = [p for pattern in RUN_FILES for p in glob.glob(os.path.join(glob.escape(run_dir), pattern))]
         # What a run that died before its first epoch leaves: its arguments, an empty event file and at
         # most a metrics.csv without rows; anything else holds results.
-        started = [p for p in earlier if not os.path.basename(p).startswith(("args.json", "events.out.tfevents"))
+        started = [p for p in earlier if not os.path.basename(p).startswith(("args.json", "events.out.tfevents", "wandb_id"))
                    and not (os.path.basename(p) == "metrics.csv" and not has_rows(p))]
         if fresh and earlier and (getattr(args, "overwrite", False) or (args.resume == "auto" and not started)):
             for path in earlier:

@@ -43,9 +43,9 @@ CONFIG_SKIPPED = ("config", "config_any_script", "out_dir", "resume", "overwrite
 # What a resume may change: how long and where the run goes on, how it logs, which device computes it
 # and how fast; never what it trains on or how (the data, batches, networks, recipe, method). Every other
 # flag given with --resume must equal the run's recorded value; the flags not given take it.
-RESUME_MAY_CHANGE = ("epochs", "stop_after", "eval_every", "eval_batch_size", "progress", "log_interval", "workers",
-                     "device", "compile", "cuda_graphs", "data_dir", "download", "out_dir", "resume", "overwrite",
-                     "config")
+RESUME_MAY_CHANGE = ("epochs", "stop_after", "eval_every", "eval_batch_size", "progress", "log_interval", "log_every",
+                     "log_wandb", "wandb_project", "workers", "device", "compile", "cuda_graphs", "data_dir", "download",
+                     "out_dir", "resume", "overwrite", "config")
 # ... of which these belong to one invocation: a resume that does not give them has none.
 PER_INVOCATION = ("stop_after", "resume", "overwrite", "config", "world_size", "out_dir")
 

@@ -133,8 +133,10 @@ def epoch_stats(run, epoch):
     from the checkpoint (the sums of the steps trained before the interruption)."""
     first_step = run.start_step if epoch == run.start_epoch else 0
     stats = EpochStats(run.rt, first_step, sums=run.step_sums)
+    run.step_log = (0, None)
     if first_step:
         stats.load_state_dict(run.resumed["stats"])
+        run.step_log = (stats.steps, read_sums(stats))
     return stats
 
 
@@ -170,25 +172,55 @@ def log_interval(args):
 
 
 def log_step(run, epoch, step, stats):
-    """After step `step` of `epoch`, every --log-interval steps: one line with the epoch's mean loss so
-    far per network, the learning rate, images/s since the last line and the time left in the epoch
-    and the run (training steps only). A line reads the device once (the loss sums, which waits for
-    the queued steps); between lines nothing is read."""
-    interval, done = log_interval(run.args), step + 1
-    if not (run.rt.is_main and interval and done % interval == 0):
+    """After step `step` of `epoch`: every --log-interval steps one console line with the epoch's mean loss so
+    far per network, the learning rate, images/s since the last line and the time left in the epoch and the
+    run (training steps only); every --log-every steps the step scalars (step_scalars). Either reads the device
+    once (the statistics' sums, which waits for the queued steps); between them nothing is read."""
+    interval, every, done = log_interval(run.args), getattr(run.args, "log_every", 0), step + 1
+    global_step = epoch * run.steps_per_epoch + done
+    line, scalars = interval and done % interval == 0, every and global_step % every == 0 and run.metrics.logs_steps
+    if not (run.rt.is_main and (line or scalars)):
         return
-    loss = (stats.sums["loss"] / max(stats.steps, 1)).tolist() if "loss" in stats.sums else []  # the one read
+    sums = read_sums(stats)  # the one read
+    # with --cuda-graphs a rate is a device tensor: its value was written by the host this step
+    lrs = [float(opt.param_groups[0]["lr"]) if opt is not None else 0.0 for opt in run.optimizers]
+    if scalars:
+        step_scalars(run, global_step, stats.steps, sums, lrs)
+    if not line:
+        return
+    loss = (sums["loss"] / max(stats.steps, 1)).tolist() if "loss" in sums else []
     seconds = time.perf_counter() - run.interval["time"]
     per_step = seconds / max(done - run.interval["step"], 1)
     images = (done - run.interval["step"]) * run.args.batch_size * run.rt.world_size / max(seconds, 1e-9)
-    # with --cuda-graphs a rate is a device tensor: its value was written by the host this step
-    lrs = [float(opt.param_groups[0]["lr"]) if opt is not None else 0.0 for opt in run.optimizers]
     epoch_left = (run.steps_per_epoch - done) * per_step
     run_left = epoch_left + (run.args.epochs - epoch - 1) * run.steps_per_epoch * per_step
     print(f"epoch {epoch + 1}/{run.args.epochs} step {done}/{run.steps_per_epoch} | "
           f"loss {' '.join(f'{v:.4f}' for v in loss)} | lr {' '.join(dict.fromkeys(f'{lr:.4g}' for lr in lrs))} | "
           f"{images:.0f} img/s | ETA epoch {clock(epoch_left)}, run {clock(run_left)}", flush=True)
     run.interval = {"step": done, "time": time.perf_counter()}
+
+
+def read_sums(stats):
+    """This process's sums of the epoch's statistics on the host, {name: per-network float64 tensor}: one copy."""
+    if not stats.sums:
+        return {}
+    return dict(zip(stats.sums, torch.stack([value.reshape(-1) for value in stats.sums.values()]).cpu()))
+
+
+def step_scalars(run, global_step, steps, sums, lrs):
+    """The --log-every scalars at `global_step` (the run's steps so far): each statistic's mean over this
+    process's steps since the last ones (step/NAME/NETWORK) and each network's learning rate at this step
+    (step/lr/NETWORK; a branched network's members share their optimizer's)."""
+    last_steps, last_sums = run.step_log
+    if steps <= last_steps:
+        return
+    values = {}
+    for name, total in sums.items():
+        mean = (total - (last_sums[name] if last_sums else 0)) / (steps - last_steps)
+        values.update({f"step/{name}/{label}": float(v) for label, v in zip(run.labels, mean.tolist())})
+    values.update({f"step/lr/{label}": lrs[min(i, len(lrs) - 1)] for i, label in enumerate(run.labels)})
+    run.metrics.write_step(global_step, values)
+    run.step_log = (steps, sums)
 
 
 def clock(seconds):
@@ -320,7 +352,8 @@ def log_epoch(run, epoch, stats, evals):
     averages = [{"epoch": row["epoch"], "net": f"ema_{row['net']}", "model": row["model"], **eval_columns(evals, i, "ema ")}
                 for i, row in enumerate(rows)] if evals.get("ema test") is not None else []
     run.metrics.write(epoch + 1, rows + averages)
-    print_main(run.rt, *(epoch_line(epoch + 1, run.args.epochs, row) for row in rows + averages))
+    print_main(run.rt, *(epoch_line(epoch + 1, run.args.epochs, row, subset=bool(run.info.eval_subset))
+                         for row in rows + averages))
     run.last_rows = run.checkpoints.last_rows = rows
     run.last_ema_rows = run.checkpoints.last_ema_rows = averages
     if diverged(rows):
@@ -353,8 +386,9 @@ def divergence(run, epoch, stats, rows):
                       f"{kept}; lower --lr or check the flags", exit_code=3)
 
 
-def epoch_line(epoch, epochs, row):
-    """One console summary line for one network (or the ensemble) after an epoch."""
+def epoch_line(epoch, epochs, row, subset=False):
+    """One console summary line for one network (or the ensemble) after an epoch; with `subset` (--eval-subset)
+    its accuracies are marked with a * as a subset's."""
     parts = [f"epoch {epoch:>3}/{epochs}", f"{row['net']:<18}"]
     if "lr" in row:
         parts.append(f"lr {row['lr']:.4g}")
@@ -362,7 +396,7 @@ def epoch_line(epoch, epochs, row):
              for key, value in row.items() if key.startswith("train_")]
     if train:
         parts.append("train " + " ".join(train))
-    parts += [f"{split} {row[f'{split}_acc']:.2f}%" for split in ("val", "test") if f"{split}_acc" in row]
+    parts += [f"{split}{'*' if subset else ''} {row[f'{split}_acc']:.2f}%" for split in ("val", "test") if f"{split}_acc" in row]
     if "epoch_time_s" in row:
         parts.append(f"{row['epoch_time_s']:.1f}s {row['images_per_s']:.0f} img/s")
     return " | ".join(parts)

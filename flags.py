@@ -3,6 +3,7 @@ flags name together (the group of networks, --init, --freeze). Parsing with --co
 configs.py; launching a script and its exit codes, stopping.py.
 """
 import argparse
+import importlib.util
 import math
 import os
 import re
@@ -168,6 +169,11 @@ def add_model_flags(flags, group, authors_pair=True):
         help="initial weights of network NET (its index in the group, 0 = first; may be left out with one network): "
              "a checkpoint of this repository (best.pt, last.pt; FILE@K or FILE@LABEL picks one of its networks), "
              "a state_dict file, or a torchvision/timm weight file (.pth, .safetensors)")
+    add("--pretrained", nargs="*", type=int, default=None, metavar="NET",
+        help="start tv: and timm: networks from their library's pretrained weights (torchvision's DEFAULT weights, "
+             "timm's default tag), downloaded into the library's cache when missing: the networks NET (index in the "
+             "group) or, given alone, every tv:/timm: network; an RGB stem is adapted to other channel counts and a "
+             "classifier of another class count replaced, each said in one line")
     add("--reset-classifier", action=argparse.BooleanOptionalAction, default=False,
         help="with --init: keep each initialised network's fresh classifier (its last layer, which outputs the "
              "class logits) instead of loading it, for weights trained on another class count")
@@ -186,8 +192,13 @@ def add_data_flags(flags):
         help="images held out from the training set to select the best checkpoint "
              "(default: 5000 for CIFAR, MNIST-likes and SVHN, 0 otherwise)")
     add("--split-seed", type=int, default=0, help="seed of the train/validation split (fixed across runs so runs compare)")
-    add("--train-subset", type=int, default=None,
-        help="train on only the first N images of the training split (quick experiments; validation and test sets stay whole)")
+    add("--train-subset", type=int, default=None, valid="positive integer",
+        help="train on N images of the training split, every class among them (quick experiments; validation and test "
+             "sets stay whole): the first N of an in-memory set, whose order mixes the classes; from an image folder, "
+             "ordered by class, each class its share, chosen with --split-seed; the start-up line gives the counts")
+    add("--folder-split", type=float, nargs=3, default=None, metavar=("TRAIN", "VAL", "TEST"),
+        help="--dataset imagefolder of a plain tree of class folders (no train/ or test/): split it into training, "
+             "validation and test by these fractions, within each class, with --split-seed (e.g. 0.8 0.1 0.1)")
     add("--crop", action=argparse.BooleanOptionalAction, default=True,
         help="train on random crops of the zero-padded image (4 px on CIFAR and SVHN, 2 on MNIST-likes, the usual "
              "CIFAR augmentation); --no-crop trains on whole images, as the authors did on CIFAR-100 (in-memory sets "
@@ -274,6 +285,19 @@ def add_run_flags(flags):
     add("--log-interval", valid=(lambda v: v >= 0, ">= 0 (0 = off)"), type=int, default=None, metavar="N",
         help="print a line every N training steps: loss, lr, images/s, time left in the epoch and the run "
              "(default: 50 when stdout is not a terminal, as in a batch job; 0 = off)")
+    add("--log-every", valid=(lambda v: v >= 0, ">= 0 (0 = off)"), type=int, default=50, metavar="N",
+        help="TensorBoard (and wandb) scalars every N training steps, in the run directory's steps/: each "
+             "statistic's mean over the N steps (this process's batches) and each network's learning rate at the "
+             "step; one read of the device per N steps; 0 = off")
+    add("--log-wandb", action=argparse.BooleanOptionalAction, default=False,
+        help="also log to Weights & Biases (pip install wandb; rank 0 only; the run's arguments as its config, the "
+             "epoch rows, the --log-every scalars and the final accuracies; WANDB_MODE=offline keeps it on disk "
+             "under the run directory's wandb/ for `wandb sync`)")
+    add("--wandb-project", default="competitive-distillation", help="the Weights & Biases project of --log-wandb")
+    add("--eval-subset", type=int, default=None, valid="positive integer", metavar="N",
+        help="evaluate on N images of the validation and of the test split only, every class among them (chosen as "
+             "--train-subset chooses), for quick runs; every accuracy reported is then marked as a subset's "
+             "(default: the whole splits)")
 
 
 def add_speed_flags(flags):
@@ -313,6 +337,7 @@ class Group(NamedTuple):
     init: dict = {}
     frozen: frozenset = frozenset()
     reset_classifier: bool = False
+    pretrained: frozenset = frozenset()
 
 
 def check_args(args):
@@ -321,8 +346,11 @@ def check_args(args):
     loads). Each number's own range was checked when it was parsed (ArgumentParser.check_numbers)."""
     if args.resume == "auto" and args.out_dir is None:
         raise UsageError("--resume auto needs --out-dir (the run directory to continue)")
+    if getattr(args, "log_wandb", False) and importlib.util.find_spec("wandb") is None:
+        raise UsageError("--log-wandb needs the wandb package, which is not installed: pip install wandb")
     names = model_names(args)
-    return Group(names, init_files(args, len(names)), frozen_nets(args, len(names)), args.reset_classifier)
+    init = init_files(args, len(names))
+    return Group(names, init, frozen_nets(args, len(names)), args.reset_classifier, pretrained_nets(args, names, init))
 
 
 def branched_group(args, method, minimum=2):
@@ -382,6 +410,28 @@ def init_files(args, n):
     if args.reset_classifier and not files:
         raise UsageError("--reset-classifier applies to networks initialised with --init; give --init NET=FILE")
     return files
+
+
+def pretrained_nets(args, names, init):
+    """--pretrained as a set of network indices (every tv:/timm: network when it names none); UsageError for
+    an index outside the group, a network of this repository's own (no weight registry), one also given --init."""
+    given = getattr(args, "pretrained", None)
+    if given is None:
+        return frozenset()
+    zoo = [i for i, name in enumerate(names) if models.is_zoo_name(name)]
+    if not zoo:
+        raise UsageError(f"--pretrained loads the weights of tv: and timm: networks; this run has none ({', '.join(names)}): "
+                         f"name one (e.g. tv:resnet18) or start from a file with --init")
+    chosen = frozenset(given) if given else frozenset(zoo)
+    for i in sorted(chosen):
+        if not 0 <= i < len(names):
+            raise UsageError(f"--pretrained {i}: no such network; the group's are 0..{len(names) - 1}")
+        if i not in zoo:
+            raise UsageError(f"--pretrained {i}: network {i} ({names[i]}) is not a tv: or timm: network, which are "
+                             f"the ones with pretrained weights ({', '.join(str(j) for j in zoo)} here)")
+        if i in init:
+            raise UsageError(f"network {i} is given both --init and --pretrained; give it one")
+    return chosen
 
 
 def frozen_nets(args, n):

@@ -72,6 +72,7 @@ class RunState:
     train_seconds: float = float("nan")            # wall time of the latest epoch's training steps
     last_ema_rows: list = field(default_factory=list)  # the latest epoch's rows of the --model-ema averages
     interval: dict = field(default_factory=dict)   # the --log-interval line's last (step, time)
+    step_log: tuple = (0, None)  # the --log-every scalars' last (step count, host sums) in the epoch
     step_sums: object = None     # with --cuda-graphs, the StepSums its captured step adds to
 
 
@@ -99,7 +100,9 @@ def start_run(args, step, *, group=None, views="same", perturbation=False, batch
                                      views=views if isinstance(views, int) else len(group.names) if views == "independent" else 1,
                                      repeats=repeats,
                                      rand_augment_impl=resolved.get("rand_augment_impl", "auto"))
-    resolved.update(img_size=data.info.img_size, val_size=data.info.val_size, num_classes=data.info.num_classes)
+    resolved.update(img_size=data.info.img_size, val_size=data.info.val_size, num_classes=data.info.num_classes,
+                    **({"train_subset_rule": "first" if data.info.in_memory else "stratified"}
+                       if args.train_subset is not None else {}))
     nets = utils.build_nets(group, data.info, rt, drop_path=args.drop_path, prepare=prepare)
     optimizers, peak_lrs = utils.build_optimizers(args, nets, rt, lr=resolved["lr"])
     if min_lr is not None:
@@ -192,7 +195,8 @@ def open_run(args, group, rt, info, nets, optimizers, steps_per_epoch, resolved,
         resumed = {"time": f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S}", "checkpoint": resume,
                    "epoch": run.start_epoch, "step": run.start_step} if resume else None
         configs.save_args(args, resolved, run_dir, script, resumed=resumed)
-    run.metrics = MetricsLog(run_dir, rt, run.start_epoch, resumed=resume is not None)
+    run.metrics = MetricsLog(run_dir, rt, run.start_epoch, resumed=resume is not None, args=args,
+                             first_step=run.start_epoch * steps_per_epoch + run.start_step)
     return run
 
 
@@ -219,7 +223,9 @@ def describe_run(run, resume):
             f"{info.in_chans}x{info.img_size}px, {info.num_classes} classes, device {rt.device}, amp {rt.amp_dtype}, "
             f"{rt.world_size} process(es) x batch {args.batch_size} (global {args.batch_size * rt.world_size})"
             f"{scaling}{', SyncBatchNorm' if rt.sync_bn else ''}, compile {'on' if rt.compile else 'off'}, "
-            f"CUDA graphs {'on' if rt.cuda_graphs else 'off'}; run dir {run.run_dir}")
+            f"CUDA graphs {'on' if rt.cuda_graphs else 'off'}; run dir {run.run_dir}" + (f"\n  {info.subset}" if info.subset else "")
+            + (f"\n  --eval-subset: {info.eval_subset}; their accuracies are marked * (a subset's, not the split's)"
+               if info.eval_subset else ""))
 
 
 def describe_nets(run, group, resume):
@@ -229,7 +235,8 @@ def describe_nets(run, group, resume):
         params = sum(p.numel() for p in unwrap(net).parameters())
         init = group.init.get(i)
         start = ("weights of the checkpoint" if resume else
-                 f"initialised from {init[0]}{'@' + init[1] if init[1] else ''}" if init else "random initial weights")
+                 f"initialised from {init[0]}{'@' + init[1] if init[1] else ''}" if init else
+                 "the library's pretrained weights (--pretrained)" if i in group.pretrained else "random initial weights")
         if optimizer is None:
             training = "frozen (--freeze: no optimizer, eval mode)"
         else:
@@ -267,12 +274,13 @@ def stop_after(run, epoch):
 def finish(run):
     """Close the run: its final files (write_final_files) once the last epoch of this invocation is trained,
     the last epoch's test accuracies printed; unlock the run directory. Returns the results."""
-    run.metrics.close()
     results = write_final_files(run) if run.last_rows else None
+    run.metrics.close(results)
     if run.lock:
         checkpoints.unlock_run_dir(*run.lock)
     if results is not None:
-        print_main(run.rt, "final test accuracy (last epoch): " + ", ".join(
+        subset = f", --eval-subset: {run.info.eval_subset}" if run.info.eval_subset else ""
+        print_main(run.rt, f"final test accuracy (last epoch{subset}): " + ", ".join(
             f"{e['net']} {e['final_test_acc']:.2f}%" for e in results["networks"]))
     return results
 
@@ -289,6 +297,8 @@ def write_final_files(run):
     written). deployed.pt only once the run's last epoch is trained. Returns the results."""
     results = results_record(run.run_dir, run.script, run.info.name, run.info.synthetic, run.last_rows,
                              run.checkpoints.best, len(run.nets))
+    if run.info.eval_subset:  # accuracies of a subset of the splits, never to be read as the splits'
+        results["eval_subset"] = run.info.eval_subset
     if run.last_ema_rows:
         results["ema"] = [{"net": row["net"], "model": row["model"], "final_test_acc": row["test_acc"],
                            "final_val_acc": row.get("val_acc")} for row in run.last_ema_rows]

@@ -2,7 +2,10 @@
 ensemble; its columns are the names the rows carry) and TensorBoard scalars; and reading
 metrics.csv back (demo.py's curves, experiments/summarize.py)."""
 import csv
+import json
 import os
+import re
+import uuid
 
 from checkpoints import atomic_write
 from errors import UsageError
@@ -47,11 +50,16 @@ def read_metrics(run_dir):
 
 class MetricsLog:
     """metrics.csv (one row per epoch per network, plus the ensemble; its columns are the names the
-    rows carry) and TensorBoard scalars, written by the main process."""
+    rows carry), TensorBoard scalars and, with --log-wandb, Weights & Biases, written by the main process.
 
-    def __init__(self, run_dir, rt, start_epoch, *, resumed):
-        self.enabled, self.writer = rt.is_main, None
-        self.csv_path = os.path.join(run_dir, "metrics.csv")
+    TensorBoard: each row's numbers as SPLIT/METRIC/NETWORK at the epoch; a custom-scalars layout that puts
+    the networks of one quantity on one chart; the run's arguments as text; at the end the arguments and
+    the final accuracies as hparams. The --log-every scalars go to the steps/ folder (their own
+    TensorBoard run, on the axis of training steps, purged apart from the epochs' on a resume)."""
+
+    def __init__(self, run_dir, rt, start_epoch, *, resumed, args=None, first_step=0):
+        self.enabled, self.writer, self.step_writer, self.wandb = rt.is_main, None, None, None
+        self.csv_path, self.args, self.charts = os.path.join(run_dir, "metrics.csv"), args, {}
         if not self.enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
@@ -60,6 +68,8 @@ class MetricsLog:
         except ValueError as error:
             raise UsageError(f"{error}; move it away to continue the run (its checkpoint holds the state, not this file)") from None
         self._rewrite(keep_through=start_epoch)  # a resumed run trains the later epochs again
+        if args is not None and getattr(args, "log_wandb", False):
+            self.wandb = start_wandb(args, run_dir)
         try:
             from torch.utils.tensorboard import SummaryWriter  # slow to import, and only rank 0 needs it
         except ImportError as error:
@@ -67,6 +77,15 @@ class MetricsLog:
             return
         # A restarted run would otherwise leave a second event file repeating the redone steps.
         self.writer = SummaryWriter(run_dir, purge_step=start_epoch + 1 if resumed else None)
+        if args is not None:
+            self.writer.add_text("arguments", "    " + json.dumps(arguments(args), indent=1).replace("\n", "\n    "), start_epoch)
+            if getattr(args, "log_every", 0):  # the folder is made at the first step scalars (none in a short run)
+                self.step_writer = lambda: SummaryWriter(os.path.join(run_dir, "steps"), purge_step=first_step + 1 if resumed else None)
+
+    @property
+    def logs_steps(self):
+        """True when the --log-every scalars go somewhere (TensorBoard or wandb)."""
+        return self.step_writer is not None or self.wandb is not None
 
     def _rewrite(self, keep_through, new_rows=()):
         """Rewrite the CSV atomically with its rows of epochs <= keep_through, then `new_rows`."""
@@ -94,19 +113,85 @@ class MetricsLog:
         if not self.enabled:
             return
         self._rewrite(keep_through=epoch - 1, new_rows=rows)
-        if self.writer is None:
-            return
+        scalars = {}
         for row in rows:
             for key, value in row.items():
                 if key not in ("epoch", "net", "model") and isinstance(value, (int, float)):
                     split, _, metric = key.partition("_")
-                    self.writer.add_scalar(f"{split}/{metric}/{row['net']}" if metric else f"{key}/{row['net']}", value, epoch)
+                    scalars[f"{split}/{metric}/{row['net']}" if metric else f"{key}/{row['net']}"] = value
+        if self.wandb is not None:
+            self.wandb.log({**scalars, "epoch": epoch})
+        if self.writer is None:
+            return
+        for tag, value in scalars.items():
+            self.writer.add_scalar(tag, value, epoch)
+        self._chart(tag for tag in scalars)
         self.writer.flush()
 
-    def close(self):
-        """Close the TensorBoard writer."""
-        if self.writer is not None:
-            self.writer.close()
+    def write_step(self, step, scalars):
+        """Record the --log-every scalars {tag: value} at training step `step`."""
+        if self.wandb is not None:
+            self.wandb.log({**scalars, "step": step})
+        if callable(self.step_writer):
+            self.step_writer = self.step_writer()
+        if self.step_writer is not None:
+            for tag, value in scalars.items():
+                self.step_writer.add_scalar(tag, value, step)
+            self._chart(scalars)
+            self.step_writer.flush()
+
+    def _chart(self, tags):
+        """Extend the custom-scalars layout (TensorBoard's Custom Scalars tab) with one chart per quantity
+        (the tag without its network) holding every network's curve, for the quantities not charted yet."""
+        new = {tag.rpartition("/")[0] for tag in tags} - set(self.charts)
+        if not new:
+            return
+        self.charts.update({quantity: ["Multiline", [f"^{re.escape(quantity)}/"]] for quantity in new})
+        self.writer.add_custom_scalars({"the networks side by side": {q.replace("/", " "): chart for q, chart in sorted(self.charts.items())}})
+
+    def close(self, results=None):
+        """Close the writers; with the run's final `results` (results.json's), first record its arguments and
+        final accuracies as TensorBoard hparams and in the wandb run's summary."""
+        final = {} if results is None else {f"final/{key}/{entry['net']}": entry[key] for entry in results["networks"]
+                                             for key in ("final_test_acc", "final_val_acc", "best_val_acc", "test_acc_at_best_val")
+                                             if entry.get(key) is not None}
+        if self.writer is not None and final and self.args is not None:
+            # what SummaryWriter.add_hparams writes, into this run's own event file rather than a new one
+            from torch.utils.tensorboard.summary import hparams
+            values = {key: value if isinstance(value, (int, float, str, bool)) else str(value)
+                      for key, value in arguments(self.args).items()}
+            for summary in hparams(values, final):
+                self.writer.file_writer.add_summary(summary)
+            for tag, value in final.items():
+                self.writer.add_scalar(tag, value, int(results["epochs"]))
+        for writer in (self.writer, self.step_writer):
+            if writer is not None and not callable(writer):
+                writer.close()
+        self.writer = self.step_writer = None
+        if self.wandb is not None:
+            self.wandb.summary.update(final)
+            self.wandb.finish()
+            self.wandb = None
+
+
+def arguments(args):
+    """The run's flags as recorded in args.json (JSON values)."""
+    return json.loads(json.dumps(vars(args), default=str))
+
+
+def start_wandb(args, run_dir):
+    """The Weights & Biases run of --log-wandb (flags.check_args made sure wandb imports): files under
+    RUN_DIR/wandb, the flags as its config, and an id kept in RUN_DIR/wandb_id so that a resume continues it."""
+    import wandb
+    id_file = os.path.join(run_dir, "wandb_id")
+    if os.path.exists(id_file):
+        with open(id_file) as f:
+            run_id = f.read().strip()
+    else:
+        run_id = uuid.uuid4().hex[:12]  # letters and digits, as wandb takes for an id
+        atomic_write(id_file, lambda f: f.write(run_id + "\n"), mode="w")
+    return wandb.init(project=args.wandb_project, name=os.path.basename(os.path.normpath(run_dir)), dir=run_dir,
+                      id=run_id, resume="allow", config=arguments(args))
 
 
 def _fmt(value):

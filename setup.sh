@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up this repository on a fresh machine: the Python requirements (matplotlib included, for
-# demo.py's curves, scipy for the studies' statistics; plus pytest, pytest-xdist, timm and onnx with --test) into a Python environment, and on
+# demo.py's curves, scipy for the studies' statistics; plus pytest, pytest-xdist, timm, onnx and wandb with --test) into a Python environment, and on
 # Debian/Ubuntu as root the Fashion-MNIST package used by the quick start. Safe to run again: what is
 # already there is left alone.
 #
@@ -65,8 +65,8 @@ echo "setup: installing into $python ($("$python" --version 2>&1), $where)"
 pip=("$python" -m pip install --quiet --disable-pip-version-check)
 "${pip[@]}" -r requirements.txt
 if $test_deps; then
-    echo "setup: installing pytest, pytest-xdist, timm and onnx (the tests run on every core; they also check timm: models and export.py's ONNX)"
-    "${pip[@]}" pytest pytest-xdist timm onnx onnxscript onnxruntime
+    echo "setup: installing pytest, pytest-xdist, timm, onnx and wandb (the tests run on every core; they also check timm: models, export.py's ONNX and --log-wandb offline)"
+    "${pip[@]}" pytest pytest-xdist timm onnx onnxscript onnxruntime wandb
 fi
 
 fmnist=/usr/share/datasets/fashion-mnist

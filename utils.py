@@ -15,11 +15,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import models
-from datasets import build_data, data_from_arrays, make_loaders
+from datasets import DatasetError, build_data, data_from_arrays, make_loaders
+from datasets.sources import subset
 from errors import UsageError
 from flags import Group
 from models import unwrap
-from models.weights import load_initial_weights
+from models.weights import load_initial_weights, load_state
 
 def per_net(values, n, flag):
     """Broadcast a one-or-per-network flag value to a list of length n."""
@@ -212,7 +213,7 @@ def setup_data(args, rt, *, eval_batch_size=None, views=1, repeats=1, rand_augme
                           split_seed=args.split_seed, download=download, num_classes=args.num_classes,
                           skip_bad_images=args.skip_bad_images, crop=args.crop, rotate=args.rotate,
                           rand_augment=getattr(args, "rand_augment", "none"), rand_augment_impl=rand_augment_impl,
-                          erase_prob=getattr(args, "reprob", 0.0))
+                          erase_prob=getattr(args, "reprob", 0.0), folder_split=args.folder_split)
 
     if rt.distributed and args.download:
         # One download per file system, never several processes writing one archive: rank 0
@@ -228,7 +229,9 @@ def setup_data(args, rt, *, eval_batch_size=None, views=1, repeats=1, rand_augme
     else:
         data = build(args.download)
     if args.train_subset is not None:
-        data = train_subset(data, args.train_subset)
+        data = train_subset(data, args.train_subset, args.split_seed)
+    if getattr(args, "eval_subset", None) is not None:
+        data = eval_subset(data, args.eval_subset, args.split_seed)
     loaders = make_loaders(data, batch_size=args.batch_size, eval_batch_size=eval_batch_size or eval_batch_size_of(args),
                            loader=args.loader, device=rt.device, workers=resolve_workers(args.workers, rt.device), seed=args.seed,
                            drop_last=True, rank=rt.rank, world_size=rt.world_size, views=views, repeats=repeats)
@@ -255,15 +258,55 @@ def resolve_workers(workers, device):
     return max(1, min(8, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
-def train_subset(data, size):
-    """Keep only the first `size` images of the training split (quick experiments, smoke tests)."""
+def train_subset(data, size, seed):
+    """Keep `size` images of the training split (quick experiments, smoke tests), every class among them: the
+    first `size` of an in-memory set (whose order mixes the classes), a seeded class-stratified choice from an
+    image folder (whose order is by class); datasets.sources.subset. The kept class counts go into the info."""
     if not 0 < size <= data.info.train_size:
         raise UsageError(f"--train-subset must be in 1..{data.info.train_size} (the training split's size), got {size}")
-    info = dataclasses.replace(data.info, train_size=size)
-    if data.arrays is not None:
+    in_memory = data.arrays is not None
+    try:
+        index, words = subset(split_labels(data, "train"), size, data.info.classes, stratified=not in_memory, seed=seed)
+    except DatasetError as error:
+        raise UsageError(str(error)) from None
+    info = dataclasses.replace(data.info, train_size=size, subset=words)
+    if in_memory:
         images, labels = data.arrays["train"]
-        return data_from_arrays(info, {**data.arrays, "train": (images[:size], labels[:size])})
-    return dataclasses.replace(data, info=info, train=torch.utils.data.Subset(data.train, range(size)))
+        return data_from_arrays(info, {**data.arrays, "train": (images[index], labels[index])})
+    return dataclasses.replace(data, info=info, train=torch.utils.data.Subset(data.train, index.tolist()))
+
+
+def split_labels(data, split):
+    """The labels of a split of `data`, in its order (numpy)."""
+    if data.arrays is not None:
+        return data.arrays[split][1].numpy()
+    dataset = getattr(data, split)
+    return np.array([dataset.folder.samples[int(i)][1] for i in dataset.indices])
+
+
+def eval_subset(data, size, seed):
+    """--eval-subset: keep `size` images of the validation and of the test split (a split no larger stays
+    whole), every class among them, chosen as train_subset chooses; info.eval_subset says so."""
+    info, arrays, kept = data.info, dict(data.arrays or {}), {}
+    for split in ("val", "test"):
+        total = info.val_size if split == "val" else info.test_size
+        if getattr(data, split) is None or size >= total:
+            continue
+        try:
+            index, _ = subset(split_labels(data, split), size, info.classes, stratified=data.arrays is None, seed=seed,
+                              flag="--eval-subset", split="validation" if split == "val" else "test")
+        except DatasetError as error:
+            raise UsageError(str(error)) from None
+        kept[split] = (index, total)
+        if data.arrays is not None:
+            images, labels = arrays[split]
+            arrays[split] = (images[index], labels[index])
+    words = ", ".join(f"{split} {size} of {total} images" for split, (_, total) in kept.items())
+    info = dataclasses.replace(data.info, eval_subset=words, **{f"{split}_size": size for split in kept})
+    if data.arrays is not None:
+        return data_from_arrays(info, arrays)
+    return dataclasses.replace(data, info=info, **{split: torch.utils.data.Subset(getattr(data, split), index.tolist())
+                                                   for split, (index, _) in kept.items()})
 
 
 def build_nets(group, info, rt, drop_path=0.0, prepare=None):
@@ -279,11 +322,17 @@ def build_nets(group, info, rt, drop_path=0.0, prepare=None):
             extra = {"drop_path_rate": drop_path} if models.is_transformer(models.resolve_name(name)) else {}
             net = models.create_model(name, num_classes=info.num_classes, img_size=info.img_size,
                                       in_chans=info.in_chans, **extra)
+            label, notes = f"network {i} ({name})", []
             if i in group.init:
-                load_initial_weights(net, *group.init[i], label=f"network {i} ({name})",
-                                     reset_classifier=group.reset_classifier)
+                notes = load_initial_weights(net, *group.init[i], label=label, reset_classifier=group.reset_classifier)
+            elif i in group.pretrained:
+                notes = load_state(net, pretrained_state(name, rt), source="--pretrained", label=label,
+                                   reset_classifier=group.reset_classifier, replace_head=True)
         except ValueError as error:
             raise UsageError(str(error)) from None
+        if rt.is_main:
+            for note in notes:
+                print(note, flush=True)
         if rt.deterministic and rt.device.type == "cuda":
             check_deterministic_backward(net, f"network {i} ({name})")
         if i in group.frozen:
@@ -310,6 +359,24 @@ def build_nets(group, info, rt, drop_path=0.0, prepare=None):
             net = torch.compile(net)
         nets.append(net)
     return nets
+
+
+def pretrained_state(name, rt):
+    """A tv:/timm: network's pretrained weights (models.zoo.pretrained_state); under torchrun rank 0 fetches
+    them first, so a download into the shared cache happens once, then the others read the cache."""
+    if not rt.distributed:
+        return models.zoo.pretrained_state(name)
+    state, error = None, None
+    for my_turn in (rt.rank == 0, rt.rank != 0):
+        if my_turn:
+            try:
+                state = models.zoo.pretrained_state(name)
+            except ValueError as failed:  # every rank reaches the barrier, then fails in one line
+                error = failed
+        dist.barrier()
+    if error is not None:
+        raise error
+    return state
 
 
 # Modules whose backward on CUDA has no deterministic implementation: under

@@ -33,7 +33,7 @@ DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FAKE_TRAIN_SIZE, FAKE_TEST_SIZE = 2048, 512
 
 # Independent random streams derived from one user seed (see mix_seed); the loaders use the last three.
-SPLIT_STREAM, ORDER_STREAM, AUGMENT_STREAM, WORKERS_STREAM = 0, 1, 2, 3
+SPLIT_STREAM, ORDER_STREAM, AUGMENT_STREAM, WORKERS_STREAM, SUBSET_STREAM = 0, 1, 2, 3, 4
 
 
 def mix_seed(*values):
@@ -69,6 +69,8 @@ class DataInfo:
     rand_augment_impl: str = ""  # the library that runs it: "timm" or "torchvision"
     erase_prob: float = 0.0  # train random erasing probability, after normalisation (0: none)
     source: str = ""  # the directory the images were read from ("" for generated data); the startup line shows it
+    subset: str = ""  # what --train-subset kept, in words (its rule and class counts); "" for the whole split
+    eval_subset: str = ""  # what --eval-subset kept of the validation and test splits, in words; "" for the whole splits
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,7 @@ _FOLDER_SETS = ("imagenet", "imagefolder")
 # ----------------------------------------------------------------------------------------------
 def build_data(name, data_dir="./data", *, img_size=None, val_size=None, split_seed=0, download=True,
                num_classes=None, skip_bad_images=True, crop=True, rotate=0.0, rand_augment="none",
-               rand_augment_impl="auto", erase_prob=0.0):
+               rand_augment_impl="auto", erase_prob=0.0, folder_split=None):
     """Load dataset `name` (one of DATASETS) and hold a seeded validation split out of its training set.
 
     skip_bad_images (image folders): an unreadable image file is replaced by the next image of its
@@ -126,7 +128,8 @@ def build_data(name, data_dir="./data", *, img_size=None, val_size=None, split_s
     crop=False (in-memory sets only) trains on whole images; rotate > 0 adds a random rotation by up
     to `rotate` degrees either way; rand_augment (a timm config string, by rand_augment_impl) and
     erase_prob > 0 add the transformer recipe's RandAugment and random erasing (datasets/augment.py),
-    which only the torch loader applies (see _transforms)."""
+    which only the torch loader applies (see _transforms). folder_split (image folders): (train, val, test)
+    fractions of a plain tree of class folders (see _folder_data)."""
     if name not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
     if img_size is not None and img_size < 1:
@@ -152,7 +155,9 @@ def build_data(name, data_dir="./data", *, img_size=None, val_size=None, split_s
             raise DatasetError(f"--no-crop applies to in-memory data sets (CIFAR, MNIST-likes, SVHN, fake); "
                                f"{spec.title} always trains on RandomResizedCrop")
         return _folder_data(name, root, img_size or spec.native_size, val_size, split_seed, num_classes,
-                            skip_bad_images, rotate=augmentation["rotate"], recipe=recipe)
+                            skip_bad_images, rotate=augmentation["rotate"], recipe=recipe, folder_split=folder_split)
+    if folder_split is not None:
+        raise DatasetError(f"--folder-split splits an image folder (--dataset imagefolder); {spec.title} has its own splits")
     if name == "fake":
         arrays, classes = _make_fake(spec.native_size, 10 if num_classes is None else num_classes)
         mean, std = _channel_stats(arrays["train"][0])
@@ -471,43 +476,148 @@ def _channel_stats(images):
 # ----------------------------------------------------------------------------------------------
 # Image folders (ImageNet and user trees), read from disk per item
 # ----------------------------------------------------------------------------------------------
-def _folder_data(name, root, img_size, val_size, split_seed, num_classes, skip_bad_images, *, rotate, recipe):
-    """ImageNet (train/ + val/) or an image-folder tree (train/ + test/, or val/ as the test set)."""
+def _folder_data(name, root, img_size, val_size, split_seed, num_classes, skip_bad_images, *, rotate, recipe,
+                 folder_split=None):
+    """ImageNet (train/ + val/, its validation set the test set by convention, as ImageNet results are
+    reported) or an image-folder tree: train/, val/ and test/ each in its own role (without val/,
+    --val-size holds a validation split out of train/), or a plain tree of class folders split into
+    train, validation and test by the `folder_split` fractions (seeded by split_seed, stratified by class)."""
     spec = _SPECS[name]
-    test_names = ("val",) if name == "imagenet" else ("test", "val")
-    test_dir = next((root / d for d in test_names if (root / d).is_dir()), root / test_names[0])
-    if name == "imagenet":
-        how = "download ILSVRC-2012 from https://image-net.org, sort val/ into class folders, point --data-dir at it"
-    else:
-        how = f"put one folder of images per class in {root / 'train'} and {root / 'test'} (or val)"
-    if not (root / "train").is_dir() or not test_dir.is_dir():
-        raise DatasetError(f"{spec.title} not found (looked for class folders in {root / 'train'} and {test_dir}); "
-                           f"{how}, or use --dataset fake for synthetic data")
-    try:
-        train_folder = torchvision.datasets.ImageFolder(str(root / "train"))
-        test_folder = torchvision.datasets.ImageFolder(str(test_dir))
-    except FileNotFoundError as error:  # a class folder without images, or no class folders at all
-        raise DatasetError(f"{spec.title} in {root}: {' '.join(str(error).split())}; {how}") from None
+    splits, where = _folder_splits(name, root, val_size, split_seed, folder_split)
+    train_folder, train_index = splits["train"]
+    test_folder, test_index = splits["test"]
     if len(train_folder.classes) < 2:  # one class would train to a meaningless 100%
-        raise DatasetError(f"{root / 'train'} has {len(train_folder.classes)} class folder "
-                           f"({', '.join(train_folder.classes)}); a classifier needs at least 2: {how}")
-    if train_folder.classes != test_folder.classes:
-        raise DatasetError(f"{spec.title}: class folders differ between {root / 'train'} and {test_dir}")
+        raise DatasetError(f"{train_folder.root} has {len(train_folder.classes)} class folder "
+                           f"({', '.join(train_folder.classes)}); a classifier needs at least 2")
+    for role, (folder, _) in splits.items():
+        if folder is not None and folder.classes != train_folder.classes:
+            raise DatasetError(f"{spec.title}: the class folders of {folder.root} ({role}) are not those of "
+                               f"{train_folder.root} ({', '.join(train_folder.classes)})")
     _check_num_classes(spec.title, len(train_folder.classes), num_classes)
-    train_index, val_index = _hold_out(spec.title, len(train_folder), val_size, split_seed)
-
+    val_folder, val_index = splits.get("val") or (None, np.arange(0))
     info = DataInfo(name=name, num_classes=len(train_folder.classes), in_chans=3, img_size=img_size, mean=spec.mean,
                     std=spec.std, classes=tuple(train_folder.classes), synthetic=False, in_memory=False,
-                    train_size=len(train_index), val_size=len(val_index), test_size=len(test_folder),
-                    native_size=img_size, crop_padding=0, hflip=True, rotate=rotate, source=str(root), **recipe)
+                    train_size=len(train_index), val_size=len(val_index), test_size=len(test_index),
+                    native_size=img_size, crop_padding=0, hflip=True, rotate=rotate, source=where, **recipe)
     train_tf, eval_tf = _transforms(info)
-    train_bad, test_bad = (torch.zeros(len(folder), dtype=torch.uint8).share_memory_()
-                           for folder in (train_folder, test_folder))
+    bad = {id(folder): torch.zeros(len(folder), dtype=torch.uint8).share_memory_()
+           for folder, _ in splits.values() if folder is not None}
     split = partial(_FolderSplit, skip_bad_images=skip_bad_images)
-    train = split(train_folder, train_index.numpy(), train_tf, train_bad)
-    val = split(train_folder, val_index.numpy(), eval_tf, train_bad) if val_size else None
-    test = split(test_folder, np.arange(len(test_folder)), eval_tf, test_bad)
+    train = split(train_folder, train_index, train_tf, bad[id(train_folder)])
+    val = split(val_folder, val_index, eval_tf, bad[id(val_folder)]) if len(val_index) else None
+    test = split(test_folder, test_index, eval_tf, bad[id(test_folder)])
     return Data(info, train, val, test, None)
+
+
+def _image_folder(directory, title, how):
+    """torchvision's ImageFolder of `directory`; DatasetError in one line when it holds no class folder of images."""
+    try:
+        return torchvision.datasets.ImageFolder(str(directory))
+    except FileNotFoundError as error:  # a class folder without images, or no class folders at all
+        raise DatasetError(f"{title} in {directory}: {' '.join(str(error).split())}; {how}") from None
+
+
+def _folder_splits(name, root, val_size, split_seed, folder_split):
+    """({"train": (ImageFolder, indices), "val": ... or absent, "test": ...}, the start-up words saying which
+    folder or fraction plays which role); DatasetError naming what was found and what is expected."""
+    title = _SPECS[name].title
+    found = {d: (root / d).is_dir() for d in ("train", "val", "test")}
+    if name == "imagenet":
+        how = "download ILSVRC-2012 from https://image-net.org, sort val/ into class folders, point --data-dir at it"
+        if not (found["train"] and found["val"]):
+            raise DatasetError(f"{title} not found: {root} should hold train/ and val/ of class folders; {how}, "
+                               f"or use --dataset fake for synthetic data")
+        train, test = _image_folder(root / "train", title, how), _image_folder(root / "val", title, how)
+        train_index, val_index = _hold_out(title, len(train), val_size, split_seed)
+        return ({"train": (train, train_index.numpy()), "val": (train, val_index.numpy()), "test": (test, np.arange(len(test)))},
+                f"{root}: train/ (training{f', {val_size} held out for validation' if val_size else ''}), "
+                f"val/ (test: ImageNet's validation set, the usual test set)")
+    how = "sort the class folders into train/, val/ (optional) and test/, or keep them in one folder and split them with --folder-split TRAIN VAL TEST (fractions)"
+    if folder_split is not None:
+        if found["train"] or found["test"]:
+            raise DatasetError(f"--folder-split splits a plain tree of class folders, but {root} holds "
+                               f"{' and '.join(d + '/' for d in ('train', 'val', 'test') if found[d])}: drop --folder-split "
+                               f"to use those folders")
+        folder = _image_folder(root, title, how)
+        indices = _stratified_split(title, np.array([label for _, label in folder.samples]), folder.classes, folder_split,
+                                    split_seed)
+        fractions = "/".join(f"{100 * f:g}" for f in folder_split)
+        return ({role: (folder, index) for role, index in zip(("train", "val", "test"), indices) if role != "val" or len(index)},
+                f"{root} split {fractions} % into training/validation/test, within each class (split seed {split_seed})")
+    if not found["train"]:
+        what = ("nothing (it does not exist)" if not root.is_dir() else
+                "class folders but no train/ or test/" if any(p.is_dir() for p in root.iterdir()) else "no class folders")
+        raise DatasetError(f"{title}: {root} holds {what}; {how}, or use --dataset fake for synthetic data")
+    if not found["test"]:
+        also = " and val/" if found["val"] else ""
+        raise DatasetError(f"{title}: {root} holds train/{also} but no test/: the test set needs a folder of its own "
+                           f"({'val/ is the validation set; ' if found['val'] else ''}{how})")
+    if found["val"] and val_size:
+        raise DatasetError(f"{title}: {root} holds val/, the validation set; --val-size {val_size} would hold out another "
+                           f"from train/: give --val-size 0, or remove val/")
+    train, test = _image_folder(root / "train", title, how), _image_folder(root / "test", title, how)
+    if found["val"]:
+        val = _image_folder(root / "val", title, how)
+        return ({"train": (train, np.arange(len(train))), "val": (val, np.arange(len(val))), "test": (test, np.arange(len(test)))},
+                f"{root}: train/ (training), val/ (validation), test/ (test)")
+    train_index, val_index = _hold_out(title, len(train), val_size, split_seed)
+    held = f", {val_size} held out for validation" if val_size else ", no validation split"
+    return ({"train": (train, train_index.numpy()), "val": (train, val_index.numpy()), "test": (test, np.arange(len(test)))},
+            f"{root}: train/ (training{held}), test/ (test)")
+
+
+def _stratified_split(title, labels, classes, fractions, seed):
+    """Indices of each fraction of `labels` (train, val, test), within each class: a seeded permutation of the
+    class's images cut by its largest-remainder share of each fraction; DatasetError for a class too small to
+    give every non-empty fraction an image."""
+    if len(fractions) != 3 or any(not 0 <= f <= 1 for f in fractions) or abs(sum(fractions) - 1) > 1e-6 or not fractions[0] or not fractions[2]:
+        raise DatasetError(f"--folder-split takes three fractions TRAIN VAL TEST that add up to 1, TRAIN and TEST above 0 "
+                           f"(e.g. 0.8 0.1 0.1), got {' '.join(map(str, fractions))}")
+    generator = torch.Generator().manual_seed(mix_seed(seed, SPLIT_STREAM))
+    parts = [[], [], []]
+    for c, name in enumerate(classes):
+        members = np.flatnonzero(labels == c)
+        order = members[torch.randperm(len(members), generator=generator).numpy()]
+        counts = _largest_remainder(len(members), fractions)
+        if any(count == 0 and fraction > 0 for count, fraction in zip(counts, fractions)):
+            raise DatasetError(f"{title}: class {name} has {len(members)} images, too few to put one in each part of "
+                               f"--folder-split {' '.join(map(str, fractions))}")
+        edges = np.cumsum([0, *counts])
+        for part, start, stop in zip(parts, edges[:-1], edges[1:]):
+            part.extend(order[start:stop].tolist())
+    return [np.sort(np.array(part, dtype=np.int64)) for part in parts]
+
+
+def _largest_remainder(total, fractions):
+    """Integer shares of `total` proportional to `fractions` that add up to `total` (the largest remainders round up)."""
+    exact = [total * f for f in fractions]
+    counts = [int(x) for x in exact]
+    for i in sorted(range(len(exact)), key=lambda i: exact[i] - counts[i], reverse=True)[:total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def subset(labels, size, classes, *, stratified, seed, flag="--train-subset", split="training"):
+    """Indices of a training subset of `size` images out of `labels` and what it is in words. stratified=False:
+    the first `size` (for sources whose order mixes the classes: CIFAR, MNIST-likes, SVHN, fake); True: per class
+    its largest-remainder share, from a seeded permutation of its images (for image folders, ordered by class).
+    DatasetError for a subset without an image of some class."""
+    if stratified:
+        generator = torch.Generator().manual_seed(mix_seed(seed, SUBSET_STREAM))
+        counts = _largest_remainder(size, np.bincount(labels, minlength=len(classes)) / len(labels))
+        chosen = [np.flatnonzero(labels == c)[torch.randperm(int((labels == c).sum()), generator=generator).numpy()[:count]]
+                  for c, count in enumerate(counts)]
+        index = np.sort(np.concatenate(chosen))
+        rule = f"each class its share from a seeded permutation (split seed {seed})"
+    else:
+        index, rule = np.arange(size), f"the first of the {split} split"
+    per_class = np.bincount(labels[index], minlength=len(classes))
+    missing = [name for name, count in zip(classes, per_class) if count == 0]
+    if missing:
+        raise DatasetError(f"{flag} {size} has no image of class {', '.join(missing[:5])}"
+                           f"{' ...' if len(missing) > 5 else ''} ({rule}); a subset must hold every class: give a larger N")
+    counts = " / ".join(str(int(count)) for count in per_class)
+    return index, f"train subset: {size} images, {rule}; per class {counts}"
 
 
 # What PIL raises for a truncated file or one that is not an image (UnidentifiedImageError is an

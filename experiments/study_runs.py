@@ -19,7 +19,7 @@ from metrics import read_metrics  # noqa: E402
 # args.json fields that must agree across a study's runs (the same data, budget and recipe)
 BUDGET = ("dataset", "train_subset", "val_size", "split_seed", "img_size", "crop", "rotate", "epochs", "batch_size",
           "optimizer", "lr", "weight_decay", "momentum", "nesterov", "schedule", "warmup_epochs", "milestones", "gamma",
-          "min_lr", "label_smoothing", "amp", "clip_grad", "clip_mode")
+          "min_lr", "label_smoothing", "amp", "clip_grad", "clip_mode", "eval_subset")
 
 SEED_DIR = re.compile(r"seed(0|-?[1-9][0-9]*)")  # as compare.py names them: f"seed{seed}"
 

@@ -207,7 +207,8 @@ def budget_line(study):
     return (f"{first.get('dataset')}, train subset {first.get('train_subset') or 'all'}, {first.get('epochs')} epochs, "
             f"batch {first.get('batch_size')}, {'/'.join(first.get('optimizer') or [])} lr {numbers('lr')} "
             f"wd {numbers('weight_decay')} {first.get('schedule')}, warm-up {first.get('warmup_epochs')} epochs{clip}; "
-            f"seeds {seeds}")
+            + (f"accuracies of {first['eval_subset']} validation and test images each (--eval-subset); " if first.get("eval_subset") else "")
+            + f"seeds {seeds}")
 
 
 def diverged(rows):

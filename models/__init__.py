@@ -7,7 +7,7 @@ Geometry (strides, patch grid) is derived from img_size; a size a model cannot t
 ValueError with a readable message.
 
 Besides the registered names below, `tv:NAME` builds a torchvision classification model and
-`timm:NAME` a timm model, with random weights (models/zoo.py), `one:BASE:M` / `okddip:BASE:M` /
+`timm:NAME` a timm model, with random weights or, with --pretrained, its library's (models/zoo.py), `one:BASE:M` / `okddip:BASE:M` /
 `pcl:BASE:M` the branched networks of ONE, OKDDip and PCL on a CIFAR ResNet or Wide ResNet
 (models/branched.py), and `byot:BASE` such a network with BYOT's early exits (models/exits.py).
 """

@@ -14,27 +14,61 @@ def net_labels(names):
 
 
 def load_initial_weights(net, path, pick, *, label, reset_classifier):
-    """Load an --init file into `net`; ValueError naming the first tensor that is missing, left over
-    or of another shape (the classifier's are skipped with --reset-classifier)."""
-    state, own = read_weight_file(path, pick), net.state_dict()
-    head = classifier_keys(net)
-    skip = head if reset_classifier else set()
+    """Load an --init file into `net` (load_state); returns its notes (what was adapted), one line each."""
+    return load_state(net, read_weight_file(path, pick), source=f"--init '{path}'", label=label,
+                      reset_classifier=reset_classifier)
+
+
+def load_state(net, state, *, source, label, reset_classifier=False, replace_head=False):
+    """Load the tensors `state` into `net`; ValueError naming the first tensor that is missing, left over or of
+    another shape; returns notes, one line each, of what was adapted: an input convolution of 3 channels for a
+    network of another count (adapt_input_channels), and, with replace_head, a classifier of another class
+    count, which keeps its fresh weights (with reset_classifier every classifier does)."""
+    own, head, notes = net.state_dict(), classifier_keys(net), []
+    skip = set(head) if reset_classifier else set()
+    if replace_head and any(key in state and state[key].shape != own[key].shape for key in head):
+        skip |= set(head)
+        classes = next(state[key].shape[0] for key in sorted(head) if key in state and state[key].ndim >= 1)
+        notes.append(f"{label}: classifier re-initialised ({classes} classes in the weights, {own[sorted(head)[0]].shape[0]} here)")
+    adapted = dict(state)
     for key, value in own.items():
         if key in skip:
             continue
         if key not in state:
-            raise ValueError(f"--init '{path}': {label} has a tensor '{key}' that the file lacks (weights of another architecture?)")
+            raise ValueError(f"{source}: {label} has a tensor '{key}' that the file lacks (weights of another architecture?)")
         if state[key].is_floating_point() != value.is_floating_point():
-            raise ValueError(f"--init '{path}': tensor '{key}' is {str(state[key].dtype).replace('torch.', '')} in the file "
+            raise ValueError(f"{source}: tensor '{key}' is {str(state[key].dtype).replace('torch.', '')} in the file "
                              f"but {str(value.dtype).replace('torch.', '')} in {label} (not the same kind of weights)")
-        if state[key].shape != value.shape:
+        if state[key].shape != value.shape and is_input_conv(state[key], value):
+            adapted[key] = adapt_input_channels(state[key], value.shape[1])
+            notes.append(f"{label}: '{key}' adapted from {state[key].shape[1]} to {value.shape[1]} input channel"
+                         f"{'s' if value.shape[1] > 1 else ''} ({'summed' if value.shape[1] == 1 else 'repeated and scaled'}, "
+                         f"as timm's adapt_input_conv)")
+        elif state[key].shape != value.shape:
             hint = "; --reset-classifier keeps a fresh classifier for another class count" if key in head else ""
-            raise ValueError(f"--init '{path}': tensor '{key}' is {tuple(state[key].shape)} in the file "
+            raise ValueError(f"{source}: tensor '{key}' is {tuple(state[key].shape)} in the file "
                              f"but {tuple(value.shape)} in {label}{hint}")
     extra = next((key for key in state if key not in own), None)
     if extra is not None:
-        raise ValueError(f"--init '{path}': the file's tensor '{extra}' has no place in {label} (weights of another architecture?)")
-    net.load_state_dict({key: value for key, value in state.items() if key not in skip}, strict=False)
+        raise ValueError(f"{source}: the file's tensor '{extra}' has no place in {label} (weights of another architecture?)")
+    net.load_state_dict({key: value for key, value in adapted.items() if key not in skip}, strict=False)
+    return notes
+
+
+def is_input_conv(weight, own):
+    """True for an RGB input convolution's weight (out, 3, kh, kw) where the network's has another channel count."""
+    return (weight.ndim == 4 and own.ndim == 4 and weight.shape[1] == 3 and own.shape[1] != 3
+            and weight.shape[0] == own.shape[0] and weight.shape[2:] == own.shape[2:])
+
+
+def adapt_input_channels(weight, in_chans):
+    """An RGB input convolution's weight for `in_chans` channels, as timm's adapt_input_conv
+    (timm/models/_manipulate.py): one channel gets the sum of the three kernels (a grey image then gives the
+    response a grey RGB image would); others the kernels repeated over the channels, scaled by 3 / in_chans."""
+    if in_chans == 1:
+        return weight.sum(dim=1, keepdim=True)
+    repeats = -(-in_chans // 3)
+    return weight.repeat(1, repeats, 1, 1)[:, :in_chans] * (3 / in_chans)
 
 
 def classifier_keys(net):

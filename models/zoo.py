@@ -3,9 +3,13 @@
     tv:NAME    a torchvision.models classification model (torchvision.models.list_models(module=torchvision.models))
     timm:NAME  a timm model (timm.list_models()); timm is imported only when such a name is used
 
-Always with random weights (weights=None, pretrained=False): trained weights come from files
+Built with random weights (weights=None, pretrained=False); --pretrained loads the library's own pretrained
+weights afterwards (pretrained_state), and other trained weights come from files
 (the training scripts' --init), never from a download.
 """
+import os
+import urllib.parse
+
 import torch
 from torch import nn
 
@@ -101,6 +105,33 @@ def replace_first_conv(net, in_chans):
                      bias=conv.bias is not None, padding_mode=conv.padding_mode)
     parent, _, attribute = name.rpartition(".")
     setattr(net.get_submodule(parent), attribute, stem)
+
+
+def pretrained_state(name):
+    """The state_dict of a tv:/timm: model's pretrained weights (torchvision's DEFAULT weights, timm's default
+    pretrained tag), from the library's cache (torch.hub's for torchvision, the Hugging Face hub's or
+    torch.hub's for timm), downloaded into it when missing; ValueError in one line when they cannot be had."""
+    prefix, _, model = resolve_zoo_name(name).partition(":")
+    if prefix == "tv":
+        import torchvision
+        try:
+            weights = torchvision.models.get_model_weights(model).DEFAULT
+        except (ValueError, KeyError) as error:
+            raise ValueError(f"--pretrained: torchvision has no pretrained weights for {model} ({error})") from None
+        cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urllib.parse.urlparse(weights.url).path))
+        try:
+            return weights.get_state_dict(progress=False, check_hash=True)
+        except Exception as error:  # noqa: BLE001 -- offline: URLError, socket and HTTP errors, a bad file
+            raise ValueError(f"--pretrained: {name}'s weights ({weights.name}) are not in {cached} and could not be "
+                             f"downloaded ({type(error).__name__}: {' '.join(str(error).split())[:100]}); on a machine "
+                             f"without network, copy the file there") from None
+    timm = import_timm()
+    try:
+        return timm.create_model(model, pretrained=True).state_dict()
+    except Exception as error:  # noqa: BLE001 -- offline: the hub's errors differ by version
+        raise ValueError(f"--pretrained: {name}'s weights could not be loaded from the Hugging Face hub or its cache "
+                         f"({type(error).__name__}: {' '.join(str(error).split())[:100]}); on a machine without network, "
+                         f"download them into the cache first (HF_HUB_CACHE)") from None
 
 
 @torch.no_grad()

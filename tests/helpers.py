@@ -80,11 +80,13 @@ def write_mnist_like(folder, train=30, test=10, compress=True, high=256):
 
 
 def write_image_tree(root, splits, classes=("cat", "dog"), per_class=3):
-    """root/<split>/<class>/<i>.png, images of assorted sizes (the loader must resize them)."""
+    """root/<split>/<class>/<i>.png, images of assorted sizes (the loader must resize them); per_class images
+    of each class, or {split: count}."""
     for split in splits:
+        count = per_class[split] if isinstance(per_class, dict) else per_class
         for label, name in enumerate(classes):
             (root / split / name).mkdir(parents=True)
-            for i in range(per_class):
+            for i in range(count):
                 pixels = np.full((20 + 3 * i, 26, 3), 40 * (label + 1) + i, dtype=np.uint8)
                 Image.fromarray(pixels).save(root / split / name / f"{i}.png")
 

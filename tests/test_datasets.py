@@ -297,13 +297,14 @@ def test_an_unreadable_idx_file_is_one_line(tmp_path):
     assert "\n" not in str(error.value)
 
 
-@pytest.mark.parametrize("name, test_split", [("imagefolder", "test"), ("imagefolder", "val"), ("imagenet", "val")])
+@pytest.mark.parametrize("name, test_split", [("imagefolder", "test"), ("imagenet", "val")])
 def test_image_folders(tmp_path, name, test_split):
     write_image_tree(tmp_path, ("train", test_split))
     data = build_data(name, tmp_path, img_size=16, val_size=2, download=False)
     info = data.info
     assert (info.num_classes, info.classes, info.in_memory, info.img_size) == (2, ("cat", "dog"), False, 16)
-    assert info.source == str(tmp_path)
+    assert info.source == f"{tmp_path}: train/ (training, 2 held out for validation), " + (
+        "test/ (test)" if name == "imagefolder" else "val/ (test: ImageNet's validation set, the usual test set)")
     assert (info.train_size, info.val_size, info.test_size) == (4, 2, 6) and data.arrays is None
     for split in (data.train, data.val, data.test):
         image, label = split[0]
@@ -882,3 +883,67 @@ def test_missing_files_are_downloaded_by_torchvision(tmp_path, monkeypatch, name
     for split in ("train", "test"):
         assert torch.equal(data.arrays[split][0], torch.from_numpy(expected[split][0]))
         assert torch.equal(data.arrays[split][1], torch.from_numpy(expected[split][1]))
+
+
+def test_train_val_and_test_folders_each_play_their_role(tmp_path):
+    write_image_tree(tmp_path, ("train", "val", "test"), per_class={"train": 5, "val": 2, "test": 3})
+    data = build_data("imagefolder", tmp_path, img_size=16, download=False)
+    assert (data.info.train_size, data.info.val_size, data.info.test_size) == (10, 4, 6)
+    assert data.info.source == f"{tmp_path}: train/ (training), val/ (validation), test/ (test)"
+    assert data.val.folder.root == str(tmp_path / "val") and data.test.folder.root == str(tmp_path / "test")
+    with pytest.raises(DatasetError, match="holds val/, the validation set; --val-size 3 would hold out another"):
+        build_data("imagefolder", tmp_path, img_size=16, val_size=3, download=False)
+
+
+@pytest.mark.parametrize("splits, message", [
+    (("train", "val"), "holds train/ and val/ but no test/: the test set needs a folder of its own (val/ is the validation set"),
+    (("train",), "holds train/ but no test/"),
+    ((), "holds no class folders")])
+def test_a_tree_without_its_test_folder_says_what_it_found(tmp_path, splits, message):
+    write_image_tree(tmp_path, splits)
+    with pytest.raises(DatasetError, match=re.escape(message)):
+        build_data("imagefolder", tmp_path, img_size=16, download=False)
+
+
+def test_a_plain_tree_of_class_folders_is_split_by_fractions_within_each_class(tmp_path):
+    write_image_tree(tmp_path, ("plain",), classes=("a", "b", "c"), per_class=10)
+    root = tmp_path / "plain"
+    for name in ("a", "b", "c"):  # the class folders directly in the root
+        (root / name).rename(tmp_path / name)
+    root.rmdir()
+    with pytest.raises(DatasetError, match="holds class folders but no train/ or test/.*--folder-split TRAIN VAL TEST"):
+        build_data("imagefolder", tmp_path, img_size=16, download=False)
+    data = build_data("imagefolder", tmp_path, img_size=16, folder_split=(0.6, 0.2, 0.2), split_seed=3, download=False)
+    assert (data.info.train_size, data.info.val_size, data.info.test_size) == (18, 6, 6)
+    assert data.info.source == f"{tmp_path} split 60/20/20 % into training/validation/test, within each class (split seed 3)"
+    labels = lambda split: sorted(split.folder.samples[int(i)][1] for i in split.indices)
+    assert labels(data.train) == [0] * 6 + [1] * 6 + [2] * 6 and labels(data.test) == [0, 0, 1, 1, 2, 2]
+    everything = sorted([*data.train.indices.tolist(), *data.val.indices.tolist(), *data.test.indices.tolist()])
+    assert everything == list(range(30))  # a partition
+    again = build_data("imagefolder", tmp_path, img_size=16, folder_split=(0.6, 0.2, 0.2), split_seed=3, download=False)
+    assert again.test.indices.tolist() == data.test.indices.tolist()  # seeded
+    with pytest.raises(DatasetError, match="three fractions TRAIN VAL TEST that add up to 1"):
+        build_data("imagefolder", tmp_path, img_size=16, folder_split=(0.6, 0.2, 0.3), download=False)
+
+
+def test_a_subset_of_a_class_sorted_folder_keeps_every_class(tmp_path):
+    """An image folder is ordered by class: --train-subset chooses each class's share (seeded); the first N
+    would be one class only. A subset that cannot hold every class is refused."""
+    import dataclasses
+    import utils
+    from errors import UsageError
+    write_image_tree(tmp_path, ("train", "test"), classes=("a", "b", "c"), per_class={"train": 20, "test": 2})
+    data = build_data("imagefolder", tmp_path, img_size=16, download=False)
+    kept = utils.train_subset(data, 30, seed=0)
+    labels = [data.train.folder.samples[int(data.train.indices[i])][1] for i in kept.train.indices]
+    assert sorted(labels) == [0] * 10 + [1] * 10 + [2] * 10
+    assert kept.info.subset == "train subset: 30 images, each class its share from a seeded permutation (split seed 0); per class 10 / 10 / 10"
+    assert utils.train_subset(data, 30, seed=0).train.indices == kept.train.indices  # seeded
+    with pytest.raises(UsageError, match="--train-subset 2 has no image of class c"):
+        utils.train_subset(data, 2, seed=0)
+    # an in-memory set keeps its first N (the committed studies' rule), and says its class counts
+    fake = build_data("fake", tmp_path, download=False)
+    first = utils.train_subset(fake, 40, seed=0)
+    assert torch.equal(first.arrays["train"][1], fake.arrays["train"][1][:40])
+    assert first.info.subset.startswith("train subset: 40 images, the first of the training split; per class ")
+    assert dataclasses.replace(first.info, subset="") == dataclasses.replace(fake.info, train_size=40)

@@ -358,7 +358,7 @@ def test_deterministic_cuda_refusal_comes_before_training(tmp_path, capsys, monk
     monkeypatch.setattr(utils, "resolve_device", lambda name, local_rank=None: torch.device("cuda", 0))
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
     monkeypatch.setattr(utils, "setup_data", lambda args, rt, **kwargs: (types.SimpleNamespace(
-        info=types.SimpleNamespace(num_classes=10, img_size=32, in_chans=3, val_size=0)), (None, None, None)))
+        info=types.SimpleNamespace(num_classes=10, img_size=32, in_chans=3, val_size=0, in_memory=True)), (None, None, None)))
     err = launch(capsys, competitive, [*TINY, "--models", "tv:vgg11", "resnet20", "--deterministic",
                                        "--out-dir", tmp_path / "run"], 2)
     assert "--deterministic on CUDA: network 0 (tv:vgg11) has AdaptiveAvgPool2d" in err

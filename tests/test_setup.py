@@ -94,7 +94,7 @@ def test_without_an_active_environment_a_venv_is_created_and_used(repo):
     python = f"{repo.dir}/.venv/bin/python"
     assert calls[0] == f"{repo.stubs}/python3 -m venv .venv"   # the first python3 on PATH makes it
     assert f"setup: installing into {python} (Python 3.99.0, the new virtual environment .venv" in result.stdout
-    assert pip_installs(calls, python) == ["-r requirements.txt", "pytest pytest-xdist timm onnx onnxscript onnxruntime"]
+    assert pip_installs(calls, python) == ["-r requirements.txt", "pytest pytest-xdist timm onnx onnxscript onnxruntime wandb"]
     assert "setup: SETUP_SKIP_DATASET=1" in result.stdout and result.stdout.endswith("setup: done\n")
 
 

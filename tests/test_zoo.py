@@ -268,8 +268,9 @@ def test_a_run_without_a_terminal_prints_interval_lines(tmp_path, capsys):
     assert all(re.search(r"\| loss \d+\.\d{4} \d+\.\d{4} \| lr 0 0\.\d+ \| \d+ img/s \| ETA epoch \d:\d\d:\d\d, run \d:\d\d:\d\d$",
                          line) for line in lines), lines
     assert "compile off, CUDA graphs off" in out[0]
-    assert out[1].startswith("  net0_resnet20: 0.27M parameters, random initial weights, frozen")
-    assert out[2].startswith("  net1_resnet20: 0.27M parameters, random initial weights, SGD peak lr 0.00625, weight decay 0.0005")
+    assert out[1].startswith("  train subset: 64 images, the first of the training split; per class ")
+    assert out[2].startswith("  net0_resnet20: 0.27M parameters, random initial weights, frozen")
+    assert out[3].startswith("  net1_resnet20: 0.27M parameters, random initial weights, SGD peak lr 0.00625, weight decay 0.0005")
     assert engine.log_interval(competitive.get_args_parser().parse_args([])) == engine.LOG_INTERVAL
 
 
@@ -287,3 +288,87 @@ def test_a_frozen_network_in_mutual_learning_keeps_its_weights(trained, tmp_path
                  "--epochs", "1", "--out-dir", tmp_path, *extra])
     before, after = weights(single / "last.pt")[0], weights(tmp_path / "last.pt")[1]
     assert all(torch.equal(value, after[key]) for key, value in before.items())
+
+
+# 3. --pretrained and weights for other input channels ---------------------------------------------
+def test_init_adapts_an_rgb_stem_to_one_channel_by_summing_and_says_so(tmp_path, capsys):
+    """An RGB state_dict of tv:resnet18 (as ImageNet weights are) starts a network on 1-channel images: the
+    stem's kernels summed over the colours (a grey image gives the response of its grey RGB copy), the rest as is."""
+    rgb = models.create_model("tv:resnet18", num_classes=10, img_size=16, in_chans=3).state_dict()
+    torch.save(rgb, tmp_path / "rgb.pth")
+    write_fashion(tmp_path / "data")
+    capsys.readouterr()
+    net = initialised_group([*TINY, "--dataset", "fashion-mnist", "--data-dir", tmp_path / "data",
+                             "--models", "tv:resnet18", "resnet20", "--init", f"0={tmp_path / 'rgb.pth'}"])[0][0]
+    out = capsys.readouterr().out
+    assert "network 0 (tv:resnet18): 'conv1.weight' adapted from 3 to 1 input channel (summed" in out
+    assert torch.equal(net.conv1.weight, rgb["conv1.weight"].sum(dim=1, keepdim=True))
+    assert torch.equal(net.layer1[0].conv1.weight, rgb["layer1.0.conv1.weight"])
+    grey, conv = torch.rand(2, 1, 16, 16), torch.nn.functional.conv2d
+    assert torch.allclose(conv(grey, net.conv1.weight, stride=2, padding=3),
+                          conv(grey.expand(-1, 3, -1, -1), rgb["conv1.weight"], stride=2, padding=3), atol=1e-5)
+
+
+def test_adapting_to_other_channel_counts_repeats_and_scales_as_timm():
+    from models.weights import adapt_input_channels
+    weight = torch.randn(4, 3, 3, 3)
+    two, five = adapt_input_channels(weight, 2), adapt_input_channels(weight, 5)
+    assert torch.equal(two, weight[:, :2] * 1.5)
+    assert torch.allclose(five, torch.cat([weight, weight[:, :2]], dim=1) * 0.6)
+
+
+def write_torchvision_cache(home, name="resnet18"):
+    """A weight file where torch.hub caches torchvision's pretrained `name` (random weights of its
+    architecture, 1000 classes), as a download would leave it; returns its state_dict."""
+    import os
+    import torchvision
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    folder = home / "hub" / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    state = torchvision.models.get_model(name, weights=None).state_dict()
+    torch.save(state, folder / os.path.basename(weights.url))
+    return state
+
+
+def test_pretrained_loads_the_cached_torchvision_weights_adapting_stem_and_head(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    imagenet = write_torchvision_cache(tmp_path / "torch")
+    argv = [*TINY, "--dataset", "fashion-mnist", "--data-dir", tmp_path / "data", "--models", "tv:resnet18", "resnet20",
+            "--pretrained", "--epochs", "1", "--out-dir", tmp_path / "run", "--stop-after", "1"]
+    write_fashion(tmp_path / "data")
+    capsys.readouterr()
+    run(competitive, argv)
+    out = capsys.readouterr().out
+    assert "network 0 (tv:resnet18): classifier re-initialised (1000 classes in the weights, 10 here)" in out
+    assert "'conv1.weight' adapted from 3 to 1 input channel" in out
+    assert "net0_tv_resnet18: 11.18M parameters, the library's pretrained weights (--pretrained)" in out
+    assert "net1_resnet20: 0.27M parameters, random initial weights" in out
+    args = competitive.get_args_parser().parse_args([str(a) for a in argv])
+    nets = initialised_group(argv)[0]  # what the run started from
+    assert torch.equal(nets[0].conv1.weight, imagenet["conv1.weight"].sum(dim=1, keepdim=True))
+    assert torch.equal(nets[0].layer4[1].bn2.running_var, imagenet["layer4.1.bn2.running_var"])
+    assert nets[0].fc.weight.shape == (10, 512)
+    assert flags.check_args(args).pretrained == {0}
+
+
+def write_fashion(root):
+    from helpers import write_mnist_like
+    write_mnist_like(root / "FashionMNIST" / "raw", train=120, test=20)
+
+
+@pytest.mark.parametrize("flags_,fragment", [
+    (["--models", "resnet20", "resnet20", "--pretrained"], "--pretrained loads the weights of tv: and timm: networks; this run has none"),
+    (["--models", "tv:resnet18", "resnet20", "--pretrained", "1"], "--pretrained 1: network 1 (resnet20) is not a tv: or timm: network"),
+    (["--models", "tv:resnet18", "resnet20", "--pretrained", "3"], "--pretrained 3: no such network; the group's are 0..1"),
+    (["--models", "tv:resnet18", "resnet20", "--pretrained", "--init", "0={file}"], "network 0 is given both --init and --pretrained"),
+    (["--models", "tv:resnet18", "resnet20", "--pretrained"], "tv:resnet18's weights (IMAGENET1K_V1) are not in"),
+])
+def test_pretrained_refusals_and_an_offline_machine_are_one_line(tmp_path, capsys, monkeypatch, flags_, fragment):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    import torch.hub
+    monkeypatch.setattr(torch.hub, "urlopen", lambda *a, **k: (_ for _ in ()).throw(OSError("no network")), raising=False)
+    torch.save({}, tmp_path / "w.pth")
+    err = one_line_error(capsys, competitive, [*TINY, *[f.format(file=tmp_path / "w.pth") for f in flags_],
+                                               "--epochs", "1", "--out-dir", tmp_path / "run"])
+    assert fragment in err, err
+    assert not (tmp_path / "run" / "last.pt").exists()
