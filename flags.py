@@ -407,8 +407,8 @@ def init_files(args, n):
         if int(net) in files:
             raise UsageError(f"--init names network {net} twice; give one file per network")
         files[int(net)] = (path, pick)
-    if args.reset_classifier and not files:
-        raise UsageError("--reset-classifier applies to networks initialised with --init; give --init NET=FILE")
+    if args.reset_classifier and not files and getattr(args, "pretrained", None) is None:
+        raise UsageError("--reset-classifier applies to networks initialised with --init or --pretrained; give --init NET=FILE")
     return files
 
 

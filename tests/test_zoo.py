@@ -180,7 +180,7 @@ def test_a_frozen_network_never_changes_nor_gets_a_gradient(trained, tmp_path, m
     (["--init", "0={plain}@0"], "@ picks a network of this repository's checkpoints"),
     (["--models", "resnet32", "resnet20", "--init", "0={single}"], "network 0 (resnet32)"),
     (["--models", "resnet20", "resnet20", "--init", "0={wider}"], "the file's tensor 'extra.weight' has no place in network 0"),
-    (["--reset-classifier"], "--reset-classifier applies to networks initialised with --init"),
+    (["--reset-classifier"], "--reset-classifier applies to networks initialised with --init or --pretrained"),
     (["--freeze", "2"], "--freeze 2: networks are numbered 0..1"),
     (["--freeze", "0", "1"], "--freeze names all 2 networks: at least one must train"),
 ])
@@ -372,3 +372,17 @@ def test_pretrained_refusals_and_an_offline_machine_are_one_line(tmp_path, capsy
                                                "--epochs", "1", "--out-dir", tmp_path / "run"])
     assert fragment in err, err
     assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_pretrained_timm_weights_that_cannot_be_had_are_one_line(monkeypatch):
+    """timm's weights come from the Hugging Face hub (or its cache); whatever the hub raises offline, the run
+    gets one line naming the model and where the weights are cached."""
+    def offline(name, pretrained=False, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files,\nand couldn't find them in the cache")
+    monkeypatch.setattr(models.zoo, "import_timm", lambda: __import__("types").SimpleNamespace(create_model=offline,
+                                                                                               is_model=lambda name: True))
+    with pytest.raises(ValueError) as error:
+        models.zoo.pretrained_state("timm:resnet18")
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("--pretrained: timm:resnet18's weights could not be loaded")
+    assert "OSError: We couldn't connect" in message and "HF_HUB_CACHE" in message
