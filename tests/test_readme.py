@@ -122,6 +122,17 @@ def test_the_results_table_is_the_committed_studys_summary():
     assert table == summarize.compact_table(os.path.join(ROOT, "experiments", "study"), summarize.headline)
 
 
+def test_the_authors_cells_table_is_its_committed_runs_summary():
+    """The README's table of the authors'-optimizer cell is what summarize.py makes of experiments/study-authors
+    (its finished runs: a run under way has no results.json and is left out, as in a clean clone)."""
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    import summarize
+    table = summarize_table(open(os.path.join(ROOT, "README.md")).read(), "authors")
+    assert table and table.startswith("| configuration |"), "README.md lacks the authors table's markers"
+    assert table == summarize.compact_table(os.path.join(ROOT, "experiments", "study-authors"), summarize.headline)
+    assert "| pcl | 3 × resnet20 | 3 |" in table and "| byot | 3 × resnet20 | 3 |" in table
+
+
 def test_the_results_pages_tables_are_the_committed_studys_summary():
     """docs/results.md's full study tables (the compact one, the --versus one of the pairs its
     summarize.py command names, and the AdamW one) are what experiments/summarize.py makes of
@@ -139,6 +150,11 @@ def test_the_results_pages_tables_are_the_committed_studys_summary():
     assert len(args.versus) >= 5 and summarize.versus(rows, args.versus) in text
     adamw = summarize.summarize(summarize.load_study(os.path.join(ROOT, "experiments", "study-adamw")))[0]
     assert summarize.compact(adamw) in text
+    authors = summarize.summarize(summarize.load_study(os.path.join(ROOT, "experiments", "study-authors")))[0]
+    assert summarize.compact(authors) in text
+    command = next(argv for _, script, argv in commands_in(text)
+                   if script == "experiments/summarize.py" and "--versus" in argv and argv[0] == "experiments/study-authors")
+    assert summarize.versus(authors, summarize.get_args_parser().parse_args(command).versus) in text
 
 
 def test_the_adding_a_method_example_trains(tmp_path):
