@@ -28,10 +28,10 @@ from perturb import PERTURBATIONS, Perturber
 from models import unwrap
 
 WORLD_SIZE = 2
-TINY = ["--dataset", "fake", "--img-size", "16", "--train-subset", "128", "--val-size", "64", "--batch-size", "16",
+TINY = ["--dataset", "fake", "--eval-subset", "64", "--img-size", "16", "--train-subset", "128", "--val-size", "64", "--batch-size", "16",
         "--device", "cpu", "--workers", "0", "--no-progress"]
 # 2 epochs of 64 steps per process: long enough to signal a process in the middle of epoch 2.
-LONG = ["--dataset", "fake", "--img-size", "16", "--train-subset", "512", "--val-size", "64", "--batch-size", "4",
+LONG = ["--dataset", "fake", "--eval-subset", "64", "--img-size", "16", "--train-subset", "512", "--val-size", "64", "--batch-size", "4",
         "--device", "cpu", "--workers", "0", "--no-progress", "--models", "resnet20", "resnet20",
         "--perturb-every", "2", "--epochs", "2", "--deterministic"]
 CPU = torch.device("cpu")

@@ -24,7 +24,7 @@ import train_mutual_learning as mutual
 import utils
 from helpers import ROOT, cpu_env, read_rows, write_broken_image_tree, write_image_tree, write_mnist_like
 
-TINY = ["--dataset", "fake", "--img-size", "16", "--train-subset", "64", "--val-size", "32", "--batch-size", "32",
+TINY = ["--dataset", "fake", "--eval-subset", "64", "--img-size", "16", "--train-subset", "64", "--val-size", "32", "--batch-size", "32",
         "--eval-batch-size", "256", "--device", "cpu", "--workers", "0", "--no-progress"]
 PAIR = [*TINY, "--models", "resnet20", "resnet20"]
 

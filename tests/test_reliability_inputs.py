@@ -23,10 +23,10 @@ from helpers import ROOT, cpu_env
 from test_distributed import torchrun_command, worker_pids
 from test_reliability import launch  # a script run in-process as from a shell, its one error line
 
-TINY = ["--dataset", "fake", "--img-size", "16", "--train-subset", "64", "--val-size", "32", "--batch-size", "32",
+TINY = ["--dataset", "fake", "--eval-subset", "64", "--img-size", "16", "--train-subset", "64", "--val-size", "32", "--batch-size", "32",
         "--eval-batch-size", "256", "--device", "cpu", "--workers", "0", "--no-progress"]
 # Long enough (many 4-image steps) to be signalled in the middle of an epoch.
-LONG = ["--dataset", "fake", "--img-size", "16", "--train-subset", "512", "--val-size", "0", "--batch-size", "4",
+LONG = ["--dataset", "fake", "--eval-subset", "64", "--img-size", "16", "--train-subset", "512", "--val-size", "0", "--batch-size", "4",
         "--device", "cpu", "--workers", "0", "--no-progress", "--model", "resnet20", "--epochs", "50"]
 
 

@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import compare  # noqa: E402
 import summarize  # noqa: E402
 
-TINY = ["--dataset", "fake", "--img-size", "16", "--train-subset", "64", "--val-size", "32", "--batch-size", "32",
+TINY = ["--dataset", "fake", "--eval-subset", "64", "--img-size", "16", "--train-subset", "64", "--val-size", "32", "--batch-size", "32",
         "--eval-batch-size", "256", "--device", "cpu", "--workers", "0", "--no-progress"]
 SCRIPTS = {train: ["--model", "resnet20"], mutual: ["--models", "resnet20", "resnet20"],
            competitive: ["--models", "resnet20", "resnet20"], train_kdcl: ["--models", "resnet20", "resnet20"],

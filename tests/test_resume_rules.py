@@ -20,7 +20,7 @@ import train_one as one
 import utils
 from helpers import read_rows
 
-TINY = ["--dataset", "fake", "--img-size", "16", "--train-subset", "64", "--val-size", "32", "--batch-size", "32",
+TINY = ["--dataset", "fake", "--eval-subset", "64", "--img-size", "16", "--train-subset", "64", "--val-size", "32", "--batch-size", "32",
         "--eval-batch-size", "256", "--device", "cpu", "--workers", "0", "--no-progress"]
 PAIR = [*TINY, "--models", "resnet20", "resnet20"]
 

@@ -28,7 +28,7 @@ from losses import kd_loss
 SCRIPTS = ["train.py", "train_mutual_learning.py", "train_competitive_distillation.py", "train_ceit.py", "train_kdcl.py",
            "train_one.py", "train_okddip.py", "train_pcl.py", "train_byot.py", "demo.py"]
 # 128 synthetic 16-px images, 4 steps of 32: seconds per epoch on two CPU cores.
-TINY = ["--dataset", "fake", "--img-size", "16", "--train-subset", "128", "--val-size", "64",
+TINY = ["--dataset", "fake", "--eval-subset", "64", "--img-size", "16", "--train-subset", "128", "--val-size", "64",
         "--batch-size", "32", "--eval-batch-size", "256", "--device", "cpu", "--workers", "0", "--no-progress"]
 
 
@@ -203,7 +203,8 @@ def test_ceit_vit_pair_at_224_px():
     (train, ["--model", "resnet20"]),
     (train, ["--model", "resnet20", "--no-crop", "--rotate", "15"]),
     (competitive, ["--models", "resnet20", "resnet20", "--perturb-every", "2"]),
-    (competitive, ["--models", "resnet20", "resnet20", "--perturb-every", "2", "--amp", "bf16"]),
+    (competitive, ["--models", "resnet20", "resnet20", "--perturb-every", "2", "--amp", "bf16",
+                   "--train-subset", "64"]),  # the CPU's bfloat16 convolutions are slow: 2 steps an epoch
 ], ids=["train", "train-no-crop-rotate", "competitive", "competitive-bf16"])
 def test_exact_resume(tmp_path, module, extra):
     args = [*TINY, *extra, "--epochs", "2", "--deterministic"]
@@ -229,7 +230,7 @@ def test_resume_into_a_new_out_dir_carries_the_best_weights(tmp_path):
     assert [r["epoch"] for r in read_rows(tmp_path / "b")] == ["2", "2", "2"]  # B's metrics start where it resumed
 
 
-INTERRUPTIBLE = ["--dataset", "fake", "--img-size", "16", "--train-subset", "512", "--val-size", "64",
+INTERRUPTIBLE = ["--dataset", "fake", "--eval-subset", "64", "--img-size", "16", "--train-subset", "256", "--val-size", "64",
                  "--batch-size", "4", "--device", "cpu", "--workers", "0", "--no-progress",
                  "--models", "resnet20", "resnet20", "--perturb-every", "2", "--epochs", "2", "--deterministic"]
 
@@ -241,7 +242,7 @@ def interrupt_during_epoch_two(out, sig):
                                stderr=subprocess.PIPE, text=True, env=cpu_env(), cwd=ROOT)
     while not (out / "last.pt").exists() and process.poll() is None:
         time.sleep(0.05)
-    time.sleep(0.5)  # epoch 2 has 128 steps (about 3 s): the signal lands among them
+    time.sleep(0.5)  # epoch 2 has 64 steps (about 1.5 s): the signal lands among them
     process.send_signal(sig)
     stdout, stderr = process.communicate(timeout=600)
     return process, stdout, stderr

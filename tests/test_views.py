@@ -11,7 +11,7 @@ from datasets import make_loaders
 from helpers import read_rows, sigterm_after_step
 from test_datasets import coded_data, decode_and_check
 
-TINY = ["--dataset", "fake", "--img-size", "16", "--train-subset", "96", "--val-size", "0", "--batch-size", "32",
+TINY = ["--dataset", "fake", "--eval-subset", "64", "--img-size", "16", "--train-subset", "96", "--val-size", "0", "--batch-size", "32",
         "--eval-batch-size", "256", "--device", "cpu", "--workers", "0", "--no-progress"]
 
 

@@ -19,7 +19,7 @@ import train_mutual_learning as mutual
 import utils
 from helpers import assert_same_weights, read_rows, weights
 
-TINY = ["--dataset", "fake", "--img-size", "16", "--train-subset", "64", "--val-size", "32", "--batch-size", "32",
+TINY = ["--dataset", "fake", "--eval-subset", "64", "--img-size", "16", "--train-subset", "64", "--val-size", "32", "--batch-size", "32",
         "--eval-batch-size", "256", "--device", "cpu", "--workers", "0", "--no-progress"]
 HAVE_TIMM = importlib.util.find_spec("timm") is not None
 needs_timm = pytest.mark.skipif(not HAVE_TIMM, reason="timm is not installed (pip install timm; bash setup.sh --test installs it)")
@@ -269,8 +269,9 @@ def test_a_run_without_a_terminal_prints_interval_lines(tmp_path, capsys):
                          line) for line in lines), lines
     assert "compile off, CUDA graphs off" in out[0]
     assert out[1].startswith("  train subset: 64 images, the first of the training split; per class ")
-    assert out[2].startswith("  net0_resnet20: 0.27M parameters, random initial weights, frozen")
-    assert out[3].startswith("  net1_resnet20: 0.27M parameters, random initial weights, SGD peak lr 0.00625, weight decay 0.0005")
+    assert out[2].startswith("  --eval-subset: test 64 of 512 images")
+    assert out[3].startswith("  net0_resnet20: 0.27M parameters, random initial weights, frozen")
+    assert out[4].startswith("  net1_resnet20: 0.27M parameters, random initial weights, SGD peak lr 0.00625, weight decay 0.0005")
     assert engine.log_interval(competitive.get_args_parser().parse_args([])) == engine.LOG_INTERVAL
 
 
