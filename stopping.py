@@ -6,6 +6,7 @@ Exit codes: 0 done (or nothing left to do), 1 the run cannot go on (disk full or
 memory), 2 bad input (flags, files, data), 3 training diverged, 130/143/129 stopped by SIGINT/SIGTERM/
 SIGHUP with the state saved.
 """
+import gc
 import os
 import signal
 import sys
@@ -156,9 +157,18 @@ def launch(main, parser, argv=None):
     if argv is None:  # the process's own command line: it ends now, its run complete
         for sig in STOP_SIGNALS:
             signal.signal(sig, after_the_run)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    close_process_group()
     return result
+
+
+def close_process_group():
+    """Destroy the default process group, if any, after freeing what still holds it. A run's DDP wrappers
+    sit in reference cycles: uncollected, their reducers and the group would be freed only during
+    interpreter shutdown, where a gloo rank whose run had ended has aborted ("terminate called without
+    an active exception", exit -6) and so failed the torchrun job."""
+    if dist.is_initialized():
+        gc.collect()
+        dist.destroy_process_group()
 
 
 def after_the_run(signum, frame):

@@ -132,6 +132,28 @@ def test_mutual_two_processes(tmp_path):
     assert_logged_metrics_count_every_sample_once(tmp_path, args)
 
 
+def test_the_process_group_is_destroyed_after_what_holds_it_is_freed(tmp_path):
+    """A DDP network left in a reference cycle is collected before the group goes, not at interpreter exit."""
+    import gc
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    enabled = gc.isenabled()
+    gc.disable()  # no automatic collection between the cycle's creation and the call
+    try:
+        holder = types.SimpleNamespace(net=DDP(nn.Linear(3, 2)))
+        holder.itself = holder
+        del holder
+        assert any(type(o) is DDP for o in gc.get_objects())      # the cycle keeps it alive...
+        stopping.close_process_group()
+        assert not dist.is_initialized()
+        assert not any(type(o) is DDP for o in gc.get_objects())  # ...until the group is closed
+    finally:
+        if enabled:
+            gc.enable()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 @pytest.mark.parametrize("script,model", [("train.py", "resnet20"), ("train_ceit.py", "ceit_tiny")])
 def test_single_network_scripts_two_processes(tmp_path, script, model):
     result = torchrun(script, [*TINY, "--model", model, "--epochs", "1", "--out-dir", str(tmp_path)])
