@@ -223,14 +223,17 @@ def save_args(args, resolved, run_dir, script, resumed=None):
     """args.json: the run's flags (recorded), which of them its command line gave, what it computed from
     them (resolved), its script (so that --config knows whose recipe it holds) and the code that ran it
     (code_version); a resumed run keeps the code it started with and the history of its resumes
-    ("resumes": when, from which checkpoint, what changed, which code continued it)."""
+    ("resumes": when, from which checkpoint, what changed, which code continued it), read from the
+    run directory's args.json, or from the checkpoint's directory when it continues in a new one."""
     record_ = record(args, resolved)
     entry = {**record_["args"], "script": script, "given": record_["given"], "resolved": record_["resolved"],
              "code": code_version()}
     path = os.path.join(run_dir, "args.json")
     if resumed is not None:
+        # A run continued in another directory (--resume PATH --out-dir NEW) keeps its source's record.
+        source = path if os.path.exists(path) else os.path.join(os.path.dirname(resumed["checkpoint"]), "args.json")
         try:
-            with open(path) as f:
+            with open(source) as f:
                 earlier = json.load(f)
             history, started = earlier.get("resumes", []), earlier.get("code")
         except (OSError, ValueError, AttributeError):
