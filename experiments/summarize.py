@@ -463,6 +463,8 @@ def get_args_parser():
                         help="also write the shortest table into FILE between the lines <!-- NAME table: begin --> and "
                              "<!-- NAME table: end --> (how the README's tables are made)")
     parser.add_argument("--readme-table", default="study", metavar="NAME", help="NAME of --readme's markers")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, metavar="K",
+                        help="only the runs of these seeds (e.g. the numbers of a study at an earlier stage)")
     return parser
 
 
@@ -529,10 +531,20 @@ def check_png(path):
                 raise StudyError(f"--png '{path}' exists and is not a PNG image: not written over; choose another --png")
 
 
+def only_seeds(study, seeds):
+    """`study` with only the finished runs of `seeds` (None: all of them)."""
+    if seeds is None:
+        return study
+    runs = [run for run in study["runs"] if run["seed"] in seeds]
+    if not runs:
+        raise StudyError(f"no finished run of seeds {' '.join(map(str, seeds))} under '{study['path']}'")
+    return {**study, "runs": runs}
+
+
 def report(path, args, png):
     """Summarize one study: print its tables and lines, write its plot; returns its rows. StudyError
     (printed by main as one line) before anything is printed or written when it cannot be summarized."""
-    study = load_study(path)
+    study = only_seeds(load_study(path), args.seeds)
     rows, notes = summarize(study, args.split)
     check_png(png)
     try:

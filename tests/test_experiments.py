@@ -325,6 +325,16 @@ def test_the_compact_table_has_one_line_per_configuration(study, capsys):
     assert summarize.compact_table(study) == "\n".join(lines)  # deterministic
 
 
+
+def test_seeds_summarizes_only_the_runs_of_those_seeds(study, capsys):
+    """--seeds 0 1: vanilla's network 80.5 ± 0.71 over its seeds 0 and 1 (80, 81), not 80 over all three."""
+    assert summarize.main([study, "--seeds", "0", "1", "--compact"]) == 0
+    out = capsys.readouterr().out
+    assert "| vanilla | resnet20 | 2 | 0/2 | 99.25 ± 0.35 | 80.50 ± 0.71 | – | – | – | – |" in out
+    assert "seeds [0, 1];" in out and "seeds [0, 1, 2]" not in out
+    assert summarize.main([study, "--seeds", "7"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: no finished run of seeds 7 under '{study}'"
+
 def refused(study, capsys):
     """The one error line of a refused study."""
     assert summarize.main([study]) == 2
