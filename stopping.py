@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from datasets import DatasetError
+from datasets.loaders import close_workers
 from errors import RunComplete, RunFailure, UsageError, fail
 
 
@@ -151,6 +152,7 @@ def launch(main, parser, argv=None):
     try:
         result = checked_main(args)
     finally:
+        close_workers()  # whether the run finished or failed
         sys.stdout = stdout
         for sig, handler in handlers.items():
             signal.signal(sig, handler)

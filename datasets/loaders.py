@@ -12,6 +12,7 @@ is what exact resume needs. The torch path also runs the transformer recipe's pe
 (datasets/augment.py) and DeiT's repeated augmentation, which the gpu path does not do."""
 import math
 import random
+import weakref
 
 import numpy as np
 import torch
@@ -163,6 +164,21 @@ class _SeededItems(Dataset):
                 np.random.set_state(host_state[1])
 
 
+# The TorchLoaders alive in this process, so that a run's end can stop their workers (close_workers).
+_LOADERS = weakref.WeakSet()
+
+
+def close_workers():
+    """Stop the worker processes of every TorchLoader of this process now, at a run's end. Left to the
+    garbage collector, an iterator in a reference cycle with its queues can lose its stop message to a
+    queue's finalizer and then waits 5 s (torch's MP_STATUS_CHECK_INTERVAL) for each worker."""
+    for loader in list(_LOADERS):
+        iterator = getattr(loader.loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+            loader.loader._iterator = None
+
+
 class TorchLoader:
     """A DataLoader over the PIL-transform Datasets (the reference pipeline), reproducible per (seed, epoch).
     With views > 1 (training only) a batch's images are a list: `views` independently augmented copies.
@@ -182,6 +198,7 @@ class TorchLoader:
                                  persistent_workers=workers > 0, drop_last=drop_last and train,
                                  generator=self.generator)
         self.set_epoch(0)
+        _LOADERS.add(self)
 
     def set_epoch(self, epoch):
         """Fix this epoch's order and augmentation to a function of (seed, epoch)."""

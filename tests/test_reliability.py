@@ -4,6 +4,7 @@ costs a run's saved work."""
 import checkpoints
 import errno
 import errors
+import multiprocessing
 import os
 import signal
 import stopping
@@ -225,10 +226,12 @@ def test_unreadable_images_are_skipped_with_a_counted_warning(capfd, tmp_path):
 
 def test_no_skip_bad_images_stops_with_one_line_naming_the_file(capfd, tmp_path):
     bad = write_broken_image_tree(tmp_path / "data")
+    before = set(multiprocessing.active_children())
     # One worker process: the error crosses from it to the main process, and still reads as one line.
     err = launch(capfd, train, [*FOLDER, "--data-dir", tmp_path / "data", "--workers", "1", "--epochs", "1",
                                 "--no-skip-bad-images", "--out-dir", tmp_path / "run"], code=2)
     assert "unreadable image" in err and any(f"image {path} (" in err for path in bad), err
+    assert set(multiprocessing.active_children()) <= before  # its worker stopped, not left to the garbage collector
 
 
 def test_a_data_dir_that_is_a_file_is_one_line(capsys, tmp_path):
