@@ -152,10 +152,12 @@ def launch(main, parser, argv=None):
     try:
         result = checked_main(args)
     finally:
-        close_workers()  # whether the run finished or failed
-        sys.stdout = stdout
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+        try:
+            close_workers()  # whether the run finished or failed
+        finally:
+            sys.stdout = stdout
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
     if argv is None:  # the process's own command line: it ends now, its run complete
         for sig in STOP_SIGNALS:
             signal.signal(sig, after_the_run)
