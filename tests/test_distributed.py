@@ -1,6 +1,7 @@
 """Data parallelism on the CPU: gloo, two processes, torchrun for whole runs and
 torch.multiprocessing for the step-level checks (teacher choice, perturbation draws, evaluation
 counts, the replica guard, and the first losses of a 2-process run against a 1-process run)."""
+import gc
 import os
 import re
 import signal
@@ -134,8 +135,7 @@ def test_mutual_two_processes(tmp_path):
 
 def test_the_process_group_is_destroyed_after_what_holds_it_is_freed(tmp_path):
     """A DDP network left in a reference cycle is collected before the group goes, not at interpreter exit."""
-    import gc
-    from torch.nn.parallel import DistributedDataParallel as DDP
+    DDP = nn.parallel.DistributedDataParallel
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     enabled = gc.isenabled()
     gc.disable()  # no automatic collection between the cycle's creation and the call

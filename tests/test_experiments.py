@@ -325,7 +325,6 @@ def test_the_compact_table_has_one_line_per_configuration(study, capsys):
     assert summarize.compact_table(study) == "\n".join(lines)  # deterministic
 
 
-
 def test_seeds_summarizes_only_the_runs_of_those_seeds(study, capsys):
     """--seeds 0 1: vanilla's network 80.5 ± 0.71 over its seeds 0 and 1 (80, 81), not 80 over all three."""
     assert summarize.main([study, "--seeds", "0", "1", "--compact"]) == 0
@@ -334,6 +333,7 @@ def test_seeds_summarizes_only_the_runs_of_those_seeds(study, capsys):
     assert "seeds [0, 1];" in out and "seeds [0, 1, 2]" not in out
     assert summarize.main([study, "--seeds", "7"]) == 2
     assert capsys.readouterr().err.strip() == f"error: no finished run of seeds 7 under '{study}'"
+
 
 def refused(study, capsys):
     """The one error line of a refused study."""

@@ -102,7 +102,6 @@ def test_args_json_records_the_code_of_the_start_and_of_each_resume(capsys, one_
     assert configs.parse_args(competitive.get_args_parser(), ["--config", str(run / "args.json")]).epochs == 2  # not a flag
 
 
-
 def test_a_run_continued_in_another_directory_keeps_its_start_code_and_history(capsys, one_epoch, tmp_path, monkeypatch):
     source = copy_run(one_epoch, tmp_path)
     started = json.loads((source / "args.json").read_text())["code"]
@@ -113,6 +112,7 @@ def test_a_run_continued_in_another_directory_keeps_its_start_code_and_history(c
     assert record["code"] == started  # the source run's start, not "unknown"
     (resume,) = record["resumes"]
     assert resume["checkpoint"] == str(source / "last.pt") and resume["code"]["commit"] == "e" * 40
+
 
 def test_freeze_is_compared_as_a_set(capsys, tmp_path):
     launch(capsys, competitive, [*PAIR, "--epochs", "2", "--stop-after", "1", "--freeze", "0", "0", "--out-dir", tmp_path])
